@@ -1,0 +1,63 @@
+//! The command line: argument definitions (clap derive, doc comments are the help) and dispatch.
+mod convert;
+mod demo;
+mod embed;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune sentence-embedding models on multi-positive data, on one CPU, one GPU or a cluster.
+#[derive(Parser, Debug)]
+#[command(name = "multipos", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by every command that runs a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Where to run: auto (a GPU when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", env = "MULTIPOS_DEVICE")]
+    pub device: String,
+    /// CPU threads for libtorch (0 = one per core).
+    #[arg(long, default_value_t = 0, env = "MULTIPOS_THREADS")]
+    pub threads: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Embed texts from a .txt (one per line) or .jsonl ("text" field) file into JSON lines.
+    Embed(embed::EmbedArgs),
+    /// Embed a bundled sample of Bible verses and their paraphrases and print their similarities.
+    Demo(demo::DemoArgs),
+    /// Rewrite a model directory in the canonical sentence-transformers layout (F32 safetensors).
+    Convert(convert::ConvertArgs),
+}
+
+/// The model directory used when `--model` is not given: `$MULTIPOS_MODEL`, else the one
+/// `deploy/setup.sh` installed when this binary was built, else the setup script's default place.
+pub fn default_model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MULTIPOS_MODEL") {
+        return dir.into();
+    }
+    if let Some(dir) = option_env!("MULTIPOS_DEFAULT_MODEL") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("MULTIPOS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/multipos")
+        });
+    cache.join("models/all-MiniLM-L6-v2")
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Embed(args) => embed::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Convert(args) => convert::run(args),
+    }
+}

@@ -1,0 +1,57 @@
+//! Choosing where tensors live and how many CPU threads libtorch uses.
+use tch::Device;
+
+use crate::error::{Error, Result};
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` picks the first GPU when one is usable.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let device = match spec {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "unknown device '{spec}' (expected auto, cpu, cuda or cuda:N)"
+                )));
+            }
+        },
+    };
+    if let Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count() as usize;
+        if n >= count {
+            return Err(Error::Usage(format!(
+                "device '{spec}' requested but libtorch sees {count} CUDA device(s){}",
+                if count == 0 {
+                    " (CPU-only libtorch, or no GPU/driver)"
+                } else {
+                    ""
+                }
+            )));
+        }
+    }
+    Ok(device)
+}
+
+/// Sets libtorch's intra-op thread count; 0 keeps libtorch's default (one per core).
+pub fn set_threads(threads: usize) {
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("'tpu'"), "{err}");
+        if tch::Cuda::device_count() == 0 {
+            assert!(parse_device("cuda:0").is_err());
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The library's error type. Every variant names the file (and line or field) a user must fix.
+use std::path::PathBuf;
+
+/// Errors from loading, running and saving models and from reading user data.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on `path` failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file exists but its content is not what multipos expects.
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    /// One line of a user's input file is bad.
+    #[error("{path}:{line}: {reason}")]
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    /// The model directory describes something multipos does not support.
+    #[error("{path}: unsupported {what}: {reason}")]
+    Unsupported {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+    /// A libtorch call failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The tokenizer failed on some input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A request the caller made cannot be satisfied (bad device, bad option value).
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with what was being done and to which path.
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io {
+            action,
+            path,
+            source,
+        }
+    }
+
+    /// An invalid-content error for `path`.
+    pub fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+        Error::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

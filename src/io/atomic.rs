@@ -1,0 +1,180 @@
+//! Atomic publication of files and directories: write to a temporary sibling, fsync, rename, fsync
+//! the parent directory. A crash leaves either the old content or the new, never a torn file.
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Flushes a directory's entries (the rename itself) to disk.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io("fsync directory", dir))
+}
+
+/// A file being written under a temporary name; becomes visible at its final path only on
+/// [`AtomicFile::commit`]. Dropped without commit, it disappears.
+pub struct AtomicFile {
+    target: PathBuf,
+    writer: BufWriter<tempfile::NamedTempFile>,
+}
+
+impl AtomicFile {
+    /// Starts writing `target` (its directory must exist).
+    pub fn create(target: impl Into<PathBuf>) -> Result<Self> {
+        let target = target.into();
+        let dir = parent_of(&target);
+        let tmp = tempfile::Builder::new()
+            .prefix(".multipos-tmp-")
+            .tempfile_in(dir)
+            .map_err(Error::io("create a temporary file in", dir))?;
+        Ok(Self {
+            target,
+            writer: BufWriter::with_capacity(1 << 20, tmp),
+        })
+    }
+
+    /// The buffered writer for the content.
+    pub fn writer(&mut self) -> &mut impl Write {
+        &mut self.writer
+    }
+
+    /// Flushes, fsyncs and renames the file into place.
+    pub fn commit(self) -> Result<()> {
+        let target = self.target;
+        let tmp = self
+            .writer
+            .into_inner()
+            .map_err(|e| Error::io("write", &target)(e.into_error()))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(Error::io("fsync", &target))?;
+        tmp.persist(&target)
+            .map_err(|e| Error::io("rename into place", &target)(e.error))?;
+        fsync_dir(parent_of(&target))
+    }
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    f.writer()
+        .write_all(bytes)
+        .map_err(Error::io("write", path))?;
+    f.commit()
+}
+
+/// A directory being filled under a temporary name beside its final path.
+pub struct StagedDir {
+    target: PathBuf,
+    staging: Option<tempfile::TempDir>,
+}
+
+impl StagedDir {
+    /// Starts staging `target`; its parent is created if missing.
+    pub fn create(target: impl Into<PathBuf>) -> Result<Self> {
+        let target = target.into();
+        let parent = parent_of(&target).to_path_buf();
+        fs::create_dir_all(&parent).map_err(Error::io("create directory", &parent))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".multipos-staging-")
+            .tempdir_in(&parent)
+            .map_err(Error::io("create a staging directory in", &parent))?;
+        Ok(Self {
+            target,
+            staging: Some(staging),
+        })
+    }
+
+    /// Where to write the content before [`StagedDir::commit`].
+    pub fn path(&self) -> &Path {
+        self.staging
+            .as_ref()
+            .expect("staging dir present until commit")
+            .path()
+    }
+
+    /// Fsyncs every file and directory under the staging dir, then swaps it into place. An existing
+    /// target is moved aside first and removed only after the new one is in place.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let staging = self.staging.take().expect("commit called once").keep();
+        fsync_tree(&staging)?;
+        let parent = parent_of(&self.target).to_path_buf();
+        let old = if self.target.exists() {
+            let aside = tempfile::Builder::new()
+                .prefix(".multipos-old-")
+                .tempdir_in(&parent)
+                .map_err(Error::io("create a directory in", &parent))?
+                .keep();
+            fs::remove_dir(&aside).map_err(Error::io("remove", &aside))?;
+            fs::rename(&self.target, &aside).map_err(Error::io("move aside", &self.target))?;
+            Some(aside)
+        } else {
+            None
+        };
+        fs::rename(&staging, &self.target).map_err(Error::io("rename into place", &self.target))?;
+        fsync_dir(&parent)?;
+        if let Some(old) = old {
+            fs::remove_dir_all(&old).map_err(Error::io("remove old directory", &old))?;
+        }
+        Ok(self.target)
+    }
+}
+
+fn fsync_tree(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
+        let entry = entry.map_err(Error::io("read directory", dir))?;
+        let path = entry.path();
+        if entry
+            .file_type()
+            .map_err(Error::io("stat", &path))?
+            .is_dir()
+        {
+            fsync_tree(&path)?;
+        } else {
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(Error::io("fsync", &path))?;
+        }
+    }
+    fsync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncommitted_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.jsonl");
+        {
+            let mut f = AtomicFile::create(&target).unwrap();
+            f.writer().write_all(b"partial").unwrap();
+        }
+        assert!(!target.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn staged_dir_replaces_existing_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("model");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("stale"), b"x").unwrap();
+        let staged = StagedDir::create(&target).unwrap();
+        fs::write(staged.path().join("fresh"), b"y").unwrap();
+        staged.commit().unwrap();
+        assert!(target.join("fresh").exists());
+        assert!(!target.join("stale").exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

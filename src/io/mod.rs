@@ -1,0 +1,3 @@
+//! File-system helpers that never leave partial files behind.
+pub mod atomic;
+pub mod json;

@@ -1,0 +1,24 @@
+//! multipos: fine-tuning of sentence-embedding models on multi-positive data.
+//!
+//! # Layout
+//! - [`model`]: the BERT encoder in tch, pooling, tokenizer, and the sentence-transformers directory
+//!   format (load and save).
+//! - [`embed`]: the `embed` job (files in, JSON lines out).
+//! - [`device`]: device selection and CPU threads.
+//! - [`io`]: atomic files and directories, JSON helpers.
+//! - [`cli`]: the command line (the binary in `main.rs` only parses and dispatches).
+//! - [`pb`]: the gRPC protocol generated from `proto/multipos.proto`.
+pub mod cli;
+pub mod device;
+pub mod embed;
+pub mod error;
+pub mod io;
+pub mod model;
+
+pub use error::{Error, Result};
+pub use model::SentenceModel;
+
+/// Generated protocol types and services.
+pub mod pb {
+    tonic::include_proto!("multipos");
+}

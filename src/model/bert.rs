@@ -1,0 +1,218 @@
+//! A BERT encoder in tch, one struct per Hugging Face module so that `nn::Path` produces the
+//! checkpoint's own parameter names (`encoder.layer.3.attention.self.query.weight`).
+//!
+//! Reference: transformers' `modeling_bert.py`
+//! <https://github.com/huggingface/transformers/blob/v4.48.0/src/transformers/models/bert/modeling_bert.py>
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use super::config::BertConfig;
+
+fn linear(p: nn::Path, in_dim: i64, out_dim: i64) -> nn::Linear {
+    nn::linear(p, in_dim, out_dim, Default::default())
+}
+
+fn layer_norm(p: nn::Path, cfg: &BertConfig) -> nn::LayerNorm {
+    let ln_cfg = nn::LayerNormConfig {
+        eps: cfg.layer_norm_eps,
+        ..Default::default()
+    };
+    nn::layer_norm(p, vec![cfg.hidden_size], ln_cfg)
+}
+
+/// Word + position + token-type embeddings, then LayerNorm and dropout (`BertEmbeddings`).
+#[derive(Debug)]
+struct Embeddings {
+    word: nn::Embedding,
+    position: nn::Embedding,
+    token_type: nn::Embedding,
+    layer_norm: nn::LayerNorm,
+    dropout: f64,
+    span: tracing::Span,
+}
+
+impl Embeddings {
+    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+        let emb =
+            |name: &str, n: i64| nn::embedding(&p / name, n, cfg.hidden_size, Default::default());
+        Self {
+            word: emb("word_embeddings", cfg.vocab_size),
+            position: emb("position_embeddings", cfg.max_position_embeddings),
+            token_type: emb("token_type_embeddings", cfg.type_vocab_size),
+            layer_norm: layer_norm(&p / "LayerNorm", cfg),
+            dropout: cfg.hidden_dropout_prob,
+            span: tracing::span!(tracing::Level::TRACE, "embeddings"),
+        }
+    }
+
+    fn forward_t(&self, input_ids: &Tensor, token_type_ids: &Tensor, train: bool) -> Tensor {
+        let _enter = self.span.enter();
+        let seq_len = input_ids.size()[1];
+        let positions = Tensor::arange(seq_len, (Kind::Int64, input_ids.device())).unsqueeze(0);
+        let xs = self.word.forward(input_ids)
+            + self.token_type.forward(token_type_ids)
+            + self.position.forward(&positions);
+        self.layer_norm.forward(&xs).dropout(self.dropout, train)
+    }
+}
+
+/// Multi-head self-attention over the padded batch (`BertSelfAttention` + `BertSelfOutput`).
+#[derive(Debug)]
+struct Attention {
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    output: nn::Linear,
+    layer_norm: nn::LayerNorm,
+    heads: i64,
+    attention_dropout: f64,
+    hidden_dropout: f64,
+    span: tracing::Span,
+}
+
+impl Attention {
+    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+        let h = cfg.hidden_size;
+        let s = &p / "self";
+        let o = &p / "output";
+        Self {
+            query: linear(&s / "query", h, h),
+            key: linear(&s / "key", h, h),
+            value: linear(&s / "value", h, h),
+            output: linear(&o / "dense", h, h),
+            layer_norm: layer_norm(&o / "LayerNorm", cfg),
+            heads: cfg.num_attention_heads,
+            attention_dropout: cfg.attention_probs_dropout_prob,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            span: tracing::span!(tracing::Level::TRACE, "self-attn"),
+        }
+    }
+
+    /// `mask` is boolean (batch, 1, 1, seq): true where a key token may be attended to.
+    fn forward_t(&self, xs: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let _enter = self.span.enter();
+        let (b, t, h) = xs.size3().expect("hidden states are (batch, seq, hidden)");
+        let split = |x: Tensor| x.view([b, t, self.heads, h / self.heads]).transpose(1, 2);
+        let q = split(self.query.forward(xs));
+        let k = split(self.key.forward(xs));
+        let v = split(self.value.forward(xs));
+        let dropout = if train { self.attention_dropout } else { 0.0 };
+        let ctx = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(mask),
+            dropout,
+            false,
+            None,
+            false,
+        );
+        let ctx = ctx.transpose(1, 2).contiguous().view([b, t, h]);
+        let out = self
+            .output
+            .forward(&ctx)
+            .dropout(self.hidden_dropout, train);
+        self.layer_norm.forward(&(out + xs))
+    }
+}
+
+/// The position-wise feed-forward block (`BertIntermediate` + `BertOutput`).
+#[derive(Debug)]
+struct FeedForward {
+    intermediate: nn::Linear,
+    output: nn::Linear,
+    layer_norm: nn::LayerNorm,
+    activation: String,
+    dropout: f64,
+    span: tracing::Span,
+}
+
+impl FeedForward {
+    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+        Self {
+            intermediate: linear(
+                &p / "intermediate" / "dense",
+                cfg.hidden_size,
+                cfg.intermediate_size,
+            ),
+            output: linear(
+                &p / "output" / "dense",
+                cfg.intermediate_size,
+                cfg.hidden_size,
+            ),
+            layer_norm: layer_norm(&p / "output" / "LayerNorm", cfg),
+            activation: cfg.hidden_act.clone(),
+            dropout: cfg.hidden_dropout_prob,
+            span: tracing::span!(tracing::Level::TRACE, "feed-forward"),
+        }
+    }
+
+    fn activate(&self, xs: &Tensor) -> Tensor {
+        match self.activation.as_str() {
+            "relu" => xs.relu(),
+            "gelu_new" | "gelu_pytorch_tanh" => xs.gelu("tanh"),
+            _ => xs.gelu("none"),
+        }
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let _enter = self.span.enter();
+        let hidden = self.activate(&self.intermediate.forward(xs));
+        let out = self.output.forward(&hidden).dropout(self.dropout, train);
+        self.layer_norm.forward(&(out + xs))
+    }
+}
+
+/// One transformer block (`BertLayer`).
+#[derive(Debug)]
+struct Layer {
+    attention: Attention,
+    feed_forward: FeedForward,
+}
+
+impl Layer {
+    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+        Self {
+            attention: Attention::load(&p / "attention", cfg),
+            feed_forward: FeedForward::load(p, cfg),
+        }
+    }
+}
+
+/// The encoder: embeddings and a stack of layers; returns token states, the caller pools.
+#[derive(Debug)]
+pub struct BertModel {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+}
+
+impl BertModel {
+    /// Creates the parameters under `p` (the checkpoint's root, no `bert.` prefix).
+    pub fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+        let encoder = &p / "encoder" / "layer";
+        Self {
+            embeddings: Embeddings::load(&p / "embeddings", cfg),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| Layer::load(&encoder / i, cfg))
+                .collect(),
+        }
+    }
+
+    /// Token states (batch, seq, hidden) for `input_ids`, with `attention_mask` 1 on real tokens.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let key_mask = attention_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
+        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, train);
+        // A loop rather than a fold: easier to add per-layer instrumentation.
+        for layer in &self.layers {
+            xs = layer.attention.forward_t(&xs, &key_mask, train);
+            xs = layer.feed_forward.forward_t(&xs, train);
+        }
+        xs
+    }
+}

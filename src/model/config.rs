@@ -1,0 +1,322 @@
+//! The JSON files of a sentence-transformers model directory, deserialised and validated.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::io::json;
+
+/// `model_type`s whose checkpoints use BERT's module names and absolute position embeddings.
+const BERT_FAMILY: &[&str] = &["bert"];
+
+/// The Hugging Face `config.json` of a BERT encoder (only the fields the encoder uses).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct BertConfig {
+    pub model_type: String,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: i64,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+}
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_max_positions() -> i64 {
+    512
+}
+fn default_type_vocab() -> i64 {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+impl BertConfig {
+    /// Reads `config.json` and rejects what the encoder cannot run.
+    pub fn load(path: &Path) -> Result<Self> {
+        let cfg: BertConfig = json::read(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let unsupported = |what, reason: String| Error::Unsupported {
+            path: path.to_path_buf(),
+            what,
+            reason,
+        };
+        if !BERT_FAMILY.contains(&self.model_type.as_str()) {
+            return Err(unsupported(
+                "model_type",
+                format!(
+                    "'{}' (multipos runs BERT-family encoders: {})",
+                    self.model_type,
+                    BERT_FAMILY.join(", ")
+                ),
+            ));
+        }
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            return Err(unsupported("hidden_act", format!("'{}'", self.hidden_act)));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(unsupported(
+                "position_embedding_type",
+                format!("'{}' (only 'absolute')", self.position_embedding_type),
+            ));
+        }
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ];
+        for (field, value) in positive {
+            if value <= 0 {
+                return Err(Error::invalid(
+                    path,
+                    format!("{field} must be positive, got {value}"),
+                ));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// all-MiniLM-L6-v2's shape, the default model.
+    pub fn all_mini_lm_l6_v2() -> Self {
+        Self {
+            model_type: "bert".into(),
+            vocab_size: 30522,
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            num_attention_heads: 12,
+            intermediate_size: 1536,
+            hidden_act: default_hidden_act(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            position_embedding_type: default_position_type(),
+        }
+    }
+}
+
+/// `sentence_bert_config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct SentenceBertConfig {
+    pub max_seq_length: usize,
+    #[serde(default)]
+    pub do_lower_case: bool,
+}
+
+/// One entry of `modules.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ModuleEntry {
+    pub idx: usize,
+    pub name: String,
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// How token states become one sentence vector; several modes concatenate in this order, as in
+/// sentence-transformers' `Pooling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolingMode {
+    Cls,
+    Max,
+    Mean,
+    MeanSqrtLen,
+}
+
+/// `1_Pooling/config.json`, in the legacy (v5) boolean spelling or the newer `pooling_mode` string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolingConfig {
+    pub dimension: i64,
+    pub modes: Vec<PoolingMode>,
+    pub include_prompt: bool,
+}
+
+#[derive(Deserialize)]
+struct RawPooling {
+    word_embedding_dimension: i64,
+    pooling_mode: Option<String>,
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+    #[serde(default)]
+    pooling_mode_weightedmean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_lasttoken: bool,
+    #[serde(default = "default_true")]
+    include_prompt: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl PoolingConfig {
+    /// Reads a pooling config; unknown or unsupported modes are errors naming the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let raw: RawPooling = json::read(path)?;
+        let unsupported = |reason: String| Error::Unsupported {
+            path: path.to_path_buf(),
+            what: "pooling mode",
+            reason,
+        };
+        let modes = if let Some(mode) = &raw.pooling_mode {
+            vec![match mode.as_str() {
+                "cls" => PoolingMode::Cls,
+                "max" => PoolingMode::Max,
+                "mean" => PoolingMode::Mean,
+                "mean_sqrt_len_tokens" => PoolingMode::MeanSqrtLen,
+                other => {
+                    return Err(unsupported(format!(
+                        "'{other}' (supported: cls, max, mean, mean_sqrt_len_tokens)"
+                    )));
+                }
+            }]
+        } else {
+            if raw.pooling_mode_weightedmean_tokens || raw.pooling_mode_lasttoken {
+                return Err(unsupported(
+                    "weightedmean and lasttoken pooling are not supported".into(),
+                ));
+            }
+            [
+                (raw.pooling_mode_cls_token, PoolingMode::Cls),
+                (raw.pooling_mode_max_tokens, PoolingMode::Max),
+                (raw.pooling_mode_mean_tokens, PoolingMode::Mean),
+                (
+                    raw.pooling_mode_mean_sqrt_len_tokens,
+                    PoolingMode::MeanSqrtLen,
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(on, m)| on.then_some(m))
+            .collect()
+        };
+        if modes.is_empty() {
+            return Err(unsupported("no pooling mode is enabled".into()));
+        }
+        if !raw.include_prompt {
+            return Err(unsupported(
+                "include_prompt = false is not supported".into(),
+            ));
+        }
+        Ok(Self {
+            dimension: raw.word_embedding_dimension,
+            modes,
+            include_prompt: raw.include_prompt,
+        })
+    }
+
+    /// The legacy (v5) JSON that sentence-transformers 5.x and 6.x both load.
+    pub fn to_legacy_json(&self) -> serde_json::Value {
+        let has = |m| self.modes.contains(&m);
+        serde_json::json!({
+            "word_embedding_dimension": self.dimension,
+            "pooling_mode_cls_token": has(PoolingMode::Cls),
+            "pooling_mode_mean_tokens": has(PoolingMode::Mean),
+            "pooling_mode_max_tokens": has(PoolingMode::Max),
+            "pooling_mode_mean_sqrt_len_tokens": has(PoolingMode::MeanSqrtLen),
+            "pooling_mode_weightedmean_tokens": false,
+            "pooling_mode_lasttoken": false,
+            "include_prompt": self.include_prompt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn rejects_non_bert_model_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = serde_json::to_value(BertConfig::all_mini_lm_l6_v2()).unwrap();
+        cfg["model_type"] = "gpt2".into();
+        let p = write(dir.path(), "config.json", &cfg.to_string());
+        let err = BertConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json") && err.contains("'gpt2'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pooling_modes_legacy_and_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "a.json",
+            r#"{"word_embedding_dimension": 8, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true}"#,
+        );
+        let cfg = PoolingConfig::load(&p).unwrap();
+        assert_eq!(cfg.modes, vec![PoolingMode::Cls, PoolingMode::Mean]);
+        let p = write(
+            dir.path(),
+            "b.json",
+            r#"{"word_embedding_dimension": 8, "pooling_mode": "max"}"#,
+        );
+        assert_eq!(
+            PoolingConfig::load(&p).unwrap().modes,
+            vec![PoolingMode::Max]
+        );
+        let p = write(
+            dir.path(),
+            "c.json",
+            r#"{"word_embedding_dimension": 8, "pooling_mode": "median"}"#,
+        );
+        let err = PoolingConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("c.json") && err.contains("'median'"), "{err}");
+    }
+}

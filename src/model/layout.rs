@@ -1,0 +1,67 @@
+//! The sentence-transformers metadata files around an encoder (DESIGN §7), in the legacy (v5)
+//! spellings that sentence-transformers 5.x and 6.x both load.
+use std::fs;
+use std::path::Path;
+
+use super::config::{ModuleEntry, PoolingConfig, SentenceBertConfig};
+use crate::error::{Error, Result};
+use crate::io::json;
+
+const TRANSFORMER: &str = "sentence_transformers.models.Transformer";
+const POOLING: &str = "sentence_transformers.models.Pooling";
+const NORMALIZE: &str = "sentence_transformers.models.Normalize";
+
+fn write(root: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = root.join(name);
+    fs::write(&path, bytes).map_err(Error::io("write", &path))
+}
+
+fn module(idx: usize, path: &str, kind: &str) -> ModuleEntry {
+    ModuleEntry {
+        idx,
+        name: idx.to_string(),
+        path: path.into(),
+        kind: kind.into(),
+    }
+}
+
+/// Writes `modules.json`, `config_sentence_transformers.json`, `sentence_bert_config.json`,
+/// `1_Pooling/config.json` and (when normalising) `2_Normalize/` into `root`.
+pub fn write_metadata(
+    root: &Path,
+    sbert: &SentenceBertConfig,
+    pooling: &PoolingConfig,
+    normalize: bool,
+) -> Result<()> {
+    let mut modules = vec![module(0, "", TRANSFORMER), module(1, "1_Pooling", POOLING)];
+    if normalize {
+        modules.push(module(2, "2_Normalize", NORMALIZE));
+        let dir = root.join("2_Normalize");
+        fs::create_dir_all(&dir).map_err(Error::io("create directory", &dir))?;
+    }
+    write(root, "modules.json", &json::to_pretty(&modules))?;
+    write(root, "sentence_bert_config.json", &json::to_pretty(sbert))?;
+    let st_config = serde_json::json!({
+        "__version__": {
+            "sentence_transformers": "5.0.0",
+            "pytorch": "2.11.0",
+            "multipos": env!("CARGO_PKG_VERSION"),
+        },
+        "model_type": "SentenceTransformer",
+        "prompts": {},
+        "default_prompt_name": null,
+        "similarity_fn_name": "cosine",
+    });
+    write(
+        root,
+        "config_sentence_transformers.json",
+        &json::to_pretty(&st_config),
+    )?;
+    let pooling_dir = root.join("1_Pooling");
+    fs::create_dir_all(&pooling_dir).map_err(Error::io("create directory", &pooling_dir))?;
+    write(
+        root,
+        "1_Pooling/config.json",
+        &json::to_pretty(&pooling.to_legacy_json()),
+    )
+}

@@ -1,0 +1,189 @@
+//! Moving encoder weights between `model.safetensors` and a tch `VarStore`.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use tch::{Kind, Tensor, nn::VarStore};
+
+use crate::error::{Error, Result};
+
+/// Checkpoint prefixes under which a bare encoder may be stored (`BertForX` saves `bert.*`).
+const PREFIXES: &[&str] = &["", "bert."];
+
+/// Tensors a checkpoint may carry that the encoder does not need; kept so a save loses nothing
+/// that Python would otherwise re-initialise at random (`pooler.*`).
+fn is_passthrough(name: &str) -> bool {
+    name.starts_with("pooler.")
+}
+
+/// A tensor read from disk: raw f32 values and shape, independent of any device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+fn to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
+    let bytes = view.data();
+    let halves = |conv: fn(u16) -> f32| {
+        bytes
+            .chunks_exact(2)
+            .map(|c| conv(u16::from_le_bytes([c[0], c[1]])))
+            .collect()
+    };
+    match view.dtype() {
+        Dtype::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        Dtype::BF16 => Some(halves(|b| f32::from_bits((b as u32) << 16))),
+        Dtype::F16 => Some(halves(f16_to_f32)),
+        _ => None,
+    }
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: value = frac * 2^-24.
+            let v = frac as f32 * f32::from_bits(0x3380_0000);
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Copies every variable of `vs` from the safetensors file at `path`, accepting an optional
+/// `bert.` prefix. Returns the passthrough tensors found (e.g. the pooler) to be written back on save.
+pub fn load_into(vs: &mut VarStore, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    let bytes = std::fs::read(path).map_err(Error::io("read", path))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::invalid(path, format!("not a safetensors file: {e}")))?;
+    let names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    let prefix = PREFIXES
+        .iter()
+        .copied()
+        .find(|p| {
+            names
+                .iter()
+                .any(|n| n == &format!("{p}embeddings.word_embeddings.weight"))
+        })
+        .ok_or_else(|| {
+            Error::invalid(
+                path,
+                "no embeddings.word_embeddings.weight (with or without a 'bert.' prefix)",
+            )
+        })?;
+
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &mut variables {
+        let key = format!("{prefix}{name}");
+        let view = st
+            .tensor(&key)
+            .map_err(|_| Error::invalid(path, format!("missing parameter {key}")))?;
+        let expected: Vec<usize> = var.size().iter().map(|&d| d as usize).collect();
+        if view.shape() != expected.as_slice() {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "shape mismatch for {key}: file has {:?}, config.json implies {expected:?}",
+                    view.shape()
+                ),
+            ));
+        }
+        let values = to_f32(&view).ok_or_else(|| {
+            Error::invalid(path, format!("{key}: unsupported dtype {:?}", view.dtype()))
+        })?;
+        let src = Tensor::from_slice(&values)
+            .view(var.size().as_slice())
+            .to_kind(var.kind());
+        tch::no_grad(|| var.copy_(&src));
+    }
+
+    let known: HashMap<String, ()> = variables
+        .iter()
+        .map(|(n, _)| (format!("{prefix}{n}"), ()))
+        .collect();
+    let mut passthrough = BTreeMap::new();
+    for name in &names {
+        if known.contains_key(name) {
+            continue;
+        }
+        let bare = name.strip_prefix(prefix).unwrap_or(name);
+        if is_passthrough(bare) {
+            let view = st.tensor(name).expect("name listed by the file");
+            if let Some(data) = to_f32(&view) {
+                passthrough.insert(
+                    bare.to_string(),
+                    HostTensor {
+                        shape: view.shape().to_vec(),
+                        data,
+                    },
+                );
+            }
+        } else if bare != "embeddings.position_ids" {
+            tracing::warn!(file = %path.display(), tensor = %name, "ignoring a tensor the encoder does not use");
+        }
+    }
+    Ok(passthrough)
+}
+
+/// Copies a tensor to host f32 values.
+pub fn to_host(t: &Tensor) -> HostTensor {
+    let t = t
+        .detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    let mut data = vec![0f32; t.numel()];
+    t.copy_data(&mut data, t.numel());
+    HostTensor { shape, data }
+}
+
+/// Serialises the variables of `vs` plus `extra` tensors as F32 safetensors bytes, names unprefixed.
+pub fn serialize(vs: &VarStore, extra: &BTreeMap<String, HostTensor>) -> Result<Vec<u8>> {
+    let mut host: BTreeMap<String, HostTensor> = extra.clone();
+    for (name, var) in vs.variables() {
+        host.insert(name, to_host(&var));
+    }
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = host
+        .into_iter()
+        .map(|(name, t)| {
+            let bytes = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name, t.shape, bytes)
+        })
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.as_str(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Usage(format!("cannot serialise weights: {e}")))?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::Usage(format!("cannot serialise weights: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_matches_known_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+}

@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+
+use multipos::model::tiny::{TinySpec, write_random_model};
+
+/// libtorch's RNG is process-global and tests run on parallel threads: every test that seeds it
+/// and then draws from it holds this lock, so no other test draws in between.
+pub static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`TORCH_RNG`], ignoring poisoning by a failed test.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A temp dir holding a freshly written tiny random model.
+pub fn tiny_model(spec: &TinySpec) -> (tempfile::TempDir, PathBuf) {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_random_model(&model, spec).unwrap();
+    (dir, model)
+}
+
+/// all-MiniLM-L6-v2 as installed by `deploy/setup.sh` (the README's test command runs it first).
+pub fn minilm_dir() -> PathBuf {
+    let dir = multipos::cli::default_model_dir();
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "all-MiniLM-L6-v2 not found at {}: run deploy/setup.sh first",
+        dir.display()
+    );
+    dir
+}
+
+/// Rows of a 2-D float tensor.
+pub fn rows(t: &tch::Tensor) -> Vec<Vec<f32>> {
+    Vec::<Vec<f32>>::try_from(t).unwrap()
+}
+
+/// Every file of a directory, recursively, with its bytes, keyed by relative path.
+pub fn dir_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
