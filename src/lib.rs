@@ -9,10 +9,13 @@
 //! - [`cli`]: the command line (the binary in `main.rs` only parses and dispatches).
 //! - [`pb`]: the gRPC protocol generated from `proto/multipos.proto`.
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod embed;
 pub mod error;
+pub mod eval;
 pub mod io;
+pub mod loss;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -8,8 +8,26 @@ use tch::{Kind, Tensor};
 
 use super::config::BertConfig;
 
-fn linear(p: nn::Path, in_dim: i64, out_dim: i64) -> nn::Linear {
-    nn::linear(p, in_dim, out_dim, Default::default())
+/// How new parameters are filled before a checkpoint (if any) is copied in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// tch's default random initialisation (draws from libtorch's global RNG).
+    Random,
+    /// Zeros: for parameters a checkpoint overwrites. Draws nothing, so loading a model never
+    /// disturbs the RNG stream that seeds dropout.
+    Zeros,
+}
+
+fn linear(p: nn::Path, in_dim: i64, out_dim: i64, init: Init) -> nn::Linear {
+    let cfg = match init {
+        Init::Random => Default::default(),
+        Init::Zeros => nn::LinearConfig {
+            ws_init: nn::Init::Const(0.0),
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        },
+    };
+    nn::linear(p, in_dim, out_dim, cfg)
 }
 
 fn layer_norm(p: nn::Path, cfg: &BertConfig) -> nn::LayerNorm {
@@ -32,9 +50,15 @@ struct Embeddings {
 }
 
 impl Embeddings {
-    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
-        let emb =
-            |name: &str, n: i64| nn::embedding(&p / name, n, cfg.hidden_size, Default::default());
+    fn load(p: nn::Path, cfg: &BertConfig, init: Init) -> Self {
+        let emb_cfg = match init {
+            Init::Random => Default::default(),
+            Init::Zeros => nn::EmbeddingConfig {
+                ws_init: nn::Init::Const(0.0),
+                ..Default::default()
+            },
+        };
+        let emb = |name: &str, n: i64| nn::embedding(&p / name, n, cfg.hidden_size, emb_cfg);
         Self {
             word: emb("word_embeddings", cfg.vocab_size),
             position: emb("position_embeddings", cfg.max_position_embeddings),
@@ -71,15 +95,15 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+    fn load(p: nn::Path, cfg: &BertConfig, init: Init) -> Self {
         let h = cfg.hidden_size;
         let s = &p / "self";
         let o = &p / "output";
         Self {
-            query: linear(&s / "query", h, h),
-            key: linear(&s / "key", h, h),
-            value: linear(&s / "value", h, h),
-            output: linear(&o / "dense", h, h),
+            query: linear(&s / "query", h, h, init),
+            key: linear(&s / "key", h, h, init),
+            value: linear(&s / "value", h, h, init),
+            output: linear(&o / "dense", h, h, init),
             layer_norm: layer_norm(&o / "LayerNorm", cfg),
             heads: cfg.num_attention_heads,
             attention_dropout: cfg.attention_probs_dropout_prob,
@@ -128,17 +152,19 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+    fn load(p: nn::Path, cfg: &BertConfig, init: Init) -> Self {
         Self {
             intermediate: linear(
                 &p / "intermediate" / "dense",
                 cfg.hidden_size,
                 cfg.intermediate_size,
+                init,
             ),
             output: linear(
                 &p / "output" / "dense",
                 cfg.intermediate_size,
                 cfg.hidden_size,
+                init,
             ),
             layer_norm: layer_norm(&p / "output" / "LayerNorm", cfg),
             activation: cfg.hidden_act.clone(),
@@ -171,10 +197,10 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+    fn load(p: nn::Path, cfg: &BertConfig, init: Init) -> Self {
         Self {
-            attention: Attention::load(&p / "attention", cfg),
-            feed_forward: FeedForward::load(p, cfg),
+            attention: Attention::load(&p / "attention", cfg, init),
+            feed_forward: FeedForward::load(p, cfg, init),
         }
     }
 }
@@ -188,12 +214,12 @@ pub struct BertModel {
 
 impl BertModel {
     /// Creates the parameters under `p` (the checkpoint's root, no `bert.` prefix).
-    pub fn load(p: nn::Path, cfg: &BertConfig) -> Self {
+    pub fn load(p: nn::Path, cfg: &BertConfig, init: Init) -> Self {
         let encoder = &p / "encoder" / "layer";
         Self {
-            embeddings: Embeddings::load(&p / "embeddings", cfg),
+            embeddings: Embeddings::load(&p / "embeddings", cfg, init),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| Layer::load(&encoder / i, cfg))
+                .map(|i| Layer::load(&encoder / i, cfg, init))
                 .collect(),
         }
     }

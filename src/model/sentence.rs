@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Tensor, nn::VarStore};
 
-use super::bert::BertModel;
+use super::bert::{BertModel, Init};
 use super::config::{BertConfig, ModuleEntry, PoolingConfig, PoolingMode, SentenceBertConfig};
 use super::layout;
 use super::pooling::{normalize_l2, pool};
@@ -181,7 +181,7 @@ impl SentenceModel {
             return Err(Error::invalid(&weights_path, format!("missing{hint}")));
         }
         let mut vs = VarStore::new(device);
-        let bert = BertModel::load(vs.root(), &config);
+        let bert = BertModel::load(vs.root(), &config, Init::Zeros);
         let passthrough = weights::load_into(&mut vs, &weights_path)?;
 
         Ok(Self {

@@ -10,7 +10,7 @@ use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::template::TemplateProcessing;
 
-use super::bert::BertModel;
+use super::bert::{BertModel, Init};
 use super::config::{BertConfig, PoolingConfig, PoolingMode, SentenceBertConfig};
 use super::{layout, weights};
 use crate::error::{Error, Result};
@@ -143,7 +143,7 @@ pub fn write_random_model(dir: &Path, spec: &TinySpec) -> Result<()> {
 
     tch::manual_seed(spec.seed);
     let vs = VarStore::new(Device::Cpu);
-    let _model = BertModel::load(vs.root(), &config);
+    let _model = BertModel::load(vs.root(), &config, Init::Random);
     let bytes = weights::serialize(&vs, &Default::default())?;
     fs::write(dir.join("model.safetensors"), bytes)
         .map_err(Error::io("write", dir.join("model.safetensors")))?;

@@ -1,0 +1,277 @@
+//! Reading training files: query-grouped JSONL, pair JSONL, and CSV/TSV pair files with a header.
+//! Every malformed record is an error naming file, line and reason, unless `skip_invalid` is set,
+//! in which case each one is still logged and counted.
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::dataset::{Dataset, DatasetBuilder};
+use crate::error::{Error, Result};
+
+/// How to treat malformed records.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub skip_invalid: bool,
+}
+
+/// One JSONL record: a group (`positives`) or a pair (`positive`), `anchor` accepted for `query`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRecord {
+    #[serde(alias = "anchor")]
+    query: String,
+    #[serde(default)]
+    positives: Option<Vec<String>>,
+    #[serde(default)]
+    positive: Option<String>,
+    #[serde(default)]
+    negatives: Option<Vec<String>>,
+    #[serde(default)]
+    negative: Option<String>,
+    /// Tolerated and ignored: many exports carry an id.
+    #[serde(default, rename = "id")]
+    _id: Option<serde_json::Value>,
+}
+
+impl JsonRecord {
+    fn into_parts(self) -> std::result::Result<(String, Vec<String>, Vec<String>), String> {
+        let positives = match (self.positives, self.positive) {
+            (Some(p), None) => p,
+            (None, Some(p)) => vec![p],
+            (Some(_), Some(_)) => return Err("has both \"positives\" and \"positive\"".into()),
+            (None, None) => return Err("missing field \"positives\" (or \"positive\")".into()),
+        };
+        let negatives = match (self.negatives, self.negative) {
+            (Some(n), None) => n,
+            (None, Some(n)) => vec![n],
+            (None, None) => Vec::new(),
+            (Some(_), Some(_)) => return Err("has both \"negatives\" and \"negative\"".into()),
+        };
+        Ok((self.query, positives, negatives))
+    }
+}
+
+/// Loads and merges all `paths` into one dataset.
+pub fn load_files(paths: &[PathBuf], opts: LoadOptions) -> Result<Dataset> {
+    let mut builder = DatasetBuilder::new();
+    for path in paths {
+        load_file(path, opts, &mut builder)?;
+    }
+    let data = builder.finish();
+    if data.is_empty() {
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::Usage(format!(
+            "no usable query groups in {}",
+            names.join(", ")
+        )));
+    }
+    Ok(data)
+}
+
+struct Sink<'a> {
+    path: &'a Path,
+    opts: LoadOptions,
+    builder: &'a mut DatasetBuilder,
+}
+
+impl Sink<'_> {
+    /// Records one bad line: an error, or with `skip_invalid` a warning and a count.
+    fn reject(&mut self, line: usize, reason: String) -> Result<()> {
+        if self.opts.skip_invalid {
+            tracing::warn!(file = %self.path.display(), line, %reason, "skipping invalid record");
+            self.builder.note_skipped();
+            Ok(())
+        } else {
+            Err(Error::BadLine {
+                path: self.path.to_path_buf(),
+                line,
+                reason,
+            })
+        }
+    }
+
+    fn add(
+        &mut self,
+        line: usize,
+        query: &str,
+        positives: &[String],
+        negatives: &[String],
+    ) -> Result<()> {
+        let p: Vec<&str> = positives.iter().map(String::as_str).collect();
+        let n: Vec<&str> = negatives.iter().map(String::as_str).collect();
+        match self.builder.add(query, &p, &n) {
+            Ok(()) => Ok(()),
+            Err(e) => self.reject(line, e.to_string()),
+        }
+    }
+}
+
+fn load_file(path: &Path, opts: LoadOptions, builder: &mut DatasetBuilder) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let mut sink = Sink {
+        path,
+        opts,
+        builder,
+    };
+    match ext {
+        "jsonl" | "json" => load_jsonl(path, &mut sink),
+        "csv" => load_delimited(path, b',', &mut sink),
+        "tsv" => load_delimited(path, b'\t', &mut sink),
+        _ => Err(Error::invalid(
+            path,
+            "unknown data format: expected .jsonl, .csv or .tsv",
+        )),
+    }
+}
+
+fn load_jsonl(path: &Path, sink: &mut Sink<'_>) -> Result<()> {
+    let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line_no = i + 1;
+        let bytes = line.map_err(Error::io("read", path))?;
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            sink.reject(line_no, "not valid UTF-8".into())?;
+            continue;
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        let parts = serde_json::from_str::<JsonRecord>(text)
+            .map_err(|e| format!("invalid record: {e}"))
+            .and_then(JsonRecord::into_parts);
+        match parts {
+            Ok((q, p, n)) => sink.add(line_no, &q, &p, &n)?,
+            Err(reason) => sink.reject(line_no, reason)?,
+        }
+    }
+    Ok(())
+}
+
+fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(false)
+        .from_path(path)
+        .map_err(|e| Error::invalid(path, e.to_string()))?;
+    let headers = reader
+        .headers()
+        .map_err(|e| Error::invalid(path, format!("cannot read the header: {e}")))?
+        .clone();
+    let find = |names: &[&str]| headers.iter().position(|h| names.contains(&h.trim()));
+    let query = find(&["query", "anchor"]);
+    let positive = find(&["positive"]);
+    let (Some(query), Some(positive)) = (query, positive) else {
+        return Err(Error::BadLine {
+            path: path.to_path_buf(),
+            line: 1,
+            reason: format!(
+                "the header must name a \"query\" (or \"anchor\") and a \"positive\" column, found {:?}",
+                headers.iter().collect::<Vec<_>>()
+            ),
+        });
+    };
+    let negatives: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.trim().starts_with("negative"))
+        .map(|(i, _)| i)
+        .collect();
+    let mut record = csv::StringRecord::new();
+    loop {
+        let line_no = reader.position().line() as usize;
+        match reader.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let line_no = record.position().map_or(line_no, |p| p.line() as usize);
+                let field = |i: usize| record.get(i).unwrap_or("").to_string();
+                let negs: Vec<String> = negatives
+                    .iter()
+                    .map(|&i| field(i))
+                    .filter(|n| !n.trim().is_empty())
+                    .collect();
+                sink.add(line_no, &field(query), &[field(positive)], &negs)?;
+            }
+            Err(e) => {
+                let line = e.position().map_or(line_no, |p| p.line() as usize);
+                sink.reject(line, format!("malformed row: {e}"))?;
+                if !matches!(
+                    e.kind(),
+                    csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
+                ) {
+                    return Err(Error::BadLine {
+                        path: path.to_path_buf(),
+                        line,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    fn load(p: &Path, skip_invalid: bool) -> Result<Dataset> {
+        load_files(&[p.to_path_buf()], LoadOptions { skip_invalid })
+    }
+
+    #[test]
+    fn groups_pairs_and_csv_load_to_the_same_groups() {
+        let (_a, grouped) = write("g.jsonl", b"{\"query\": \"q1\", \"positives\": [\"a\", \"b\"]}\n\n{\"query\": \"q2\", \"positives\": [\"c\"], \"negatives\": [\"d\"]}\n");
+        let (_b, pairs) = write("p.jsonl", b"{\"query\": \"q1\", \"positive\": \"a\"}\n{\"anchor\": \"q1\", \"positive\": \"b\"}\n{\"query\": \"q2\", \"positive\": \"c\", \"negative\": \"d\"}\n");
+        let (_c, csv) = write(
+            "p.csv",
+            b"query,positive,negative\nq1,a,\nq1,b,\n\"q2\",\"c\",d\n",
+        );
+        let (_d, tsv) = write("p.tsv", b"anchor\tpositive\nq1\ta\nq1\tb\nq2\tc\n");
+        let fp = load(&grouped, false).unwrap().fingerprint();
+        assert_eq!(load(&pairs, false).unwrap().fingerprint(), fp);
+        assert_eq!(load(&csv, false).unwrap().fingerprint(), fp);
+        let tsv = load(&tsv, false).unwrap();
+        assert_eq!((tsv.len(), tsv.pair_count()), (2, 3));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let cases: [(&str, &[u8], &str); 7] = [
+            ("a.jsonl", b"{\"query\": \"q\", \"positives\": [\"a\"]}\n{\"query\": \"q\", \"positives\": [\"a\"\n", "a.jsonl:2: invalid record"),
+            ("b.jsonl", b"{\"query\": \"q\", \"positives\": []}\n", "b.jsonl:1: the group has no positives"),
+            ("c.jsonl", b"\n{\"query\": \"  \", \"positives\": [\"a\"]}\n", "c.jsonl:2: field \"query\" is empty"),
+            ("d.jsonl", b"{\"query\": \"q\"}\n", "d.jsonl:1: missing field \"positives\""),
+            ("e.jsonl", b"{\"query\": \"q\", \"positives\": [\"a\"], \"score\": 1}\n", "e.jsonl:1: invalid record: unknown field `score`"),
+            ("f.csv", b"question,answer\nq,a\n", "f.csv:1: the header must name"),
+            ("g.csv", b"query,positive\nq,a\nq,a,extra\n", "g.csv:3: malformed row"),
+        ];
+        for (name, text, needle) in cases {
+            let (_d, p) = write(name, text);
+            let err = load(&p, false).unwrap_err().to_string();
+            assert!(err.contains(needle), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn skip_invalid_counts_each_skipped_record() {
+        let (_d, p) = write("s.jsonl", b"{\"query\": \"q\", \"positives\": [\"a\"]}\nnot json\n{\"query\": \"\", \"positives\": [\"b\"]}\n");
+        let d = load(&p, true).unwrap();
+        assert_eq!((d.len(), d.stats().invalid_skipped), (1, 2));
+        let (_d, p) = write("t.jsonl", b"nope\n");
+        assert!(
+            load(&p, true)
+                .unwrap_err()
+                .to_string()
+                .contains("no usable query groups")
+        );
+    }
+}

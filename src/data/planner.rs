@@ -1,0 +1,429 @@
+//! Conflict-free global batches (DESIGN §2), as a pure function of (data, seed, epoch, spec).
+//!
+//! A global batch holds `batch_size` rows (query, positive, `negatives_per_row` hard negatives). It is
+//! conflict-free when no normalised text appears twice anywhere in it, in any column, except that in
+//! mode `all` the rows of one query group share their query. Then every in-batch candidate of a
+//! query is a true negative, or (mode `all`) a positive of the same group that the loss masks.
+//!
+//! Packing is greedy over a seeded shuffle: a row that conflicts with the batch being filled waits
+//! in a queue and is offered first to the next batches, so a duplicate-heavy text delays its rows
+//! instead of dropping them. Rows still waiting when the data cannot fill another whole batch are
+//! returned as leftovers, never silently dropped. The plan is computed whole before the epoch, so its
+//! batch count is exact.
+use std::collections::VecDeque;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use rustc_hash::FxHashMap;
+
+use super::dataset::{Dataset, TextId};
+
+/// How the positives of a query group become rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One row per group per epoch; the group's positives take turns across epochs.
+    Sample,
+    /// One row per (query, positive) pair; a group's rows are kept together so its positives share
+    /// batches (the multi-positive loss masks them from each other).
+    All,
+}
+
+/// What to plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanSpec {
+    pub batch_size: usize,
+    pub mode: Mode,
+    pub negatives_per_row: usize,
+    pub seed: u64,
+}
+
+/// One planned row: indices into the [`Dataset`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Row {
+    pub group: u32,
+    pub query: TextId,
+    pub positive: TextId,
+}
+
+/// The plan of one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochPlan {
+    pub epoch: u64,
+    pub batch_size: usize,
+    pub negatives_per_row: usize,
+    rows: Vec<Row>,
+    negatives: Vec<TextId>,
+    /// Rows that could not be placed in a whole conflict-free batch this epoch.
+    pub leftovers: Vec<Row>,
+    /// Rows that waited at least once because of a conflict.
+    pub deferred: usize,
+}
+
+/// A global batch or one worker's shard of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub rows: &'a [Row],
+    /// `negatives_per_row` entries per row, row-major.
+    pub negatives: &'a [TextId],
+    pub negatives_per_row: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// The hard negatives of row `i`.
+    pub fn row_negatives(&self, i: usize) -> &'a [TextId] {
+        &self.negatives[i * self.negatives_per_row..(i + 1) * self.negatives_per_row]
+    }
+
+    /// Rank `rank`'s contiguous part of `world` equal parts (rank order).
+    pub fn shard(&self, rank: usize, world: usize) -> Result<Batch<'a>, String> {
+        if world == 0 || rank >= world {
+            return Err(format!("rank {rank} is outside a world of {world}"));
+        }
+        if self.rows.len() % world != 0 {
+            return Err(format!(
+                "a batch of {} rows does not split into {world} equal shards",
+                self.rows.len()
+            ));
+        }
+        let n = self.rows.len() / world;
+        let k = self.negatives_per_row;
+        Ok(Batch {
+            rows: &self.rows[rank * n..(rank + 1) * n],
+            negatives: &self.negatives[rank * n * k..(rank + 1) * n * k],
+            negatives_per_row: k,
+        })
+    }
+}
+
+impl EpochPlan {
+    /// Number of whole global batches.
+    pub fn num_batches(&self) -> usize {
+        self.rows.len() / self.batch_size
+    }
+
+    /// Global batch `k`.
+    pub fn batch(&self, k: usize) -> Batch<'_> {
+        let b = self.batch_size;
+        let n = self.negatives_per_row;
+        Batch {
+            rows: &self.rows[k * b..(k + 1) * b],
+            negatives: &self.negatives[k * b * n..(k + 1) * b * n],
+            negatives_per_row: n,
+        }
+    }
+
+    /// Rows placed in batches.
+    pub fn planned_rows(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+/// Checks a spec against the data before any planning; the message says what to change.
+pub fn validate(data: &Dataset, spec: &PlanSpec) -> Result<(), String> {
+    if spec.batch_size < 2 {
+        return Err(format!(
+            "batch_size must be at least 2 (in-batch negatives), got {}",
+            spec.batch_size
+        ));
+    }
+    let rows = match spec.mode {
+        Mode::Sample => data.len(),
+        Mode::All => data.pair_count(),
+    };
+    if spec.batch_size > rows {
+        return Err(format!(
+            "batch_size {} is larger than the {rows} rows one epoch has (mode {:?}): lower batch_size",
+            spec.batch_size, spec.mode
+        ));
+    }
+    if spec.negatives_per_row > 0 {
+        let short = (0..data.len())
+            .filter(|&g| data.negatives(g).len() < spec.negatives_per_row)
+            .count();
+        if short > 0 {
+            return Err(format!(
+                "negatives_per_row = {} but {short} of {} query groups have fewer hard negatives: lower it or add negatives",
+                spec.negatives_per_row,
+                data.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Mixes words into one 64-bit seed (SplitMix64 finaliser over a running state).
+pub fn mix_seed(words: &[u64]) -> u64 {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for &w in words {
+        state = state.wrapping_add(w).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        state = z ^ (z >> 31);
+    }
+    state
+}
+
+/// The rows of one epoch before packing, in shuffled order, with their negatives.
+fn epoch_rows(
+    data: &Dataset,
+    spec: &PlanSpec,
+    epoch: u64,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<Row>, Vec<TextId>) {
+    let mut order: Vec<u32> = (0..data.len() as u32).collect();
+    order.shuffle(rng);
+    let k = spec.negatives_per_row;
+    let mut rows = Vec::with_capacity(match spec.mode {
+        Mode::Sample => data.len(),
+        Mode::All => data.pair_count(),
+    });
+    let mut negatives = Vec::with_capacity(rows.capacity() * k);
+    for g in order {
+        let gi = g as usize;
+        let positives = data.positives(gi);
+        let group_seed = mix_seed(&[spec.seed, g as u64]);
+        // Positives (and negatives) take turns: epoch e starts where epoch e-1 stopped.
+        let start = (group_seed as usize).wrapping_add(epoch as usize) % positives.len();
+        let take = match spec.mode {
+            Mode::Sample => 1,
+            Mode::All => positives.len(),
+        };
+        let negs = data.negatives(gi);
+        for j in 0..take {
+            rows.push(Row {
+                group: g,
+                query: data.query(gi),
+                positive: positives[(start + j) % positives.len()],
+            });
+            if k > 0 {
+                let base =
+                    ((group_seed >> 32) as usize).wrapping_add((epoch as usize * take + j) * k);
+                negatives.extend((0..k).map(|i| negs[(base + i) % negs.len()]));
+            }
+        }
+    }
+    (rows, negatives)
+}
+
+/// The texts a row puts into a batch, with the role of each: (hash, is_query).
+fn row_texts<'a>(
+    data: &'a Dataset,
+    row: &Row,
+    negs: &'a [TextId],
+) -> impl Iterator<Item = (u64, bool)> + 'a {
+    let q = data.hash(row.query);
+    let p = data.hash(row.positive);
+    [(q, true), (p, false)]
+        .into_iter()
+        .chain(negs.iter().map(|&n| (data.hash(n), false)))
+}
+
+/// Texts of the batch being filled: hash -> (group, is_query).
+struct Occupancy {
+    seen: FxHashMap<u64, (u32, bool)>,
+}
+
+impl Occupancy {
+    /// Only one thing may repeat: the query of the same group (mode `all`). Within a row nothing
+    /// repeats: loading removed positives equal to the query and contradicting negatives, and
+    /// `validate` ensures a group has enough distinct negatives.
+    fn fits(&self, data: &Dataset, row: &Row, negs: &[TextId]) -> bool {
+        row_texts(data, row, negs).all(|(h, is_query)| match self.seen.get(&h) {
+            None => true,
+            Some(&(g, q)) => g == row.group && q && is_query,
+        })
+    }
+
+    fn insert(&mut self, data: &Dataset, row: &Row, negs: &[TextId]) {
+        for (h, is_query) in row_texts(data, row, negs) {
+            self.seen.insert(h, (row.group, is_query));
+        }
+    }
+}
+
+/// Plans epoch `epoch`. Pure: the same (data, spec, epoch) always gives the same plan.
+pub fn plan_epoch(data: &Dataset, spec: &PlanSpec, epoch: u64) -> EpochPlan {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[spec.seed, epoch, data.fingerprint()]));
+    let (rows, negatives) = epoch_rows(data, spec, epoch, &mut rng);
+    let k = spec.negatives_per_row;
+    let b = spec.batch_size;
+    let negs_of = |i: usize| &negatives[i * k..(i + 1) * k];
+
+    let mut out_rows = Vec::with_capacity(rows.len());
+    let mut out_negs = Vec::with_capacity(negatives.len());
+    let mut occupancy = Occupancy {
+        seen: FxHashMap::default(),
+    };
+    let mut waiting: VecDeque<usize> = VecDeque::new();
+    let mut deferred = 0;
+    let mut next = 0;
+    let mut batch: Vec<usize> = Vec::with_capacity(b);
+    loop {
+        batch.clear();
+        occupancy.seen.clear();
+        // Rows that waited go first, in order, so none waits longer than it must.
+        let mut still_waiting = VecDeque::with_capacity(waiting.len());
+        while let Some(i) = waiting.pop_front() {
+            if batch.len() < b && occupancy.fits(data, &rows[i], negs_of(i)) {
+                occupancy.insert(data, &rows[i], negs_of(i));
+                batch.push(i);
+            } else {
+                still_waiting.push_back(i);
+            }
+        }
+        waiting = still_waiting;
+        while batch.len() < b && next < rows.len() {
+            let i = next;
+            next += 1;
+            if occupancy.fits(data, &rows[i], negs_of(i)) {
+                occupancy.insert(data, &rows[i], negs_of(i));
+                batch.push(i);
+            } else {
+                deferred += 1;
+                waiting.push_back(i);
+            }
+        }
+        if batch.len() < b {
+            break;
+        }
+        for &i in &batch {
+            out_rows.push(rows[i]);
+            out_negs.extend_from_slice(negs_of(i));
+        }
+    }
+    let mut leftovers: Vec<usize> = batch.iter().copied().chain(waiting).collect();
+    leftovers.sort_unstable();
+    EpochPlan {
+        epoch,
+        batch_size: b,
+        negatives_per_row: k,
+        rows: out_rows,
+        negatives: out_negs,
+        leftovers: leftovers.into_iter().map(|i| rows[i]).collect(),
+        deferred,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::dataset::DatasetBuilder;
+
+    fn data(groups: &[(&str, &[&str])]) -> Dataset {
+        let mut b = DatasetBuilder::new();
+        for (q, p) in groups {
+            b.add(q, p, &[]).unwrap();
+        }
+        b.finish()
+    }
+
+    fn spec(batch_size: usize, mode: Mode) -> PlanSpec {
+        PlanSpec {
+            batch_size,
+            mode,
+            negatives_per_row: 0,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn shared_answer_never_shares_a_batch() {
+        // Three questions share one answer: at most one of them per batch.
+        let d = data(&[
+            ("q1", &["shared", "a"]),
+            ("q2", &["shared"]),
+            ("q3", &["shared"]),
+            ("q4", &["b"]),
+            ("q5", &["c"]),
+            ("q6", &["d"]),
+        ]);
+        for seed in 0..20 {
+            let plan = plan_epoch(
+                &d,
+                &PlanSpec {
+                    seed,
+                    ..spec(2, Mode::All)
+                },
+                0,
+            );
+            for k in 0..plan.num_batches() {
+                let shared = plan
+                    .batch(k)
+                    .rows
+                    .iter()
+                    .filter(|r| d.text(r.positive) == "shared")
+                    .count();
+                assert!(shared <= 1, "seed {seed} batch {k}");
+            }
+            assert_eq!(plan.planned_rows() + plan.leftovers.len(), d.pair_count());
+        }
+    }
+
+    #[test]
+    fn all_mode_keeps_a_groups_positives_together() {
+        let d = data(&[
+            ("q1", &["a", "b", "c"]),
+            ("q2", &["d"]),
+            ("q3", &["e"]),
+            ("q4", &["f"]),
+        ]);
+        let plan = plan_epoch(&d, &spec(3, Mode::All), 0);
+        let together = (0..plan.num_batches())
+            .any(|k| plan.batch(k).rows.iter().filter(|r| r.group == 0).count() >= 2);
+        assert!(together);
+    }
+
+    #[test]
+    fn sample_mode_rotates_positives_across_epochs() {
+        let d = data(&[("q1", &["a", "b", "c"]), ("q2", &["d"])]);
+        let s = spec(2, Mode::Sample);
+        let used: std::collections::BTreeSet<u32> = (0..3)
+            .map(|e| plan_epoch(&d, &s, e))
+            .flat_map(|p| p.batch(0).rows.to_vec())
+            .filter(|r| r.group == 0)
+            .map(|r| r.positive)
+            .collect();
+        assert_eq!(used.len(), 3, "each positive gets a turn in three epochs");
+    }
+
+    #[test]
+    fn shards_split_evenly_or_explain_why_not() {
+        let d = data(&[
+            ("q1", &["a"]),
+            ("q2", &["b"]),
+            ("q3", &["c"]),
+            ("q4", &["d"]),
+        ]);
+        let plan = plan_epoch(&d, &spec(4, Mode::Sample), 0);
+        let b = plan.batch(0);
+        let parts: Vec<Row> = (0..2)
+            .flat_map(|r| b.shard(r, 2).unwrap().rows.to_vec())
+            .collect();
+        assert_eq!(parts, b.rows);
+        assert!(
+            b.shard(0, 3)
+                .unwrap_err()
+                .contains("does not split into 3 equal shards")
+        );
+    }
+
+    #[test]
+    fn validate_explains_impossible_specs() {
+        let d = data(&[("q1", &["a"]), ("q2", &["b"])]);
+        assert!(
+            validate(&d, &spec(3, Mode::Sample))
+                .unwrap_err()
+                .contains("larger than the 2 rows")
+        );
+        let mut s = spec(2, Mode::Sample);
+        s.negatives_per_row = 1;
+        assert!(
+            validate(&d, &s)
+                .unwrap_err()
+                .contains("2 of 2 query groups have fewer hard negatives")
+        );
+    }
+}

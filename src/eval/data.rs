@@ -1,0 +1,133 @@
+//! An information-retrieval evaluation set in the BEIR layout: `queries.jsonl` and `corpus.jsonl`
+//! (`{"id", "text"}` per line) and a `qrels.tsv` (`query-id<TAB>corpus-id<TAB>score`, header line
+//! optional, score > 0 = relevant).
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Queries (only those with at least one relevant document, in file order), corpus, and relevance.
+#[derive(Debug, Clone)]
+pub struct IrDataset {
+    pub query_ids: Vec<String>,
+    pub queries: Vec<String>,
+    pub corpus_ids: Vec<String>,
+    pub corpus: Vec<String>,
+    /// For each kept query, the indices into `corpus` of its relevant documents.
+    pub relevant: Vec<BTreeSet<usize>>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    id: serde_json::Value,
+    text: String,
+}
+
+fn id_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn read_entries(path: &Path) -> Result<Vec<(String, String)>> {
+    let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
+    let mut out = Vec::new();
+    let mut seen = HashMap::new();
+    for (i, line) in reader.lines().enumerate() {
+        let bad = |reason: String| Error::BadLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let e: Entry = serde_json::from_str(&line)
+            .map_err(|e| bad(format!("expected {{\"id\", \"text\"}}: {e}")))?;
+        let id = id_string(&e.id)
+            .ok_or_else(|| bad("field \"id\" must be a string or a number".into()))?;
+        if let Some(first) = seen.insert(id.clone(), i + 1) {
+            return Err(bad(format!("duplicate id {id:?} (first on line {first})")));
+        }
+        out.push((id, e.text));
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(path, "no entries"));
+    }
+    Ok(out)
+}
+
+impl IrDataset {
+    /// Loads and cross-checks the three files; unknown ids in the qrels are errors with file:line.
+    pub fn load(queries: &Path, corpus: &Path, qrels: &Path) -> Result<Self> {
+        let queries_all = read_entries(queries)?;
+        let corpus_all = read_entries(corpus)?;
+        let q_index: HashMap<&str, usize> = queries_all
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (id.as_str(), i))
+            .collect();
+        let c_index: HashMap<&str, usize> = corpus_all
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (id.as_str(), i))
+            .collect();
+        let mut relevant: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); queries_all.len()];
+        let reader = BufReader::new(File::open(qrels).map_err(Error::io("open", qrels))?);
+        for (i, line) in reader.lines().enumerate() {
+            let bad = |reason: String| Error::BadLine {
+                path: qrels.to_path_buf(),
+                line: i + 1,
+                reason,
+            };
+            let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
+            let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
+            if line.trim().is_empty() || (i == 0 && fields.first() == Some(&"query-id")) {
+                continue;
+            }
+            let [qid, cid, score] = fields[..] else {
+                return Err(bad(format!(
+                    "expected 3 tab-separated fields (query-id, corpus-id, score), got {}",
+                    fields.len()
+                )));
+            };
+            let score: f64 = score
+                .parse()
+                .map_err(|_| bad(format!("score {score:?} is not a number")))?;
+            let q = *q_index
+                .get(qid)
+                .ok_or_else(|| bad(format!("query-id {qid:?} is not in {}", queries.display())))?;
+            let c = *c_index
+                .get(cid)
+                .ok_or_else(|| bad(format!("corpus-id {cid:?} is not in {}", corpus.display())))?;
+            if score > 0.0 {
+                relevant[q].insert(c);
+            }
+        }
+        let mut set = IrDataset {
+            query_ids: Vec::new(),
+            queries: Vec::new(),
+            corpus_ids: corpus_all.iter().map(|(id, _)| id.clone()).collect(),
+            corpus: corpus_all.into_iter().map(|(_, t)| t).collect(),
+            relevant: Vec::new(),
+        };
+        for ((id, text), rel) in queries_all.into_iter().zip(relevant) {
+            if !rel.is_empty() {
+                set.query_ids.push(id);
+                set.queries.push(text);
+                set.relevant.push(rel);
+            }
+        }
+        if set.queries.is_empty() {
+            return Err(Error::invalid(qrels, "no query has a relevant document"));
+        }
+        Ok(set)
+    }
+}

@@ -1,0 +1,25 @@
+//! Retrieval evaluation: BEIR-style data and sentence-transformers' IR metrics.
+pub mod data;
+pub mod ir;
+
+use std::collections::BTreeMap;
+
+pub use data::IrDataset;
+pub use ir::{IrConfig, ir_metrics};
+
+use crate::error::Result;
+use crate::model::SentenceModel;
+
+/// Embeds queries and corpus with `model` and computes the metrics.
+pub fn evaluate(
+    model: &SentenceModel,
+    set: &IrDataset,
+    batch_size: usize,
+    cfg: &IrConfig,
+) -> Result<BTreeMap<String, f64>> {
+    let queries: Vec<&str> = set.queries.iter().map(String::as_str).collect();
+    let corpus: Vec<&str> = set.corpus.iter().map(String::as_str).collect();
+    let q = model.embed(&queries, batch_size)?;
+    let c = model.embed(&corpus, batch_size)?;
+    Ok(ir_metrics(&q, &c, &set.relevant, &set.corpus_ids, cfg))
+}

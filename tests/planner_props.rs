@@ -1,0 +1,200 @@
+//! Planner properties on random, heavily duplicated data over many seeds: no conflict inside any
+//! global batch, every pair of an epoch placed exactly once or reported, same seed -> same plan.
+use std::collections::{BTreeMap, HashMap};
+
+use multipos::data::{Dataset, DatasetBuilder, Mode, PlanSpec, Row, plan_epoch, planner};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Random groups drawing texts from a small pool, so texts repeat across groups and roles; a few
+/// spellings differ only in whitespace, which must count as the same text.
+fn random_data(seed: u64, groups: usize, pool: usize, with_negatives: bool) -> Dataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let text = |rng: &mut ChaCha8Rng| {
+        let i = rng.random_range(0..pool);
+        if rng.random_bool(0.2) {
+            format!("  text   {i} ")
+        } else {
+            format!("text {i}")
+        }
+    };
+    let mut b = DatasetBuilder::new();
+    for g in 0..groups {
+        let query = if rng.random_bool(0.1) {
+            text(&mut rng)
+        } else {
+            format!("query {g}")
+        };
+        let positives: Vec<String> = (0..rng.random_range(1..5))
+            .map(|_| text(&mut rng))
+            .collect();
+        let negatives: Vec<String> = if with_negatives {
+            (0..rng.random_range(2..6))
+                .map(|_| text(&mut rng))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let p: Vec<&str> = positives.iter().map(String::as_str).collect();
+        let n: Vec<&str> = negatives.iter().map(String::as_str).collect();
+        b.add(&query, &p, &n).unwrap();
+    }
+    b.finish()
+}
+
+fn check_no_conflict(data: &Dataset, rows: &[Row], negs: &[u32], k: usize, mode: Mode, what: &str) {
+    let mut seen: HashMap<u64, (u32, bool)> = HashMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        let mut texts = vec![
+            (data.hash(row.query), true),
+            (data.hash(row.positive), false),
+        ];
+        texts.extend(
+            negs[i * k..(i + 1) * k]
+                .iter()
+                .map(|&n| (data.hash(n), false)),
+        );
+        for (h, is_query) in texts {
+            if let Some(&(g, q)) = seen.get(&h) {
+                let allowed = mode == Mode::All && g == row.group && q && is_query;
+                assert!(
+                    allowed,
+                    "{what}: text {:?} twice in one batch",
+                    data.text(row.query)
+                );
+            }
+            seen.insert(h, (row.group, is_query));
+        }
+    }
+    if mode == Mode::Sample {
+        let mut groups: Vec<u32> = rows.iter().map(|r| r.group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        assert_eq!(
+            groups.len(),
+            rows.len(),
+            "{what}: a query group twice in one batch"
+        );
+    }
+}
+
+#[test]
+fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
+    let mut checked_batches = 0;
+    for seed in 0..60u64 {
+        let with_negatives = seed % 3 == 0;
+        let data = random_data(
+            seed,
+            150 + (seed as usize % 7) * 40,
+            120 + (seed as usize % 5) * 60,
+            with_negatives,
+        );
+        let mode = if seed % 2 == 0 {
+            Mode::Sample
+        } else {
+            Mode::All
+        };
+        let spec = PlanSpec {
+            batch_size: [4, 8, 16][seed as usize % 3],
+            mode,
+            negatives_per_row: if with_negatives { 2 } else { 0 },
+            seed,
+        };
+        if planner::validate(&data, &spec).is_err() {
+            continue;
+        }
+        for epoch in 0..3 {
+            let plan = plan_epoch(&data, &spec, epoch);
+            let what = format!("seed {seed} epoch {epoch} {mode:?}");
+            let mut placed: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+            for k in 0..plan.num_batches() {
+                let b = plan.batch(k);
+                assert_eq!(b.rows.len(), spec.batch_size);
+                check_no_conflict(
+                    &data,
+                    b.rows,
+                    b.negatives,
+                    spec.negatives_per_row,
+                    mode,
+                    &what,
+                );
+                for r in b.rows {
+                    *placed.entry((r.group, r.positive)).or_default() += 1;
+                }
+                checked_batches += 1;
+            }
+            for r in &plan.leftovers {
+                *placed.entry((r.group, r.positive)).or_default() += 1;
+            }
+            // Exactly the rows the epoch owes: every pair in mode all, one per group in mode sample.
+            assert!(
+                placed.values().all(|&n| n == 1),
+                "{what}: a pair used twice"
+            );
+            match mode {
+                Mode::All => assert_eq!(placed.len(), data.pair_count(), "{what}"),
+                Mode::Sample => {
+                    assert_eq!(placed.len(), data.len(), "{what}");
+                    for g in 0..data.len() as u32 {
+                        assert!(
+                            placed.keys().any(|&(pg, _)| pg == g),
+                            "{what}: group {g} missing"
+                        );
+                    }
+                }
+            }
+            assert_eq!(
+                plan,
+                plan_epoch(&data, &spec, epoch),
+                "{what}: same seed must give the same plan"
+            );
+        }
+        let other = PlanSpec {
+            seed: seed + 1000,
+            ..spec
+        };
+        assert_ne!(
+            plan_epoch(&data, &spec, 0),
+            plan_epoch(&data, &other, 0),
+            "seed {seed}: seeds must matter"
+        );
+    }
+    assert!(
+        checked_batches > 1000,
+        "too few batches checked: {checked_batches}"
+    );
+}
+
+#[test]
+fn a_text_in_every_group_is_spread_one_per_batch() {
+    // The worst case: one answer shared by 40 questions. Each batch may hold one of them, so the
+    // rest wait, the plan still uses every row it can, and the remainder is reported.
+    let mut b = DatasetBuilder::new();
+    for g in 0..40 {
+        b.add(
+            &format!("q{g}"),
+            &["the shared answer", &format!("own {g}")],
+            &[],
+        )
+        .unwrap();
+    }
+    let data = b.finish();
+    let spec = PlanSpec {
+        batch_size: 8,
+        mode: Mode::All,
+        negatives_per_row: 0,
+        seed: 3,
+    };
+    let plan = plan_epoch(&data, &spec, 0);
+    for k in 0..plan.num_batches() {
+        let shared = plan
+            .batch(k)
+            .rows
+            .iter()
+            .filter(|r| data.text(r.positive) == "the shared answer")
+            .count();
+        assert!(shared <= 1);
+    }
+    assert_eq!(plan.planned_rows() + plan.leftovers.len(), 80);
+    assert!(plan.deferred > 0);
+}
