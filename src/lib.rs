@@ -9,6 +9,7 @@
 //! - [`cli`]: the command line (the binary in `main.rs` only parses and dispatches).
 //! - [`pb`]: the gRPC protocol generated from `proto/multipos.proto`.
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod embed;
@@ -17,6 +18,7 @@ pub mod eval;
 pub mod io;
 pub mod loss;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use model::SentenceModel;

@@ -3,6 +3,7 @@ mod common;
 
 use multipos::SentenceModel;
 use multipos::model::config::PoolingMode;
+use multipos::model::dropout::RowSeeds;
 use multipos::model::tiny::TinySpec;
 use tch::Device;
 
@@ -77,7 +78,7 @@ fn pooling_modes_concatenate_and_skip_normalize() {
 }
 
 #[test]
-fn dropout_is_active_in_train_mode_and_seeded() {
+fn dropout_masks_follow_row_seeds_not_batch_layout() {
     let spec = TinySpec {
         dropout: 0.2,
         ..TinySpec::default()
@@ -85,20 +86,27 @@ fn dropout_is_active_in_train_mode_and_seeded() {
     let (_dir, path) = common::tiny_model(&spec);
     let model = SentenceModel::load(&path, Device::Cpu).unwrap();
     let batch = model.tokenizer().encode(TEXTS).unwrap();
-    let eval_a = model.forward_t(&batch, false);
-    let eval_b = model.forward_t(&batch, false);
-    assert!(eval_a.equal(&eval_b), "eval mode is deterministic");
-    let _rng = common::rng_lock();
-    tch::manual_seed(7);
-    let train_a = model.forward_t(&batch, true);
-    tch::manual_seed(7);
-    let train_b = model.forward_t(&batch, true);
-    let train_c = model.forward_t(&batch, true);
-    assert!(train_a.equal(&train_b), "same seed, same dropout masks");
+    let seeds = RowSeeds(vec![11, 12, 13, 14]);
+    let eval = model.forward_t(&batch, None);
     assert!(
-        !train_a.equal(&eval_a) && !train_b.equal(&train_c),
-        "dropout must change activations"
+        eval.equal(&model.forward_t(&batch, None)),
+        "inference is deterministic"
     );
+    let a = model.forward_t(&batch, Some(&seeds));
+    assert!(
+        a.equal(&model.forward_t(&batch, Some(&seeds))),
+        "same seeds, same masks"
+    );
+    assert!(!a.equal(&eval), "dropout must change activations");
+    assert!(!a.equal(&model.forward_t(&batch, Some(&RowSeeds(vec![1, 2, 3, 4])))));
+
+    // Row 2 ("a", the shortest) alone, unpadded, with its seed: the same vector as inside the batch.
+    let alone = model.forward_t(
+        &model.tokenizer().encode(&[TEXTS[2]]).unwrap(),
+        Some(&RowSeeds(vec![13])),
+    );
+    let diff = (alone.get(0) - a.get(2)).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "padding changed a row's dropout: {diff}");
 }
 
 #[test]

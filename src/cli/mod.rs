@@ -2,6 +2,8 @@
 mod convert;
 mod demo;
 mod embed;
+mod eval;
+mod train;
 
 use std::path::PathBuf;
 
@@ -28,6 +30,10 @@ pub struct RuntimeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Fine-tune a model in one process from a TOML run configuration.
+    Train(train::TrainArgs),
+    /// Retrieval metrics (NDCG, MRR, MAP, recall, precision, accuracy @k) of a model on BEIR-style data.
+    Eval(eval::EvalArgs),
     /// Embed texts from a .txt (one per line) or .jsonl ("text" field) file into JSON lines.
     Embed(embed::EmbedArgs),
     /// Embed a bundled sample of Bible verses and their paraphrases and print their similarities.
@@ -56,6 +62,8 @@ pub fn default_model_dir() -> PathBuf {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Convert(args) => convert::run(args),

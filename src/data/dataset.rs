@@ -26,6 +26,8 @@ pub struct LoadStats {
     /// Positives identical to their own query: a (x, x) pair teaches nothing and would conflict with
     /// itself in a batch, so it is removed.
     pub positives_equal_to_query_removed: u64,
+    /// Groups left with no positive after that removal.
+    pub groups_without_positives_removed: u64,
     /// Negatives identical to their query or to one of the group's positives: contradictory, removed.
     pub negatives_contradicting_removed: u64,
     /// Malformed records skipped because `skip_invalid` was set (each is also logged).
@@ -38,7 +40,7 @@ impl fmt::Display for LoadStats {
             f,
             "{} records -> {} query groups, {} positives, {} negatives, {} distinct texts; merged: {} duplicate queries, \
              {} duplicate positives, {} duplicate negatives; removed: {} positives equal to their query, \
-             {} contradicting negatives; skipped {} invalid records",
+             {} groups left without positives, {} contradicting negatives; skipped {} invalid records",
             self.records,
             self.groups,
             self.positives,
@@ -48,6 +50,7 @@ impl fmt::Display for LoadStats {
             self.duplicate_positives_merged,
             self.duplicate_negatives_merged,
             self.positives_equal_to_query_removed,
+            self.groups_without_positives_removed,
             self.negatives_contradicting_removed,
             self.invalid_skipped
         )
@@ -254,6 +257,7 @@ impl DatasetBuilder {
         for (g, q) in queries.into_iter().enumerate() {
             let pos = &self.pending_pos[g];
             if pos.is_empty() {
+                d.stats.groups_without_positives_removed += 1;
                 continue;
             }
             let neg = &self.pending_neg[g];
@@ -314,6 +318,7 @@ mod tests {
         assert_eq!(s.duplicate_negatives_merged, 1);
         assert_eq!(s.positives_equal_to_query_removed, 2);
         assert_eq!(s.negatives_contradicting_removed, 1);
+        assert_eq!(s.groups_without_positives_removed, 1);
     }
 
     #[test]

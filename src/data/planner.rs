@@ -81,7 +81,7 @@ impl<'a> Batch<'a> {
         if world == 0 || rank >= world {
             return Err(format!("rank {rank} is outside a world of {world}"));
         }
-        if self.rows.len() % world != 0 {
+        if !self.rows.len().is_multiple_of(world) {
             return Err(format!(
                 "a batch of {} rows does not split into {world} equal shards",
                 self.rows.len()

@@ -7,15 +7,21 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::config::BertConfig;
+use super::dropout::{RowSeeds, dropout};
 
 /// How new parameters are filled before a checkpoint (if any) is copied in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Init {
     /// tch's default random initialisation (draws from libtorch's global RNG).
     Random,
-    /// Zeros: for parameters a checkpoint overwrites. Draws nothing, so loading a model never
-    /// disturbs the RNG stream that seeds dropout.
+    /// Zeros: for parameters a checkpoint overwrites; draws nothing and costs less.
     Zeros,
+}
+
+/// Dropout sites: 0 for the embeddings, then three per layer (attention probabilities, attention
+/// output, feed-forward output), so every dropout of the network draws its own masks.
+fn site(layer: usize, which: u64) -> u64 {
+    1 + 3 * layer as u64 + which
 }
 
 fn linear(p: nn::Path, in_dim: i64, out_dim: i64, init: Init) -> nn::Linear {
@@ -69,14 +75,19 @@ impl Embeddings {
         }
     }
 
-    fn forward_t(&self, input_ids: &Tensor, token_type_ids: &Tensor, train: bool) -> Tensor {
+    fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        seeds: Option<&RowSeeds>,
+    ) -> Tensor {
         let _enter = self.span.enter();
         let seq_len = input_ids.size()[1];
         let positions = Tensor::arange(seq_len, (Kind::Int64, input_ids.device())).unsqueeze(0);
         let xs = self.word.forward(input_ids)
             + self.token_type.forward(token_type_ids)
             + self.position.forward(&positions);
-        self.layer_norm.forward(&xs).dropout(self.dropout, train)
+        dropout(&self.layer_norm.forward(&xs), self.dropout, seeds, 0)
     }
 }
 
@@ -113,29 +124,48 @@ impl Attention {
     }
 
     /// `mask` is boolean (batch, 1, 1, seq): true where a key token may be attended to.
-    fn forward_t(&self, xs: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        mask: &Tensor,
+        seeds: Option<&RowSeeds>,
+        layer: usize,
+    ) -> Tensor {
         let _enter = self.span.enter();
         let (b, t, h) = xs.size3().expect("hidden states are (batch, seq, hidden)");
-        let split = |x: Tensor| x.view([b, t, self.heads, h / self.heads]).transpose(1, 2);
+        let head_dim = h / self.heads;
+        let split = |x: Tensor| x.view([b, t, self.heads, head_dim]).transpose(1, 2);
         let q = split(self.query.forward(xs));
         let k = split(self.key.forward(xs));
         let v = split(self.value.forward(xs));
-        let dropout = if train { self.attention_dropout } else { 0.0 };
-        let ctx = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(mask),
-            dropout,
-            false,
-            None,
-            false,
-        );
+        let ctx = match seeds {
+            // Inference: the fused kernel.
+            None => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(mask),
+                0.0,
+                false,
+                None,
+                false,
+            ),
+            // Training: the same math written out, so the probabilities take our seeded dropout.
+            Some(_) => {
+                let scores = q.matmul(&k.transpose(-1, -2)) / (head_dim as f64).sqrt();
+                let probs = scores
+                    .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
+                    .softmax(-1, scores.kind());
+                dropout(&probs, self.attention_dropout, seeds, site(layer, 0)).matmul(&v)
+            }
+        };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, t, h]);
-        let out = self
-            .output
-            .forward(&ctx)
-            .dropout(self.hidden_dropout, train);
+        let out = dropout(
+            &self.output.forward(&ctx),
+            self.hidden_dropout,
+            seeds,
+            site(layer, 1),
+        );
         self.layer_norm.forward(&(out + xs))
     }
 }
@@ -181,10 +211,15 @@ impl FeedForward {
         }
     }
 
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+    fn forward_t(&self, xs: &Tensor, seeds: Option<&RowSeeds>, layer: usize) -> Tensor {
         let _enter = self.span.enter();
         let hidden = self.activate(&self.intermediate.forward(xs));
-        let out = self.output.forward(&hidden).dropout(self.dropout, train);
+        let out = dropout(
+            &self.output.forward(&hidden),
+            self.dropout,
+            seeds,
+            site(layer, 2),
+        );
         self.layer_norm.forward(&(out + xs))
     }
 }
@@ -225,19 +260,20 @@ impl BertModel {
     }
 
     /// Token states (batch, seq, hidden) for `input_ids`, with `attention_mask` 1 on real tokens.
+    /// `seeds` (one per row) turns dropout on; `None` is inference.
     pub fn forward_t(
         &self,
         input_ids: &Tensor,
         token_type_ids: &Tensor,
         attention_mask: &Tensor,
-        train: bool,
+        seeds: Option<&RowSeeds>,
     ) -> Tensor {
         let key_mask = attention_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
-        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, train);
+        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, seeds);
         // A loop rather than a fold: easier to add per-layer instrumentation.
-        for layer in &self.layers {
-            xs = layer.attention.forward_t(&xs, &key_mask, train);
-            xs = layer.feed_forward.forward_t(&xs, train);
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.attention.forward_t(&xs, &key_mask, seeds, i);
+            xs = layer.feed_forward.forward_t(&xs, seeds, i);
         }
         xs
     }

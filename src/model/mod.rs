@@ -1,6 +1,7 @@
 //! The sentence-embedding model: BERT encoder, pooling, tokenizer, and the on-disk format.
 pub mod bert;
 pub mod config;
+pub mod dropout;
 pub mod layout;
 pub mod pooling;
 pub mod sentence;

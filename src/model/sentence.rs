@@ -8,6 +8,7 @@ use tch::{Device, Tensor, nn::VarStore};
 
 use super::bert::{BertModel, Init};
 use super::config::{BertConfig, ModuleEntry, PoolingConfig, PoolingMode, SentenceBertConfig};
+use super::dropout::RowSeeds;
 use super::layout;
 use super::pooling::{normalize_l2, pool};
 use super::tokenize::{TextTokenizer, TokenBatch};
@@ -228,14 +229,23 @@ impl SentenceModel {
         self.sbert.max_seq_length
     }
 
-    /// Sentence vectors for an already tokenized batch (autograd on unless the caller disables it).
-    pub fn forward_t(&self, batch: &TokenBatch, train: bool) -> Tensor {
+    /// Overrides `max_seq_length` (clamped to the position table), e.g. for faster training.
+    pub fn set_max_seq_length(&mut self, n: usize) -> Result<()> {
+        let n = n.clamp(1, self.config.max_position_embeddings as usize);
+        self.tokenizer.set_max_length(n)?;
+        self.sbert.max_seq_length = n;
+        Ok(())
+    }
+
+    /// Sentence vectors for an already tokenized batch (autograd on unless the caller disables it);
+    /// `seeds`, one per row, turns dropout on (see [`super::dropout`]).
+    pub fn forward_t(&self, batch: &TokenBatch, seeds: Option<&RowSeeds>) -> Tensor {
         let batch = batch.to(self.device());
         let states = self.bert.forward_t(
             &batch.input_ids,
             &batch.token_type_ids,
             &batch.attention_mask,
-            train,
+            seeds,
         );
         let pooled = pool(&states, &batch.attention_mask, &self.pooling.modes);
         if self.normalize {
@@ -261,7 +271,7 @@ impl SentenceModel {
             let batch = self
                 .tokenizer
                 .pad(&chunk.iter().map(|&i| &encodings[i]).collect::<Vec<_>>());
-            let vectors = self.forward_t(&batch, false).to_device(Device::Cpu);
+            let vectors = self.forward_t(&batch, None).to_device(Device::Cpu);
             let index = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
             out = out.index_copy(0, &index, &vectors);
         }

@@ -68,6 +68,19 @@ impl TextTokenizer {
         })
     }
 
+    /// Changes the truncation length (special tokens included).
+    pub fn set_max_length(&mut self, max_length: usize) -> Result<()> {
+        let truncation = TruncationParams {
+            max_length,
+            strategy: TruncationStrategy::LongestFirst,
+            ..Default::default()
+        };
+        self.inner
+            .with_truncation(Some(truncation))
+            .map_err(|e| Error::Tokenizer(format!("cannot set truncation: {e}")))?;
+        Ok(())
+    }
+
     fn prepare(&self, text: &str) -> String {
         let stripped = text.trim_matches(is_python_space);
         if self.lower_case {

@@ -4,18 +4,13 @@ use std::path::{Path, PathBuf};
 
 use multipos::model::tiny::{TinySpec, write_random_model};
 
-/// libtorch's RNG is process-global and tests run on parallel threads: every test that seeds it
-/// and then draws from it holds this lock, so no other test draws in between.
-pub static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Takes [`TORCH_RNG`], ignoring poisoning by a failed test.
-pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// libtorch's RNG is process-global and tests run on parallel threads: writing a random model
+/// seeds it and draws from it, so writers take turns (nothing else in multipos draws from it).
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A temp dir holding a freshly written tiny random model.
 pub fn tiny_model(spec: &TinySpec) -> (tempfile::TempDir, PathBuf) {
-    let _rng = rng_lock();
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
     write_random_model(&model, spec).unwrap();

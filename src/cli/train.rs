@@ -1,0 +1,42 @@
+//! `multipos train`.
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use crate::config::RunConfig;
+use crate::train;
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Run configuration (TOML); see configs/ for examples.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override one setting, e.g. --set train.lr=3e-5 --set data.mode='"all"' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.config, &args.sets)?;
+    let summary = train::run(&cfg, std::io::stderr().is_terminal())?;
+    println!(
+        "trained {} steps ({} pairs) in {:.1} s = {:.1} pairs/s; final loss {:.4}; model: {}",
+        summary.steps,
+        summary.pairs,
+        summary.seconds,
+        summary.pairs_per_s,
+        summary.final_loss,
+        summary.model_dir.display()
+    );
+    if let (Some(before), Some(after)) = (&summary.eval_before, &summary.eval_after) {
+        println!(
+            "{:<14} {:>8} {:>8} {:>8}",
+            "metric", "before", "after", "change"
+        );
+        for key in ["ndcg@10", "mrr@10", "map@100", "recall@10", "accuracy@1"] {
+            let (b, a) = (before[key], after[key]);
+            println!("{key:<14} {b:>8.4} {a:>8.4} {:>+8.4}", a - b);
+        }
+    }
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! The run configuration: one typed tree, read from a TOML file, then `MULTIPOS__SECTION__KEY`
+//! environment variables, then `--set section.key=value` overrides (later wins), and validated once
+//! with messages that say what to change. Unknown keys are errors. Relative paths are relative to the
+//! working directory.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::Mode;
+use crate::error::{Error, Result};
+
+/// Warmup when neither `warmup_steps` nor `warmup_ratio` is set (sentence-transformers' examples).
+pub const DEFAULT_WARMUP_RATIO: f64 = 0.1;
+
+/// Everything a training run needs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub eval: Option<EvalConfig>,
+    pub output: OutputConfig,
+}
+
+/// Which model, where, with what sequence length.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Sentence-transformers directory; default: all-MiniLM-L6-v2 installed by `deploy/setup.sh`.
+    pub path: Option<PathBuf>,
+    /// Overrides the model's `max_seq_length` (tokens, special tokens included).
+    pub max_seq_length: Option<usize>,
+    /// auto, cpu, cuda or cuda:N.
+    pub device: Option<String>,
+    /// libtorch CPU threads; 0 = one per core.
+    pub threads: usize,
+}
+
+/// One path or several.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Paths {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl Paths {
+    /// All paths as a list.
+    pub fn to_vec(&self) -> Vec<PathBuf> {
+        match self {
+            Paths::One(p) => vec![p.clone()],
+            Paths::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Training data and how rows are formed.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Query-grouped or pair files (.jsonl, .csv, .tsv).
+    pub train: Paths,
+    #[serde(default)]
+    pub skip_invalid: bool,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    #[serde(default)]
+    pub negatives_per_row: usize,
+}
+
+fn default_mode() -> Mode {
+    Mode::Sample
+}
+
+/// Optimisation.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Rows per global batch.
+    pub batch_size: usize,
+    pub epochs: u64,
+    /// Stop after this many steps (0 = run `epochs` whole epochs).
+    pub max_steps: u64,
+    pub lr: f64,
+    /// Warmup length in steps, or as a fraction of all steps (default: 10 %).
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: Option<f64>,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// MNRL similarity scale (1 / temperature).
+    pub scale: f64,
+    pub symmetric: bool,
+    pub seed: u64,
+    /// Dropout in the forward pass (off makes runs exactly repeatable across worker counts).
+    pub dropout: bool,
+    /// Rows per forward pass within a column, after sorting the column by length (0 = the whole
+    /// column at once). Smaller buckets pad less; the loss and gradients are the same.
+    pub micro_batch: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            epochs: 1,
+            max_steps: 0,
+            lr: 2e-5,
+            warmup_steps: None,
+            warmup_ratio: None,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            scale: 20.0,
+            symmetric: false,
+            seed: 42,
+            dropout: true,
+            micro_batch: 8,
+        }
+    }
+}
+
+/// Retrieval evaluation during training.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    pub queries: PathBuf,
+    pub corpus: PathBuf,
+    pub qrels: PathBuf,
+    /// Evaluate every N steps (0 = only before and after training).
+    #[serde(default)]
+    pub every_steps: u64,
+    #[serde(default = "default_true")]
+    pub at_start: bool,
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_eval_batch() -> usize {
+    64
+}
+
+/// Where results go.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Run directory: `model/`, `metrics.jsonl`, `config.toml`.
+    pub dir: PathBuf,
+}
+
+impl RunConfig {
+    /// Reads `file`, then environment overrides, then `sets` (`section.key=value`), and validates.
+    pub fn load(file: &Path, sets: &[String]) -> Result<Self> {
+        if !file.is_file() {
+            return Err(Error::invalid(file, "config file not found"));
+        }
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(file).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("MULTIPOS")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| {
+                Error::Usage(format!("--set expects section.key=value, got {set:?}"))
+            })?;
+            builder = builder
+                .set_override(key.trim(), parse_override(value.trim()))
+                .map_err(|e| Error::Usage(format!("--set {set}: {e}")))?;
+        }
+        let cfg: RunConfig = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| Error::invalid(file, e.to_string()))?;
+        cfg.validate()
+            .map_err(|reason| Error::invalid(file, reason))?;
+        Ok(cfg)
+    }
+
+    /// Checks values that are impossible on their own (data-dependent checks come at planning).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let t = &self.train;
+        if t.batch_size < 2 {
+            return Err(format!(
+                "train.batch_size must be at least 2, got {}",
+                t.batch_size
+            ));
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(format!("train.lr must be a positive number, got {}", t.lr));
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            return Err("set train.epochs or train.max_steps to at least 1".into());
+        }
+        if t.warmup_steps.is_some() && t.warmup_ratio.is_some() {
+            return Err("set either train.warmup_steps or train.warmup_ratio, not both".into());
+        }
+        if let Some(r) = t.warmup_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(format!("train.warmup_ratio must be within [0, 1], got {r}"));
+        }
+        if t.max_steps > 0
+            && let Some(w) = t.warmup_steps
+            && w > t.max_steps
+        {
+            return Err(format!(
+                "train.warmup_steps = {w} exceeds train.max_steps = {}",
+                t.max_steps
+            ));
+        }
+        if !(t.scale > 0.0) {
+            return Err(format!("train.scale must be positive, got {}", t.scale));
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
+            return Err("train.weight_decay and train.max_grad_norm must not be negative".into());
+        }
+        if self.model.max_seq_length == Some(0) {
+            return Err("model.max_seq_length must be positive".into());
+        }
+        if let Some(e) = &self.eval
+            && e.batch_size == 0
+        {
+            return Err("eval.batch_size must be positive".into());
+        }
+        for p in self.data.train.to_vec() {
+            if !p.is_file() {
+                return Err(format!("data.train: {} does not exist", p.display()));
+            }
+        }
+        if let Some(e) = &self.eval {
+            for (key, p) in [
+                ("eval.queries", &e.queries),
+                ("eval.corpus", &e.corpus),
+                ("eval.qrels", &e.qrels),
+            ] {
+                if !p.is_file() {
+                    return Err(format!("{key}: {} does not exist", p.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Total warmup steps for a run of `total` steps.
+    pub fn warmup_steps(&self, total: u64) -> u64 {
+        match (self.train.warmup_steps, self.train.warmup_ratio) {
+            (Some(w), _) => w,
+            (None, Some(r)) => (r * total as f64).ceil() as u64,
+            (None, None) => (DEFAULT_WARMUP_RATIO * total as f64).ceil() as u64,
+        }
+    }
+}
+
+/// `--set` values: TOML scalars and arrays when they parse as such, otherwise plain strings.
+fn parse_override(value: &str) -> config::Value {
+    let parsed: std::result::Result<toml::Value, _> = toml::from_str(&format!("v = {value}"))
+        .map(|mut t: toml::Table| t.remove("v").expect("key v present"));
+    match parsed {
+        Ok(v) => toml_to_config(v),
+        Err(_) => config::Value::from(value.to_string()),
+    }
+}
+
+fn toml_to_config(v: toml::Value) -> config::Value {
+    match v {
+        toml::Value::String(s) => s.into(),
+        toml::Value::Integer(i) => i.into(),
+        toml::Value::Float(f) => f.into(),
+        toml::Value::Boolean(b) => b.into(),
+        toml::Value::Array(a) => a.into_iter().map(toml_to_config).collect::<Vec<_>>().into(),
+        other => other.to_string().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("train.jsonl"),
+            "{\"query\": \"q\", \"positives\": [\"a\"]}\n",
+        )
+        .unwrap();
+        let p = dir.path().join("run.toml");
+        let text = text.replace(
+            "TRAIN",
+            &dir.path().join("train.jsonl").display().to_string(),
+        );
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    const BASE: &str = "[data]\ntrain = \"TRAIN\"\n[output]\ndir = \"out\"\n";
+
+    #[test]
+    fn defaults_overrides_and_unknown_keys() {
+        let (_d, p) = write(BASE);
+        let cfg = RunConfig::load(&p, &[]).unwrap();
+        assert_eq!(cfg.train.batch_size, 32);
+        let cfg = RunConfig::load(
+            &p,
+            &[
+                "train.lr=1e-4".into(),
+                "data.mode=\"all\"".into(),
+                "train.symmetric=true".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.train.lr, cfg.data.mode, cfg.train.symmetric),
+            (1e-4, Mode::All, true)
+        );
+
+        let (_d, p) = write(&format!("{BASE}[train]\nbatch_sise = 8\n"));
+        let err = RunConfig::load(&p, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("run.toml") && err.contains("batch_sise"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn impossible_values_are_explained() {
+        let cases = [
+            ("[train]\nbatch_size = 1\n", "batch_size must be at least 2"),
+            (
+                "[train]\nmax_steps = 5\nwarmup_ratio = 0.5\nwarmup_steps = 2\n",
+                "not both",
+            ),
+            (
+                "[train]\nmax_steps = 5\nwarmup_steps = 9\n",
+                "warmup_steps = 9 exceeds train.max_steps = 5",
+            ),
+            ("[train]\nlr = -1.0\n", "train.lr must be a positive number"),
+        ];
+        for (extra, needle) in cases {
+            let (_d, p) = write(&format!("{BASE}{extra}"));
+            let err = RunConfig::load(&p, &[]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
+        let (_d, p) = write(BASE);
+        let err = RunConfig::load(
+            &p,
+            &[
+                "train.max_steps=5".into(),
+                "train.warmup_steps=9".into(),
+                "train.warmup_ratio=0.0".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not both"), "{err}");
+    }
+}

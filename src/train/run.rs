@@ -1,0 +1,321 @@
+//! The single-process training run: config in, trained model directory and metrics out.
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::optim::{AdamWConfig, LinearSchedule};
+use super::trainer::{StepOptions, Trainer};
+use crate::config::RunConfig;
+use crate::data::{
+    Dataset, EpochPlan, LoadOptions, Mode, PlanSpec, load_files, plan_epoch, planner,
+};
+use crate::device;
+use crate::error::{Error, Result};
+use crate::eval::{IrConfig, IrDataset, evaluate};
+use crate::io::atomic;
+use crate::loss::MnrlConfig;
+use crate::model::SentenceModel;
+
+/// Machine-readable metrics, one JSON object per line, flushed as they come.
+pub struct MetricsLog {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl MetricsLog {
+    /// Creates (truncates) the log.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).map_err(Error::io("create", path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// Appends one record.
+    pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
+        serde_json::to_writer(&mut self.out, record)
+            .map_err(|e| Error::io("write", &self.path)(e.into()))?;
+        self.out
+            .write_all(b"\n")
+            .and_then(|_| self.out.flush())
+            .map_err(Error::io("write", &self.path))
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub pairs: u64,
+    pub seconds: f64,
+    pub pairs_per_s: f64,
+    pub final_loss: f64,
+    pub eval_before: Option<BTreeMap<String, f64>>,
+    pub eval_after: Option<BTreeMap<String, f64>>,
+    pub model_dir: PathBuf,
+}
+
+/// The plan for a whole run: epochs planned lazily, total steps known up front.
+pub struct RunPlan {
+    spec: PlanSpec,
+    epochs: Vec<EpochPlan>,
+    pub total_steps: u64,
+}
+
+impl RunPlan {
+    /// Plans enough epochs to know the exact step count (`max_steps` wins over `epochs`).
+    pub fn new(data: &Dataset, spec: PlanSpec, epochs: u64, max_steps: u64) -> Result<Self> {
+        planner::validate(data, &spec).map_err(Error::Usage)?;
+        let mut plan = RunPlan {
+            spec,
+            epochs: Vec::new(),
+            total_steps: 0,
+        };
+        let want_epochs = if max_steps > 0 { u64::MAX } else { epochs };
+        let mut total = 0u64;
+        while (plan.epochs.len() as u64) < want_epochs && (max_steps == 0 || total < max_steps) {
+            let e = plan_epoch(data, &spec, plan.epochs.len() as u64);
+            if e.num_batches() == 0 {
+                return Err(Error::Usage(format!(
+                    "epoch {} has no whole conflict-free batch of {} rows ({} rows left over): lower batch_size",
+                    plan.epochs.len(),
+                    spec.batch_size,
+                    e.leftovers.len()
+                )));
+            }
+            if !e.leftovers.is_empty() {
+                tracing::info!(
+                    epoch = e.epoch,
+                    leftovers = e.leftovers.len(),
+                    deferred = e.deferred,
+                    "rows that fit no whole conflict-free batch this epoch"
+                );
+            }
+            total += e.num_batches() as u64;
+            plan.epochs.push(e);
+        }
+        plan.total_steps = if max_steps > 0 { max_steps } else { total };
+        Ok(plan)
+    }
+
+    /// (epoch, batch index) of global step `step` (0-based).
+    pub fn locate(&self, step: u64) -> (usize, usize) {
+        let mut left = step as usize;
+        for (e, plan) in self.epochs.iter().enumerate() {
+            if left < plan.num_batches() {
+                return (e, left);
+            }
+            left -= plan.num_batches();
+        }
+        unreachable!("step {step} beyond the planned {} steps", self.total_steps)
+    }
+
+    /// The epoch plans.
+    pub fn epoch(&self, e: usize) -> &EpochPlan {
+        &self.epochs[e]
+    }
+
+    /// What was planned.
+    pub fn spec(&self) -> &PlanSpec {
+        &self.spec
+    }
+}
+
+/// Builds the plan spec a config describes.
+pub fn plan_spec(cfg: &RunConfig) -> PlanSpec {
+    PlanSpec {
+        batch_size: cfg.train.batch_size,
+        mode: cfg.data.mode,
+        negatives_per_row: cfg.data.negatives_per_row,
+        seed: cfg.train.seed,
+    }
+}
+
+/// Step options a config describes.
+pub fn step_options(cfg: &RunConfig) -> StepOptions {
+    StepOptions {
+        loss: MnrlConfig {
+            scale: cfg.train.scale,
+            symmetric: cfg.train.symmetric,
+        },
+        multi_positive: cfg.data.mode == Mode::All,
+        dropout: cfg.train.dropout,
+        seed: cfg.train.seed,
+        max_grad_norm: cfg.train.max_grad_norm,
+        micro_batch: cfg.train.micro_batch,
+    }
+}
+
+/// Loads the model a config names onto its device.
+pub fn load_model(cfg: &RunConfig) -> Result<SentenceModel> {
+    device::set_threads(cfg.model.threads);
+    let dev = device::parse_device(cfg.model.device.as_deref().unwrap_or("auto"))?;
+    let dir = cfg
+        .model
+        .path
+        .clone()
+        .unwrap_or_else(crate::cli::default_model_dir);
+    let mut model = SentenceModel::load(&dir, dev)?;
+    if let Some(n) = cfg.model.max_seq_length {
+        model.set_max_seq_length(n)?;
+    }
+    Ok(model)
+}
+
+fn progress(total: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+fn print_metrics(label: &str, m: &BTreeMap<String, f64>) {
+    let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    tracing::info!(
+        "{label}: ndcg@10 {:.4}  mrr@10 {:.4}  map@100 {:.4}  recall@10 {:.4}  accuracy@1 {:.4}",
+        get("ndcg@10"),
+        get("mrr@10"),
+        get("map@100"),
+        get("recall@10"),
+        get("accuracy@1")
+    );
+}
+
+/// Runs training as the config says; `show_progress` draws a bar on stderr.
+pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
+    let out_dir = &cfg.output.dir;
+    fs::create_dir_all(out_dir).map_err(Error::io("create directory", out_dir))?;
+    let config_text = toml::to_string_pretty(cfg)
+        .map_err(|e| Error::Usage(format!("cannot serialise the config: {e}")))?;
+    atomic::write_file(&out_dir.join("config.toml"), config_text.as_bytes())?;
+    let mut log = MetricsLog::create(&out_dir.join("metrics.jsonl"))?;
+
+    let model = load_model(cfg)?;
+    let data = load_files(
+        &cfg.data.train.to_vec(),
+        LoadOptions {
+            skip_invalid: cfg.data.skip_invalid,
+        },
+    )?;
+    tracing::info!("training data: {}", data.stats());
+    log.write(&json!({"event": "data", "stats": data.stats(), "fingerprint": format!("{:016x}", data.fingerprint())}))?;
+
+    let plan = RunPlan::new(&data, plan_spec(cfg), cfg.train.epochs, cfg.train.max_steps)?;
+    let warmup = cfg.warmup_steps(plan.total_steps);
+    if warmup > plan.total_steps {
+        return Err(Error::Usage(format!(
+            "warmup of {warmup} steps exceeds the run's {} steps",
+            plan.total_steps
+        )));
+    }
+    let schedule = LinearSchedule {
+        peak: cfg.train.lr,
+        warmup,
+        total: plan.total_steps,
+    };
+    let adamw = AdamWConfig {
+        weight_decay: cfg.train.weight_decay,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(model, adamw, schedule, step_options(cfg));
+    tracing::info!(steps = plan.total_steps, warmup, batch_size = cfg.train.batch_size, device = ?trainer.model.device(), "training");
+
+    let eval_set = match &cfg.eval {
+        Some(e) => Some((IrDataset::load(&e.queries, &e.corpus, &e.qrels)?, e.clone())),
+        None => None,
+    };
+    let run_eval = |trainer: &Trainer,
+                    step: u64,
+                    log: &mut MetricsLog|
+     -> Result<BTreeMap<String, f64>> {
+        let (set, e) = eval_set.as_ref().expect("called only with an eval set");
+        let start = Instant::now();
+        let m = evaluate(&trainer.model, set, e.batch_size, &IrConfig::default())?;
+        log.write(&json!({"event": "eval", "step": step, "seconds": start.elapsed().as_secs_f64(), "metrics": m}))?;
+        Ok(m)
+    };
+    let eval_before = match &eval_set {
+        Some((_, e)) if e.at_start => {
+            let m = run_eval(&trainer, 0, &mut log)?;
+            print_metrics("before training", &m);
+            Some(m)
+        }
+        _ => None,
+    };
+
+    let bar = progress(plan.total_steps, show_progress);
+    let start = Instant::now();
+    let mut pairs = 0u64;
+    let mut last_loss = f64::NAN;
+    for step in 0..plan.total_steps {
+        let (epoch, index) = plan.locate(step);
+        let batch = plan.epoch(epoch).batch(index);
+        let stats = trainer.step(&data, &batch, step)?;
+        if !stats.loss.is_finite() {
+            return Err(Error::Usage(format!(
+                "loss became {} at step {}: lower train.lr",
+                stats.loss,
+                step + 1
+            )));
+        }
+        pairs += stats.pairs as u64;
+        last_loss = stats.loss;
+        let rate = stats.pairs as f64 / stats.seconds;
+        log.write(&json!({
+            "event": "step", "step": step + 1, "epoch": epoch, "batch": index, "loss": stats.loss, "lr": stats.lr,
+            "grad_norm": stats.grad_norm, "pairs": stats.pairs, "tokens": stats.tokens, "seconds": stats.seconds,
+            "pairs_per_s": rate,
+        }))?;
+        bar.set_message(format!(
+            "loss {:.4}  {:.1} pairs/s  lr {:.2e}",
+            stats.loss, rate, stats.lr
+        ));
+        bar.inc(1);
+        if let Some((_, e)) = &eval_set
+            && e.every_steps > 0
+            && (step + 1) % e.every_steps == 0
+            && step + 1 < plan.total_steps
+        {
+            let m = bar.suspend(|| run_eval(&trainer, step + 1, &mut log))?;
+            print_metrics(&format!("step {}", step + 1), &m);
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+
+    let eval_after = match &eval_set {
+        Some(_) => {
+            let m = run_eval(&trainer, plan.total_steps, &mut log)?;
+            print_metrics("after training", &m);
+            Some(m)
+        }
+        None => None,
+    };
+    let model_dir = out_dir.join("model");
+    trainer.model.save(&model_dir)?;
+    let summary = RunSummary {
+        steps: plan.total_steps,
+        pairs,
+        seconds,
+        pairs_per_s: pairs as f64 / seconds,
+        final_loss: last_loss,
+        eval_before,
+        eval_after,
+        model_dir,
+    };
+    log.write(&json!({"event": "done", "summary": summary}))?;
+    Ok(summary)
+}

@@ -1,0 +1,118 @@
+"""The Python reference training run: sentence-transformers' Trainer with MultipleNegativesRankingLoss
+(scale 20) and the NO_DUPLICATES batch sampler, on (query, positive) pairs expanded from a
+query-grouped JSONL file, with InformationRetrievalEvaluator metrics before and after.
+
+    python tests/reference/train_st.py --model DIR --train train.jsonl [--queries Q --corpus C --qrels R]
+        [--batch-size 32] [--lr 2e-5] [--warmup-ratio 0.1] [--epochs 1] [--max-steps -1]
+        [--max-seq-length 128] [--seed 42] [--threads 2] [--weight-decay 0.01] [--output DIR]
+
+Prints one JSON line: steps, pairs, train_seconds, pairs_per_s, and the metrics before/after when an
+evaluation set is given. Used by configs/insuranceqa-small.toml's comparison and by
+benches/train_throughput.rs.
+"""
+import argparse
+import csv
+import json
+import tempfile
+import time
+
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+from sentence_transformers.base.sampler import BatchSamplers
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluator(args):
+    queries = {str(r["id"]): r["text"] for r in read_jsonl(args.queries)}
+    corpus = {str(r["id"]): r["text"] for r in read_jsonl(args.corpus)}
+    relevant = {}
+    with open(args.qrels, encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            if float(row["score"]) > 0:
+                relevant.setdefault(row["query-id"], set()).add(row["corpus-id"])
+    return InformationRetrievalEvaluator(queries, corpus, relevant, batch_size=64, write_csv=False, name="dev")
+
+
+def metrics(ev, model):
+    raw = ev(model)
+    return {k.removeprefix("dev_cosine_"): v for k, v in raw.items() if k.startswith("dev_cosine_")}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--queries")
+    p.add_argument("--corpus")
+    p.add_argument("--qrels")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--epochs", type=float, default=1)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model = SentenceTransformer(args.model, device="cpu")
+    model.max_seq_length = args.max_seq_length
+    anchors, positives = [], []
+    for group in read_jsonl(args.train):
+        for pos in group["positives"]:
+            anchors.append(group["query"])
+            positives.append(pos)
+    dataset = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    ev = evaluator(args) if args.queries else None
+    before = metrics(ev, model) if ev else None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = SentenceTransformerTrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            warmup_ratio=args.warmup_ratio,
+            weight_decay=args.weight_decay,
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps,
+            seed=args.seed,
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10,
+            use_cpu=True,
+            dataloader_num_workers=0,
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model, args=training_args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
+        )
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+    steps = result.global_step
+    after = metrics(ev, model) if ev else None
+    if args.output:
+        model.save(args.output)
+    print(json.dumps({
+        "steps": steps,
+        "pairs": steps * args.batch_size,
+        "train_seconds": seconds,
+        "pairs_per_s": steps * args.batch_size / seconds,
+        "before": before,
+        "after": after,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+//! Single-process training end to end on a tiny random BERT and the bundled tiny Bible data.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+use multipos::config::RunConfig;
+use multipos::data::{LoadOptions, load_files, plan_epoch};
+use multipos::model::tiny::TinySpec;
+use multipos::train::run::{plan_spec, step_options};
+use multipos::train::{
+    Trainer,
+    optim::{AdamWConfig, LinearSchedule},
+};
+use tch::Kind;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The tiny config with the data paths made absolute and the model and output dir set.
+fn config(model: &Path, out: &Path, extra: &[&str]) -> RunConfig {
+    let mut sets: Vec<String> = vec![
+        format!("model.path=\"{}\"", model.display()),
+        format!("output.dir=\"{}\"", out.display()),
+        format!(
+            "data.train=\"{}\"",
+            repo("deploy/data/bible_paraphrase_tiny/train.jsonl").display()
+        ),
+    ];
+    for key in ["queries", "corpus", "qrels"] {
+        let file = match key {
+            "queries" => "dev_queries.jsonl",
+            "corpus" => "corpus.jsonl",
+            _ => "dev_qrels.tsv",
+        };
+        sets.push(format!(
+            "eval.{key}=\"{}\"",
+            repo("deploy/data/bible_paraphrase_tiny")
+                .join(file)
+                .display()
+        ));
+    }
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    RunConfig::load(&repo("configs/tiny.toml"), &sets).unwrap()
+}
+
+fn step_losses(metrics: &Path) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_run_writes_a_loadable_model_metrics_and_is_repeatable() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let runs: Vec<_> = (0..2)
+        .map(|i| {
+            let out = dir.path().join(format!("run{i}"));
+            let summary =
+                multipos::train::run(&config(&model, &out, &["train.epochs=2"]), false).unwrap();
+            (out, summary)
+        })
+        .collect();
+    let (out, summary) = &runs[0];
+    assert_eq!(summary.steps, 16, "64 groups, batch 8, two epochs");
+    assert!(summary.eval_before.is_some() && summary.eval_after.is_some());
+    let losses = step_losses(&out.join("metrics.jsonl"));
+    assert_eq!(losses.len(), 16);
+    assert!(losses.iter().all(|l| l.is_finite()));
+    // Same seed, same data: identical losses and bit-identical weights (CPU).
+    assert_eq!(losses, step_losses(&runs[1].0.join("metrics.jsonl")));
+    assert_eq!(
+        std::fs::read(out.join("model/model.safetensors")).unwrap(),
+        std::fs::read(runs[1].0.join("model/model.safetensors")).unwrap()
+    );
+    let trained = multipos::SentenceModel::load(&out.join("model"), tch::Device::Cpu).unwrap();
+    let original = multipos::SentenceModel::load(&model, tch::Device::Cpu).unwrap();
+    let (a, b) = (
+        trained.embed(&["peace"], 1).unwrap(),
+        original.embed(&["peace"], 1).unwrap(),
+    );
+    assert!(!a.equal(&b), "training must change the model");
+    assert!(out.join("config.toml").exists());
+}
+
+#[test]
+fn loss_falls_when_training_on_the_same_data() {
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.0,
+        ..TinySpec::default()
+    });
+    let out = dir.path().join("run");
+    let cfg = config(
+        &model,
+        &out,
+        &[
+            "train.epochs=6",
+            "eval.at_start=false",
+            "train.lr=3e-3",
+            "train.dropout=false",
+        ],
+    );
+    multipos::train::run(&cfg, false).unwrap();
+    let losses = step_losses(&out.join("metrics.jsonl"));
+    let first: f64 = losses[..8].iter().sum::<f64>() / 8.0;
+    let last: f64 = losses[losses.len() - 8..].iter().sum::<f64>() / 8.0;
+    assert!(
+        last < 0.7 * first,
+        "loss did not fall: first epoch {first:.4}, last epoch {last:.4}"
+    );
+}
+
+#[test]
+fn length_bucketed_micro_batches_give_the_same_loss_and_gradients() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let cfg = config(&model, &dir.path().join("unused"), &["train.dropout=false"]);
+    let data = load_files(&cfg.data.train.to_vec(), LoadOptions::default()).unwrap();
+    let plan = plan_epoch(&data, &plan_spec(&cfg), 0);
+    let batch = plan.batch(0);
+    let mut results = Vec::new();
+    for micro in [0, 1, 3] {
+        let m = multipos::train::run::load_model(&cfg).unwrap();
+        let schedule = LinearSchedule {
+            peak: 1e-3,
+            warmup: 0,
+            total: 1,
+        };
+        let trainer = Trainer::new(
+            m,
+            AdamWConfig::default(),
+            schedule,
+            multipos::train::StepOptions {
+                micro_batch: micro,
+                ..step_options(&cfg)
+            },
+        );
+        let emb = trainer.embed_shard(&data, &batch, 0, 0).unwrap();
+        let groups: Vec<u32> = batch.rows.iter().map(|r| r.group).collect();
+        let loss = trainer.loss(&emb.queries, &emb.docs, &groups);
+        loss.backward();
+        let grads: Vec<f32> = trainer
+            .optim
+            .grads()
+            .iter()
+            .flat_map(|g| Vec::<f32>::try_from(g.view([-1])).unwrap())
+            .collect();
+        results.push((loss.to_kind(Kind::Double).double_value(&[]), grads));
+    }
+    for (micro, (loss, grads)) in results.iter().enumerate().skip(1) {
+        assert!(
+            (loss - results[0].0).abs() < 1e-5,
+            "micro-batching changed the loss: {loss} vs {}",
+            results[0].0
+        );
+        let max = grads
+            .iter()
+            .zip(&results[0].1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-5, "case {micro}: gradients differ by {max}");
+    }
+}
+
+fn train_cli(config: &Path, sets: &[String]) -> Output {
+    let mut cmd = Command::cargo_bin("multipos").unwrap();
+    cmd.arg("train")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn");
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn cli_trains_and_rejects_bad_configs_and_data_clearly() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            format!("model.path=\"{}\"", model.display()),
+            format!("output.dir=\"{}\"", dir.path().join("out").display()),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let cfg = repo("configs/tiny.toml");
+    let run_in_repo = |sets: Vec<String>| {
+        let mut cmd = Command::cargo_bin("multipos").unwrap();
+        cmd.current_dir(repo("."))
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn");
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.output().unwrap()
+    };
+
+    let ok = run_in_repo(base(&["train.max_steps=2"]));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["steps"], 2);
+    assert!(stdout.contains("ndcg@10"));
+
+    let cases: [(Vec<String>, &str); 4] = [
+        (
+            base(&["train.batch_size=100"]),
+            "batch_size 100 is larger than the 64 rows",
+        ),
+        (
+            base(&["train.max_steps=3", "train.warmup_steps=5"]),
+            "warmup_steps = 5 exceeds train.max_steps = 3",
+        ),
+        (base(&["train.bogus=1"]), "bogus"),
+        (base(&["data.negatives_per_row=1"]), "fewer hard negatives"),
+    ];
+    for (sets, needle) in cases {
+        let out = run_in_repo(sets);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{needle}: {err}"
+        );
+    }
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"query\": \"q\", \"positives\": [\"a\"]}\n{\"query\": \"q2\", \"positives\": [\"b\"\n",
+    )
+    .unwrap();
+    let out = train_cli(&cfg, &base(&[&format!("data.train=\"{}\"", bad.display())]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.jsonl:2:"),
+        "{err}"
+    );
+    let out = train_cli(&cfg, &base(&["data.train=\"/no/such/file.jsonl\""]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.jsonl does not exist"));
+}
