@@ -5,7 +5,8 @@ use std::env;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/multipos.proto");
     let fds = protox::compile(["proto/multipos.proto"], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Raw tensor and file bytes as `Bytes`: chunks are sliced, not copied.
+    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
 
     // torch-sys announces its lib dir only to crates that depend on it directly (`links = "tch"`).
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");

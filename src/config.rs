@@ -24,6 +24,72 @@ pub struct RunConfig {
     #[serde(default)]
     pub eval: Option<EvalConfig>,
     pub output: OutputConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// How a cluster run is laid out and protected.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Workers: what `launch` starts and what the coordinator waits for (the world size).
+    pub workers: usize,
+    /// Address the coordinator listens on, and only there (port 0 = any free port, announced).
+    pub bind: String,
+    /// Host (interface) workers bind their peer server on and advertise to the other workers.
+    pub peer_host: String,
+    /// The cluster secret; prefer `token_file` or the MULTIPOS_CLUSTER_TOKEN variable.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent this long is declared dead and the run aborted.
+    pub heartbeat_timeout_ms: u64,
+    /// How long the coordinator waits for all workers to join.
+    pub join_timeout_ms: u64,
+    /// Upper bound on one step, collectives included.
+    pub step_timeout_ms: u64,
+    /// Chunk size of ring messages.
+    pub chunk_kib: usize,
+    /// CPU threads per worker process (0 = cores / workers).
+    pub threads_per_worker: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            bind: "127.0.0.1:0".into(),
+            peer_host: "127.0.0.1".into(),
+            token: None,
+            token_file: None,
+            heartbeat_interval_ms: 500,
+            heartbeat_timeout_ms: 5000,
+            join_timeout_ms: 120_000,
+            step_timeout_ms: 600_000,
+            chunk_kib: 1024,
+            threads_per_worker: 0,
+        }
+    }
+}
+
+/// The environment variable that carries the cluster token (wins over the config).
+pub const TOKEN_ENV: &str = "MULTIPOS_CLUSTER_TOKEN";
+
+impl ClusterConfig {
+    /// The token from MULTIPOS_CLUSTER_TOKEN, else `token_file`, else `token`.
+    pub fn resolve_token(&self) -> Result<Option<String>> {
+        if let Ok(t) = std::env::var(TOKEN_ENV)
+            && !t.trim().is_empty()
+        {
+            return Ok(Some(t));
+        }
+        if let Some(path) = &self.token_file {
+            let t = std::fs::read_to_string(path)
+                .map_err(Error::io("read cluster.token_file", path))?;
+            return Ok(Some(t.trim().to_string()));
+        }
+        Ok(self.token.clone())
+    }
 }
 
 /// Which model, where, with what sequence length.
@@ -217,11 +283,32 @@ impl RunConfig {
                 t.max_steps
             ));
         }
-        if !(t.scale > 0.0) {
+        if t.scale.is_nan() || t.scale <= 0.0 {
             return Err(format!("train.scale must be positive, got {}", t.scale));
         }
         if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
             return Err("train.weight_decay and train.max_grad_norm must not be negative".into());
+        }
+        let c = &self.cluster;
+        if c.workers == 0 {
+            return Err("cluster.workers must be at least 1".into());
+        }
+        if !t.batch_size.is_multiple_of(c.workers) {
+            return Err(format!(
+                "train.batch_size {} does not split into cluster.workers = {} equal shards: make it a multiple",
+                t.batch_size, c.workers
+            ));
+        }
+        if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+            return Err(
+                "cluster.heartbeat_timeout_ms must exceed cluster.heartbeat_interval_ms > 0".into(),
+            );
+        }
+        if c.chunk_kib == 0 || c.chunk_kib > 16 * 1024 {
+            return Err(format!(
+                "cluster.chunk_kib must be within 1..=16384, got {}",
+                c.chunk_kib
+            ));
         }
         if self.model.max_seq_length == Some(0) {
             return Err("model.max_seq_length must be positive".into());

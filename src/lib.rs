@@ -9,6 +9,8 @@
 //! - [`cli`]: the command line (the binary in `main.rs` only parses and dispatches).
 //! - [`pb`]: the gRPC protocol generated from `proto/multipos.proto`.
 pub mod cli;
+pub mod cluster;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod device;

@@ -9,6 +9,7 @@ use multipos::config::RunConfig;
 use multipos::data::{LoadOptions, load_files, plan_epoch};
 use multipos::model::tiny::TinySpec;
 use multipos::train::run::{plan_spec, step_options};
+use multipos::train::trainer::ShardTexts;
 use multipos::train::{
     Trainer,
     optim::{AdamWConfig, LinearSchedule},
@@ -140,7 +141,9 @@ fn length_bucketed_micro_batches_give_the_same_loss_and_gradients() {
                 ..step_options(&cfg)
             },
         );
-        let emb = trainer.embed_shard(&data, &batch, 0, 0).unwrap();
+        let emb = trainer
+            .embed_shard(&ShardTexts::from_batch(&data, &batch), 0, 0)
+            .unwrap();
         let groups: Vec<u32> = batch.rows.iter().map(|r| r.group).collect();
         let loss = trainer.loss(&emb.queries, &emb.docs, &groups);
         loss.backward();

@@ -1,4 +1,5 @@
 //! The command line: argument definitions (clap derive, doc comments are the help) and dispatch.
+mod cluster;
 mod convert;
 mod demo;
 mod embed;
@@ -32,6 +33,12 @@ pub struct RuntimeArgs {
 pub enum Command {
     /// Fine-tune a model in one process from a TOML run configuration.
     Train(train::TrainArgs),
+    /// Run a local cluster (coordinator + N worker processes) from one config file.
+    Launch(cluster::LaunchArgs),
+    /// Serve a cluster run: plan global batches, hand out shards, collect commits, save the model.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Join a cluster run and train on its shards (one process per GPU or CPU share).
+    Worker(cluster::WorkerArgs),
     /// Retrieval metrics (NDCG, MRR, MAP, recall, precision, accuracy @k) of a model on BEIR-style data.
     Eval(eval::EvalArgs),
     /// Embed texts from a .txt (one per line) or .jsonl ("text" field) file into JSON lines.
@@ -64,6 +71,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Launch(args) => cluster::run_launch(args),
+        Command::Coordinator(args) => cluster::run_coordinator(args),
+        Command::Worker(args) => cluster::run_worker(args),
         Command::Embed(args) => embed::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Convert(args) => convert::run(args),

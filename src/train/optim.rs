@@ -80,6 +80,43 @@ impl AdamW {
             .collect()
     }
 
+    /// All gradients in name order as one f32 vector on the host (what the ring all-reduces).
+    pub fn flat_grads(&self) -> Vec<f32> {
+        let grads = self.grads();
+        let total: usize = grads.iter().map(Tensor::numel).sum();
+        let mut out = vec![0f32; total];
+        let mut at = 0;
+        for g in grads {
+            let n = g.numel();
+            g.to_device(tch::Device::Cpu)
+                .to_kind(Kind::Float)
+                .contiguous()
+                .copy_data(&mut out[at..at + n], n);
+            at += n;
+        }
+        out
+    }
+
+    /// Overwrites the gradients from a vector laid out as [`AdamW::flat_grads`] makes it.
+    pub fn set_flat_grads(&mut self, flat: &[f32]) {
+        let mut at = 0;
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let n = p.value.numel();
+                let src = Tensor::from_slice(&flat[at..at + n])
+                    .view(p.value.size().as_slice())
+                    .to_device(p.value.device());
+                // A parameter without a gradient was unused by the forward pass on every rank alike
+                // (the graph is the same everywhere), so there is nothing to write back.
+                let mut g = p.value.grad();
+                if g.defined() {
+                    g.copy_(&src);
+                }
+                at += n;
+            }
+        });
+    }
+
     /// Clears gradients.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

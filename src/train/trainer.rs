@@ -25,6 +25,32 @@ pub struct StepOptions {
     pub micro_batch: usize,
 }
 
+/// The texts of a batch or shard, by column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardTexts<'a> {
+    pub queries: Vec<&'a str>,
+    pub positives: Vec<&'a str>,
+    /// One vector per hard-negative column.
+    pub negatives: Vec<Vec<&'a str>>,
+}
+
+impl<'a> ShardTexts<'a> {
+    /// The texts of a planned batch.
+    pub fn from_batch(data: &'a Dataset, batch: &Batch<'_>) -> Self {
+        Self {
+            queries: batch.rows.iter().map(|r| data.text(r.query)).collect(),
+            positives: batch.rows.iter().map(|r| data.text(r.positive)).collect(),
+            negatives: (0..batch.negatives_per_row)
+                .map(|j| {
+                    (0..batch.rows.len())
+                        .map(|i| data.text(batch.row_negatives(i)[j]))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Embeddings of one shard: queries, then the positive column and each hard-negative column.
 pub struct ShardEmbeddings {
     pub queries: Tensor,
@@ -115,24 +141,18 @@ impl Trainer {
     /// column, positive column, negative columns.
     pub fn embed_shard(
         &self,
-        data: &Dataset,
-        shard: &Batch<'_>,
+        shard: &ShardTexts<'_>,
         step: u64,
         first_row: u64,
     ) -> Result<ShardEmbeddings> {
-        let rows: Vec<u64> = (first_row..first_row + shard.rows.len() as u64).collect();
-        let queries: Vec<&str> = shard.rows.iter().map(|r| data.text(r.query)).collect();
-        let (q, mut tokens) = self.embed_column(&queries, &rows, step, 0)?;
-        let mut docs = Vec::with_capacity(1 + shard.negatives_per_row);
-        let positives: Vec<&str> = shard.rows.iter().map(|r| data.text(r.positive)).collect();
-        let (p, t) = self.embed_column(&positives, &rows, step, 1)?;
+        let rows: Vec<u64> = (first_row..first_row + shard.queries.len() as u64).collect();
+        let (q, mut tokens) = self.embed_column(&shard.queries, &rows, step, 0)?;
+        let mut docs = Vec::with_capacity(1 + shard.negatives.len());
+        let (p, t) = self.embed_column(&shard.positives, &rows, step, 1)?;
         tokens += t;
         docs.push(p);
-        for j in 0..shard.negatives_per_row {
-            let negs: Vec<&str> = (0..shard.rows.len())
-                .map(|i| data.text(shard.row_negatives(i)[j]))
-                .collect();
-            let (n, t) = self.embed_column(&negs, &rows, step, 2 + j)?;
+        for (j, column) in shard.negatives.iter().enumerate() {
+            let (n, t) = self.embed_column(column, &rows, step, 2 + j)?;
             tokens += t;
             docs.push(n);
         }
@@ -162,7 +182,7 @@ impl Trainer {
     /// A whole single-process step on a global batch.
     pub fn step(&mut self, data: &Dataset, batch: &Batch<'_>, step: u64) -> Result<StepStats> {
         let start = Instant::now();
-        let emb = self.embed_shard(data, batch, step, 0)?;
+        let emb = self.embed_shard(&ShardTexts::from_batch(data, batch), step, 0)?;
         let groups: Vec<u32> = batch.rows.iter().map(|r| r.group).collect();
         let loss = self.loss(&emb.queries, &emb.docs, &groups);
         loss.backward();

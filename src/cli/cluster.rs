@@ -1,0 +1,161 @@
+//! `multipos coordinator`, `multipos worker`, `multipos launch`.
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cluster::auth::Token;
+use crate::cluster::coordinator::{self, Coordinator, Outcome};
+use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
+use crate::cluster::worker::{self, WorkerOptions};
+use crate::config::{RunConfig, TOKEN_ENV};
+use crate::device;
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Run configuration (TOML) with a [cluster] section.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override one setting (repeatable), as for `train`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// Coordinator address host:port [default: $MASTER_ADDR:$MASTER_PORT].
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Rank to take [default: $RANK, $SLURM_PROCID, or any free rank].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Local copy of the model; without it the worker fetches the coordinator's.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// auto, cpu, cuda (= cuda:$LOCAL_RANK) or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CPU threads for libtorch (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Interface for this worker's peer server, as the other workers reach it.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub peer_host: String,
+    /// How long to keep trying to reach the coordinator, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub connect_timeout_s: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LaunchArgs {
+    /// Run configuration (TOML); see configs/local-2workers.toml.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Number of local workers [default: cluster.workers].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Override one setting (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn token(cfg: Option<&RunConfig>) -> anyhow::Result<Token> {
+    let raw = match cfg {
+        Some(c) => c.cluster.resolve_token()?,
+        None => std::env::var(TOKEN_ENV).ok(),
+    };
+    let raw = raw.with_context(|| {
+        format!("no cluster token: set {TOKEN_ENV}, cluster.token_file or cluster.token")
+    })?;
+    Token::new(&raw).map_err(anyhow::Error::msg)
+}
+
+fn env_usize(keys: &[&str]) -> Option<usize> {
+    keys.iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.config, &args.sets)?;
+    let token = token(Some(&cfg))?;
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
+        )
+        .expect("valid template"),
+    );
+    runtime()?.block_on(async move {
+        let coord = Coordinator::new(cfg.clone(), bar)?;
+        let listener = coordinator::bind(&cfg).await?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        tracing::info!(%addr, workers = cfg.cluster.workers, steps = coord.total_steps(), "coordinator listening");
+        println!("{ANNOUNCE}{addr}");
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        match coord.serve(listener, token, stop).await? {
+            Outcome::Finished { steps, model_dir } => {
+                println!("finished {steps} steps; model: {}", model_dir.display());
+                Ok(())
+            }
+            Outcome::Aborted(reason) => bail!("run aborted: {reason}"),
+        }
+    })
+}
+
+pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let coordinator = match args.coordinator {
+        Some(c) => c,
+        None => match (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT")) {
+            (Ok(a), Ok(p)) => format!("{a}:{p}"),
+            _ => bail!(
+                "no coordinator address: pass --coordinator HOST:PORT or set MASTER_ADDR and MASTER_PORT"
+            ),
+        },
+    };
+    let rank = args.rank.or_else(|| env_usize(&["RANK", "SLURM_PROCID"]));
+    let device_spec = if args.device == "cuda" {
+        format!(
+            "cuda:{}",
+            env_usize(&["LOCAL_RANK", "SLURM_LOCALID"]).unwrap_or(0)
+        )
+    } else {
+        args.device.clone()
+    };
+    let opts = WorkerOptions {
+        coordinator,
+        rank,
+        token: token(None)?,
+        model: args.model,
+        device: device::parse_device(&device_spec)?,
+        threads: args.threads,
+        peer_host: args.peer_host,
+        connect_timeout: Duration::from_secs(args.connect_timeout_s),
+    };
+    runtime()?.block_on(worker::run(opts))?;
+    Ok(())
+}
+
+pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(launch(LaunchOptions {
+        config: args.config,
+        sets: args.sets,
+        workers: args.workers,
+    }))?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The cluster token: every RPC carries `authorization: Bearer <token>`; servers refuse others.
+use std::sync::Arc;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+/// A shared secret of the run.
+#[derive(Clone)]
+pub struct Token(Arc<str>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    /// Wraps a token; it must be non-empty and printable ASCII (it travels as an HTTP header).
+    pub fn new(token: &str) -> Result<Self, String> {
+        let token = token.trim();
+        if token.len() < 8 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "the cluster token must be at least 8 printable ASCII characters without spaces"
+                    .into(),
+            );
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// A fresh random token (for `launch`, which hands it to its children).
+    pub fn random() -> Self {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let hex: String = (0..32)
+            .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+            .collect();
+        Self(hex.into())
+    }
+
+    /// The secret itself (to pass to child processes).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn matches(&self, presented: &[u8]) -> bool {
+        let want = format!("Bearer {}", self.0);
+        let want = want.as_bytes();
+        // Compare every byte regardless of where they differ, so timing says nothing.
+        want.len() == presented.len()
+            && want
+                .iter()
+                .zip(presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// Server-side interceptor: refuses calls without the right token.
+    pub fn check(&self) -> Check {
+        Check(self.clone())
+    }
+
+    /// Client-side interceptor: adds the token to every call.
+    pub fn attach(&self) -> Attach {
+        Attach(
+            format!("Bearer {}", self.0)
+                .parse()
+                .expect("validated ASCII token"),
+        )
+    }
+}
+
+/// Refuses requests that do not carry the token.
+#[derive(Clone)]
+pub struct Check(Token);
+
+impl Interceptor for Check {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        match req.metadata().get("authorization") {
+            Some(v) if self.0.matches(v.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong cluster token")),
+            None => Err(Status::unauthenticated("missing cluster token")),
+        }
+    }
+}
+
+/// Adds the token to outgoing requests.
+#[derive(Clone)]
+pub struct Attach(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Attach {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}

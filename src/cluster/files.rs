@@ -1,0 +1,145 @@
+//! Model directories over the wire: fingerprints, and streaming files in chunks into a staged
+//! directory that appears whole or not at all.
+use std::path::{Component, Path, PathBuf};
+
+use bytes::Bytes;
+use tonic::Streaming;
+
+use crate::error::{Error, Result};
+use crate::io::atomic::StagedDir;
+use crate::pb::FileChunk;
+
+const CHUNK: usize = 1 << 20;
+/// Upper bound on an uploaded model (files together), so a bad peer cannot fill the disk.
+const MAX_UPLOAD_BYTES: u64 = 64 << 30;
+
+/// Regular files under `dir`, relative, sorted (hidden files such as `.complete` skipped).
+fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(Error::io("read directory", &d))? {
+            let entry = entry.map_err(Error::io("read directory", &d))?;
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).expect("under dir").to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A 64-bit fingerprint of a model directory's files (names and bytes), as hex.
+pub fn model_fingerprint(dir: &Path) -> Result<String> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for rel in list_files(dir)? {
+        let path = dir.join(&rel);
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update(&std::fs::read(&path).map_err(Error::io("read", &path))?);
+    }
+    Ok(format!("{:016x}", h.digest()))
+}
+
+/// Every file of `dir` as chunks of at most 1 MiB (the path on each file's first chunk).
+pub fn file_chunks(dir: &Path) -> Result<Vec<FileChunk>> {
+    let mut out = Vec::new();
+    for rel in list_files(dir)? {
+        let path = dir.join(&rel);
+        let bytes = Bytes::from(std::fs::read(&path).map_err(Error::io("read", &path))?);
+        let mut offset = 0;
+        loop {
+            let end = (offset + CHUNK).min(bytes.len());
+            out.push(FileChunk {
+                path: if offset == 0 {
+                    rel.to_string_lossy().into_owned()
+                } else {
+                    String::new()
+                },
+                data: bytes.slice(offset..end),
+                last: end == bytes.len(),
+            });
+            offset = end;
+            if offset == bytes.len() {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A relative path with no `..`, root or prefix: safe to join under a target directory.
+fn safe_relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    (!path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_))))
+        .then(|| p.to_path_buf())
+}
+
+/// Receives a stream of files into `target`, atomically (staged beside it, renamed at the end).
+pub async fn receive_files(mut stream: Streaming<FileChunk>, target: &Path) -> Result<()> {
+    let staged = StagedDir::create(target)?;
+    let mut current: Option<(PathBuf, Vec<u8>)> = None;
+    let mut total = 0u64;
+    let mut files = 0;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|e| Error::Usage(format!("model stream broke: {e}")))?
+    {
+        total += chunk.data.len() as u64;
+        if total > MAX_UPLOAD_BYTES {
+            return Err(Error::Usage(format!(
+                "model upload exceeds {MAX_UPLOAD_BYTES} bytes"
+            )));
+        }
+        if !chunk.path.is_empty() {
+            if current.is_some() {
+                return Err(Error::Usage(
+                    "a new file started before the previous one ended".into(),
+                ));
+            }
+            let rel = safe_relative(&chunk.path).ok_or_else(|| {
+                Error::Usage(format!("unsafe path {:?} in model stream", chunk.path))
+            })?;
+            current = Some((rel, Vec::new()));
+        }
+        let (rel, buf) = current
+            .as_mut()
+            .ok_or_else(|| Error::Usage("chunk without a file".into()))?;
+        buf.extend_from_slice(&chunk.data);
+        if chunk.last {
+            let path = staged.path().join(&*rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
+            }
+            std::fs::write(&path, &buf).map_err(Error::io("write", &path))?;
+            current = None;
+            files += 1;
+        }
+    }
+    if current.is_some() || files == 0 {
+        return Err(Error::Usage(
+            "the model stream ended inside a file or carried none".into(),
+        ));
+    }
+    staged.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_relative_paths_are_accepted() {
+        assert!(safe_relative("1_Pooling/config.json").is_some());
+        for bad in ["", "../x", "/etc/passwd", "a/../../b"] {
+            assert!(safe_relative(bad).is_none(), "{bad}");
+        }
+    }
+}

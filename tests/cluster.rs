@@ -1,0 +1,417 @@
+//! The cluster with real processes over loopback: W workers give the same losses and weights as one
+//! process, in-batch negatives really cross workers, global batches are conflict-free across
+//! shards, tokens are enforced, and a killed worker fails the launch quickly.
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use multipos::model::tiny::TinySpec;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_multipos"))
+}
+
+/// Settings shared by every run: tiny model, bundled tiny data, short run, small timeouts.
+fn sets(model: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        format!("model.path=\"{}\"", model.display()),
+        format!("output.dir=\"{}\"", out.display()),
+        format!(
+            "data.train=\"{}\"",
+            repo("deploy/data/bible_paraphrase_tiny/train.jsonl").display()
+        ),
+        "train.max_steps=10".into(),
+        "train.batch_size=8".into(),
+        "train.micro_batch=3".into(),
+        "cluster.heartbeat_timeout_ms=4000".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run(cmd: &str, config: &Path, sets: &[String], extra_args: &[&str]) -> Output {
+    let mut c = Command::new(bin());
+    c.arg(cmd)
+        .arg("--config")
+        .arg(config)
+        .args(extra_args)
+        .env("RUST_LOG", "warn")
+        .env_remove("MULTIPOS_CLUSTER_TOKEN");
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    c.output().unwrap()
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let m = multipos::SentenceModel::load(dir, tch::Device::Cpu).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = m
+        .var_store()
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, Vec::<f32>::try_from(t.view([-1])).unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn assert_same_run(reference: &Path, other: &Path, what: &str) {
+    let (a, b) = (losses(reference), losses(other));
+    assert_eq!(a.len(), 10, "{what}: reference steps");
+    assert_eq!(a.len(), b.len(), "{what}: step count");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
+            "{what}: step {} loss {y} vs single process {x}",
+            i + 1
+        );
+    }
+    let max = weights(&reference.join("model"))
+        .iter()
+        .zip(weights(&other.join("model")))
+        .flat_map(|((_, x), (_, y))| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0f32, f32::max);
+    assert!(max <= 1e-4, "{what}: final weights differ by {max}");
+}
+
+#[test]
+fn two_and_four_workers_match_one_process_with_and_without_dropout() {
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.1,
+        ..TinySpec::default()
+    });
+    let cfg = repo("configs/local-2workers.toml");
+    for dropout in ["false", "true"] {
+        let single = dir.path().join(format!("single-{dropout}"));
+        let extra = [format!("train.dropout={dropout}")];
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let out = run("train", &cfg, &sets(&model, &single, &extra), &[]);
+        assert!(
+            out.status.success(),
+            "single: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for workers in ["1", "2", "4"] {
+            let dst = dir.path().join(format!("w{workers}-{dropout}"));
+            let out = run(
+                "launch",
+                &cfg,
+                &sets(&model, &dst, &extra),
+                &["--workers", workers],
+            );
+            assert!(
+                out.status.success(),
+                "launch W={workers}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_same_run(&single, &dst, &format!("W={workers}, dropout {dropout}"));
+        }
+    }
+}
+
+#[test]
+fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
+    use multipos::config::RunConfig;
+    use multipos::data::{LoadOptions, load_files};
+    use multipos::train::run::{RunPlan, load_model, plan_spec, step_options};
+    use multipos::train::trainer::ShardTexts;
+
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let cfg_path = repo("configs/local-2workers.toml");
+    let out = dir.path().join("w2");
+    let s = sets(&model, &out, &["train.dropout=false"]);
+    let launched = run("launch", &cfg_path, &s, &["--workers", "2"]);
+    assert!(
+        launched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&launched.stderr)
+    );
+    let cluster_first = losses(&out)[0];
+
+    // Step 1 by hand at the initial weights: the whole global batch, and each shard on its own.
+    let cfg = RunConfig::load(&cfg_path, &s).unwrap();
+    let data = load_files(&cfg.data.train.to_vec(), LoadOptions::default()).unwrap();
+    let plan = RunPlan::new(&data, plan_spec(&cfg), 1, 10).unwrap();
+    let batch = plan.epoch(0).batch(0);
+    let trainer = multipos::train::Trainer::new(
+        load_model(&cfg).unwrap(),
+        Default::default(),
+        multipos::train::optim::LinearSchedule {
+            peak: 1e-3,
+            warmup: 0,
+            total: 1,
+        },
+        step_options(&cfg),
+    );
+    let loss_of = |b: &multipos::data::Batch<'_>| {
+        let e = trainer
+            .embed_shard(&ShardTexts::from_batch(&data, b), 0, 0)
+            .unwrap();
+        let groups: Vec<u32> = b.rows.iter().map(|r| r.group).collect();
+        trainer.loss(&e.queries, &e.docs, &groups).double_value(&[])
+    };
+    let global = loss_of(&batch);
+    let shard_mean = (0..2)
+        .map(|r| loss_of(&batch.shard(r, 2).unwrap()))
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        (cluster_first - global).abs() < 1e-5,
+        "cluster {cluster_first} vs global {global}"
+    );
+    assert!(
+        (global - shard_mean).abs() > 0.1,
+        "global {global} and shard mean {shard_mean} must differ"
+    );
+}
+
+#[test]
+fn no_text_appears_twice_in_a_global_batch_across_shards() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    // 80 questions over 24 answers written with varying whitespace: duplicates everywhere.
+    let data = dir.path().join("dup.jsonl");
+    let lines: Vec<String> = (0..80)
+        .map(|g| {
+            let a = |i: usize| {
+                if g % 2 == 0 {
+                    format!("answer {}", i % 24)
+                } else {
+                    format!("  answer   {} ", i % 24)
+                }
+            };
+            serde_json::json!({"query": format!("question {g}"), "positives": [a(g), a(g * 7 + 3)]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("dup-run");
+    let mut s = sets(&model, &out, &["train.max_steps=6", "data.mode=\"all\""]);
+    s.push(format!("data.train=\"{}\"", data.display()));
+    let launched = run(
+        "launch",
+        &repo("configs/local-2workers.toml"),
+        &s,
+        &["--workers", "2"],
+    );
+    assert!(
+        launched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&launched.stderr)
+    );
+    let batches = std::fs::read_to_string(out.join("batches.jsonl")).unwrap();
+    let mut steps = 0;
+    for line in batches.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let groups: Vec<u64> = v["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_u64().unwrap())
+            .collect();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut queries: HashSet<(u64, String)> = HashSet::new();
+        let mut row = 0;
+        for shard in v["shards"].as_array().unwrap() {
+            for texts in shard.as_array().unwrap() {
+                let texts: Vec<String> = texts
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_str().unwrap().to_string())
+                    .collect();
+                // Mode `all`: rows of one group share their query; nothing else may repeat.
+                if queries.insert((groups[row], texts[0].clone())) {
+                    assert!(
+                        seen.insert(texts[0].clone()),
+                        "step {}: a query text twice",
+                        v["step"]
+                    );
+                }
+                for t in &texts[1..] {
+                    assert!(
+                        seen.insert(t.clone()),
+                        "step {}: text {t} twice across shards",
+                        v["step"]
+                    );
+                }
+                row += 1;
+            }
+        }
+        steps += 1;
+    }
+    assert_eq!(steps, 6);
+}
+
+fn start_coordinator(model: &Path, out: &Path, token: &str) -> (std::process::Child, String) {
+    let mut c = Command::new(bin());
+    c.arg("coordinator")
+        .arg("--config")
+        .arg(repo("configs/local-2workers.toml"));
+    for s in sets(model, out, &[]) {
+        c.arg("--set").arg(s);
+    }
+    let mut child = c
+        .env("MULTIPOS_CLUSTER_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("coordinator announces its address")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("MULTIPOS_COORDINATOR=") {
+            break a.trim().to_string();
+        }
+    };
+    (child, addr)
+}
+
+#[test]
+fn calls_without_the_right_token_are_refused() {
+    use multipos::cluster::auth::Token;
+    use multipos::pb::HeartbeatRequest;
+    use multipos::pb::coordinator_client::CoordinatorClient;
+
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let (mut child, addr) = start_coordinator(&model, &dir.path().join("out"), "the-right-token");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut bare = CoordinatorClient::new(channel.clone());
+        let err = bare
+            .heartbeat(HeartbeatRequest { rank: 0 })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let wrong = Token::new("a-wrong-token").unwrap();
+        let mut client = CoordinatorClient::with_interceptor(channel.clone(), wrong.attach());
+        let err = client
+            .heartbeat(HeartbeatRequest { rank: 0 })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let right = Token::new("the-right-token").unwrap();
+        let mut client = CoordinatorClient::with_interceptor(channel, right.attach());
+        assert!(client.heartbeat(HeartbeatRequest { rank: 0 }).await.is_ok());
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Pids of processes whose parent is `parent` and whose command line contains `needle`.
+fn children(parent: u32, needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read_to_string(entry.path().join("cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ");
+        if ppid == Some(parent) && cmdline.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_worker_fails_the_launch_quickly_and_clearly() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("killed");
+    let mut c = Command::new(bin());
+    c.arg("launch")
+        .arg("--config")
+        .arg(repo("configs/local-2workers.toml"))
+        .args(["--workers", "2"]);
+    for s in sets(&model, &out, &["train.max_steps=3000"]) {
+        c.arg("--set").arg(s);
+    }
+    let mut launch = c
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = launch.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+
+    // Wait for training to be under way, then SIGKILL worker 1.
+    let started = Instant::now();
+    while !out.join("metrics.jsonl").exists() || losses(&out).len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let workers = children(launch.id(), "--rank 1");
+    assert_eq!(workers.len(), 1, "one worker with rank 1");
+    let killed_at = Instant::now();
+    unsafe { libc_kill(workers[0], 9) };
+
+    let status = loop {
+        if let Some(s) = launch.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "launch hung after a worker died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = log.join().unwrap();
+    assert!(!status.success(), "launch must fail");
+    assert!(
+        text.contains("worker 1 failed") || text.contains("sent no heartbeat"),
+        "{text}"
+    );
+    assert!(children(launch.id(), "multipos").is_empty());
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
