@@ -1,6 +1,6 @@
 //! Training throughput (pairs/s) of multipos vs. Python sentence-transformers: all-MiniLM-L6-v2,
 //! batch 32, max_seq_length 128, lr 2e-5, MNRL scale 20, same data, same thread count, one run,
-//! reported as a ratio. multipos runs its single-process trainer (mode `all`, length-bucketed
+//! reported as a ratio. multipos runs its single-process trainer (mode `pairs`, length-bucketed
 //! micro-batches, seeded dropout); Python runs SentenceTransformerTrainer with NO_DUPLICATES.
 //!
 //!     deploy/pyref.sh && cargo bench --bench train_throughput
@@ -32,7 +32,7 @@ fn main() {
         &cfg_path,
         format!(
             "[model]\npath = {:?}\nmax_seq_length = 128\ndevice = \"cpu\"\nthreads = {threads}\n\
-             [data]\ntrain = {:?}\nmode = \"all\"\n[train]\nbatch_size = 32\nmax_steps = {steps}\nlr = 2e-5\nseed = 42\n\
+             [data]\ntrain = {:?}\nmode = \"pairs\"\n[train]\nbatch_size = 32\nmax_steps = {steps}\nlr = 2e-5\nseed = 42\n\
              [output]\ndir = {:?}\n",
             model_dir.display().to_string(),
             train.display().to_string(),

@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 
 use multipos::model::tiny::TinySpec;
 
+/// The tests of this file start many processes each; on a small machine, running them at once
+/// would starve heartbeats and make timing-dependent checks flaky, so they take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
@@ -52,13 +60,7 @@ fn run(cmd: &str, config: &Path, sets: &[String], extra_args: &[&str]) -> Output
 }
 
 fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect()
+    common::step_losses(&out.join("metrics.jsonl"))
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -99,6 +101,7 @@ fn assert_same_run(reference: &Path, other: &Path, what: &str) {
 
 #[test]
 fn two_and_four_workers_match_one_process_with_and_without_dropout() {
+    let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec {
         dropout: 0.1,
         ..TinySpec::default()
@@ -134,6 +137,7 @@ fn two_and_four_workers_match_one_process_with_and_without_dropout() {
 
 #[test]
 fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
+    let _serial = serial();
     use multipos::config::RunConfig;
     use multipos::data::{LoadOptions, load_files};
     use multipos::train::run::{RunPlan, load_model, plan_spec, step_options};
@@ -190,6 +194,7 @@ fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
 
 #[test]
 fn no_text_appears_twice_in_a_global_batch_across_shards() {
+    let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec::default());
     // 80 questions over 24 answers written with varying whitespace: duplicates everywhere.
     let data = dir.path().join("dup.jsonl");
@@ -265,12 +270,17 @@ fn no_text_appears_twice_in_a_global_batch_across_shards() {
     assert_eq!(steps, 6);
 }
 
-fn start_coordinator(model: &Path, out: &Path, token: &str) -> (std::process::Child, String) {
+fn start_coordinator(
+    model: &Path,
+    out: &Path,
+    token: &str,
+    extra: &[&str],
+) -> (std::process::Child, String) {
     let mut c = Command::new(bin());
     c.arg("coordinator")
         .arg("--config")
         .arg(repo("configs/local-2workers.toml"));
-    for s in sets(model, out, &[]) {
+    for s in sets(model, out, extra) {
         c.arg("--set").arg(s);
     }
     let mut child = c
@@ -294,12 +304,14 @@ fn start_coordinator(model: &Path, out: &Path, token: &str) -> (std::process::Ch
 
 #[test]
 fn calls_without_the_right_token_are_refused() {
+    let _serial = serial();
     use multipos::cluster::auth::Token;
     use multipos::pb::HeartbeatRequest;
     use multipos::pb::coordinator_client::CoordinatorClient;
 
     let (dir, model) = common::tiny_model(&TinySpec::default());
-    let (mut child, addr) = start_coordinator(&model, &dir.path().join("out"), "the-right-token");
+    let (mut child, addr) =
+        start_coordinator(&model, &dir.path().join("out"), "the-right-token", &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -328,6 +340,79 @@ fn calls_without_the_right_token_are_refused() {
     child.wait().unwrap();
 }
 
+#[test]
+fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
+    let _serial = serial();
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("fetched");
+    let token = "fetch-test-token";
+    let (mut coordinator, addr) = start_coordinator(
+        &model,
+        &out,
+        token,
+        &["cluster.workers=1", "train.max_steps=3"],
+    );
+    let worker = Command::new(bin())
+        .args([
+            "worker",
+            "--coordinator",
+            &addr,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
+        .env("MULTIPOS_CLUSTER_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        worker.status.success(),
+        "{}",
+        String::from_utf8_lossy(&worker.stderr)
+    );
+    assert!(coordinator.wait().unwrap().success());
+    assert_eq!(losses(&out).len(), 3);
+    multipos::SentenceModel::load(&out.join("model"), tch::Device::Cpu).unwrap();
+
+    // A worker whose local model differs is refused with a reason.
+    let other = dir.path().join("other");
+    multipos::model::tiny::write_random_model(
+        &other,
+        &TinySpec {
+            seed: 99,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let (mut coordinator, addr) = start_coordinator(
+        &model,
+        &dir.path().join("refused"),
+        token,
+        &["cluster.workers=1"],
+    );
+    let worker = Command::new(bin())
+        .args([
+            "worker",
+            "--coordinator",
+            &addr,
+            "--device",
+            "cpu",
+            "--model",
+        ])
+        .arg(&other)
+        .env("MULTIPOS_CLUSTER_TOKEN", token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&worker.stderr);
+    assert!(
+        !worker.status.success() && err.contains("differs from the coordinator"),
+        "{err}"
+    );
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+}
+
 /// Pids of processes whose parent is `parent` and whose command line contains `needle`.
 fn children(parent: u32, needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
@@ -353,6 +438,7 @@ fn children(parent: u32, needle: &str) -> Vec<i32> {
 
 #[test]
 fn a_killed_worker_fails_the_launch_quickly_and_clearly() {
+    let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().join("killed");
     let mut c = Command::new(bin());

@@ -47,16 +47,6 @@ fn config(model: &Path, out: &Path, extra: &[&str]) -> RunConfig {
     RunConfig::load(&repo("configs/tiny.toml"), &sets).unwrap()
 }
 
-fn step_losses(metrics: &Path) -> Vec<f64> {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect()
-}
-
 #[test]
 fn a_run_writes_a_loadable_model_metrics_and_is_repeatable() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
@@ -71,11 +61,14 @@ fn a_run_writes_a_loadable_model_metrics_and_is_repeatable() {
     let (out, summary) = &runs[0];
     assert_eq!(summary.steps, 16, "64 groups, batch 8, two epochs");
     assert!(summary.eval_before.is_some() && summary.eval_after.is_some());
-    let losses = step_losses(&out.join("metrics.jsonl"));
+    let losses = common::step_losses(&out.join("metrics.jsonl"));
     assert_eq!(losses.len(), 16);
     assert!(losses.iter().all(|l| l.is_finite()));
     // Same seed, same data: identical losses and bit-identical weights (CPU).
-    assert_eq!(losses, step_losses(&runs[1].0.join("metrics.jsonl")));
+    assert_eq!(
+        losses,
+        common::step_losses(&runs[1].0.join("metrics.jsonl"))
+    );
     assert_eq!(
         std::fs::read(out.join("model/model.safetensors")).unwrap(),
         std::fs::read(runs[1].0.join("model/model.safetensors")).unwrap()
@@ -108,7 +101,7 @@ fn loss_falls_when_training_on_the_same_data() {
         ],
     );
     multipos::train::run(&cfg, false).unwrap();
-    let losses = step_losses(&out.join("metrics.jsonl"));
+    let losses = common::step_losses(&out.join("metrics.jsonl"));
     let first: f64 = losses[..8].iter().sum::<f64>() / 8.0;
     let last: f64 = losses[losses.len() - 8..].iter().sum::<f64>() / 8.0;
     assert!(

@@ -18,12 +18,12 @@ use tonic::{Request, Response, Status, Streaming};
 use super::auth::Token;
 use super::files::{file_chunks, model_fingerprint, receive_files};
 use crate::config::RunConfig;
-use crate::data::{Dataset, LoadOptions, load_files};
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
-use crate::train::run::{MetricsLog, RunPlan, plan_spec};
+use crate::train::run::{MetricsLog, RunPlan, load_training_data, plan_spec, prepare_output};
 
 struct Member {
     worker_id: String,
@@ -77,17 +77,9 @@ impl Coordinator {
     /// Loads data and model metadata and plans the run (no network yet).
     pub fn new(cfg: RunConfig, bar: ProgressBar) -> Result<Shared> {
         let out = &cfg.output.dir;
-        std::fs::create_dir_all(out).map_err(Error::io("create directory", out))?;
-        let config_toml = toml::to_string_pretty(&cfg)
-            .map_err(|e| Error::Usage(format!("cannot serialise the config: {e}")))?;
-        crate::io::atomic::write_file(&out.join("config.toml"), config_toml.as_bytes())?;
-        let data = load_files(
-            &cfg.data.train.to_vec(),
-            LoadOptions {
-                skip_invalid: cfg.data.skip_invalid,
-            },
-        )?;
-        tracing::info!("training data: {}", data.stats());
+        let config_toml = prepare_output(&cfg)?;
+        let mut log = MetricsLog::create(&out.join("metrics.jsonl"))?;
+        let data = load_training_data(&cfg, &mut log)?;
         let plan = RunPlan::new(
             &data,
             plan_spec(&cfg),
@@ -101,8 +93,6 @@ impl Coordinator {
             .unwrap_or_else(crate::cli::default_model_dir);
         let fingerprint = model_fingerprint(&model_dir)?;
         let world = cfg.cluster.workers;
-        let mut log = MetricsLog::create(&out.join("metrics.jsonl"))?;
-        log.write(&json!({"event": "data", "stats": data.stats(), "fingerprint": format!("{:016x}", data.fingerprint())}))?;
         bar.set_length(plan.total_steps);
         let state = State {
             members: (0..world).map(|_| None).collect(),

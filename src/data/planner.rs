@@ -28,6 +28,10 @@ pub enum Mode {
     /// One row per (query, positive) pair; a group's rows are kept together so its positives share
     /// batches (the multi-positive loss masks them from each other).
     All,
+    /// One row per (query, positive) pair, shuffled pair by pair, a query at most once per batch:
+    /// what sentence-transformers' NO_DUPLICATES sampler does with a pair dataset, but checked over
+    /// the whole global batch and every column.
+    Pairs,
 }
 
 /// What to plan.
@@ -130,7 +134,7 @@ pub fn validate(data: &Dataset, spec: &PlanSpec) -> Result<(), String> {
     }
     let rows = match spec.mode {
         Mode::Sample => data.len(),
-        Mode::All => data.pair_count(),
+        Mode::All | Mode::Pairs => data.pair_count(),
     };
     if spec.batch_size > rows {
         return Err(format!(
@@ -178,7 +182,7 @@ fn epoch_rows(
     let k = spec.negatives_per_row;
     let mut rows = Vec::with_capacity(match spec.mode {
         Mode::Sample => data.len(),
-        Mode::All => data.pair_count(),
+        Mode::All | Mode::Pairs => data.pair_count(),
     });
     let mut negatives = Vec::with_capacity(rows.capacity() * k);
     for g in order {
@@ -189,7 +193,7 @@ fn epoch_rows(
         let start = (group_seed as usize).wrapping_add(epoch as usize) % positives.len();
         let take = match spec.mode {
             Mode::Sample => 1,
-            Mode::All => positives.len(),
+            Mode::All | Mode::Pairs => positives.len(),
         };
         let negs = data.negatives(gi);
         for j in 0..take {
@@ -204,6 +208,17 @@ fn epoch_rows(
                 negatives.extend((0..k).map(|i| negs[(base + i) % negs.len()]));
             }
         }
+    }
+    if spec.mode == Mode::Pairs {
+        // Shuffle rows (with their negatives) one by one instead of group by group.
+        let mut perm: Vec<usize> = (0..rows.len()).collect();
+        perm.shuffle(rng);
+        let rows_p = perm.iter().map(|&i| rows[i]).collect();
+        let negs_p = perm
+            .iter()
+            .flat_map(|&i| negatives[i * k..(i + 1) * k].iter().copied())
+            .collect();
+        return (rows_p, negs_p);
     }
     (rows, negatives)
 }
@@ -224,16 +239,18 @@ fn row_texts<'a>(
 /// Texts of the batch being filled: hash -> (group, is_query).
 struct Occupancy {
     seen: FxHashMap<u64, (u32, bool)>,
+    /// Mode `all`: a group's rows may share their query.
+    shared_queries: bool,
 }
 
 impl Occupancy {
-    /// Only one thing may repeat: the query of the same group (mode `all`). Within a row nothing
+    /// Only one thing may repeat, in mode `all`: the query of the same group. Within a row nothing
     /// repeats: loading removed positives equal to the query and contradicting negatives, and
     /// `validate` ensures a group has enough distinct negatives.
     fn fits(&self, data: &Dataset, row: &Row, negs: &[TextId]) -> bool {
         row_texts(data, row, negs).all(|(h, is_query)| match self.seen.get(&h) {
             None => true,
-            Some(&(g, q)) => g == row.group && q && is_query,
+            Some(&(g, q)) => self.shared_queries && g == row.group && q && is_query,
         })
     }
 
@@ -256,6 +273,7 @@ pub fn plan_epoch(data: &Dataset, spec: &PlanSpec, epoch: u64) -> EpochPlan {
     let mut out_negs = Vec::with_capacity(negatives.len());
     let mut occupancy = Occupancy {
         seen: FxHashMap::default(),
+        shared_queries: spec.mode == Mode::All,
     };
     let mut waiting: VecDeque<usize> = VecDeque::new();
     let mut deferred = 0;

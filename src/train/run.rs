@@ -194,16 +194,18 @@ fn print_metrics(label: &str, m: &BTreeMap<String, f64>) {
     );
 }
 
-/// Runs training as the config says; `show_progress` draws a bar on stderr.
-pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
+/// Creates the run directory and records the resolved configuration in it; returns that TOML.
+pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
     let out_dir = &cfg.output.dir;
     fs::create_dir_all(out_dir).map_err(Error::io("create directory", out_dir))?;
-    let config_text = toml::to_string_pretty(cfg)
+    let text = toml::to_string_pretty(cfg)
         .map_err(|e| Error::Usage(format!("cannot serialise the config: {e}")))?;
-    atomic::write_file(&out_dir.join("config.toml"), config_text.as_bytes())?;
-    let mut log = MetricsLog::create(&out_dir.join("metrics.jsonl"))?;
+    atomic::write_file(&out_dir.join("config.toml"), text.as_bytes())?;
+    Ok(text)
+}
 
-    let model = load_model(cfg)?;
+/// Loads the training files a config names, logs what loading did, and records it in `log`.
+pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<Dataset> {
     let data = load_files(
         &cfg.data.train.to_vec(),
         LoadOptions {
@@ -212,6 +214,16 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     )?;
     tracing::info!("training data: {}", data.stats());
     log.write(&json!({"event": "data", "stats": data.stats(), "fingerprint": format!("{:016x}", data.fingerprint())}))?;
+    Ok(data)
+}
+
+/// Runs training as the config says; `show_progress` draws a bar on stderr.
+pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
+    let out_dir = &cfg.output.dir;
+    prepare_output(cfg)?;
+    let mut log = MetricsLog::create(&out_dir.join("metrics.jsonl"))?;
+    let model = load_model(cfg)?;
+    let data = load_training_data(cfg, &mut log)?;
 
     let plan = RunPlan::new(&data, plan_spec(cfg), cfg.train.epochs, cfg.train.max_steps)?;
     let warmup = cfg.warmup_steps(plan.total_steps);

@@ -1,0 +1,75 @@
+//! Step time of a cluster run on all-MiniLM-L6-v2: W = 2 workers × 1 thread vs W = 1 × 2 threads on
+//! the same global batches (32 rows, max_seq_length 128), with the share of each step spent in
+//! communication (all-gather of embeddings + all-reduce of ~91 MB of gradients over loopback gRPC).
+//!
+//!     cargo bench --bench cluster_step
+//! Env: BENCH_STEPS (default 8). Data: ../shared/data/insuranceqa_small when present, else the
+//! bundled bible_paraphrase_small.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn steps(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .collect()
+}
+
+fn main() {
+    let n = common::env_or("BENCH_STEPS", 8u64);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let train = common::shared_data("insuranceqa_small")
+        .map(|d| d.join("train.jsonl"))
+        .unwrap_or_else(|| root.join("deploy/data/bible_paraphrase_small/train.jsonl"));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for (workers, threads) in [(1usize, 2usize), (2, 1)] {
+        let out = tmp.path().join(format!("w{workers}"));
+        let status = Command::new(env!("CARGO_BIN_EXE_multipos"))
+            .current_dir(&root)
+            .args([
+                "launch",
+                "--config",
+                "configs/local-2workers.toml",
+                "--workers",
+                &workers.to_string(),
+            ])
+            .args(["--set", &format!("data.train=\"{}\"", train.display())])
+            .args([
+                "--set",
+                "model.max_seq_length=128",
+                "--set",
+                &format!("train.max_steps={n}"),
+            ])
+            .args(["--set", &format!("cluster.threads_per_worker={threads}")])
+            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+            .env("RUST_LOG", "warn")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // The first step pays for allocator and thread-pool warm-up: leave it out.
+        let s = steps(&out);
+        let body = &s[1..];
+        let mean =
+            |k: &str| body.iter().map(|v| v[k].as_f64().unwrap()).sum::<f64>() / body.len() as f64;
+        rows.push((workers, threads, mean("seconds"), mean("comm_seconds")));
+    }
+    println!(
+        "cluster step time, all-MiniLM-L6-v2, batch 32, max_seq_length 128, {}, mean of steps 2..{n}",
+        train.display()
+    );
+    for (w, t, step, comm) in &rows {
+        println!(
+            "W={w} x {t} thread(s): {step:.2} s/step, communication {comm:.2} s ({:.1} % of the step)",
+            100.0 * comm / step
+        );
+    }
+    println!(
+        "ratio step time W=2x1 / W=1x2: {:.2}",
+        rows[1].2 / rows[0].2
+    );
+}

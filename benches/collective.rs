@@ -1,0 +1,124 @@
+//! Ring all-reduce bus bandwidth over gRPC on loopback, W = 2 and 4, 10–100 MB of f32 gradients,
+//! against raw TCP loopback throughput measured in the same run (one socket pair, 64 KiB writes).
+//! busbw = algbw · 2(W−1)/W, as nccl-tests report it.
+//!
+//!     cargo bench --bench collective
+use std::sync::Arc;
+use std::time::Instant;
+
+use multipos::cluster::auth::Token;
+use multipos::collective::{Ring, peer_service, ring};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn raw_tcp_bytes_per_s(bytes: usize) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0;
+        while got < bytes {
+            got += s.read(&mut buf).await.unwrap();
+        }
+    });
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let chunk = vec![7u8; 1 << 16];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).await.unwrap();
+        sent += chunk.len();
+    }
+    reader.await.unwrap();
+    bytes as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn rings(world: usize, token: &Token, chunk: usize) -> Vec<Arc<Ring>> {
+    let mut listeners = Vec::new();
+    let mut incomings = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..world {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.push(l.local_addr().unwrap().to_string());
+        let (svc, rx) = peer_service(token, chunk);
+        incomings.push(rx);
+        listeners.push((l, svc));
+    }
+    for (l, svc) in listeners {
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+    }
+    let mut out = Vec::new();
+    for (rank, rx) in incomings.into_iter().enumerate() {
+        let r = Ring::connect(
+            rank,
+            &peers,
+            token,
+            rx,
+            chunk,
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        out.push(Arc::new(r));
+    }
+    out
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let token = Token::new("benchmark-token").unwrap();
+        let raw = raw_tcp_bytes_per_s(1 << 30).await;
+        println!("raw TCP loopback: {:.0} MB/s", raw / 1e6);
+        println!(
+            "{:>3} {:>8} {:>10} {:>10} {:>8}",
+            "W", "MB", "algbw MB/s", "busbw MB/s", "vs raw"
+        );
+        for world in [2usize, 4] {
+            let rings = rings(world, &token, 1 << 20).await;
+            for mb in [10usize, 50, 100] {
+                let len = mb * 1_000_000 / 4;
+                let mut best = f64::INFINITY;
+                for rep in 0..3u64 {
+                    let bufs: Vec<Vec<f32>> = (0..world).map(|_| vec![1.0f32; len]).collect();
+                    let start = Instant::now();
+                    let tasks: Vec<_> = rings
+                        .iter()
+                        .zip(bufs)
+                        .map(|(r, mut buf)| {
+                            let r = r.clone();
+                            tokio::spawn(async move {
+                                r.all_reduce_sum(rep, &mut buf).await.unwrap();
+                                assert_eq!(buf[len / 2], r.world as f32);
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                    best = best.min(start.elapsed().as_secs_f64());
+                }
+                let bytes = (len * 4) as f64;
+                let algbw = bytes / best;
+                let busbw = ring::all_reduce_bytes_per_rank(len * 4, world) / best;
+                println!(
+                    "{world:>3} {mb:>8} {:>10.0} {:>10.0} {:>7.0}%",
+                    algbw / 1e6,
+                    busbw / 1e6,
+                    100.0 * busbw / raw
+                );
+            }
+        }
+    });
+}
