@@ -66,7 +66,7 @@ impl Default for ClusterConfig {
             heartbeat_timeout_ms: 5000,
             join_timeout_ms: 120_000,
             step_timeout_ms: 600_000,
-            chunk_kib: 1024,
+            chunk_kib: 4096,
             threads_per_worker: 0,
         }
     }
@@ -167,6 +167,11 @@ pub struct TrainConfig {
     /// Rows per forward pass within a column, after sorting the column by length (0 = the whole
     /// column at once). Smaller buckets pad less; the loss and gradients are the same.
     pub micro_batch: usize,
+    /// Continue from a checkpoint: "latest" (the newest valid one in output.dir/checkpoints) or a path.
+    pub resume: Option<String>,
+    /// Stop cleanly (with a checkpoint) after this many steps in this invocation, while the
+    /// schedule still spans the whole run: for jobs with a time limit (0 = run to the end).
+    pub stop_after_steps: u64,
 }
 
 impl Default for TrainConfig {
@@ -185,6 +190,8 @@ impl Default for TrainConfig {
             seed: 42,
             dropout: true,
             micro_batch: 8,
+            resume: None,
+            stop_after_steps: 0,
         }
     }
 }
@@ -216,8 +223,18 @@ fn default_eval_batch() -> usize {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
-    /// Run directory: `model/`, `metrics.jsonl`, `config.toml`.
+    /// Run directory: `model/`, `metrics.jsonl`, `config.toml`, `checkpoints/`.
     pub dir: PathBuf,
+    /// Write a checkpoint every N steps (0 = only at the end and when stopped by a signal).
+    #[serde(default)]
+    pub checkpoint_every_steps: u64,
+    /// How many checkpoints to keep (oldest removed first).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_keep() -> usize {
+    3
 }
 
 impl RunConfig {
@@ -309,6 +326,9 @@ impl RunConfig {
                 "cluster.chunk_kib must be within 1..=16384, got {}",
                 c.chunk_kib
             ));
+        }
+        if self.output.keep_checkpoints == 0 {
+            return Err("output.keep_checkpoints must be at least 1".into());
         }
         if self.model.max_seq_length == Some(0) {
             return Err("model.max_seq_length must be positive".into());

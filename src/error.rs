@@ -35,6 +35,9 @@ pub enum Error {
     /// The tokenizer failed on some input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A run stopped as asked (`stop_after_steps`), with a checkpoint to resume from.
+    #[error("stopped after {steps_done} of {total} steps as asked; continue with --resume")]
+    Stopped { steps_done: u64, total: u64 },
     /// A request the caller made cannot be satisfied (bad device, bad option value).
     #[error("{0}")]
     Usage(String),

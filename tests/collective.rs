@@ -16,7 +16,7 @@ async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<
         let (svc, rx) = peer_service(server_token, 1 << 20);
         incomings.push(rx);
         tokio::spawn(
-            tonic::transport::Server::builder()
+            multipos::collective::peer_server_builder()
                 .add_service(svc)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
         );

@@ -13,11 +13,26 @@ pub struct TrainArgs {
     /// Override one setting, e.g. --set train.lr=3e-5 --set data.mode='"all"' (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Continue from the newest valid checkpoint in output.dir/checkpoints.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let cfg = RunConfig::load(&args.config, &args.sets)?;
-    let summary = train::run(&cfg, std::io::stderr().is_terminal())?;
+    let mut sets = args.sets;
+    if args.resume {
+        sets.push("train.resume=\"latest\"".into());
+    }
+    let cfg = RunConfig::load(&args.config, &sets)?;
+    let summary = match train::run(&cfg, std::io::stderr().is_terminal()) {
+        Ok(s) => s,
+        // A stop the user asked for (stop_after_steps) is a success: the checkpoint is written.
+        Err(e @ crate::Error::Stopped { .. }) => {
+            println!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!(
         "trained {} steps ({} pairs) in {:.1} s = {:.1} pairs/s; final loss {:.4}; model: {}",
         summary.steps,

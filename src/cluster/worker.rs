@@ -89,7 +89,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
     let chunk_guess = 16 << 20;
     let (peer_svc, incoming) = peer_service(&opts.token, chunk_guess);
     tokio::spawn(
-        tonic::transport::Server::builder()
+        crate::collective::peer_server_builder()
             .add_service(peer_svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );

@@ -4,6 +4,7 @@
 //! little-endian bytes in chunks, every chunk tagged with (step, op, phase, offset) and checked.
 pub mod ring;
 
+use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -82,6 +83,19 @@ pub fn peer_service(
     (InterceptedService::new(server, token.check()), rx)
 }
 
+/// HTTP/2 flow-control windows for the data plane. The defaults (64 KiB per stream) cap a ring
+/// stream at a window per round trip, an order of magnitude below loopback or NIC bandwidth.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// A server builder tuned for ring traffic (large flow-control windows, no Nagle).
+pub fn peer_server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .tcp_nodelay(true)
+}
+
 /// One rank's view of the ring.
 pub struct Ring {
     pub rank: usize,
@@ -134,14 +148,16 @@ impl Ring {
         })
     }
 
+    /// Sends one block to the right neighbour, copying it chunk by chunk as the stream takes them
+    /// (no whole-block staging copy, and sending starts at once).
     async fn send_block(
         &self,
         step: u64,
         op: Op,
         phase: u32,
-        data: Bytes,
+        data: &[u8],
     ) -> Result<(), CollectiveError> {
-        let total = data.len() as u64;
+        let right = ring::right(self.rank, self.world);
         let mut offset = 0usize;
         loop {
             let end = (offset + self.chunk_bytes).min(data.len());
@@ -151,10 +167,9 @@ impl Ring {
                 op: op as u32,
                 phase,
                 offset: offset as u64,
-                total,
-                data: data.slice(offset..end),
+                total: data.len() as u64,
+                data: Bytes::copy_from_slice(&data[offset..end]),
             };
-            let right = ring::right(self.rank, self.world);
             tokio::time::timeout(self.timeout, self.outgoing.send(chunk))
                 .await
                 .map_err(|_| CollectiveError::Timeout(self.timeout, right))?
@@ -166,17 +181,20 @@ impl Ring {
         }
     }
 
+    /// Receives one block from the left neighbour, handing each chunk to `sink(offset, bytes)` as it
+    /// arrives (no reassembly copy).
     async fn recv_block(
         &self,
         step: u64,
         op: Op,
         phase: u32,
         expected: usize,
-    ) -> Result<Vec<u8>, CollectiveError> {
+        mut sink: impl FnMut(usize, &[u8]),
+    ) -> Result<(), CollectiveError> {
         let left = ring::left(self.rank, self.world);
         let mut incoming = self.incoming.lock().await;
-        let mut out = Vec::with_capacity(expected);
-        loop {
+        let mut received = 0usize;
+        while received < expected {
             let chunk = tokio::time::timeout(self.timeout, incoming.recv())
                 .await
                 .map_err(|_| CollectiveError::Timeout(self.timeout, left))?
@@ -194,19 +212,19 @@ impl Ring {
                     chunk.step, chunk.op, chunk.phase, op as u32
                 )));
             }
-            if chunk.total as usize != expected || chunk.offset as usize != out.len() {
+            if chunk.total as usize != expected
+                || chunk.offset as usize != received
+                || received + chunk.data.len() > expected
+            {
                 return Err(bad(format!(
-                    "chunk at {}/{} bytes, expected offset {} of {expected}",
-                    chunk.offset,
-                    chunk.total,
-                    out.len()
+                    "chunk at {}/{} bytes, expected offset {received} of {expected}",
+                    chunk.offset, chunk.total
                 )));
             }
-            out.extend_from_slice(&chunk.data);
-            if out.len() >= expected {
-                return Ok(out);
-            }
+            sink(received, &chunk.data);
+            received += chunk.data.len();
         }
+        Ok(())
     }
 
     /// Sends one block right while receiving one from the left (both at once, so the ring never
@@ -216,12 +234,13 @@ impl Ring {
         step: u64,
         op: Op,
         phase: u32,
-        send: Bytes,
+        send: &[u8],
         recv_len: usize,
-    ) -> Result<Vec<u8>, CollectiveError> {
+        sink: impl FnMut(usize, &[u8]),
+    ) -> Result<(), CollectiveError> {
         let (sent, received) = tokio::join!(
             self.send_block(step, op, phase, send),
-            self.recv_block(step, op, phase, recv_len)
+            self.recv_block(step, op, phase, recv_len, sink)
         );
         sent?;
         received
@@ -234,23 +253,23 @@ impl Ring {
         local: Vec<u8>,
     ) -> Result<Vec<Vec<u8>>, CollectiveError> {
         let len = local.len();
-        let mut blocks: Vec<Option<Vec<u8>>> = vec![None; self.world];
-        blocks[self.rank] = Some(local);
+        let mut blocks: Vec<Option<Bytes>> = vec![None; self.world];
+        blocks[self.rank] = Some(Bytes::from(local));
         for s in 0..self.world.saturating_sub(1) {
             let (send_idx, recv_idx) = ring::gather_step(self.rank, self.world, s);
-            let send = Bytes::from(
-                blocks[send_idx]
-                    .clone()
-                    .expect("ring order guarantees the block"),
-            );
-            blocks[recv_idx] = Some(
-                self.exchange(step, Op::AllGather, s as u32, send, len)
-                    .await?,
-            );
+            let send = blocks[send_idx]
+                .clone()
+                .expect("ring order guarantees the block");
+            let mut got = vec![0u8; len];
+            self.exchange(step, Op::AllGather, s as u32, &send, len, |at, bytes| {
+                got[at..at + bytes.len()].copy_from_slice(bytes)
+            })
+            .await?;
+            blocks[recv_idx] = Some(Bytes::from(got));
         }
         Ok(blocks
             .into_iter()
-            .map(|b| b.expect("all blocks gathered"))
+            .map(|b| b.expect("all blocks gathered").to_vec())
             .collect())
     }
 
@@ -258,41 +277,54 @@ impl Ring {
     /// bit-identical values (each segment is summed once, by its owner, then copied).
     pub async fn all_reduce_sum(&self, step: u64, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let segs = ring::segments(buf.len(), self.world);
-        let bytes_of = |xs: &[f32]| Bytes::copy_from_slice(bytemuck::cast_slice(xs));
         for s in 0..self.world.saturating_sub(1) {
             let (send_idx, recv_idx) = ring::reduce_scatter_step(self.rank, self.world, s);
-            let send = bytes_of(&buf[segs[send_idx].clone()]);
-            let got = self
-                .exchange(
-                    step,
-                    Op::ReduceScatter,
-                    s as u32,
-                    send,
-                    segs[recv_idx].len() * 4,
-                )
-                .await?;
-            for (x, y) in buf[segs[recv_idx].clone()]
-                .iter_mut()
-                .zip(got.chunks_exact(4))
-            {
-                *x += f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
-            }
+            let (send, target) = disjoint(buf, segs[send_idx].clone(), segs[recv_idx].clone());
+            let len = target.len() * 4;
+            // Chunks are multiples of 4 bytes (chunk sizes are KiB), so each starts on an element.
+            self.exchange(
+                step,
+                Op::ReduceScatter,
+                s as u32,
+                bytemuck::cast_slice(send),
+                len,
+                |at, bytes| {
+                    for (x, y) in target[at / 4..].iter_mut().zip(bytes.chunks_exact(4)) {
+                        *x += f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+                    }
+                },
+            )
+            .await?;
         }
         for s in 0..self.world.saturating_sub(1) {
             let (send_idx, recv_idx) = ring::reduce_gather_step(self.rank, self.world, s);
-            let send = bytes_of(&buf[segs[send_idx].clone()]);
-            let got = self
-                .exchange(
-                    step,
-                    Op::ReduceGather,
-                    s as u32,
-                    send,
-                    segs[recv_idx].len() * 4,
-                )
-                .await?;
-            buf[segs[recv_idx].clone()].copy_from_slice(bytemuck::cast_slice(&got));
+            let (send, target) = disjoint(buf, segs[send_idx].clone(), segs[recv_idx].clone());
+            let len = target.len() * 4;
+            self.exchange(
+                step,
+                Op::ReduceGather,
+                s as u32,
+                bytemuck::cast_slice(send),
+                len,
+                |at, bytes| {
+                    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut target[..]);
+                    dst[at..at + bytes.len()].copy_from_slice(bytes);
+                },
+            )
+            .await?;
         }
         Ok(())
+    }
+}
+
+/// Two non-overlapping segments of `buf`: one to read (send), one to write (receive into).
+fn disjoint(buf: &mut [f32], read: Range<usize>, write: Range<usize>) -> (&[f32], &mut [f32]) {
+    if read.start < write.start {
+        let (a, b) = buf.split_at_mut(write.start);
+        (&a[read], &mut b[..write.end - write.start])
+    } else {
+        let (a, b) = buf.split_at_mut(read.start);
+        (&b[..read.end - read.start], &mut a[write])
     }
 }
 
@@ -301,6 +333,8 @@ pub async fn connect_with_retry(address: &str, timeout: Duration) -> Result<Chan
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| format!("bad address {address:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .tcp_nodelay(true);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = Duration::from_millis(50);

@@ -282,7 +282,15 @@ impl SentenceModel {
     /// renamed into place).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let staged = atomic::StagedDir::create(dir)?;
-        let root = staged.path();
+        self.write_dir(staged.path())?;
+        staged.commit()?;
+        Ok(())
+    }
+
+    /// Writes the directory's files into `root` (created if missing), without staging: for callers
+    /// that stage a larger directory themselves (checkpoints).
+    pub fn write_dir(&self, root: &Path) -> Result<()> {
+        fs::create_dir_all(root).map_err(Error::io("create directory", root))?;
         let write = |name: &str, bytes: &[u8]| -> Result<()> {
             let path = root.join(name);
             fs::write(&path, bytes).map_err(Error::io("write", &path))
@@ -295,8 +303,12 @@ impl SentenceModel {
         for (name, bytes) in &self.tokenizer_files {
             write(name, bytes)?;
         }
-        layout::write_metadata(root, &self.sbert, &self.pooling, self.normalize)?;
-        staged.commit()?;
+        layout::write_metadata(root, &self.sbert, &self.pooling, self.normalize)
+    }
+
+    /// Replaces the weights with those of a `model.safetensors` of the same architecture.
+    pub fn load_weights(&mut self, path: &Path) -> Result<()> {
+        self.passthrough = weights::load_into(&mut self.vs, path)?;
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
 //! Training: optimizer and schedule, the step-by-step trainer, and the single-process run.
+pub mod checkpoint;
 pub mod optim;
 pub mod run;
 pub mod trainer;

@@ -5,9 +5,13 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use super::checkpoint::{self, CheckpointState};
 use super::optim::{AdamWConfig, LinearSchedule};
 use super::trainer::{StepOptions, Trainer};
 use crate::config::RunConfig;
@@ -31,6 +35,19 @@ impl MetricsLog {
     /// Creates (truncates) the log.
     pub fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).map_err(Error::io("create", path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// Opens the log for appending (a resumed run continues its predecessor's log).
+    pub fn append(path: &Path) -> Result<Self> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(Error::io("open", path))?;
         Ok(Self {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
@@ -217,11 +234,67 @@ pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<Datas
     Ok(data)
 }
 
+/// Restores the checkpoint `which` names ("latest" or a path); returns the steps already done.
+fn resume(
+    ckpt_dir: &Path,
+    which: &str,
+    cfg: &RunConfig,
+    data: &Dataset,
+    trainer: &mut Trainer,
+) -> Result<u64> {
+    let found = if which == "latest" {
+        checkpoint::latest_valid(ckpt_dir)?
+    } else {
+        let path = PathBuf::from(which);
+        let state = checkpoint::verify(&path)?;
+        Some((path, state))
+    };
+    let Some((path, state)) = found else {
+        tracing::warn!(dir = %ckpt_dir.display(), "no checkpoint to resume from: starting from the beginning");
+        return Ok(0);
+    };
+    let data_fp = format!("{:016x}", data.fingerprint());
+    if state.data_fingerprint != data_fp {
+        return Err(Error::invalid(
+            &path,
+            format!(
+                "was made on other data (fingerprint {}, now {data_fp})",
+                state.data_fingerprint
+            ),
+        ));
+    }
+    if state.config_fingerprint != checkpoint::config_fingerprint(cfg) {
+        return Err(Error::invalid(
+            &path,
+            "was made with other model/data/train settings: resume with the same configuration",
+        ));
+    }
+    checkpoint::restore(&path, &state, &mut trainer.model, &mut trainer.optim)?;
+    tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
+    Ok(state.step)
+}
+
+/// Set when SIGINT or SIGTERM arrives: the loop checkpoints at the next step boundary and stops.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(Error::io("install a handler for", "SIGINT/SIGTERM"))?;
+    }
+    Ok(flag)
+}
+
 /// Runs training as the config says; `show_progress` draws a bar on stderr.
 pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     let out_dir = &cfg.output.dir;
     prepare_output(cfg)?;
-    let mut log = MetricsLog::create(&out_dir.join("metrics.jsonl"))?;
+    let resuming = cfg.train.resume.is_some();
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let mut log = if resuming {
+        MetricsLog::append(&metrics_path)?
+    } else {
+        MetricsLog::create(&metrics_path)?
+    };
     let model = load_model(cfg)?;
     let data = load_training_data(cfg, &mut log)?;
 
@@ -243,7 +316,39 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
         ..Default::default()
     };
     let mut trainer = Trainer::new(model, adamw, schedule, step_options(cfg));
-    tracing::info!(steps = plan.total_steps, warmup, batch_size = cfg.train.batch_size, device = ?trainer.model.device(), "training");
+    let ckpt_dir = out_dir.join("checkpoints");
+    let start_step = match &cfg.train.resume {
+        Some(which) => resume(&ckpt_dir, which, cfg, &data, &mut trainer)?,
+        None => 0,
+    };
+    tracing::info!(steps = plan.total_steps, start_step, warmup, batch_size = cfg.train.batch_size, device = ?trainer.model.device(), "training");
+    let stop = stop_flag()?;
+    let save_checkpoint = |trainer: &Trainer,
+                           steps_done: u64,
+                           log: &mut MetricsLog|
+     -> Result<()> {
+        let state = CheckpointState {
+            step: steps_done,
+            optimizer_steps: trainer.optim.steps_taken(),
+            seed: cfg.train.seed,
+            data_fingerprint: format!("{:016x}", data.fingerprint()),
+            config_fingerprint: checkpoint::config_fingerprint(cfg),
+            multipos_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let start = Instant::now();
+        let path = checkpoint::write(
+            &ckpt_dir,
+            &state,
+            &trainer.model,
+            &trainer.optim,
+            cfg.output.keep_checkpoints,
+        )?;
+        let seconds = start.elapsed().as_secs_f64();
+        tracing::info!(checkpoint = %path.display(), seconds = format!("{seconds:.2}"), "checkpoint written");
+        log.write(
+            &json!({"event": "checkpoint", "step": steps_done, "path": path, "seconds": seconds}),
+        )
+    };
 
     let eval_set = match &cfg.eval {
         Some(e) => Some((IrDataset::load(&e.queries, &e.corpus, &e.qrels)?, e.clone())),
@@ -260,7 +365,7 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
         Ok(m)
     };
     let eval_before = match &eval_set {
-        Some((_, e)) if e.at_start => {
+        Some((_, e)) if e.at_start && start_step == 0 => {
             let m = run_eval(&trainer, 0, &mut log)?;
             print_metrics("before training", &m);
             Some(m)
@@ -269,10 +374,11 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     };
 
     let bar = progress(plan.total_steps, show_progress);
+    bar.set_position(start_step);
     let start = Instant::now();
     let mut pairs = 0u64;
     let mut last_loss = f64::NAN;
-    for step in 0..plan.total_steps {
+    for step in start_step..plan.total_steps {
         let (epoch, index) = plan.locate(step);
         let batch = plan.epoch(epoch).batch(index);
         let stats = trainer.step(&data, &batch, step)?;
@@ -296,6 +402,28 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
             stats.loss, rate, stats.lr
         ));
         bar.inc(1);
+        let done = step + 1;
+        let every = cfg.output.checkpoint_every_steps;
+        let budget_spent =
+            cfg.train.stop_after_steps > 0 && done - start_step >= cfg.train.stop_after_steps;
+        let signalled = stop.load(std::sync::atomic::Ordering::SeqCst);
+        let unfinished = done < plan.total_steps;
+        if unfinished && ((every > 0 && done % every == 0) || budget_spent || signalled) {
+            bar.suspend(|| save_checkpoint(&trainer, done, &mut log))?;
+        }
+        if unfinished && signalled {
+            bar.finish_and_clear();
+            return Err(Error::Usage(format!(
+                "stopped by a signal after step {done}; continue with --resume"
+            )));
+        }
+        if unfinished && budget_spent {
+            bar.finish_and_clear();
+            return Err(Error::Stopped {
+                steps_done: done,
+                total: plan.total_steps,
+            });
+        }
         if let Some((_, e)) = &eval_set
             && e.every_steps > 0
             && (step + 1) % e.every_steps == 0
@@ -318,6 +446,7 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     };
     let model_dir = out_dir.join("model");
     trainer.model.save(&model_dir)?;
+    save_checkpoint(&trainer, plan.total_steps, &mut log)?;
     let summary = RunSummary {
         steps: plan.total_steps,
         pairs,

@@ -63,6 +63,7 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output")
+    p.add_argument("--skip-before", action="store_true", help="do not evaluate before training")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -75,7 +76,7 @@ def main():
             positives.append(pos)
     dataset = Dataset.from_dict({"anchor": anchors, "positive": positives})
     ev = evaluator(args) if args.queries else None
-    before = metrics(ev, model) if ev else None
+    before = metrics(ev, model) if ev and not args.skip_before else None
 
     with tempfile.TemporaryDirectory() as tmp:
         training_args = SentenceTransformerTrainingArguments(

@@ -1,0 +1,220 @@
+//! Checkpoints: everything needed to continue a run exactly where it stopped.
+//!
+//! `checkpoints/step-00000040/` holds `model/` (a loadable sentence-transformers directory),
+//! `optimizer.safetensors` (AdamW moments), `state.json` (steps done, optimizer step count, seed,
+//! fingerprints of data and config) and `MANIFEST.json` (size and XXH3 of every other file). It is
+//! staged beside its final name, fsynced, renamed and the parent fsynced, so a crash leaves either no
+//! checkpoint or a whole one; a checkpoint whose files do not match its manifest (truncated, bit
+//! flipped) is reported and skipped in favour of the previous one. The data cursor needs no state of
+//! its own: the plan is a pure function of (data, seed), so "steps done" locates the next batch.
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::optim::AdamW;
+use crate::error::{Error, Result};
+use crate::io::atomic::StagedDir;
+use crate::io::json;
+use crate::model::SentenceModel;
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Global steps completed (the next step to run).
+    pub step: u64,
+    pub optimizer_steps: u64,
+    pub seed: u64,
+    pub data_fingerprint: String,
+    pub config_fingerprint: String,
+    pub multipos_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileEntry {
+    bytes: u64,
+    xxh3: String,
+}
+
+fn checksum(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+fn files_under(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
+            let path = entry.map_err(Error::io("read directory", &dir))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(root).expect("under root").to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The directory name of the checkpoint after `step` steps.
+pub fn name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Writes a checkpoint into `dir` (created if needed) and keeps only the newest `keep`.
+pub fn write(
+    dir: &Path,
+    state: &CheckpointState,
+    model: &SentenceModel,
+    optim: &AdamW,
+    keep: usize,
+) -> Result<PathBuf> {
+    let staged = StagedDir::create(dir.join(name(state.step)))?;
+    let root = staged.path().to_path_buf();
+    model.write_dir(&root.join("model"))?;
+    let tensors: Vec<(String, Tensor)> = optim
+        .state()
+        .into_iter()
+        .map(|(n, t)| (n, t.shallow_clone()))
+        .collect();
+    Tensor::write_safetensors(&tensors, root.join("optimizer.safetensors"))
+        .map_err(Error::Torch)?;
+    fs::write(root.join("state.json"), json::to_pretty(state))
+        .map_err(Error::io("write", root.join("state.json")))?;
+    let mut manifest = BTreeMap::new();
+    for rel in files_under(&root)? {
+        let bytes = fs::read(root.join(&rel)).map_err(Error::io("read", root.join(&rel)))?;
+        manifest.insert(
+            rel.to_string_lossy().into_owned(),
+            FileEntry {
+                bytes: bytes.len() as u64,
+                xxh3: checksum(&bytes),
+            },
+        );
+    }
+    fs::write(root.join("MANIFEST.json"), json::to_pretty(&manifest))
+        .map_err(Error::io("write", root.join("MANIFEST.json")))?;
+    let path = staged.commit()?;
+    prune(dir, keep)?;
+    Ok(path)
+}
+
+fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(Error::io("read directory", dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn prune(dir: &Path, keep: usize) -> Result<()> {
+    // Staging directories of writes that a crash interrupted are garbage: nothing refers to them.
+    for entry in fs::read_dir(dir)
+        .map_err(Error::io("read directory", dir))?
+        .flatten()
+    {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".multipos-")
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    let all = list(dir)?;
+    for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        fs::remove_dir_all(old).map_err(Error::io("remove old checkpoint", old))?;
+    }
+    Ok(())
+}
+
+/// Checks a checkpoint against its manifest and reads its state.
+pub fn verify(ckpt: &Path) -> Result<CheckpointState> {
+    let manifest: BTreeMap<String, FileEntry> = json::read(&ckpt.join("MANIFEST.json"))?;
+    for (rel, want) in &manifest {
+        let path = ckpt.join(rel);
+        let bytes = fs::read(&path).map_err(Error::io("read", &path))?;
+        if bytes.len() as u64 != want.bytes {
+            return Err(Error::invalid(
+                &path,
+                format!(
+                    "{} bytes, the manifest says {} (truncated?)",
+                    bytes.len(),
+                    want.bytes
+                ),
+            ));
+        }
+        if checksum(&bytes) != want.xxh3 {
+            return Err(Error::invalid(&path, "checksum mismatch (corrupted)"));
+        }
+    }
+    for required in [
+        "state.json",
+        "optimizer.safetensors",
+        "model/model.safetensors",
+    ] {
+        if !manifest.contains_key(required) {
+            return Err(Error::invalid(
+                ckpt,
+                format!("the manifest lacks {required}"),
+            ));
+        }
+    }
+    json::read(&ckpt.join("state.json"))
+}
+
+/// The newest checkpoint of `dir` that verifies; damaged newer ones are reported and skipped.
+pub fn latest_valid(dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
+    for ckpt in list(dir)?.into_iter().rev() {
+        match verify(&ckpt) {
+            Ok(state) => return Ok(Some((ckpt, state))),
+            Err(e) => {
+                tracing::warn!(checkpoint = %ckpt.display(), error = %e, "skipping a damaged checkpoint")
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Loads a checkpoint's weights into `model` and its moments into `optim`.
+pub fn restore(
+    ckpt: &Path,
+    state: &CheckpointState,
+    model: &mut SentenceModel,
+    optim: &mut AdamW,
+) -> Result<()> {
+    model.load_weights(&ckpt.join("model/model.safetensors"))?;
+    let path = ckpt.join("optimizer.safetensors");
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .map_err(Error::Torch)?
+        .into_iter()
+        .collect();
+    optim
+        .load_state(state.optimizer_steps, |name| {
+            tensors.get(name).map(Tensor::shallow_clone)
+        })
+        .map_err(|reason| Error::invalid(&path, reason))
+}
+
+/// A fingerprint of the settings that must not change across a resume (model, data, training).
+pub fn config_fingerprint(cfg: &crate::config::RunConfig) -> String {
+    let relevant = serde_json::json!({"model": cfg.model.max_seq_length, "data": cfg.data, "train": {
+        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "scale": cfg.train.scale, "symmetric": cfg.train.symmetric,
+        "seed": cfg.train.seed, "dropout": cfg.train.dropout, "weight_decay": cfg.train.weight_decay,
+        "max_grad_norm": cfg.train.max_grad_norm, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
+        "warmup_steps": cfg.train.warmup_steps, "warmup_ratio": cfg.train.warmup_ratio,
+    }});
+    checksum(relevant.to_string().as_bytes())
+}
