@@ -413,6 +413,143 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     coordinator.wait().unwrap();
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &dst);
+        } else {
+            std::fs::copy(entry.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
+    let _serial = serial();
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.1,
+        ..TinySpec::default()
+    });
+    let cfg = repo("configs/local-2workers.toml");
+    let extra = [
+        "train.batch_size=6",
+        "train.max_steps=12",
+        "output.checkpoint_every_steps=3",
+        "train.micro_batch=2",
+    ];
+    let full = dir.path().join("full");
+    let out = run(
+        "launch",
+        &cfg,
+        &sets(&model, &full, &extra),
+        &["--workers", "3"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(losses(&full).len(), 12);
+
+    // The same run, SIGKILLed (every process) once a checkpoint exists.
+    let killed = dir.path().join("killed");
+    let mut c = Command::new(bin());
+    c.arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--workers", "3"])
+        .env("RUST_LOG", "warn");
+    for s in sets(&model, &killed, &extra) {
+        c.arg("--set").arg(s);
+    }
+    let mut launch = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while multipos::train::checkpoint::latest_valid(&killed.join("checkpoints"))
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for pid in children(launch.id(), "multipos") {
+        unsafe { libc_kill(pid, 9) };
+    }
+    launch.kill().unwrap();
+    launch.wait().unwrap();
+    let on_two = dir.path().join("on-two");
+    copy_dir(&killed, &on_two);
+
+    // Resume on the same number of workers: bit-identical to the run that never died.
+    let out = run(
+        "launch",
+        &cfg,
+        &sets(&model, &killed, &extra),
+        &["--workers", "3", "--resume"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last_per_step = |p: &Path| -> std::collections::BTreeMap<u64, f64> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["event"] == "step")
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    assert_eq!(last_per_step(&full), last_per_step(&killed));
+    assert_eq!(
+        std::fs::read(full.join("model/model.safetensors")).unwrap(),
+        std::fs::read(killed.join("model/model.safetensors")).unwrap()
+    );
+
+    // Resume on fewer workers (3 -> 2): the same global batches re-split; equal up to summation order.
+    let out = run(
+        "launch",
+        &cfg,
+        &sets(&model, &on_two, &extra),
+        &["--workers", "2", "--resume"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (last_per_step(&full), last_per_step(&on_two));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, x) in &a {
+        assert!(
+            (x - b[k]).abs() <= 1e-5 * x.abs().max(1e-3),
+            "step {k}: {} vs {x}",
+            b[k]
+        );
+    }
+    let max = weights(&full.join("model"))
+        .iter()
+        .zip(weights(&on_two.join("model")))
+        .flat_map(|((_, x), (_, y))| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0f32, f32::max);
+    assert!(max <= 1e-4, "weights differ by {max}");
+}
+
 /// Pids of processes whose parent is `parent` and whose command line contains `needle`.
 fn children(parent: u32, needle: &str) -> Vec<i32> {
     let mut out = Vec::new();

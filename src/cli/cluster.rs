@@ -21,6 +21,9 @@ pub struct CoordinatorArgs {
     /// Override one setting (repeatable), as for `train`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Continue from the newest valid checkpoint in output.dir/checkpoints.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -59,6 +62,9 @@ pub struct LaunchArgs {
     /// Override one setting (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Continue from the newest valid checkpoint (any number of workers: batches are re-split).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -85,8 +91,15 @@ fn env_usize(keys: &[&str]) -> Option<usize> {
         .find_map(|k| std::env::var(k).ok()?.parse().ok())
 }
 
+fn with_resume(mut sets: Vec<String>, resume: bool) -> Vec<String> {
+    if resume {
+        sets.push("train.resume=\"latest\"".into());
+    }
+    sets
+}
+
 pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let cfg = RunConfig::load(&args.config, &args.sets)?;
+    let cfg = RunConfig::load(&args.config, &with_resume(args.sets, args.resume))?;
     let token = token(Some(&cfg))?;
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new(0)

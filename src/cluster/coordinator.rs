@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
+use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::run::{MetricsLog, RunPlan, load_training_data, plan_spec, prepare_output};
 
 struct Member {
@@ -65,6 +66,10 @@ pub struct Coordinator {
     world: usize,
     fingerprint: String,
     model_dir: PathBuf,
+    /// The checkpoint this run resumes from, if any.
+    resume_from: Option<(PathBuf, CheckpointState)>,
+    start_step: u64,
+    data_fingerprint: String,
     log: Mutex<MetricsLog>,
     batches_log: Mutex<MetricsLog>,
     started: Instant,
@@ -78,8 +83,28 @@ impl Coordinator {
     pub fn new(cfg: RunConfig, bar: ProgressBar) -> Result<Shared> {
         let out = &cfg.output.dir;
         let config_toml = prepare_output(&cfg)?;
-        let mut log = MetricsLog::create(&out.join("metrics.jsonl"))?;
+        let metrics = out.join("metrics.jsonl");
+        let mut log = if cfg.train.resume.is_some() {
+            MetricsLog::append(&metrics)?
+        } else {
+            MetricsLog::create(&metrics)?
+        };
         let data = load_training_data(&cfg, &mut log)?;
+        let data_fingerprint = format!("{:016x}", data.fingerprint());
+        let resume_from = match &cfg.train.resume {
+            Some(which) => {
+                let found = checkpoint::find(&out.join("checkpoints"), which)?;
+                if let Some((path, state)) = &found {
+                    checkpoint::check_compatible(path, state, &data_fingerprint, &cfg)?;
+                    tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
+                } else {
+                    tracing::warn!("no checkpoint to resume from: starting from the beginning");
+                }
+                found
+            }
+            None => None,
+        };
+        let start_step = resume_from.as_ref().map_or(0, |(_, s)| s.step);
         let plan = RunPlan::new(
             &data,
             plan_spec(&cfg),
@@ -103,13 +128,20 @@ impl Coordinator {
             state: Mutex::new(state),
             changed: watch::channel(0).0,
             config_toml,
-            batches_log: Mutex::new(MetricsLog::create(&out.join("batches.jsonl"))?),
+            batches_log: Mutex::new(if cfg.train.resume.is_some() {
+                MetricsLog::append(&out.join("batches.jsonl"))?
+            } else {
+                MetricsLog::create(&out.join("batches.jsonl"))?
+            }),
             log: Mutex::new(log),
             data,
             plan,
             world,
             fingerprint,
             model_dir,
+            resume_from,
+            start_step,
+            data_fingerprint,
             started: Instant::now(),
             bar,
             cfg,
@@ -304,7 +336,14 @@ impl Coordinator {
             rows,
             groups: batch.rows.iter().map(|r| r.group).collect(),
             reason: String::new(),
+            checkpoint: rank == 0 && self.checkpoint_due(step),
         }
+    }
+
+    /// Whether the state before `step` should be checkpointed (every N steps, not the resume point).
+    fn checkpoint_due(&self, step: u64) -> bool {
+        let every = self.cfg.output.checkpoint_every_steps;
+        every > 0 && step > self.start_step && step.is_multiple_of(every)
     }
 
     fn record_batch(&self, step: u64) -> Result<()> {
@@ -470,6 +509,9 @@ impl CoordinatorRpc for Service {
             model_fingerprint: c.fingerprint.clone(),
             total_steps: c.plan.total_steps,
             heartbeat_interval_ms: c.cfg.cluster.heartbeat_interval_ms,
+            start_step: c.start_step,
+            resume: c.resume_from.is_some(),
+            data_fingerprint: c.data_fingerprint.clone(),
         }))
     }
 
@@ -571,6 +613,51 @@ impl CoordinatorRpc for Service {
             c.notify();
         }
         Ok(Response::new(CommitResponse {}))
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        request: Request<Streaming<FileChunk>>,
+    ) -> std::result::Result<Response<UploadCheckpointResponse>, Status> {
+        let c = self.0.clone();
+        let dir = c.cfg.output.dir.join("checkpoints");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
+        let incoming = dir.join(format!(".multipos-incoming-{}", std::process::id()));
+        let start = Instant::now();
+        receive_files(request.into_inner(), &incoming)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (path, state) = checkpoint::adopt(&dir, &incoming, c.cfg.output.keep_checkpoints)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let seconds = start.elapsed().as_secs_f64();
+        tracing::info!(checkpoint = %path.display(), step = state.step, seconds = format!("{seconds:.2}"), "checkpoint written");
+        c.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(&json!({"event": "checkpoint", "step": state.step, "path": path, "seconds": seconds}))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(UploadCheckpointResponse {
+            saved_to: path.display().to_string(),
+        }))
+    }
+
+    type FetchCheckpointStream =
+        Pin<Box<dyn Stream<Item = std::result::Result<FileChunk, Status>> + Send>>;
+
+    async fn fetch_checkpoint(
+        &self,
+        _request: Request<FetchCheckpointRequest>,
+    ) -> std::result::Result<Response<Self::FetchCheckpointStream>, Status> {
+        let Some((path, _)) = &self.0.resume_from else {
+            return Err(Status::failed_precondition(
+                "this run does not resume from a checkpoint",
+            ));
+        };
+        let chunks = file_chunks(path).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
     }
 
     type FetchModelStream =

@@ -19,6 +19,7 @@ use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::train::Trainer;
+use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::optim::{AdamWConfig, LinearSchedule};
 use crate::train::run::step_options;
 use crate::train::trainer::ShardTexts;
@@ -191,7 +192,44 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
         ..Default::default()
     };
     let mut trainer = Trainer::new(model, adamw, schedule, step_options(&cfg));
-    let result = train_loop(&mut client, &ring, &mut trainer, rank, world, step_timeout).await;
+    if joined.resume {
+        let dir = tempfile::tempdir().map_err(Error::io(
+            "create a temporary directory",
+            std::env::temp_dir(),
+        ))?;
+        let target = dir.path().join("checkpoint");
+        let stream = client
+            .fetch_checkpoint(with_deadline(
+                FetchCheckpointRequest {},
+                Duration::from_secs(600),
+            ))
+            .await
+            .map_err(rpc_err("fetch checkpoint"))?
+            .into_inner();
+        receive_files(stream, &target).await?;
+        let state = checkpoint::verify(&target)?;
+        checkpoint::restore(&target, &state, &mut trainer.model, &mut trainer.optim)?;
+        tracing::info!(rank, step = state.step, "restored the checkpoint");
+    }
+    let ckpt_state = CheckpointState {
+        step: 0,
+        optimizer_steps: 0,
+        seed: cfg.train.seed,
+        data_fingerprint: joined.data_fingerprint.clone(),
+        config_fingerprint: checkpoint::config_fingerprint(&cfg),
+        multipos_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let result = train_loop(
+        &mut client,
+        &ring,
+        &mut trainer,
+        rank,
+        world,
+        step_timeout,
+        joined.start_step,
+        &ckpt_state,
+    )
+    .await;
     heartbeat.abort();
     result
 }
@@ -211,6 +249,7 @@ async fn heartbeats(mut client: Client, rank: u32, every: Duration) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn train_loop(
     client: &mut Client,
     ring: &Ring,
@@ -218,8 +257,10 @@ async fn train_loop(
     rank: usize,
     world: usize,
     step_timeout: Duration,
+    start_step: u64,
+    ckpt_template: &CheckpointState,
 ) -> Result<()> {
-    let mut step = 0u64;
+    let mut step = start_step;
     loop {
         let next = client
             .next_step(with_deadline(
@@ -242,6 +283,9 @@ async fn train_loop(
                 )));
             }
             Err(_) => return Err(Error::Usage(format!("unknown step status {}", next.status))),
+        }
+        if next.checkpoint {
+            upload_checkpoint(client, trainer, step, ckpt_template).await?;
         }
         let commit = tokio::task::block_in_place(|| -> Result<_> {
             let start = Instant::now();
@@ -344,6 +388,36 @@ async fn train_loop(
             .map_err(rpc_err("upload model"))?;
         tracing::info!(world, "uploaded the trained model");
     }
+    Ok(())
+}
+
+/// Writes the current state (before `step`) as a checkpoint and streams it to the coordinator.
+async fn upload_checkpoint(
+    client: &mut Client,
+    trainer: &Trainer,
+    step: u64,
+    template: &CheckpointState,
+) -> Result<()> {
+    let dir = tempfile::tempdir().map_err(Error::io(
+        "create a temporary directory",
+        std::env::temp_dir(),
+    ))?;
+    let state = CheckpointState {
+        step,
+        optimizer_steps: trainer.optim.steps_taken(),
+        ..template.clone()
+    };
+    let path = tokio::task::block_in_place(|| {
+        checkpoint::write(dir.path(), &state, &trainer.model, &trainer.optim, 1)
+    })?;
+    let chunks = super::files::file_chunks(&path)?;
+    client
+        .upload_checkpoint(with_deadline(
+            tokio_stream::iter(chunks),
+            Duration::from_secs(600),
+        ))
+        .await
+        .map_err(rpc_err("upload checkpoint"))?;
     Ok(())
 }
 

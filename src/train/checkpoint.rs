@@ -119,6 +119,55 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Moves a received checkpoint directory (already verified) to its place under `dir`, replacing
+/// any older copy of the same step, and prunes; returns its final path.
+pub fn adopt(dir: &Path, received: &Path, keep: usize) -> Result<(PathBuf, CheckpointState)> {
+    let state = verify(received)?;
+    let target = dir.join(name(state.step));
+    if target.exists() {
+        fs::remove_dir_all(&target).map_err(Error::io("remove", &target))?;
+    }
+    fs::rename(received, &target).map_err(Error::io("rename into place", &target))?;
+    crate::io::atomic::fsync_dir(dir)?;
+    prune(dir, keep)?;
+    Ok((target, state))
+}
+
+/// Finds the checkpoint a `resume` setting names: "latest" in `dir`, or an explicit path.
+pub fn find(dir: &Path, which: &str) -> Result<Option<(PathBuf, CheckpointState)>> {
+    if which == "latest" {
+        return latest_valid(dir);
+    }
+    let path = PathBuf::from(which);
+    let state = verify(&path)?;
+    Ok(Some((path, state)))
+}
+
+/// Checks that a checkpoint belongs to this data and configuration.
+pub fn check_compatible(
+    path: &Path,
+    state: &CheckpointState,
+    data_fingerprint: &str,
+    cfg: &crate::config::RunConfig,
+) -> Result<()> {
+    if state.data_fingerprint != data_fingerprint {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "was made on other data (fingerprint {}, now {data_fingerprint})",
+                state.data_fingerprint
+            ),
+        ));
+    }
+    if state.config_fingerprint != config_fingerprint(cfg) {
+        return Err(Error::invalid(
+            path,
+            "was made with other model/data/train settings: resume with the same configuration",
+        ));
+    }
+    Ok(())
+}
+
 fn prune(dir: &Path, keep: usize) -> Result<()> {
     // Staging directories of writes that a crash interrupted are garbage: nothing refers to them.
     for entry in fs::read_dir(dir)

@@ -242,33 +242,11 @@ fn resume(
     data: &Dataset,
     trainer: &mut Trainer,
 ) -> Result<u64> {
-    let found = if which == "latest" {
-        checkpoint::latest_valid(ckpt_dir)?
-    } else {
-        let path = PathBuf::from(which);
-        let state = checkpoint::verify(&path)?;
-        Some((path, state))
-    };
-    let Some((path, state)) = found else {
+    let Some((path, state)) = checkpoint::find(ckpt_dir, which)? else {
         tracing::warn!(dir = %ckpt_dir.display(), "no checkpoint to resume from: starting from the beginning");
         return Ok(0);
     };
-    let data_fp = format!("{:016x}", data.fingerprint());
-    if state.data_fingerprint != data_fp {
-        return Err(Error::invalid(
-            &path,
-            format!(
-                "was made on other data (fingerprint {}, now {data_fp})",
-                state.data_fingerprint
-            ),
-        ));
-    }
-    if state.config_fingerprint != checkpoint::config_fingerprint(cfg) {
-        return Err(Error::invalid(
-            &path,
-            "was made with other model/data/train settings: resume with the same configuration",
-        ));
-    }
+    checkpoint::check_compatible(&path, &state, &format!("{:016x}", data.fingerprint()), cfg)?;
     checkpoint::restore(&path, &state, &mut trainer.model, &mut trainer.optim)?;
     tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
     Ok(state.step)
