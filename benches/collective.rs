@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use multipos::cluster::auth::Token;
-use multipos::collective::{Ring, peer_service, ring};
+use multipos::collective::{Ring, loopback_rings, ring};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -78,39 +78,14 @@ async fn raw_ring_bytes_per_s(world: usize, bytes: usize) -> f64 {
 }
 
 async fn rings(world: usize, token: &Token, chunk: usize) -> Vec<Arc<Ring>> {
-    let mut listeners = Vec::new();
-    let mut incomings = Vec::new();
-    let mut peers = Vec::new();
-    for _ in 0..world {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        peers.push(l.local_addr().unwrap().to_string());
-        let (svc, rx) = peer_service(token, chunk);
-        incomings.push(rx);
-        listeners.push((l, svc));
-    }
-    for (l, svc) in listeners {
-        tokio::spawn(
-            multipos::collective::peer_server_builder()
-                .add_service(svc)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-        );
-    }
-    let mut out = Vec::new();
-    for (rank, rx) in incomings.into_iter().enumerate() {
-        let r = Ring::connect(
-            rank,
-            &peers,
-            token,
-            rx,
-            chunk,
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        out.push(Arc::new(r));
-    }
-    out
+    loopback_rings(
+        world,
+        token,
+        token,
+        chunk,
+        std::time::Duration::from_secs(60),
+    )
+    .await
 }
 
 fn main() {

@@ -52,6 +52,9 @@ pub struct ClusterConfig {
     pub chunk_kib: usize,
     /// CPU threads per worker process (0 = cores / workers).
     pub threads_per_worker: usize,
+    /// `launch` restarts the whole local cluster from the newest checkpoint this many times when a
+    /// process fails.
+    pub max_restarts: usize,
 }
 
 impl Default for ClusterConfig {
@@ -68,6 +71,7 @@ impl Default for ClusterConfig {
             step_timeout_ms: 600_000,
             chunk_kib: 4096,
             threads_per_worker: 0,
+            max_restarts: 0,
         }
     }
 }

@@ -299,6 +299,8 @@ fn start_coordinator(
             break a.trim().to_string();
         }
     };
+    // Keep draining stdout: a closed pipe would kill the coordinator at its next print.
+    std::thread::spawn(move || lines.for_each(drop));
     (child, addr)
 }
 
@@ -469,18 +471,7 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while multipos::train::checkpoint::latest_valid(&killed.join("checkpoints"))
-        .ok()
-        .flatten()
-        .is_none()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_checkpoint(&killed, Duration::from_secs(120));
     for pid in children(launch.id(), "multipos") {
         unsafe { libc_kill(pid, 9) };
     }
@@ -501,16 +492,15 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last_per_step = |p: &Path| -> std::collections::BTreeMap<u64, f64> {
-        std::fs::read_to_string(p.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["event"] == "step")
-            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-            .collect()
-    };
-    assert_eq!(last_per_step(&full), last_per_step(&killed));
+    let from = common::resumed_from(&killed);
+    assert!(
+        from.len() == 1 && from[0] >= 3 && from[0].is_multiple_of(3),
+        "resumed from a checkpoint: {from:?}"
+    );
+    assert_eq!(
+        common::losses_by_step(&full),
+        common::losses_by_step(&killed)
+    );
     assert_eq!(
         std::fs::read(full.join("model/model.safetensors")).unwrap(),
         std::fs::read(killed.join("model/model.safetensors")).unwrap()
@@ -528,7 +518,15 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (a, b) = (last_per_step(&full), last_per_step(&on_two));
+    assert_eq!(
+        common::resumed_from(&on_two),
+        from,
+        "resumed from the same checkpoint on two workers"
+    );
+    let (a, b) = (
+        common::losses_by_step(&full),
+        common::losses_by_step(&on_two),
+    );
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, x) in &a {
         assert!(
@@ -548,6 +546,85 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
         })
         .fold(0f32, f32::max);
     assert!(max <= 1e-4, "weights differ by {max}");
+}
+
+#[test]
+fn launch_restarts_after_a_worker_sigkill_and_applies_every_batch_once() {
+    let _serial = serial();
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.1,
+        ..TinySpec::default()
+    });
+    let cfg = repo("configs/local-2workers.toml");
+    let extra = [
+        "train.batch_size=6",
+        "train.max_steps=30",
+        "output.checkpoint_every_steps=3",
+        "cluster.max_restarts=2",
+    ];
+    let clean = dir.path().join("clean");
+    let out = run(
+        "launch",
+        &cfg,
+        &sets(&model, &clean, &extra),
+        &["--workers", "3"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let hit = dir.path().join("hit");
+    let mut c = Command::new(bin());
+    c.arg("launch")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--workers", "3"])
+        .env("RUST_LOG", "warn");
+    for s in sets(&model, &hit, &extra) {
+        c.arg("--set").arg(s);
+    }
+    let mut launch = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = launch.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    common::wait_for_checkpoint(&hit, Duration::from_secs(120));
+    let victims = children(launch.id(), "--rank 1");
+    assert_eq!(victims.len(), 1);
+    unsafe { libc_kill(victims[0], 9) };
+    let status = launch.wait().unwrap();
+    let text = log.join().unwrap();
+    assert!(status.success(), "launch must recover: {text}");
+    assert!(
+        text.contains("restarting every process from the newest checkpoint"),
+        "{text}"
+    );
+
+    // Every global batch applied exactly once: the final model equals the run that never failed.
+    assert_eq!(
+        std::fs::read(clean.join("model/model.safetensors")).unwrap(),
+        std::fs::read(hit.join("model/model.safetensors")).unwrap()
+    );
+    let steps: std::collections::BTreeSet<u64> = std::fs::read_to_string(hit.join("batches.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=30).collect(), "every step recorded");
 }
 
 /// Pids of processes whose parent is `parent` and whose command line contains `needle`.

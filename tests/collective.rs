@@ -4,39 +4,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use multipos::cluster::auth::Token;
-use multipos::collective::{Ring, peer_service};
-use tokio::net::TcpListener;
+use multipos::collective::{Ring, loopback_rings};
 
 async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<Arc<Ring>> {
-    let mut incomings = Vec::new();
-    let mut peers = Vec::new();
-    for _ in 0..world {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        peers.push(l.local_addr().unwrap().to_string());
-        let (svc, rx) = peer_service(server_token, 1 << 20);
-        incomings.push(rx);
-        tokio::spawn(
-            multipos::collective::peer_server_builder()
-                .add_service(svc)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-        );
-    }
-    let mut out = Vec::new();
-    for (rank, rx) in incomings.into_iter().enumerate() {
-        let ring = Ring::connect(
-            rank,
-            &peers,
-            client_token,
-            rx,
-            1 << 20,
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        out.push(Arc::new(ring));
-    }
-    out
+    loopback_rings(
+        world,
+        server_token,
+        client_token,
+        1 << 20,
+        Duration::from_secs(5),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,10 +2,9 @@
 //! bit-identical to one that never stopped; damaged checkpoints are detected and skipped.
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use multipos::model::tiny::TinySpec;
 use multipos::train::checkpoint;
@@ -51,17 +50,6 @@ fn run(model: &Path, out: &Path, extra: &[&str]) -> Output {
     out
 }
 
-/// The last loss logged for each step (a resumed run re-logs the steps after its checkpoint).
-fn losses_by_step(out: &Path) -> BTreeMap<u64, f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
-}
-
 fn weights(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("model/model.safetensors")).unwrap()
 }
@@ -74,7 +62,7 @@ fn stop_and_resume_is_bit_identical_to_an_uninterrupted_run() {
     });
     let full = dir.path().join("full");
     run(&model, &full, &["train.epochs=2"]);
-    assert_eq!(losses_by_step(&full).len(), 16);
+    assert_eq!(common::losses_by_step(&full).len(), 16);
 
     let parted = dir.path().join("parted");
     let first = run(
@@ -97,8 +85,13 @@ fn stop_and_resume_is_bit_identical_to_an_uninterrupted_run() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     assert_eq!(
-        losses_by_step(&full),
-        losses_by_step(&parted),
+        common::resumed_from(&parted),
+        [8],
+        "the second invocation continued from step 8"
+    );
+    assert_eq!(
+        common::losses_by_step(&full),
+        common::losses_by_step(&parted),
         "per-step losses must be identical"
     );
     assert_eq!(
@@ -124,18 +117,7 @@ fn sigkill_then_resume_ends_where_the_uninterrupted_run_ends() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while checkpoint::latest_valid(&killed.join("checkpoints"))
-        .ok()
-        .flatten()
-        .is_none()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_checkpoint(&killed, Duration::from_secs(120));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let resumed = command(&model, &killed, &extra)
@@ -147,12 +129,20 @@ fn sigkill_then_resume_ends_where_the_uninterrupted_run_ends() {
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
+    let from = common::resumed_from(&killed);
+    assert!(
+        from.len() == 1 && from[0] >= 2 && from[0].is_multiple_of(2),
+        "resumed from a checkpoint: {from:?}"
+    );
     assert_eq!(
         weights(&full),
         weights(&killed),
         "final weights must be bit-identical"
     );
-    assert_eq!(losses_by_step(&full), losses_by_step(&killed));
+    assert_eq!(
+        common::losses_by_step(&full),
+        common::losses_by_step(&killed)
+    );
 }
 
 #[test]
@@ -211,6 +201,7 @@ fn damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
         .unwrap();
     let err = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{err}");
+    assert_eq!(common::resumed_from(&out), [4]);
     assert!(
         err.contains("skipping a damaged checkpoint")
             && err.contains("checksum mismatch")

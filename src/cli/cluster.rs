@@ -1,11 +1,12 @@
 //! `multipos coordinator`, `multipos worker`, `multipos launch`.
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::ConfigArgs;
 use crate::cluster::auth::Token;
 use crate::cluster::coordinator::{self, Coordinator, Outcome};
 use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
@@ -15,15 +16,8 @@ use crate::device;
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
-    /// Run configuration (TOML) with a [cluster] section.
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Override one setting (repeatable), as for `train`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Continue from the newest valid checkpoint in output.dir/checkpoints.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,18 +47,11 @@ pub struct WorkerArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct LaunchArgs {
-    /// Run configuration (TOML); see configs/local-2workers.toml.
-    #[arg(long)]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Number of local workers [default: cluster.workers].
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Override one setting (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Continue from the newest valid checkpoint (any number of workers: batches are re-split).
-    #[arg(long)]
-    pub resume: bool,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -91,15 +78,8 @@ fn env_usize(keys: &[&str]) -> Option<usize> {
         .find_map(|k| std::env::var(k).ok()?.parse().ok())
 }
 
-fn with_resume(mut sets: Vec<String>, resume: bool) -> Vec<String> {
-    if resume {
-        sets.push("train.resume=\"latest\"".into());
-    }
-    sets
-}
-
 pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let cfg = RunConfig::load(&args.config, &with_resume(args.sets, args.resume))?;
+    let cfg = RunConfig::load(&args.config.config, &args.config.overrides())?;
     let token = token(Some(&cfg))?;
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new(0)
@@ -123,7 +103,8 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         };
         match coord.serve(listener, token, stop).await? {
             Outcome::Finished { steps, model_dir } => {
-                println!("finished {steps} steps; model: {}", model_dir.display());
+                // Whoever read our announcement may be gone; the run's result is on disk either way.
+                let _ = writeln!(std::io::stdout(), "finished {steps} steps; model: {}", model_dir.display());
                 Ok(())
             }
             Outcome::Aborted(reason) => bail!("run aborted: {reason}"),
@@ -166,8 +147,8 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
 
 pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(launch(LaunchOptions {
-        config: args.config,
-        sets: args.sets,
+        sets: args.config.overrides(),
+        config: args.config.config,
         workers: args.workers,
     }))?;
     Ok(())

@@ -18,6 +18,32 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The run configuration and its overrides, shared by `train`, `launch` and `coordinator`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Run configuration (TOML); see configs/ for examples.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override one setting, e.g. --set train.lr=3e-5 --set data.mode='"all"' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue from the newest valid checkpoint in output.dir/checkpoints (a cluster may resume
+    /// on another number of workers: the same global batches are re-split).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl ConfigArgs {
+    /// The overrides, with `--resume` as `train.resume = "latest"`.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut sets = self.sets.clone();
+        if self.resume {
+            sets.push("train.resume=\"latest\"".into());
+        }
+        sets
+    }
+}
+
 /// Options shared by every command that runs a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RuntimeArgs {

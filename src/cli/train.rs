@@ -1,29 +1,18 @@
 //! `multipos train`.
 use std::io::IsTerminal;
-use std::path::PathBuf;
 
+use super::ConfigArgs;
 use crate::config::RunConfig;
 use crate::train;
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// Run configuration (TOML); see configs/ for examples.
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Override one setting, e.g. --set train.lr=3e-5 --set data.mode='"all"' (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Continue from the newest valid checkpoint in output.dir/checkpoints.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut sets = args.sets;
-    if args.resume {
-        sets.push("train.resume=\"latest\"".into());
-    }
-    let cfg = RunConfig::load(&args.config, &sets)?;
+    let cfg = RunConfig::load(&args.config.config, &args.config.overrides())?;
     let summary = match train::run(&cfg, std::io::stderr().is_terminal()) {
         Ok(s) => s,
         // A stop the user asked for (stop_after_steps) is a success: the checkpoint is written.

@@ -105,6 +105,9 @@ impl Coordinator {
             None => None,
         };
         let start_step = resume_from.as_ref().map_or(0, |(_, s)| s.step);
+        if cfg.train.resume.is_some() {
+            log.write(&json!({"event": "resume", "step": start_step}))?;
+        }
         let plan = RunPlan::new(
             &data,
             plan_spec(&cfg),
@@ -119,9 +122,11 @@ impl Coordinator {
         let fingerprint = model_fingerprint(&model_dir)?;
         let world = cfg.cluster.workers;
         bar.set_length(plan.total_steps);
+        bar.set_position(start_step);
         let state = State {
             members: (0..world).map(|_| None).collect(),
             commits: vec![None; world],
+            committed: start_step,
             ..Default::default()
         };
         Ok(Arc::new(Self {

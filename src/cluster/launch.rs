@@ -73,20 +73,55 @@ fn spawn(
     Ok(kill_tx)
 }
 
-/// Runs the whole local cluster; Ok only when the coordinator finished the run.
+/// How one attempt ended.
+enum Attempt {
+    Finished,
+    Failed(String),
+    Interrupted,
+}
+
+/// Runs the whole local cluster; Ok only when the coordinator finished the run. When a process
+/// fails, everything is stopped and (up to `cluster.max_restarts` times) started again from the
+/// newest checkpoint, so no global batch is lost or applied twice.
 pub async fn launch(opts: LaunchOptions) -> Result<()> {
     let mut sets = opts.sets.clone();
     if let Some(n) = opts.workers {
         sets.push(format!("cluster.workers={n}"));
     }
     let cfg = RunConfig::load(&opts.config, &sets)?;
-    let workers = cfg.cluster.workers;
     // A token for this launch alone unless the user set one; children get it by environment,
     // never on a command line where other users could read it.
     let token = match cfg.cluster.resolve_token()? {
         Some(t) => t,
         None => super::auth::Token::random().expose().to_string(),
     };
+    let mut attempt = 0;
+    loop {
+        match run_once(&opts, &cfg, &sets, &token).await? {
+            Attempt::Finished => return Ok(()),
+            Attempt::Interrupted => return Err(Error::Usage("interrupted".into())),
+            Attempt::Failed(why) if attempt < cfg.cluster.max_restarts => {
+                attempt += 1;
+                eprintln!(
+                    "[launch] {why}: restarting every process from the newest checkpoint (restart {attempt} of {})",
+                    cfg.cluster.max_restarts
+                );
+                if !sets.iter().any(|s| s.starts_with("train.resume=")) {
+                    sets.push("train.resume=\"latest\"".into());
+                }
+            }
+            Attempt::Failed(why) => return Err(Error::Usage(why)),
+        }
+    }
+}
+
+async fn run_once(
+    opts: &LaunchOptions,
+    cfg: &RunConfig,
+    sets: &[String],
+    token: &str,
+) -> Result<Attempt> {
+    let workers = cfg.cluster.workers;
     let exe = std::env::current_exe().map_err(Error::io("locate", "the multipos executable"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut kills = Vec::new();
@@ -96,8 +131,8 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
         .arg("coordinator")
         .arg("--config")
         .arg(&opts.config)
-        .env(TOKEN_ENV, &token);
-    for s in &sets {
+        .env(TOKEN_ENV, token);
+    for s in sets {
         coord.arg("--set").arg(s);
     }
     kills.push(spawn("coordinator".into(), coord, tx.clone())?);
@@ -111,7 +146,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
     let gpus = tch::Cuda::device_count().max(0) as usize;
     let mut started_workers = false;
     let mut running = 1usize;
-    let mut outcome: Option<Result<()>> = None;
+    let mut outcome: Option<Attempt> = None;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
     loop {
@@ -119,7 +154,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
             e = rx.recv() => e,
             _ = &mut interrupt => {
                 tracing::warn!("interrupted: stopping every process");
-                outcome.get_or_insert(Err(Error::Usage("interrupted".into())));
+                outcome.get_or_insert(Attempt::Interrupted);
                 for k in kills.drain(..) {
                     let _ = k.send(());
                 }
@@ -153,7 +188,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
                         if let Some(model) = &cfg.model.path {
                             w.arg("--model").arg(model);
                         }
-                        w.env(TOKEN_ENV, &token);
+                        w.env(TOKEN_ENV, token);
                         kills.push(spawn(format!("worker {rank}"), w, tx.clone())?);
                         running += 1;
                     }
@@ -170,12 +205,12 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
                         Err(e) => e.to_string(),
                     };
                     eprintln!("[launch] {name} failed ({how}): stopping the other processes");
-                    outcome = Some(Err(Error::Usage(format!("{name} failed ({how})"))));
+                    outcome = Some(Attempt::Failed(format!("{name} failed ({how})")));
                     for k in kills.drain(..) {
                         let _ = k.send(());
                     }
                 } else if ok && name == "coordinator" && outcome.is_none() {
-                    outcome = Some(Ok(()));
+                    outcome = Some(Attempt::Finished);
                     // Workers exit on their own once the coordinator is done; give them a moment.
                     let stragglers = std::mem::take(&mut kills);
                     tokio::spawn(async move {
@@ -191,5 +226,5 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
             }
         }
     }
-    outcome.unwrap_or_else(|| Err(Error::Usage("the coordinator never started".into())))
+    Ok(outcome.unwrap_or_else(|| Attempt::Failed("the coordinator never started".into())))
 }

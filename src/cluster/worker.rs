@@ -262,6 +262,7 @@ async fn train_loop(
 ) -> Result<()> {
     let mut step = start_step;
     loop {
+        tracing::debug!(rank, step, "asking for the next step");
         let next = client
             .next_step(with_deadline(
                 NextStepRequest {
@@ -284,6 +285,13 @@ async fn train_loop(
             }
             Err(_) => return Err(Error::Usage(format!("unknown step status {}", next.status))),
         }
+        tracing::debug!(
+            rank,
+            step,
+            rows = next.rows.len(),
+            checkpoint = next.checkpoint,
+            "shard received"
+        );
         if next.checkpoint {
             upload_checkpoint(client, trainer, step, ckpt_template).await?;
         }
@@ -314,6 +322,7 @@ async fn train_loop(
             .await
             .map_err(|e| Error::Usage(format!("step {}: all-gather: {e}", step + 1)))?;
         let mut comm = comm_start.elapsed().as_secs_f64();
+        tracing::debug!(rank, step, "embeddings gathered");
 
         let (loss, lr, grad_norm) = {
             let device = trainer.model.device();
@@ -347,6 +356,7 @@ async fn train_loop(
                 .await
                 .map_err(|e| Error::Usage(format!("step {}: all-reduce: {e}", step + 1)))?;
             trainer.optim.set_flat_grads(&grads);
+            tracing::debug!(rank, step, "gradients reduced");
             comm += comm_start.elapsed().as_secs_f64();
             let start = Instant::now();
             let (lr, norm) = tokio::task::block_in_place(|| trainer.apply(step));

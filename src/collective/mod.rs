@@ -328,6 +328,49 @@ fn disjoint(buf: &mut [f32], read: Range<usize>, write: Range<usize>) -> (&[f32]
     }
 }
 
+/// W ranks of a ring inside this process, each with its own `Peer` server on a loopback port: for
+/// tests and benchmarks of the collectives without worker processes.
+pub async fn loopback_rings(
+    world: usize,
+    server_token: &Token,
+    client_token: &Token,
+    chunk_bytes: usize,
+    timeout: Duration,
+) -> Vec<std::sync::Arc<Ring>> {
+    let mut incomings = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..world {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        peers.push(listener.local_addr().expect("bound address").to_string());
+        let (svc, rx) = peer_service(server_token, chunk_bytes);
+        incomings.push(rx);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            peer_server_builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming),
+        );
+    }
+    let mut out = Vec::new();
+    for (rank, rx) in incomings.into_iter().enumerate() {
+        let ring = Ring::connect(
+            rank,
+            &peers,
+            client_token,
+            rx,
+            chunk_bytes,
+            timeout,
+            timeout,
+        )
+        .await
+        .expect("loopback ring connects");
+        out.push(std::sync::Arc::new(ring));
+    }
+    out
+}
+
 /// Dials `address` until it answers or `timeout` passes (exponential backoff from 50 ms to 1 s).
 pub async fn connect_with_retry(address: &str, timeout: Duration) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))

@@ -92,7 +92,10 @@ fn vocabulary() -> Vec<String> {
     let mut vocab: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
     vocab.extend(WORDS.iter().map(|s| s.to_string()));
     for c in ('a'..='z').chain('0'..='9') {
-        vocab.push(c.to_string());
+        // "a" is already a word; a repeated entry would leave a hole in the id range.
+        if !vocab.contains(&c.to_string()) {
+            vocab.push(c.to_string());
+        }
         vocab.push(format!("##{c}"));
     }
     vocab.extend(".,;:!?'\"-()".chars().map(|c| c.to_string()));

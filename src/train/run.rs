@@ -299,6 +299,9 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
         Some(which) => resume(&ckpt_dir, which, cfg, &data, &mut trainer)?,
         None => 0,
     };
+    if cfg.train.resume.is_some() {
+        log.write(&json!({"event": "resume", "step": start_step}))?;
+    }
     tracing::info!(steps = plan.total_steps, start_step, warmup, batch_size = cfg.train.batch_size, device = ?trainer.model.device(), "training");
     let stop = stop_flag()?;
     let save_checkpoint = |trainer: &Trainer,

@@ -65,3 +65,46 @@ pub fn step_losses(metrics: &Path) -> Vec<f64> {
         .map(|v| v["loss"].as_f64().unwrap())
         .collect()
 }
+
+/// The `"event": kind` records of a run's `metrics.jsonl`, in order.
+pub fn events(out: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == kind)
+        .collect()
+}
+
+/// The step each logged resume of a run continued from.
+pub fn resumed_from(out: &Path) -> Vec<u64> {
+    events(out, "resume")
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// The last loss logged for each step (a resumed run re-logs the steps after its checkpoint).
+pub fn losses_by_step(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    events(out, "step")
+        .iter()
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Waits until `out/checkpoints` holds a valid checkpoint (panics after `limit`).
+pub fn wait_for_checkpoint(out: &Path, limit: std::time::Duration) {
+    let started = std::time::Instant::now();
+    while multipos::train::checkpoint::latest_valid(&out.join("checkpoints"))
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < limit,
+            "no checkpoint appeared in {}",
+            out.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
