@@ -13,9 +13,7 @@ use std::time::Instant;
 
 use multipos::config::RunConfig;
 use multipos::data::{LoadOptions, load_files};
-use multipos::train::Trainer;
-use multipos::train::optim::{AdamWConfig, LinearSchedule};
-use multipos::train::run::{RunPlan, load_model, plan_spec, step_options};
+use multipos::train::run::{RunPlan, load_model, plan_spec, trainer_for};
 
 fn main() {
     let steps = common::env_or("BENCH_STEPS", 12u64);
@@ -43,17 +41,7 @@ fn main() {
     let cfg = RunConfig::load(&cfg_path, &[]).unwrap();
     let data = load_files(&cfg.data.train.to_vec(), LoadOptions::default()).unwrap();
     let plan = RunPlan::new(&data, plan_spec(&cfg), 1, steps).unwrap();
-    let schedule = LinearSchedule {
-        peak: cfg.train.lr,
-        warmup: cfg.warmup_steps(steps),
-        total: steps,
-    };
-    let mut trainer = Trainer::new(
-        load_model(&cfg).unwrap(),
-        AdamWConfig::default(),
-        schedule,
-        step_options(&cfg),
-    );
+    let mut trainer = trainer_for(&cfg, load_model(&cfg).unwrap(), steps).unwrap();
     let start = Instant::now();
     let mut pairs = 0;
     for step in 0..steps {

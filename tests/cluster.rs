@@ -45,7 +45,8 @@ fn sets(model: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn run(cmd: &str, config: &Path, sets: &[String], extra_args: &[&str]) -> Output {
+/// `multipos CMD --config CONFIG [--set ...] EXTRA_ARGS`, quiet, without an inherited token.
+fn command(cmd: &str, config: &Path, sets: &[String], extra_args: &[&str]) -> Command {
     let mut c = Command::new(bin());
     c.arg(cmd)
         .arg("--config")
@@ -56,7 +57,11 @@ fn run(cmd: &str, config: &Path, sets: &[String], extra_args: &[&str]) -> Output
     for s in sets {
         c.arg("--set").arg(s);
     }
-    c.output().unwrap()
+    c
+}
+
+fn run(cmd: &str, config: &Path, sets: &[String], extra_args: &[&str]) -> Output {
+    command(cmd, config, sets, extra_args).output().unwrap()
 }
 
 fn losses(out: &Path) -> Vec<f64> {
@@ -457,20 +462,16 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
 
     // The same run, SIGKILLed (every process) once a checkpoint exists.
     let killed = dir.path().join("killed");
-    let mut c = Command::new(bin());
-    c.arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--workers", "3"])
-        .env("RUST_LOG", "warn");
-    for s in sets(&model, &killed, &extra) {
-        c.arg("--set").arg(s);
-    }
-    let mut launch = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut launch = command(
+        "launch",
+        &cfg,
+        &sets(&model, &killed, &extra),
+        &["--workers", "3"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     common::wait_for_checkpoint(&killed, Duration::from_secs(120));
     for pid in children(launch.id(), "multipos") {
         unsafe { libc_kill(pid, 9) };
@@ -576,20 +577,16 @@ fn launch_restarts_after_a_worker_sigkill_and_applies_every_batch_once() {
     );
 
     let hit = dir.path().join("hit");
-    let mut c = Command::new(bin());
-    c.arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--workers", "3"])
-        .env("RUST_LOG", "warn");
-    for s in sets(&model, &hit, &extra) {
-        c.arg("--set").arg(s);
-    }
-    let mut launch = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut launch = command(
+        "launch",
+        &cfg,
+        &sets(&model, &hit, &extra),
+        &["--workers", "3"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let stderr = launch.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -655,20 +652,17 @@ fn a_killed_worker_fails_the_launch_quickly_and_clearly() {
     let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().join("killed");
-    let mut c = Command::new(bin());
-    c.arg("launch")
-        .arg("--config")
-        .arg(repo("configs/local-2workers.toml"))
-        .args(["--workers", "2"]);
-    for s in sets(&model, &out, &["train.max_steps=3000"]) {
-        c.arg("--set").arg(s);
-    }
-    let mut launch = c
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut launch = command(
+        "launch",
+        &repo("configs/local-2workers.toml"),
+        &sets(&model, &out, &["train.max_steps=3000"]),
+        &["--workers", "2"],
+    )
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let stderr = launch.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         BufReader::new(stderr)

@@ -24,7 +24,9 @@ use crate::pb::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorSe
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::train::checkpoint::{self, CheckpointState};
-use crate::train::run::{MetricsLog, RunPlan, load_training_data, plan_spec, prepare_output};
+use crate::train::run::{
+    MetricsLog, RunPlan, load_training_data, plan_spec, prepare_output, schedule_for,
+};
 
 struct Member {
     worker_id: String,
@@ -114,6 +116,8 @@ impl Coordinator {
             cfg.train.epochs,
             cfg.train.max_steps,
         )?;
+        // Refuse an impossible schedule here, before any worker starts.
+        schedule_for(&cfg, plan.total_steps)?;
         let model_dir = cfg
             .model
             .path

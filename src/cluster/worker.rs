@@ -20,8 +20,7 @@ use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::train::Trainer;
 use crate::train::checkpoint::{self, CheckpointState};
-use crate::train::optim::{AdamWConfig, LinearSchedule};
-use crate::train::run::step_options;
+use crate::train::run::trainer_for;
 use crate::train::trainer::ShardTexts;
 
 /// How a worker starts.
@@ -120,7 +119,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
                 model_fingerprint: fingerprint,
                 version: env!("CARGO_PKG_VERSION").into(),
             },
-            Duration::from_secs(600),
+            TRANSFER_DEADLINE,
         ))
         .await
         .map_err(rpc_err("join refused"))?
@@ -135,16 +134,10 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
     let model_dir = match &opts.model {
         Some(dir) => dir.clone(),
         None => {
-            fetched = tempfile::tempdir().map_err(Error::io(
-                "create a temporary directory",
-                std::env::temp_dir(),
-            ))?;
+            fetched = scratch_dir()?;
             let target = fetched.path().join("model");
             let stream = client
-                .fetch_model(with_deadline(
-                    FetchModelRequest {},
-                    Duration::from_secs(600),
-                ))
+                .fetch_model(with_deadline(FetchModelRequest {}, TRANSFER_DEADLINE))
                 .await
                 .map_err(rpc_err("fetch model"))?
                 .into_inner();
@@ -181,28 +174,12 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
         rank as u32,
         Duration::from_millis(joined.heartbeat_interval_ms),
     ));
-    let total = joined.total_steps;
-    let schedule = LinearSchedule {
-        peak: cfg.train.lr,
-        warmup: cfg.warmup_steps(total),
-        total,
-    };
-    let adamw = AdamWConfig {
-        weight_decay: cfg.train.weight_decay,
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(model, adamw, schedule, step_options(&cfg));
+    let mut trainer = trainer_for(&cfg, model, joined.total_steps)?;
     if joined.resume {
-        let dir = tempfile::tempdir().map_err(Error::io(
-            "create a temporary directory",
-            std::env::temp_dir(),
-        ))?;
+        let dir = scratch_dir()?;
         let target = dir.path().join("checkpoint");
         let stream = client
-            .fetch_checkpoint(with_deadline(
-                FetchCheckpointRequest {},
-                Duration::from_secs(600),
-            ))
+            .fetch_checkpoint(with_deadline(FetchCheckpointRequest {}, TRANSFER_DEADLINE))
             .await
             .map_err(rpc_err("fetch checkpoint"))?
             .into_inner();
@@ -382,18 +359,12 @@ async fn train_loop(
         step += 1;
     }
     if rank == 0 {
-        let dir = tempfile::tempdir().map_err(Error::io(
-            "create a temporary directory",
-            std::env::temp_dir(),
-        ))?;
+        let dir = scratch_dir()?;
         let out = dir.path().join("model");
         trainer.model.save(&out)?;
         let chunks = super::files::file_chunks(&out)?;
         client
-            .upload_model(with_deadline(
-                tokio_stream::iter(chunks),
-                Duration::from_secs(600),
-            ))
+            .upload_model(with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE))
             .await
             .map_err(rpc_err("upload model"))?;
         tracing::info!(world, "uploaded the trained model");
@@ -408,10 +379,7 @@ async fn upload_checkpoint(
     step: u64,
     template: &CheckpointState,
 ) -> Result<()> {
-    let dir = tempfile::tempdir().map_err(Error::io(
-        "create a temporary directory",
-        std::env::temp_dir(),
-    ))?;
+    let dir = scratch_dir()?;
     let state = CheckpointState {
         step,
         optimizer_steps: trainer.optim.steps_taken(),
@@ -422,13 +390,21 @@ async fn upload_checkpoint(
     })?;
     let chunks = super::files::file_chunks(&path)?;
     client
-        .upload_checkpoint(with_deadline(
-            tokio_stream::iter(chunks),
-            Duration::from_secs(600),
-        ))
+        .upload_checkpoint(with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE))
         .await
         .map_err(rpc_err("upload checkpoint"))?;
     Ok(())
+}
+
+/// Deadline of calls that move a whole model or checkpoint.
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(600);
+
+/// A private temporary directory, removed when dropped.
+fn scratch_dir() -> Result<tempfile::TempDir> {
+    tempfile::tempdir().map_err(Error::io(
+        "create a temporary directory",
+        std::env::temp_dir(),
+    ))
 }
 
 fn hostname() -> String {

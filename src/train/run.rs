@@ -169,6 +169,36 @@ pub fn step_options(cfg: &RunConfig) -> StepOptions {
     }
 }
 
+/// The learning-rate schedule of a run of `total` steps; a warmup longer than the run is refused.
+pub fn schedule_for(cfg: &RunConfig, total: u64) -> Result<LinearSchedule> {
+    let warmup = cfg.warmup_steps(total);
+    if warmup > total {
+        return Err(Error::Usage(format!(
+            "warmup of {warmup} steps exceeds the run's {total} steps"
+        )));
+    }
+    Ok(LinearSchedule {
+        peak: cfg.train.lr,
+        warmup,
+        total,
+    })
+}
+
+/// A trainer for `model` as the config describes (optimizer, schedule, step options), for a run
+/// of `total` steps: the same in one process and on every cluster worker.
+pub fn trainer_for(cfg: &RunConfig, model: SentenceModel, total: u64) -> Result<Trainer> {
+    let adamw = AdamWConfig {
+        weight_decay: cfg.train.weight_decay,
+        ..Default::default()
+    };
+    Ok(Trainer::new(
+        model,
+        adamw,
+        schedule_for(cfg, total)?,
+        step_options(cfg),
+    ))
+}
+
 /// Loads the model a config names onto its device.
 pub fn load_model(cfg: &RunConfig) -> Result<SentenceModel> {
     device::set_threads(cfg.model.threads);
@@ -277,23 +307,8 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     let data = load_training_data(cfg, &mut log)?;
 
     let plan = RunPlan::new(&data, plan_spec(cfg), cfg.train.epochs, cfg.train.max_steps)?;
-    let warmup = cfg.warmup_steps(plan.total_steps);
-    if warmup > plan.total_steps {
-        return Err(Error::Usage(format!(
-            "warmup of {warmup} steps exceeds the run's {} steps",
-            plan.total_steps
-        )));
-    }
-    let schedule = LinearSchedule {
-        peak: cfg.train.lr,
-        warmup,
-        total: plan.total_steps,
-    };
-    let adamw = AdamWConfig {
-        weight_decay: cfg.train.weight_decay,
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(model, adamw, schedule, step_options(cfg));
+    let mut trainer = trainer_for(cfg, model, plan.total_steps)?;
+    let warmup = trainer.schedule.warmup;
     let ckpt_dir = out_dir.join("checkpoints");
     let start_step = match &cfg.train.resume {
         Some(which) => resume(&ckpt_dir, which, cfg, &data, &mut trainer)?,
