@@ -52,9 +52,16 @@ pub struct ClusterConfig {
     pub chunk_kib: usize,
     /// CPU threads per worker process (0 = cores / workers).
     pub threads_per_worker: usize,
-    /// `launch` restarts the whole local cluster from the newest checkpoint this many times when a
-    /// process fails.
+    /// `launch` restarts a dead local process this many times in all: a worker re-joins and heals
+    /// from a live peer's state, the coordinator comes back with `--resume` on the same address.
     pub max_restarts: usize,
+    /// Fewest workers the run goes on with after losing some (0 = all of `workers`): the ring
+    /// re-forms with the live ones when no replacement joins within `rejoin_grace_ms`.
+    pub min_workers: usize,
+    /// How long a re-forming ring waits for missing workers before going on with fewer.
+    pub rejoin_grace_ms: u64,
+    /// How long a worker keeps re-joining (with backoff) while the coordinator is unreachable.
+    pub rejoin_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -72,6 +79,9 @@ impl Default for ClusterConfig {
             chunk_kib: 4096,
             threads_per_worker: 0,
             max_restarts: 0,
+            min_workers: 0,
+            rejoin_grace_ms: 3000,
+            rejoin_timeout_ms: 120_000,
         }
     }
 }
@@ -93,6 +103,15 @@ impl ClusterConfig {
             return Ok(Some(t.trim().to_string()));
         }
         Ok(self.token.clone())
+    }
+
+    /// The fewest workers a re-formed ring may have.
+    pub fn min_workers(&self) -> usize {
+        if self.min_workers == 0 {
+            self.workers
+        } else {
+            self.min_workers
+        }
     }
 }
 
@@ -318,6 +337,12 @@ impl RunConfig {
             return Err(format!(
                 "train.batch_size {} does not split into cluster.workers = {} equal shards: make it a multiple",
                 t.batch_size, c.workers
+            ));
+        }
+        if c.min_workers > c.workers {
+            return Err(format!(
+                "cluster.min_workers = {} exceeds cluster.workers = {}",
+                c.min_workers, c.workers
             ));
         }
         if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {

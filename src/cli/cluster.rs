@@ -10,6 +10,7 @@ use super::ConfigArgs;
 use crate::cluster::auth::Token;
 use crate::cluster::coordinator::{self, Coordinator, Outcome};
 use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
+use crate::cluster::signals::Signals;
 use crate::cluster::worker::{self, WorkerOptions};
 use crate::config::{RunConfig, TOKEN_ENV};
 use crate::device;
@@ -98,15 +99,21 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr().context("reading the bound address")?;
         tracing::info!(%addr, workers = cfg.cluster.workers, steps = coord.total_steps(), "coordinator listening");
         println!("{ANNOUNCE}{addr}");
-        let stop = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let mut signals = Signals::new()?;
+        let stop = async move { signals.recv().await };
         match coord.serve(listener, token, stop).await? {
             Outcome::Finished { steps, model_dir } => {
                 // Whoever read our announcement may be gone; the run's result is on disk either way.
                 let _ = writeln!(std::io::stdout(), "finished {steps} steps; model: {}", model_dir.display());
                 Ok(())
             }
+            Outcome::Stopped { steps, checkpoint } => match checkpoint {
+                Some(path) => bail!(
+                    "stopped by a signal after {steps} steps; checkpoint {}; continue with --resume",
+                    path.display()
+                ),
+                None => bail!("stopped by a signal after {steps} steps, without a new checkpoint"),
+            },
             Outcome::Aborted(reason) => bail!("run aborted: {reason}"),
         }
     })

@@ -1,6 +1,9 @@
 //! `multipos launch`: a coordinator and N local worker processes from one config. Their output is
-//! streamed with a prefix; Ctrl-C or any process failing stops all of them, and the launch exits
-//! non-zero unless the run finished.
+//! streamed with a prefix. A process that dies is started again (up to `cluster.max_restarts` in
+//! all): a worker re-joins and heals from a live peer, the coordinator comes back with `--resume`
+//! on the same address and the workers re-join it. SIGINT/SIGTERM stop the run gracefully (the
+//! coordinator checkpoints and stops the workers); the launch exits non-zero unless the run
+//! finished.
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,23 +27,56 @@ pub struct LaunchOptions {
     pub workers: Option<usize>,
 }
 
-enum Event {
-    Line(String, String),
-    Exited(String, std::io::Result<std::process::ExitStatus>),
+/// Which local process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Coordinator,
+    Worker(usize),
 }
 
-fn spawn(
-    name: String,
-    mut cmd: Command,
-    events: mpsc::UnboundedSender<Event>,
-) -> Result<tokio::sync::oneshot::Sender<()>> {
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Coordinator => write!(f, "coordinator"),
+            Role::Worker(r) => write!(f, "worker {r}"),
+        }
+    }
+}
+
+enum Event {
+    Line(Role, String),
+    Exited(Role, std::io::Result<std::process::ExitStatus>),
+}
+
+/// A running child: its pid (for signals) and a way to kill it.
+struct Handle {
+    pid: Option<u32>,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Handle {
+    fn kill(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+    }
+
+    fn terminate(&self) {
+        if let Some(pid) = self.pid {
+            // SAFETY: kill(2) with a pid we started and still own (it has not been reaped).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+}
+
+fn spawn(role: Role, mut cmd: Command, events: mpsc::UnboundedSender<Event>) -> Result<Handle> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let mut child: Child = cmd
         .spawn()
-        .map_err(Error::io("start", PathBuf::from(&name)))?;
+        .map_err(Error::io("start", PathBuf::from(role.to_string())))?;
     for stream in [
         child
             .stdout
@@ -51,14 +87,15 @@ fn spawn(
     .into_iter()
     .flatten()
     {
-        let (events, name) = (events.clone(), name.clone());
+        let events = events.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let _ = events.send(Event::Line(name.clone(), line));
+                let _ = events.send(Event::Line(role, line));
             }
         });
     }
+    let pid = child.id();
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let status = tokio::select! {
@@ -68,21 +105,73 @@ fn spawn(
                 child.wait().await
             }
         };
-        let _ = events.send(Event::Exited(name, status));
+        let _ = events.send(Event::Exited(role, status));
     });
-    Ok(kill_tx)
+    Ok(Handle {
+        pid,
+        kill: Some(kill_tx),
+    })
 }
 
-/// How one attempt ended.
-enum Attempt {
+/// Starts processes with the same settings every time.
+struct Starter {
+    exe: PathBuf,
+    config: PathBuf,
+    sets: Vec<String>,
+    token: String,
+    cfg: RunConfig,
+    threads: usize,
+    gpus: usize,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Starter {
+    fn coordinator(&self, extra_sets: &[String]) -> Result<Handle> {
+        let mut c = Command::new(&self.exe);
+        c.arg("coordinator")
+            .arg("--config")
+            .arg(&self.config)
+            .env(TOKEN_ENV, &self.token);
+        for s in self.sets.iter().chain(extra_sets) {
+            c.arg("--set").arg(s);
+        }
+        spawn(Role::Coordinator, c, self.events.clone())
+    }
+
+    fn worker(&self, rank: usize, coordinator: &str) -> Result<Handle> {
+        let device = self.cfg.model.device.as_deref().unwrap_or("auto");
+        let dev = match device {
+            "cuda" | "auto" if self.gpus > 0 => format!("cuda:{}", rank % self.gpus),
+            other => other.to_string(),
+        };
+        let mut w = Command::new(&self.exe);
+        w.arg("worker")
+            .arg("--coordinator")
+            .arg(coordinator)
+            .arg("--rank")
+            .arg(rank.to_string())
+            .arg("--threads")
+            .arg(self.threads.to_string())
+            .arg("--device")
+            .arg(dev)
+            .arg("--peer-host")
+            .arg(&self.cfg.cluster.peer_host)
+            .env(TOKEN_ENV, &self.token);
+        if let Some(model) = &self.cfg.model.path {
+            w.arg("--model").arg(model);
+        }
+        spawn(Role::Worker(rank), w, self.events.clone())
+    }
+}
+
+/// How the launch is ending.
+enum Ending {
     Finished,
     Failed(String),
     Interrupted,
 }
 
-/// Runs the whole local cluster; Ok only when the coordinator finished the run. When a process
-/// fails, everything is stopped and (up to `cluster.max_restarts` times) started again from the
-/// newest checkpoint, so no global batch is lost or applied twice.
+/// Runs the whole local cluster; Ok only when the coordinator finished the run.
 pub async fn launch(opts: LaunchOptions) -> Result<()> {
     let mut sets = opts.sets.clone();
     if let Some(n) = opts.workers {
@@ -95,130 +184,139 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
         Some(t) => t,
         None => super::auth::Token::random().expose().to_string(),
     };
-    let mut attempt = 0;
-    loop {
-        match run_once(&opts, &cfg, &sets, &token).await? {
-            Attempt::Finished => return Ok(()),
-            Attempt::Interrupted => return Err(Error::Usage("interrupted".into())),
-            Attempt::Failed(why) if attempt < cfg.cluster.max_restarts => {
-                attempt += 1;
-                eprintln!(
-                    "[launch] {why}: restarting every process from the newest checkpoint (restart {attempt} of {})",
-                    cfg.cluster.max_restarts
-                );
-                if !sets.iter().any(|s| s.starts_with("train.resume=")) {
-                    sets.push("train.resume=\"latest\"".into());
-                }
-            }
-            Attempt::Failed(why) => return Err(Error::Usage(why)),
-        }
-    }
-}
-
-async fn run_once(
-    opts: &LaunchOptions,
-    cfg: &RunConfig,
-    sets: &[String],
-    token: &str,
-) -> Result<Attempt> {
     let workers = cfg.cluster.workers;
-    let exe = std::env::current_exe().map_err(Error::io("locate", "the multipos executable"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut kills = Vec::new();
-
-    let mut coord = Command::new(&exe);
-    coord
-        .arg("coordinator")
-        .arg("--config")
-        .arg(&opts.config)
-        .env(TOKEN_ENV, token);
-    for s in sets {
-        coord.arg("--set").arg(s);
-    }
-    kills.push(spawn("coordinator".into(), coord, tx.clone())?);
-
-    let threads = if cfg.cluster.threads_per_worker > 0 {
-        cfg.cluster.threads_per_worker
-    } else {
-        (std::thread::available_parallelism().map_or(1, |n| n.get()) / workers).max(1)
+    let starter = Starter {
+        exe: std::env::current_exe().map_err(Error::io("locate", "the multipos executable"))?,
+        config: opts.config.clone(),
+        sets,
+        token,
+        threads: if cfg.cluster.threads_per_worker > 0 {
+            cfg.cluster.threads_per_worker
+        } else {
+            (std::thread::available_parallelism().map_or(1, |n| n.get()) / workers).max(1)
+        },
+        gpus: tch::Cuda::device_count().max(0) as usize,
+        events: tx,
+        cfg,
     };
-    let device = cfg.model.device.clone().unwrap_or_else(|| "auto".into());
-    let gpus = tch::Cuda::device_count().max(0) as usize;
-    let mut started_workers = false;
+    let mut coordinator = starter.coordinator(&[])?;
+    let mut handles: Vec<Option<Handle>> = (0..workers).map(|_| None).collect();
+    let mut address: Option<String> = None;
     let mut running = 1usize;
-    let mut outcome: Option<Attempt> = None;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let mut restarts = 0usize;
+    let mut ending: Option<Ending> = None;
+    let mut signals = super::signals::Signals::new()?;
+    let mut signalled = false;
     loop {
         let event = tokio::select! {
             e = rx.recv() => e,
-            _ = &mut interrupt => {
-                tracing::warn!("interrupted: stopping every process");
-                outcome.get_or_insert(Attempt::Interrupted);
-                for k in kills.drain(..) {
-                    let _ = k.send(());
+            _ = signals.recv() => {
+                if signalled {
+                    eprintln!("[launch] second signal: killing every process");
+                    coordinator.kill();
+                    for h in handles.iter_mut().flatten() {
+                        h.kill();
+                    }
+                } else {
+                    eprintln!("[launch] stopping: the coordinator checkpoints and stops the workers");
+                    coordinator.terminate();
                 }
+                signalled = true;
+                ending = Some(Ending::Interrupted);
                 continue;
             }
         };
         let Some(event) = event else { break };
         match event {
-            Event::Line(name, line) => {
-                if !started_workers
-                    && name == "coordinator"
-                    && let Some(addr) = line.strip_prefix(ANNOUNCE)
-                {
-                    started_workers = true;
-                    for rank in 0..workers {
-                        let mut w = Command::new(&exe);
-                        let dev = match device.as_str() {
-                            "cuda" | "auto" if gpus > 0 => format!("cuda:{}", rank % gpus),
-                            other => other.to_string(),
-                        };
-                        w.arg("worker")
-                            .arg("--coordinator")
-                            .arg(addr.trim())
-                            .arg("--rank")
-                            .arg(rank.to_string());
-                        w.arg("--threads")
-                            .arg(threads.to_string())
-                            .arg("--device")
-                            .arg(dev);
-                        w.arg("--peer-host").arg(&cfg.cluster.peer_host);
-                        if let Some(model) = &cfg.model.path {
-                            w.arg("--model").arg(model);
-                        }
-                        w.env(TOKEN_ENV, token);
-                        kills.push(spawn(format!("worker {rank}"), w, tx.clone())?);
+            Event::Line(Role::Coordinator, line) if line.starts_with(ANNOUNCE) => {
+                if address.is_none() {
+                    let addr = line[ANNOUNCE.len()..].trim().to_string();
+                    for (rank, h) in handles.iter_mut().enumerate() {
+                        *h = Some(starter.worker(rank, &addr)?);
                         running += 1;
                     }
-                    continue;
+                    address = Some(addr);
                 }
-                eprintln!("[{name}] {line}");
             }
-            Event::Exited(name, status) => {
+            Event::Line(role, line) => eprintln!("[{role}] {line}"),
+            Event::Exited(role, status) => {
                 running -= 1;
                 let ok = matches!(&status, Ok(s) if s.success());
-                if !ok && outcome.is_none() {
-                    let how = match status {
-                        Ok(s) => s.to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    eprintln!("[launch] {name} failed ({how}): stopping the other processes");
-                    outcome = Some(Attempt::Failed(format!("{name} failed ({how})")));
-                    for k in kills.drain(..) {
-                        let _ = k.send(());
+                let how = match &status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                match role {
+                    Role::Coordinator if ok => {
+                        ending.get_or_insert(Ending::Finished);
+                        // Workers exit on their own once the run is done; give them a moment.
+                        let stragglers: Vec<Handle> =
+                            handles.iter_mut().filter_map(Option::take).collect();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            for mut h in stragglers {
+                                h.kill();
+                            }
+                        });
                     }
-                } else if ok && name == "coordinator" && outcome.is_none() {
-                    outcome = Some(Attempt::Finished);
-                    // Workers exit on their own once the coordinator is done; give them a moment.
-                    let stragglers = std::mem::take(&mut kills);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(30)).await;
-                        for k in stragglers {
-                            let _ = k.send(());
+                    Role::Coordinator => {
+                        if ending.is_none()
+                            && restarts < starter.cfg.cluster.max_restarts
+                            && let Some(addr) = &address
+                        {
+                            restarts += 1;
+                            eprintln!(
+                                "[launch] the coordinator failed ({how}): restarting it with --resume on {addr} (restart {restarts} of {})",
+                                starter.cfg.cluster.max_restarts
+                            );
+                            coordinator = starter.coordinator(&[
+                                "train.resume=\"latest\"".into(),
+                                format!("cluster.bind=\"{addr}\""),
+                            ])?;
+                            running += 1;
+                            continue;
                         }
-                    });
+                        if ending.is_none() {
+                            eprintln!(
+                                "[launch] the coordinator failed ({how}): stopping the workers"
+                            );
+                            ending =
+                                Some(Ending::Failed(format!("the coordinator failed ({how})")));
+                        }
+                        for h in handles.iter_mut().flatten() {
+                            h.kill();
+                        }
+                    }
+                    Role::Worker(rank) => {
+                        handles[rank] = None;
+                        if ok || ending.is_some() {
+                            // Done, stopped, or the launch is ending anyway.
+                        } else if restarts < starter.cfg.cluster.max_restarts
+                            && let Some(addr) = &address
+                        {
+                            restarts += 1;
+                            eprintln!(
+                                "[launch] worker {rank} failed ({how}): starting a replacement (restart {restarts} of {})",
+                                starter.cfg.cluster.max_restarts
+                            );
+                            handles[rank] = Some(starter.worker(rank, addr)?);
+                            running += 1;
+                        } else if starter.cfg.cluster.min_workers() < workers {
+                            eprintln!(
+                                "[launch] worker {rank} failed ({how}): the run goes on with fewer workers"
+                            );
+                        } else {
+                            eprintln!(
+                                "[launch] worker {rank} failed ({how}): stopping the other processes"
+                            );
+                            ending = Some(Ending::Failed(format!("worker {rank} failed ({how})")));
+                            coordinator.kill();
+                            for h in handles.iter_mut().flatten() {
+                                h.kill();
+                            }
+                        }
+                    }
                 }
                 if running == 0 {
                     break;
@@ -226,5 +324,12 @@ async fn run_once(
             }
         }
     }
-    Ok(outcome.unwrap_or_else(|| Attempt::Failed("the coordinator never started".into())))
+    match ending {
+        Some(Ending::Finished) => Ok(()),
+        Some(Ending::Interrupted) => Err(Error::Usage(
+            "stopped by a signal; continue with --resume".into(),
+        )),
+        Some(Ending::Failed(why)) => Err(Error::Usage(why)),
+        None => Err(Error::Usage("the coordinator never started".into())),
+    }
 }

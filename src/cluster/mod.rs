@@ -4,4 +4,5 @@ pub mod auth;
 pub mod coordinator;
 pub mod files;
 pub mod launch;
+pub mod signals;
 pub mod worker;

@@ -1,17 +1,23 @@
 //! A worker: joins the coordinator, then per step embeds its shard, all-gathers embeddings, computes
 //! the global loss (own slice live, others detached: DESIGN §3), backpropagates, all-reduces the
-//! gradients with SUM, and applies the same AdamW update as every other replica.
+//! gradients with SUM, reports the step, and applies the same AdamW update as every other replica
+//! once the coordinator says every member reported it (two-phase commit).
+//!
+//! When its ring breaks up (a peer dies, the coordinator ends the generation, or the coordinator
+//! itself is gone), the worker drops the open step, keeps its replica, and joins again with
+//! backoff for up to `cluster.rejoin_timeout_ms`; it heals from a checkpoint when it is behind.
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::auth::{Attach, Token};
 use super::files::{model_fingerprint, receive_files};
-use crate::collective::{Ring, connect_with_retry, peer_service};
+use crate::collective::{CollectiveError, Incoming, Ring, connect_with_retry, peer_service};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::SentenceModel;
@@ -37,14 +43,42 @@ pub struct WorkerOptions {
     pub threads: usize,
     /// Interface the peer server binds and advertises.
     pub peer_host: String,
-    /// How long to keep trying to reach the coordinator and the neighbour.
+    /// How long to keep trying to reach the coordinator before the first join.
     pub connect_timeout: Duration,
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
 
-fn rpc_err(what: &str) -> impl FnOnce(tonic::Status) -> Error + '_ {
-    move |s| Error::Usage(format!("{what}: {} ({:?})", s.message(), s.code()))
+/// Why a generation ended for this worker.
+enum Interrupt {
+    /// The ring broke up or the coordinator is unreachable: join again.
+    Rejoin(String),
+    /// The run cannot go on for this worker.
+    Fatal(Error),
+}
+
+impl From<Error> for Interrupt {
+    fn from(e: Error) -> Self {
+        Interrupt::Fatal(e)
+    }
+}
+
+/// Transport failures and deadlines mean "join again"; refusals end the worker.
+fn rpc_err(what: &str) -> impl FnOnce(tonic::Status) -> Interrupt + '_ {
+    move |s| {
+        let text = format!("{what}: {} ({:?})", s.message(), s.code());
+        use tonic::Code::*;
+        match s.code() {
+            Unavailable | DeadlineExceeded | Cancelled | Unknown | Internal => {
+                Interrupt::Rejoin(text)
+            }
+            _ => Interrupt::Fatal(Error::Usage(text)),
+        }
+    }
+}
+
+fn ring_err(step: u64, what: &str) -> impl FnOnce(CollectiveError) -> Interrupt + '_ {
+    move |e| Interrupt::Rejoin(format!("step {}: {what}: {e}", step + 1))
 }
 
 fn with_deadline<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
@@ -73,7 +107,27 @@ fn from_bytes(bytes: &[u8], shape: &[i64], device: Device) -> Tensor {
     Tensor::from_slice(&v).view(shape).to_device(device)
 }
 
-/// Runs a worker until the run is done (Ok) or aborted / broken (Err).
+/// This worker's model replica and what it has applied.
+struct Replica {
+    cfg: RunConfig,
+    trainer: Trainer,
+    /// Optimizer steps applied.
+    applied: u64,
+    run_fingerprint: String,
+    data_fingerprint: String,
+    /// Keeps a fetched model directory alive.
+    _fetched: Option<tempfile::TempDir>,
+}
+
+/// The worker's fixed parts: identity, peer server, options.
+struct Node {
+    opts: WorkerOptions,
+    worker_id: String,
+    peer_address: String,
+    incoming: Incoming,
+}
+
+/// Runs a worker until the run is done or stopped (Ok) or fails for good (Err).
 pub async fn run(opts: WorkerOptions) -> Result<()> {
     let listener = TcpListener::bind((opts.peer_host.as_str(), 0))
         .await
@@ -86,56 +140,165 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
             .map_err(Error::io("read address of", "peer listener"))?
             .port()
     );
-    let chunk_guess = 16 << 20;
-    let (peer_svc, incoming) = peer_service(&opts.token, chunk_guess);
+    let (peer_svc, incoming) = peer_service(&opts.token, 16 << 20);
     tokio::spawn(
         crate::collective::peer_server_builder()
             .add_service(peer_svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    let node = Node {
+        worker_id: format!("{}:{}", hostname(), std::process::id()),
+        peer_address,
+        incoming,
+        opts,
+    };
 
-    let channel = connect_with_retry(&opts.coordinator, opts.connect_timeout)
+    let mut replica: Option<Replica> = None;
+    let mut reason = String::new();
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let applied_before = replica.as_ref().map(|r| r.applied);
+        let outcome = generation(&node, &mut replica, &reason).await;
+        if replica.as_ref().map(|r| r.applied) != applied_before {
+            // Steps were applied: the retry window and backoff start afresh.
+            failing_since = None;
+            backoff = Duration::from_millis(100);
+        }
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(Interrupt::Fatal(e)) => return Err(e),
+            Err(Interrupt::Rejoin(why)) => {
+                let window = replica.as_ref().map_or(node.opts.connect_timeout, |r| {
+                    Duration::from_millis(r.cfg.cluster.rejoin_timeout_ms)
+                });
+                if failing_since.get_or_insert_with(Instant::now).elapsed() > window {
+                    return Err(Error::Usage(format!(
+                        "gave up after {window:?} without a working ring: {why}"
+                    )));
+                }
+                tracing::warn!(reason = %why, "leaving the ring; joining again");
+                if let Some(r) = replica.as_mut() {
+                    r.trainer.optim.zero_grad();
+                }
+                reason = why;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One generation: join, heal if behind, connect the ring, train until it ends.
+async fn generation(
+    node: &Node,
+    replica: &mut Option<Replica>,
+    reason: &str,
+) -> Result<(), Interrupt> {
+    let channel = connect_with_retry(&node.opts.coordinator, Duration::from_secs(2))
         .await
         .map_err(|e| {
-            Error::Usage(format!(
+            Interrupt::Rejoin(format!(
                 "cannot reach the coordinator at {}: {e}",
-                opts.coordinator
+                node.opts.coordinator
             ))
         })?;
-    let mut client: Client = CoordinatorClient::with_interceptor(channel, opts.token.attach())
+    let mut client: Client = CoordinatorClient::with_interceptor(channel, node.opts.token.attach())
         .max_decoding_message_size(256 << 20);
-
-    let fingerprint = match &opts.model {
+    let fingerprint = match &node.opts.model {
         Some(dir) => model_fingerprint(dir)?,
         None => String::new(),
     };
-    let worker_id = format!("{}:{}", hostname(), std::process::id());
     let joined = client
         .join(with_deadline(
             JoinRequest {
-                worker_id: worker_id.clone(),
-                rank: opts.rank.map_or(-1, |r| r as i32),
-                peer_address: peer_address.clone(),
+                worker_id: node.worker_id.clone(),
+                rank: node.opts.rank.map_or(-1, |r| r as i32),
+                peer_address: node.peer_address.clone(),
                 model_fingerprint: fingerprint,
                 version: env!("CARGO_PKG_VERSION").into(),
+                state_step: replica.as_ref().map_or(0, |r| r.applied),
+                run_fingerprint: replica
+                    .as_ref()
+                    .map(|r| r.run_fingerprint.clone())
+                    .unwrap_or_default(),
+                reason: reason.into(),
             },
             TRANSFER_DEADLINE,
         ))
         .await
-        .map_err(rpc_err("join refused"))?
+        .map_err(rpc_err("join"))?
         .into_inner();
-    let rank = joined.rank as usize;
-    let world = joined.world_size as usize;
+    let (rank, world) = (joined.rank as usize, joined.world_size as usize);
+    tracing::info!(rank, world, generation = joined.generation, start_step = joined.start_step, heal = joined.heal, worker = %node.worker_id, "joined");
+
+    // Heartbeats start at once: loading or healing must not look like silence.
+    let (broken_tx, broken) = watch::channel(None::<String>);
+    let heartbeat = AbortOnDrop(tokio::spawn(heartbeats(
+        client.clone(),
+        joined.member,
+        joined.generation,
+        Duration::from_millis(joined.heartbeat_interval_ms),
+        broken_tx,
+    )));
+
+    if replica.is_none() {
+        *replica = Some(load_replica(node, &mut client, &joined).await?);
+    }
+    let replica = replica.as_mut().expect("loaded above");
+    if joined.heal {
+        heal(&mut client, replica, joined.start_step).await?;
+    }
+    if replica.applied != joined.start_step {
+        return Err(Interrupt::Fatal(Error::Usage(format!(
+            "the coordinator starts at step {} but this replica holds step {}",
+            joined.start_step, replica.applied
+        ))));
+    }
+    if joined.upload_state {
+        upload_checkpoint(&mut client, replica).await?;
+    }
+    let step_timeout = Duration::from_millis(replica.cfg.cluster.step_timeout_ms);
+    let ring = Ring::connect(
+        rank,
+        &joined.peers,
+        joined.generation,
+        &node.opts.token,
+        node.incoming.clone(),
+        replica.cfg.cluster.chunk_kib * 1024,
+        step_timeout,
+        Duration::from_millis(replica.cfg.cluster.heartbeat_timeout_ms),
+    )
+    .await
+    .map_err(|e| Interrupt::Rejoin(format!("ring: {e}")))?;
+    let result = train_loop(&mut client, &ring, replica, broken, step_timeout).await;
+    drop(heartbeat);
+    result
+}
+
+/// Aborts a spawned task when dropped (on every way out of a generation).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the run's configuration, loads (or fetches) the model, builds the trainer.
+async fn load_replica(
+    node: &Node,
+    client: &mut Client,
+    joined: &JoinResponse,
+) -> Result<Replica, Interrupt> {
     let cfg: RunConfig = toml::from_str(&joined.config_toml)
         .map_err(|e| Error::Usage(format!("the coordinator sent an unreadable config: {e}")))?;
-    tracing::info!(rank, world, worker = %worker_id, "joined");
-
-    let fetched;
-    let model_dir = match &opts.model {
+    let mut fetched = None;
+    let model_dir = match &node.opts.model {
         Some(dir) => dir.clone(),
         None => {
-            fetched = scratch_dir()?;
-            let target = fetched.path().join("model");
+            let dir = scratch_dir()?;
+            let target = dir.path().join("model");
             let stream = client
                 .fetch_model(with_deadline(FetchModelRequest {}, TRANSFER_DEADLINE))
                 .await
@@ -143,108 +306,135 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
                 .into_inner();
             receive_files(stream, &target).await?;
             if model_fingerprint(&target)? != joined.model_fingerprint {
-                return Err(Error::Usage(
+                return Err(Interrupt::Fatal(Error::Usage(
                     "the fetched model's fingerprint differs from the coordinator's".into(),
-                ));
+                )));
             }
+            fetched = Some(dir);
             target
         }
     };
-    crate::device::set_threads(opts.threads);
-    let mut model = SentenceModel::load(&model_dir, opts.device)?;
+    crate::device::set_threads(node.opts.threads);
+    let mut model = SentenceModel::load(&model_dir, node.opts.device)?;
     if let Some(n) = cfg.model.max_seq_length {
         model.set_max_seq_length(n)?;
     }
-
-    let step_timeout = Duration::from_millis(cfg.cluster.step_timeout_ms);
-    let ring = Ring::connect(
-        rank,
-        &joined.peers,
-        &opts.token,
-        incoming,
-        cfg.cluster.chunk_kib * 1024,
-        step_timeout,
-        opts.connect_timeout,
-    )
-    .await
-    .map_err(|e| Error::Usage(format!("ring: {e}")))?;
-
-    let heartbeat = tokio::spawn(heartbeats(
-        client.clone(),
-        rank as u32,
-        Duration::from_millis(joined.heartbeat_interval_ms),
-    ));
-    let mut trainer = trainer_for(&cfg, model, joined.total_steps)?;
-    if joined.resume {
-        let dir = scratch_dir()?;
-        let target = dir.path().join("checkpoint");
-        let stream = client
-            .fetch_checkpoint(with_deadline(FetchCheckpointRequest {}, TRANSFER_DEADLINE))
-            .await
-            .map_err(rpc_err("fetch checkpoint"))?
-            .into_inner();
-        receive_files(stream, &target).await?;
-        let state = checkpoint::verify(&target)?;
-        checkpoint::restore(&target, &state, &mut trainer.model, &mut trainer.optim)?;
-        tracing::info!(rank, step = state.step, "restored the checkpoint");
-    }
-    let ckpt_state = CheckpointState {
-        step: 0,
-        optimizer_steps: 0,
-        seed: cfg.train.seed,
+    let trainer = trainer_for(&cfg, model, joined.total_steps)?;
+    Ok(Replica {
+        run_fingerprint: format!(
+            "{}-{}",
+            checkpoint::config_fingerprint(&cfg),
+            joined.data_fingerprint
+        ),
         data_fingerprint: joined.data_fingerprint.clone(),
-        config_fingerprint: checkpoint::config_fingerprint(&cfg),
-        multipos_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let result = train_loop(
-        &mut client,
-        &ring,
-        &mut trainer,
-        rank,
-        world,
-        step_timeout,
-        joined.start_step,
-        &ckpt_state,
-    )
-    .await;
-    heartbeat.abort();
-    result
+        cfg,
+        trainer,
+        applied: 0,
+        _fetched: fetched,
+    })
 }
 
-async fn heartbeats(mut client: Client, rank: u32, every: Duration) {
+/// Fetches the checkpoint of `step` (a live member's state, or the run's newest) and restores it.
+async fn heal(client: &mut Client, replica: &mut Replica, step: u64) -> Result<(), Interrupt> {
+    let started = Instant::now();
+    let dir = scratch_dir()?;
+    let target = dir.path().join("checkpoint");
+    let stream = client
+        .fetch_checkpoint(with_deadline(
+            FetchCheckpointRequest { step },
+            TRANSFER_DEADLINE,
+        ))
+        .await
+        .map_err(rpc_err("fetch checkpoint"))?
+        .into_inner();
+    receive_files(stream, &target)
+        .await
+        .map_err(|e| Interrupt::Rejoin(format!("fetch checkpoint: {e}")))?;
+    let state = checkpoint::verify(&target)?;
+    let trainer = &mut replica.trainer;
+    checkpoint::restore(&target, &state, &mut trainer.model, &mut trainer.optim)?;
+    replica.applied = state.step;
+    tracing::info!(
+        step = state.step,
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "healed from a checkpoint"
+    );
+    Ok(())
+}
+
+/// Heartbeats for one generation; publishes why the worker must leave its ring, if it must.
+async fn heartbeats(
+    mut client: Client,
+    member: u64,
+    generation: u64,
+    every: Duration,
+    broken: watch::Sender<Option<String>>,
+) {
     let mut tick = tokio::time::interval(every);
+    let mut failures = 0u32;
     loop {
         tick.tick().await;
         match client
-            .heartbeat(with_deadline(HeartbeatRequest { rank }, every * 4))
+            .heartbeat(with_deadline(HeartbeatRequest { member }, every * 4))
             .await
         {
-            Ok(r) if !r.get_ref().keep_going => return,
-            Ok(_) => {}
-            Err(status) => tracing::warn!(%status, "heartbeat failed"),
+            Ok(r) => {
+                failures = 0;
+                let r = r.into_inner();
+                let why = if !r.keep_going {
+                    Some(format!("the run is over: {}", r.reason))
+                } else if r.rejoin || r.generation != generation {
+                    Some(format!("generation {generation} ended"))
+                } else {
+                    None
+                };
+                if why.is_some() {
+                    let _ = broken.send(why);
+                    return;
+                }
+            }
+            Err(status) => {
+                failures += 1;
+                tracing::warn!(%status, "heartbeat failed");
+                if failures >= 8 {
+                    let _ = broken.send(Some(format!("the coordinator is unreachable: {status}")));
+                    return;
+                }
+            }
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Runs `fut` unless the ring breaks up first.
+async fn unless_broken<T>(
+    broken: &mut watch::Receiver<Option<String>>,
+    fut: impl Future<Output = Result<T, Interrupt>>,
+) -> Result<T, Interrupt> {
+    tokio::select! {
+        r = fut => r,
+        why = broken.wait_for(Option::is_some) => Err(Interrupt::Rejoin(match why {
+            Ok(w) => w.clone().unwrap_or_default(),
+            Err(_) => "heartbeats stopped".into(),
+        })),
+    }
+}
+
 async fn train_loop(
     client: &mut Client,
     ring: &Ring,
-    trainer: &mut Trainer,
-    rank: usize,
-    world: usize,
+    replica: &mut Replica,
+    mut broken: watch::Receiver<Option<String>>,
     step_timeout: Duration,
-    start_step: u64,
-    ckpt_template: &CheckpointState,
-) -> Result<()> {
-    let mut step = start_step;
+) -> Result<(), Interrupt> {
+    let (rank, generation) = (ring.rank, ring.generation);
     loop {
-        tracing::debug!(rank, step, "asking for the next step");
+        let step = replica.applied;
         let next = client
             .next_step(with_deadline(
                 NextStepRequest {
                     rank: rank as u32,
                     step,
+                    generation,
                 },
                 step_timeout,
             ))
@@ -254,25 +444,32 @@ async fn train_loop(
         match StepStatus::try_from(next.status) {
             Ok(StepStatus::Step) => {}
             Ok(StepStatus::Done) => break,
+            Ok(StepStatus::Rejoin) => return Err(Interrupt::Rejoin(next.reason)),
+            Ok(StepStatus::Stop) => {
+                if next.checkpoint {
+                    upload_checkpoint(client, replica).await?;
+                }
+                tracing::info!(rank, step, "stopping as the coordinator asked");
+                return Ok(());
+            }
             Ok(StepStatus::Aborted) => {
-                return Err(Error::Usage(format!(
+                return Err(Interrupt::Fatal(Error::Usage(format!(
                     "the coordinator aborted the run: {}",
                     next.reason
-                )));
+                ))));
             }
-            Err(_) => return Err(Error::Usage(format!("unknown step status {}", next.status))),
+            Err(_) => {
+                return Err(Interrupt::Fatal(Error::Usage(format!(
+                    "unknown step status {}",
+                    next.status
+                ))));
+            }
         }
-        tracing::debug!(
-            rank,
-            step,
-            rows = next.rows.len(),
-            checkpoint = next.checkpoint,
-            "shard received"
-        );
         if next.checkpoint {
-            upload_checkpoint(client, trainer, step, ckpt_template).await?;
+            upload_checkpoint(client, replica).await?;
         }
-        let commit = tokio::task::block_in_place(|| -> Result<_> {
+        let trainer = &mut replica.trainer;
+        let (emb, mut compute) = tokio::task::block_in_place(|| -> Result<_> {
             let start = Instant::now();
             let texts = ShardTexts {
                 queries: next.rows.iter().map(|r| r.query.as_str()).collect(),
@@ -284,7 +481,6 @@ async fn train_loop(
             let emb = trainer.embed_shard(&texts, step, next.first_row)?;
             Ok((emb, start.elapsed().as_secs_f64()))
         })?;
-        let (emb, mut compute) = commit;
 
         // All-gather: every rank's [queries; positives; negatives...] block, (1 + C)·n × d.
         let comm_start = Instant::now();
@@ -294,97 +490,101 @@ async fn train_loop(
             .collect();
         let cols = local.len() as i64;
         let (n, dim) = (emb.queries.size()[0], emb.queries.size()[1]);
-        let blocks = ring
-            .all_gather(step, to_bytes(&Tensor::cat(&local, 0)))
-            .await
-            .map_err(|e| Error::Usage(format!("step {}: all-gather: {e}", step + 1)))?;
+        let payload = to_bytes(&Tensor::cat(&local, 0));
+        let blocks = unless_broken(&mut broken, async {
+            ring.all_gather(step, payload)
+                .await
+                .map_err(ring_err(step, "all-gather"))
+        })
+        .await?;
         let mut comm = comm_start.elapsed().as_secs_f64();
-        tracing::debug!(rank, step, "embeddings gathered");
 
-        let (loss, lr, grad_norm) = {
-            let device = trainer.model.device();
-            // Rebuild the global columns in rank order, putting this rank's live tensors in its slot.
-            let columns: Vec<Tensor> = (0..cols as usize)
-                .map(|c| {
-                    let parts: Vec<Tensor> = blocks
-                        .iter()
-                        .enumerate()
-                        .map(|(r, bytes)| {
-                            if r == rank {
-                                local[c].shallow_clone()
-                            } else {
-                                from_bytes(bytes, &[cols, n, dim], device).get(c as i64)
-                            }
-                        })
-                        .collect();
-                    Tensor::cat(&parts, 0)
-                })
-                .collect();
-            let start = Instant::now();
-            let loss = tokio::task::block_in_place(|| {
-                let loss = trainer.loss(&columns[0], &columns[1..], &next.groups);
-                loss.backward();
-                loss.to_kind(Kind::Double).double_value(&[])
-            });
-            compute += start.elapsed().as_secs_f64();
-            let comm_start = Instant::now();
-            let mut grads = trainer.optim.flat_grads();
+        let device = trainer.model.device();
+        // Rebuild the global columns in rank order, putting this rank's live tensors in its slot.
+        let columns: Vec<Tensor> = (0..cols as usize)
+            .map(|c| {
+                let parts: Vec<Tensor> = blocks
+                    .iter()
+                    .enumerate()
+                    .map(|(r, bytes)| {
+                        if r == rank {
+                            local[c].shallow_clone()
+                        } else {
+                            from_bytes(bytes, &[cols, n, dim], device).get(c as i64)
+                        }
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0)
+            })
+            .collect();
+        let start = Instant::now();
+        let loss = tokio::task::block_in_place(|| {
+            let loss = trainer.loss(&columns[0], &columns[1..], &next.groups);
+            loss.backward();
+            loss.to_kind(Kind::Double).double_value(&[])
+        });
+        compute += start.elapsed().as_secs_f64();
+        let comm_start = Instant::now();
+        let mut grads = trainer.optim.flat_grads();
+        unless_broken(&mut broken, async {
             ring.all_reduce_sum(step, &mut grads)
                 .await
-                .map_err(|e| Error::Usage(format!("step {}: all-reduce: {e}", step + 1)))?;
-            trainer.optim.set_flat_grads(&grads);
-            tracing::debug!(rank, step, "gradients reduced");
-            comm += comm_start.elapsed().as_secs_f64();
-            let start = Instant::now();
-            let (lr, norm) = tokio::task::block_in_place(|| trainer.apply(step));
-            compute += start.elapsed().as_secs_f64();
-            (loss, lr, norm)
-        };
-        client
+                .map_err(ring_err(step, "all-reduce"))
+        })
+        .await?;
+        trainer.optim.set_flat_grads(&grads);
+        comm += comm_start.elapsed().as_secs_f64();
+        let grad_norm = tokio::task::block_in_place(|| trainer.clip());
+        let decision = client
             .commit(with_deadline(
                 CommitRequest {
                     rank: rank as u32,
                     step,
                     loss,
                     grad_norm,
-                    lr,
+                    lr: trainer.schedule.lr(step),
                     tokens: emb.tokens as u64,
                     compute_seconds: compute,
                     comm_seconds: comm,
+                    generation,
                 },
                 step_timeout,
             ))
             .await
-            .map_err(rpc_err("commit"))?;
-        step += 1;
+            .map_err(rpc_err("commit"))?
+            .into_inner();
+        if !decision.apply {
+            return Err(Interrupt::Rejoin(decision.reason));
+        }
+        tokio::task::block_in_place(|| trainer.update(step));
+        replica.applied = step + 1;
     }
     if rank == 0 {
         let dir = scratch_dir()?;
         let out = dir.path().join("model");
-        trainer.model.save(&out)?;
+        replica.trainer.model.save(&out)?;
         let chunks = super::files::file_chunks(&out)?;
         client
             .upload_model(with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE))
             .await
             .map_err(rpc_err("upload model"))?;
-        tracing::info!(world, "uploaded the trained model");
+        tracing::info!(world = ring.world, "uploaded the trained model");
     }
     Ok(())
 }
 
-/// Writes the current state (before `step`) as a checkpoint and streams it to the coordinator.
-async fn upload_checkpoint(
-    client: &mut Client,
-    trainer: &Trainer,
-    step: u64,
-    template: &CheckpointState,
-) -> Result<()> {
+/// Writes the replica's state as a checkpoint and streams it to the coordinator.
+async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(), Interrupt> {
     let dir = scratch_dir()?;
     let state = CheckpointState {
-        step,
-        optimizer_steps: trainer.optim.steps_taken(),
-        ..template.clone()
+        step: replica.applied,
+        optimizer_steps: replica.trainer.optim.steps_taken(),
+        seed: replica.cfg.train.seed,
+        data_fingerprint: replica.data_fingerprint.clone(),
+        config_fingerprint: checkpoint::config_fingerprint(&replica.cfg),
+        multipos_version: env!("CARGO_PKG_VERSION").into(),
     };
+    let trainer = &replica.trainer;
     let path = tokio::task::block_in_place(|| {
         checkpoint::write(dir.path(), &state, &trainer.model, &trainer.optim, 1)
     })?;

@@ -5,6 +5,7 @@
 pub mod ring;
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +44,8 @@ pub enum CollectiveError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Op {
+    /// Not a collective: the stream from this sender broke.
+    Broken = 0,
     AllGather = 1,
     ReduceScatter = 2,
     ReduceGather = 3,
@@ -60,27 +63,52 @@ impl Peer for PeerService {
         request: Request<Streaming<RingChunk>>,
     ) -> Result<Response<RingAck>, Status> {
         let mut stream = request.into_inner();
-        while let Some(chunk) = stream.message().await? {
-            if self.incoming.send(chunk).await.is_err() {
-                return Err(Status::unavailable("this worker is shutting down"));
+        let mut last: Option<(u32, u64)> = None;
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    last = Some((chunk.from_rank, chunk.generation));
+                    if self.incoming.send(chunk).await.is_err() {
+                        return Err(Status::unavailable("this worker is shutting down"));
+                    }
+                }
+                Ok(None) => return Ok(Response::new(RingAck {})),
+                Err(status) => {
+                    // The sender died mid-stream: tell the engine now rather than let it wait
+                    // for its timeout.
+                    if let Some((from_rank, generation)) = last {
+                        let _ = self
+                            .incoming
+                            .send(RingChunk {
+                                from_rank,
+                                generation,
+                                op: Op::Broken as u32,
+                                ..Default::default()
+                            })
+                            .await;
+                    }
+                    return Err(status);
+                }
             }
         }
-        Ok(Response::new(RingAck {}))
     }
 }
+
+/// What a worker's `Peer` server received, shared by the rings of successive generations.
+pub type Incoming = Arc<Mutex<mpsc::Receiver<RingChunk>>>;
 
 /// Builds the `Peer` server (token-checked, chunk size bounded) and the receiver the engine reads.
 pub fn peer_service(
     token: &Token,
     chunk_bytes: usize,
-) -> (
-    InterceptedService<PeerServer<PeerService>, Check>,
-    mpsc::Receiver<RingChunk>,
-) {
+) -> (InterceptedService<PeerServer<PeerService>, Check>, Incoming) {
     let (tx, rx) = mpsc::channel(64);
     let server =
         PeerServer::new(PeerService { incoming: tx }).max_decoding_message_size(chunk_bytes + 4096);
-    (InterceptedService::new(server, token.check()), rx)
+    (
+        InterceptedService::new(server, token.check()),
+        Arc::new(Mutex::new(rx)),
+    )
 }
 
 /// HTTP/2 flow-control windows for the data plane. The defaults (64 KiB per stream) cap a ring
@@ -96,24 +124,28 @@ pub fn peer_server_builder() -> tonic::transport::Server {
         .tcp_nodelay(true)
 }
 
-/// One rank's view of the ring.
+/// One rank's view of the ring of one membership generation.
 pub struct Ring {
     pub rank: usize,
     pub world: usize,
+    pub generation: u64,
     outgoing: mpsc::Sender<RingChunk>,
-    incoming: Mutex<mpsc::Receiver<RingChunk>>,
+    incoming: Incoming,
     chunk_bytes: usize,
     timeout: Duration,
 }
 
 impl Ring {
     /// Connects to the right neighbour (retrying while it starts, up to `connect_timeout`) and
-    /// opens the long-lived stream; `incoming` is the receiver from [`peer_service`].
+    /// opens the long-lived stream; `incoming` is the receiver from [`peer_service`]. Chunks of
+    /// earlier generations still in flight are dropped.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         rank: usize,
         peers: &[String],
+        generation: u64,
         token: &Token,
-        incoming: mpsc::Receiver<RingChunk>,
+        incoming: Incoming,
         chunk_bytes: usize,
         timeout: Duration,
         connect_timeout: Duration,
@@ -141,8 +173,9 @@ impl Ring {
         Ok(Self {
             rank,
             world,
+            generation,
             outgoing: tx,
-            incoming: Mutex::new(incoming),
+            incoming,
             chunk_bytes,
             timeout,
         })
@@ -163,6 +196,7 @@ impl Ring {
             let end = (offset + self.chunk_bytes).min(data.len());
             let chunk = RingChunk {
                 from_rank: self.rank as u32,
+                generation: self.generation,
                 step,
                 op: op as u32,
                 phase,
@@ -200,6 +234,18 @@ impl Ring {
                 .map_err(|_| CollectiveError::Timeout(self.timeout, left))?
                 .ok_or(CollectiveError::Closed(left))?;
             let bad = |reason: String| CollectiveError::Protocol { from: left, reason };
+            if chunk.generation < self.generation {
+                continue;
+            }
+            if chunk.op == Op::Broken as u32 {
+                return Err(CollectiveError::Closed(left));
+            }
+            if chunk.generation > self.generation {
+                return Err(bad(format!(
+                    "chunk of generation {}, this ring is generation {}",
+                    chunk.generation, self.generation
+                )));
+            }
             if chunk.from_rank as usize != left {
                 return Err(bad(format!(
                     "chunk from rank {}, expected my left neighbour {left}",
@@ -238,12 +284,12 @@ impl Ring {
         recv_len: usize,
         sink: impl FnMut(usize, &[u8]),
     ) -> Result<(), CollectiveError> {
-        let (sent, received) = tokio::join!(
+        // Either side failing fails the exchange at once (the other would only wait to time out).
+        tokio::try_join!(
             self.send_block(step, op, phase, send),
             self.recv_block(step, op, phase, recv_len, sink)
-        );
-        sent?;
-        received
+        )
+        .map(|_| ())
     }
 
     /// Every rank's `local` block (all the same length), in rank order.
@@ -358,6 +404,7 @@ pub async fn loopback_rings(
         let ring = Ring::connect(
             rank,
             &peers,
+            0,
             client_token,
             rx,
             chunk_bytes,

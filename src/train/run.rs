@@ -54,6 +54,29 @@ impl MetricsLog {
         })
     }
 
+    /// Drops the records `drop` selects, rewriting the file atomically (a run that rolls back to a
+    /// checkpoint removes the steps it will run again, so every step stays logged once).
+    pub fn remove(&mut self, drop: impl Fn(&serde_json::Value) -> bool) -> Result<usize> {
+        self.out.flush().map_err(Error::io("write", &self.path))?;
+        let text = fs::read_to_string(&self.path).map_err(Error::io("read", &self.path))?;
+        let mut kept = String::with_capacity(text.len());
+        let mut removed = 0;
+        for line in text.lines() {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(v) if drop(&v) => removed += 1,
+                _ => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+        if removed > 0 {
+            crate::io::atomic::write_file(&self.path, kept.as_bytes())?;
+            *self = Self::append(&self.path)?;
+        }
+        Ok(removed)
+    }
+
     /// Appends one record.
     pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
         serde_json::to_writer(&mut self.out, record)

@@ -172,11 +172,22 @@ impl Trainer {
     /// Clips, applies AdamW for optimizer step `step` (0-based) and clears gradients; returns the
     /// learning rate used and the gradient norm before clipping.
     pub fn apply(&mut self, step: u64) -> (f64, f64) {
-        let norm = self.optim.clip_grad_norm(self.opts.max_grad_norm);
+        let norm = self.clip();
+        (self.update(step), norm)
+    }
+
+    /// Clips the gradients to `max_grad_norm`; returns their norm before clipping.
+    pub fn clip(&mut self) -> f64 {
+        self.optim.clip_grad_norm(self.opts.max_grad_norm)
+    }
+
+    /// Applies AdamW with the (clipped) gradients for optimizer step `step` and clears them;
+    /// returns the learning rate used.
+    pub fn update(&mut self, step: u64) -> f64 {
         let lr = self.schedule.lr(step);
         self.optim.step(lr);
         self.optim.zero_grad();
-        (lr, norm)
+        lr
     }
 
     /// A whole single-process step on a global batch.
