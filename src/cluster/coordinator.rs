@@ -897,6 +897,12 @@ impl CoordinatorRpc for Service {
             Err(status) => return Err(status),
         };
         let mut st = c.lock();
+        if st.ended(req.generation) {
+            return Ok(Response::new(answer(
+                StepStatus::Rejoin,
+                format!("generation {} ended", req.generation),
+            )));
+        }
         let rank = check_rank(&st, req.generation, req.rank)?;
         if committed != req.step {
             return Ok(Response::new(answer(

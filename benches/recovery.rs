@@ -1,0 +1,156 @@
+//! Time to recover from a lost process on all-MiniLM-L6-v2 with 2 local workers (bundled Bible
+//! data, batch 16, max_seq_length 64): a worker SIGKILLed mid-run (launch starts a replacement that
+//! heals from a live peer's checkpoint) and the coordinator SIGKILLed mid-run (launch restarts it with
+//! --resume; the workers keep their replicas and re-join). Prints the time from the kill to the first
+//! step of the re-formed ring against the step time of the same run, and the size and write time of
+//! a checkpoint.
+//!
+//!     cargo bench --bench recovery
+//! Env: BENCH_KILL_AT (step after which to kill, default 6).
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn records(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect()
+}
+
+fn steps(out: &Path) -> Vec<serde_json::Value> {
+    records(out)
+        .into_iter()
+        .filter(|v| v["event"] == "step")
+        .collect()
+}
+
+/// The pid of the launch's child whose command line contains `needle`.
+fn child(parent: u32, needle: &str) -> i32 {
+    let out = Command::new("pgrep")
+        .args(["-P", &parent.to_string(), "-f", "--", needle])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("child process")
+        .parse()
+        .unwrap()
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                e.metadata().unwrap().len()
+            }
+        })
+        .sum()
+}
+
+/// Runs the job, kills `victim` after step `at`, returns (seconds from the kill to the first step
+/// of the new ring, mean step seconds, the run's directory).
+fn scenario(victim: &str, at: usize, tmp: &Path) -> (f64, f64, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = tmp.join(victim);
+    let mut launch = Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .current_dir(&root)
+        .args([
+            "launch",
+            "--config",
+            "configs/local-2workers.toml",
+            "--workers",
+            "2",
+        ])
+        .args([
+            "--set",
+            "train.batch_size=16",
+            "--set",
+            "train.max_steps=24",
+        ])
+        .args(["--set", "output.checkpoint_every_steps=10"])
+        .args(["--set", "cluster.max_restarts=1"])
+        .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while steps(&out).len() < at {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = steps(&out).last().unwrap()["generation"].clone();
+    let needle = if victim == "worker" {
+        "--rank 1"
+    } else {
+        " coordinator --config"
+    };
+    let pid = child(launch.id(), needle);
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    while !steps(&out).iter().any(|s| s["generation"] != before) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let recovery = killed.elapsed().as_secs_f64();
+    assert!(launch.wait().unwrap().success(), "{victim} run failed");
+    let s = steps(&out);
+    assert_eq!(
+        s.iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        (1..=24).collect::<Vec<_>>(),
+        "every step logged once"
+    );
+    let body = &s[1..];
+    let step = body
+        .iter()
+        .map(|v| v["seconds"].as_f64().unwrap())
+        .sum::<f64>()
+        / body.len() as f64;
+    (recovery, step, out)
+}
+
+fn main() {
+    let at = common::env_or("BENCH_KILL_AT", 6usize);
+    let tmp = tempfile::tempdir().unwrap();
+    println!(
+        "| process killed after step {at} | kill → first step of the re-formed ring | mean step | ratio |"
+    );
+    println!("|---|---|---|---|");
+    let mut dirs = Vec::new();
+    for victim in ["worker", "coordinator"] {
+        let (recovery, step, out) = scenario(victim, at, tmp.path());
+        println!(
+            "| {victim} | {recovery:.2} s | {step:.2} s | {:.1} steps |",
+            recovery / step
+        );
+        dirs.push(out);
+    }
+    for out in &dirs {
+        for c in records(out).iter().filter(|v| v["event"] == "checkpoint") {
+            let path = PathBuf::from(c["path"].as_str().unwrap());
+            let size = if path.exists() {
+                format!("{:.0} MB", dir_bytes(&path) as f64 / 1e6)
+            } else {
+                "pruned".into()
+            };
+            println!(
+                "checkpoint of step {} ({}): written and received in {:.2} s, {size}",
+                c["step"],
+                out.file_name().unwrap().to_string_lossy(),
+                c["seconds"].as_f64().unwrap()
+            );
+        }
+    }
+}
