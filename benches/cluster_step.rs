@@ -7,17 +7,7 @@
 //! bundled bible_paraphrase_small.
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn steps(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "step")
-        .collect()
-}
+use std::path::PathBuf;
 
 fn main() {
     let n = common::env_or("BENCH_STEPS", 8u64);
@@ -29,15 +19,7 @@ fn main() {
     let mut rows = Vec::new();
     for (workers, threads) in [(1usize, 2usize), (2, 1)] {
         let out = tmp.path().join(format!("w{workers}"));
-        let status = Command::new(env!("CARGO_BIN_EXE_multipos"))
-            .current_dir(&root)
-            .args([
-                "launch",
-                "--config",
-                "configs/local-2workers.toml",
-                "--workers",
-                &workers.to_string(),
-            ])
+        let status = common::launch_command(workers, &out)
             .args(["--set", &format!("data.train=\"{}\"", train.display())])
             .args([
                 "--set",
@@ -46,13 +28,11 @@ fn main() {
                 &format!("train.max_steps={n}"),
             ])
             .args(["--set", &format!("cluster.threads_per_worker={threads}")])
-            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
-            .env("RUST_LOG", "warn")
             .status()
             .unwrap();
         assert!(status.success());
         // The first step pays for allocator and thread-pool warm-up: leave it out.
-        let s = steps(&out);
+        let s = common::events(&out, "step");
         let body = &s[1..];
         let mean =
             |k: &str| body.iter().map(|v| v[k].as_f64().unwrap()).sum::<f64>() / body.len() as f64;

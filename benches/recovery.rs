@@ -1,9 +1,9 @@
 //! Time to recover from a lost process on all-MiniLM-L6-v2 with 2 local workers (bundled Bible
-//! data, batch 16, max_seq_length 64): a worker SIGKILLed mid-run (launch starts a replacement that
-//! heals from a live peer's checkpoint) and the coordinator SIGKILLed mid-run (launch restarts it with
-//! --resume; the workers keep their replicas and re-join). Prints the time from the kill to the first
-//! step of the re-formed ring against the step time of the same run, and the size and write time of
-//! a checkpoint.
+//! data, batch 16, max_seq_length 64), each killed with SIGKILL half a step after step 6 ends:
+//! a worker (launch starts a replacement that heals from a live peer's checkpoint) and the
+//! coordinator (launch restarts it with --resume; the workers keep their replicas and re-join).
+//! Prints the time from the kill to the first step of the re-formed ring against the step time of
+//! the same run, and the size and write time of a checkpoint.
 //!
 //!     cargo bench --bench recovery
 //! Env: BENCH_KILL_AT (step after which to kill, default 6).
@@ -13,19 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn records(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .collect()
-}
-
 fn steps(out: &Path) -> Vec<serde_json::Value> {
-    records(out)
-        .into_iter()
-        .filter(|v| v["event"] == "step")
-        .collect()
+    common::events(out, "step")
 }
 
 /// The pid of the launch's child whose command line contains `needle`.
@@ -59,17 +48,8 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// Runs the job, kills `victim` after step `at`, returns (seconds from the kill to the first step
 /// of the new ring, mean step seconds, the run's directory).
 fn scenario(victim: &str, at: usize, tmp: &Path) -> (f64, f64, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = tmp.join(victim);
-    let mut launch = Command::new(env!("CARGO_BIN_EXE_multipos"))
-        .current_dir(&root)
-        .args([
-            "launch",
-            "--config",
-            "configs/local-2workers.toml",
-            "--workers",
-            "2",
-        ])
+    let mut launch = common::launch_command(2, &out)
         .args([
             "--set",
             "train.batch_size=16",
@@ -78,8 +58,6 @@ fn scenario(victim: &str, at: usize, tmp: &Path) -> (f64, f64, PathBuf) {
         ])
         .args(["--set", "output.checkpoint_every_steps=10"])
         .args(["--set", "cluster.max_restarts=1"])
-        .args(["--set", &format!("output.dir=\"{}\"", out.display())])
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -87,6 +65,14 @@ fn scenario(victim: &str, at: usize, tmp: &Path) -> (f64, f64, PathBuf) {
     while steps(&out).len() < at {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Kill mid-step (half a step after step `at` is logged), not at a step boundary.
+    let so_far = steps(&out);
+    let half = so_far[1..]
+        .iter()
+        .map(|v| v["seconds"].as_f64().unwrap())
+        .sum::<f64>()
+        / (2 * (so_far.len() - 1)) as f64;
+    std::thread::sleep(Duration::from_secs_f64(half));
     let before = steps(&out).last().unwrap()["generation"].clone();
     let needle = if victim == "worker" {
         "--rank 1"
@@ -138,7 +124,7 @@ fn main() {
         dirs.push(out);
     }
     for out in &dirs {
-        for c in records(out).iter().filter(|v| v["event"] == "checkpoint") {
+        for c in common::events(out, "checkpoint") {
             let path = PathBuf::from(c["path"].as_str().unwrap());
             let size = if path.exists() {
                 format!("{:.0} MB", dir_bytes(&path) as f64 / 1e6)

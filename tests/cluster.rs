@@ -64,6 +64,16 @@ fn run(cmd: &str, config: &Path, sets: &[String], extra_args: &[&str]) -> Output
     command(cmd, config, sets, extra_args).output().unwrap()
 }
 
+/// `multipos launch`, which must succeed.
+fn launch_ok(config: &Path, sets: &[String], extra_args: &[&str]) {
+    let out = run("launch", config, sets, extra_args);
+    assert!(
+        out.status.success(),
+        "launch {extra_args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn losses(out: &Path) -> Vec<f64> {
     common::step_losses(&out.join("metrics.jsonl"))
 }
@@ -80,6 +90,20 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// The largest difference between two runs' final weights.
+fn max_weight_diff(a: &Path, b: &Path) -> f32 {
+    weights(&a.join("model"))
+        .iter()
+        .zip(weights(&b.join("model")))
+        .flat_map(|((_, x), (_, y))| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0f32, f32::max)
+}
+
 fn assert_same_run(reference: &Path, other: &Path, what: &str) {
     let (a, b) = (losses(reference), losses(other));
     assert_eq!(a.len(), 10, "{what}: reference steps");
@@ -91,16 +115,7 @@ fn assert_same_run(reference: &Path, other: &Path, what: &str) {
             i + 1
         );
     }
-    let max = weights(&reference.join("model"))
-        .iter()
-        .zip(weights(&other.join("model")))
-        .flat_map(|((_, x), (_, y))| {
-            x.iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .collect::<Vec<_>>()
-        })
-        .fold(0f32, f32::max);
+    let max = max_weight_diff(reference, other);
     assert!(max <= 1e-4, "{what}: final weights differ by {max}");
 }
 
@@ -124,17 +139,7 @@ fn two_and_four_workers_match_one_process_with_and_without_dropout() {
         );
         for workers in ["1", "2", "4"] {
             let dst = dir.path().join(format!("w{workers}-{dropout}"));
-            let out = run(
-                "launch",
-                &cfg,
-                &sets(&model, &dst, &extra),
-                &["--workers", workers],
-            );
-            assert!(
-                out.status.success(),
-                "launch W={workers}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            launch_ok(&cfg, &sets(&model, &dst, &extra), &["--workers", workers]);
             assert_same_run(&single, &dst, &format!("W={workers}, dropout {dropout}"));
         }
     }
@@ -152,12 +157,7 @@ fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
     let cfg_path = repo("configs/local-2workers.toml");
     let out = dir.path().join("w2");
     let s = sets(&model, &out, &["train.dropout=false"]);
-    let launched = run("launch", &cfg_path, &s, &["--workers", "2"]);
-    assert!(
-        launched.status.success(),
-        "{}",
-        String::from_utf8_lossy(&launched.stderr)
-    );
+    launch_ok(&cfg_path, &s, &["--workers", "2"]);
     let cluster_first = losses(&out)[0];
 
     // Step 1 by hand at the initial weights: the whole global batch, and each shard on its own.
@@ -440,29 +440,13 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
     let _serial = serial();
-    let (dir, model) = common::tiny_model(&TinySpec {
-        dropout: 0.1,
-        ..TinySpec::default()
-    });
-    let cfg = repo("configs/local-2workers.toml");
     let extra = [
         "train.batch_size=6",
         "train.max_steps=12",
         "output.checkpoint_every_steps=3",
         "train.micro_batch=2",
     ];
-    let full = dir.path().join("full");
-    let out = run(
-        "launch",
-        &cfg,
-        &sets(&model, &full, &extra),
-        &["--workers", "3"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dir, model, cfg, full) = reference_run(&extra, "3");
     assert_eq!(losses(&full).len(), 12);
 
     // The same run, SIGKILLed (every process) once a checkpoint exists.
@@ -478,25 +462,21 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
     .spawn()
     .unwrap();
     common::wait_for_checkpoint(&killed, Duration::from_secs(120));
-    for pid in children(launch.id(), "multipos") {
-        unsafe { libc_kill(pid, 9) };
-    }
+    // The launch first, so that it cannot start replacements for the others.
+    let pids = children(launch.id(), "multipos");
     launch.kill().unwrap();
     launch.wait().unwrap();
+    for pid in pids {
+        unsafe { libc_kill(pid, 9) };
+    }
     let on_two = dir.path().join("on-two");
     copy_dir(&killed, &on_two);
 
     // Resume on the same number of workers: bit-identical to the run that never died.
-    let out = run(
-        "launch",
+    launch_ok(
         &cfg,
         &sets(&model, &killed, &extra),
         &["--workers", "3", "--resume"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let from = common::resumed_from(&killed);
     assert!(
@@ -513,16 +493,10 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
     );
 
     // Resume on fewer workers (3 -> 2): the same global batches re-split; equal up to summation order.
-    let out = run(
-        "launch",
+    launch_ok(
         &cfg,
         &sets(&model, &on_two, &extra),
         &["--workers", "2", "--resume"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
         common::resumed_from(&on_two),
@@ -541,16 +515,7 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
             b[k]
         );
     }
-    let max = weights(&full.join("model"))
-        .iter()
-        .zip(weights(&on_two.join("model")))
-        .flat_map(|((_, x), (_, y))| {
-            x.iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .collect::<Vec<_>>()
-        })
-        .fold(0f32, f32::max);
+    let max = max_weight_diff(&full, &on_two);
     assert!(max <= 1e-4, "weights differ by {max}");
 }
 
@@ -622,17 +587,17 @@ fn batch_steps(out: &Path) -> Vec<u64> {
         .collect()
 }
 
-fn max_weight_diff(a: &Path, b: &Path) -> f32 {
-    weights(&a.join("model"))
-        .iter()
-        .zip(weights(&b.join("model")))
-        .flat_map(|((_, x), (_, y))| {
-            x.iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .collect::<Vec<_>>()
-        })
-        .fold(0f32, f32::max)
+/// A tiny model with dropout, and the failure-free run of `extra` on `workers` to compare with:
+/// (temporary directory, model, config, the run's output).
+fn reference_run(extra: &[&str], workers: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.1,
+        ..TinySpec::default()
+    });
+    let cfg = repo("configs/local-2workers.toml");
+    let clean = dir.path().join("clean");
+    launch_ok(&cfg, &sets(&model, &clean, extra), &["--workers", workers]);
+    (dir, model, cfg, clean)
 }
 
 fn same_bytes(a: &Path, b: &Path) -> bool {
@@ -643,28 +608,12 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 #[test]
 fn a_worker_killed_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied_once() {
     let _serial = serial();
-    let (dir, model) = common::tiny_model(&TinySpec {
-        dropout: 0.1,
-        ..TinySpec::default()
-    });
-    let cfg = repo("configs/local-2workers.toml");
     let extra = [
         "train.batch_size=6",
         "train.max_steps=30",
         "output.checkpoint_every_steps=10",
     ];
-    let clean = dir.path().join("clean");
-    let out = run(
-        "launch",
-        &cfg,
-        &sets(&model, &clean, &extra),
-        &["--workers", "3"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dir, model, cfg, clean) = reference_run(&extra, "3");
 
     // SIGKILL worker 1 mid-run: launch starts a replacement, the two others keep their replicas,
     // the open step is applied by nobody and re-run, and the replacement heals from a live peer.
@@ -719,6 +668,7 @@ fn a_worker_killed_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied
     let shrunk = dir.path().join("shrunk");
     let mut s = sets(&model, &shrunk, &extra);
     s.extend([
+        "cluster.max_restarts=0".to_string(),
         "cluster.min_workers=2".to_string(),
         "cluster.rejoin_grace_ms=500".to_string(),
     ]);
@@ -750,28 +700,12 @@ fn a_worker_killed_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied
 #[test]
 fn a_coordinator_killed_mid_run_comes_back_with_resume_and_the_workers_rejoin() {
     let _serial = serial();
-    let (dir, model) = common::tiny_model(&TinySpec {
-        dropout: 0.1,
-        ..TinySpec::default()
-    });
-    let cfg = repo("configs/local-2workers.toml");
     let extra = [
         "train.batch_size=6",
         "train.max_steps=30",
         "output.checkpoint_every_steps=4",
     ];
-    let clean = dir.path().join("clean");
-    let out = run(
-        "launch",
-        &cfg,
-        &sets(&model, &clean, &extra),
-        &["--workers", "3"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dir, model, cfg, clean) = reference_run(&extra, "3");
 
     let hit = dir.path().join("hit");
     let mut s = sets(&model, &hit, &extra);
@@ -802,24 +736,8 @@ fn a_coordinator_killed_mid_run_comes_back_with_resume_and_the_workers_rejoin() 
 #[test]
 fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
     let _serial = serial();
-    let (dir, model) = common::tiny_model(&TinySpec {
-        dropout: 0.1,
-        ..TinySpec::default()
-    });
-    let cfg = repo("configs/local-2workers.toml");
     let extra = ["train.batch_size=6", "train.max_steps=40"];
-    let clean = dir.path().join("clean");
-    let out = run(
-        "launch",
-        &cfg,
-        &sets(&model, &clean, &extra),
-        &["--workers", "2"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dir, model, cfg, clean) = reference_run(&extra, "2");
 
     // No periodic checkpoints: the one the stop writes is all there is to resume from.
     let stopped = dir.path().join("stopped");
@@ -839,12 +757,7 @@ fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
         .expect("the stop wrote a checkpoint");
     assert_eq!(state.step, steps, "checkpoint of the last committed step");
 
-    let out = run("launch", &cfg, &s, &["--workers", "2", "--resume"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    launch_ok(&cfg, &s, &["--workers", "2", "--resume"]);
     assert_eq!(common::resumed_from(&stopped), vec![steps]);
     assert_eq!(batch_steps(&stopped), (1..=40).collect::<Vec<_>>());
     assert_eq!(
@@ -885,7 +798,11 @@ fn a_killed_worker_fails_the_launch_quickly_and_clearly() {
     let mut launch = command(
         "launch",
         &repo("configs/local-2workers.toml"),
-        &sets(&model, &out, &["train.max_steps=3000"]),
+        &sets(
+            &model,
+            &out,
+            &["train.max_steps=3000", "cluster.max_restarts=0"],
+        ),
         &["--workers", "2"],
     )
     .env("RUST_LOG", "info")

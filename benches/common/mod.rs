@@ -57,3 +57,25 @@ pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `multipos launch --config configs/local-2workers.toml --workers W --set output.dir=OUT`, run
+/// from the checkout.
+pub fn launch_command(workers: usize, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_multipos"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["launch", "--config", "configs/local-2workers.toml"])
+        .args(["--workers", &workers.to_string()])
+        .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// The records of a run's `metrics.jsonl` with `"event": kind` (empty while it does not exist).
+pub fn events(out: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == kind)
+        .collect()
+}
