@@ -606,11 +606,11 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 }
 
 #[test]
-fn a_worker_killed_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied_once() {
+fn a_worker_killed_or_stalled_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied_once() {
     let _serial = serial();
     let extra = [
         "train.batch_size=6",
-        "train.max_steps=30",
+        "train.max_steps=60",
         "output.checkpoint_every_steps=10",
     ];
     let (dir, model, cfg, clean) = reference_run(&extra, "3");
@@ -657,14 +657,16 @@ fn a_worker_killed_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied
     assert_eq!(generations.len(), 2, "{generations:?}");
     assert_eq!(generations[1]["workers"], 3);
     assert_eq!(generations[1]["healing"], 1, "the replacement heals");
-    assert_eq!(batch_steps(&hit), (1..=30).collect::<Vec<_>>());
+    assert_eq!(batch_steps(&hit), (1..=60).collect::<Vec<_>>());
     // Same global batches, same ring size, state healed bit for bit: the same model.
     assert!(
         same_bytes(&clean, &hit),
         "replaced run differs from the clean run"
     );
 
-    // No replacement (no restarts) but two workers suffice: the ring re-forms with the two.
+    // A worker stalls (SIGSTOP) and no replacement comes, but two workers suffice: the ring
+    // re-forms with the two. When the stalled worker wakes up (SIGCONT) it finds its generation
+    // over, joins again, heals, and the ring grows back to three at the next step boundary.
     let shrunk = dir.path().join("shrunk");
     let mut s = sets(&model, &shrunk, &extra);
     s.extend([
@@ -674,13 +676,35 @@ fn a_worker_killed_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied
     ]);
     let launch = Background::launch(&cfg, &s, &["--workers", "3"]);
     wait_for_steps(&shrunk, 5);
-    unsafe { libc_kill(launch.child("--rank 2"), 9) };
+    let stalled = launch.child("--rank 2");
+    unsafe { libc_kill(stalled, 19) };
+    let started = Instant::now();
+    while !common::events(&shrunk, "generation")
+        .iter()
+        .any(|g| g["workers"] == 2)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the ring did not re-form without the stalled worker"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc_kill(stalled, 18) };
     let (status, text) = launch.finish();
-    assert!(status.success(), "launch must go on with two: {text}");
-    let generations = common::events(&shrunk, "generation");
-    assert_eq!(generations.len(), 2, "{generations:?}");
-    assert_eq!(generations[1]["workers"], 2);
-    assert_eq!(batch_steps(&shrunk), (1..=30).collect::<Vec<_>>());
+    assert!(status.success(), "launch must go on: {text}");
+    let sizes: Vec<u64> = common::events(&shrunk, "generation")
+        .iter()
+        .map(|g| g["workers"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, vec![3, 2, 3], "shrinks, then grows back");
+    assert!(
+        common::events(&shrunk, "generation_end")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no heartbeat"),
+        "the stall is detected by heartbeats"
+    );
+    assert_eq!(batch_steps(&shrunk), (1..=60).collect::<Vec<_>>());
     let (a, b) = (
         common::losses_by_step(&clean),
         common::losses_by_step(&shrunk),
