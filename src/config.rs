@@ -32,7 +32,7 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// Workers: what `launch` starts and what the coordinator waits for (the world size).
+    /// Workers: what `launch` starts and the ring size the coordinator forms (the world size).
     pub workers: usize,
     /// Address the coordinator listens on, and only there (port 0 = any free port, announced).
     pub bind: String,
@@ -42,9 +42,10 @@ pub struct ClusterConfig {
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
     pub heartbeat_interval_ms: u64,
-    /// A worker silent this long is declared dead and the run aborted.
+    /// A worker silent this long is declared dead or stalled: its ring breaks up and re-forms.
     pub heartbeat_timeout_ms: u64,
-    /// How long the coordinator waits for all workers to join.
+    /// How long the coordinator waits for a ring to form (at the start and after a failure)
+    /// before it gives up the run.
     pub join_timeout_ms: u64,
     /// Upper bound on one step, collectives included.
     pub step_timeout_ms: u64,
