@@ -755,6 +755,10 @@ fn a_coordinator_killed_mid_run_comes_back_with_resume_and_the_workers_rejoin() 
         same_bytes(&clean, &hit),
         "the run differs from the clean run"
     );
+    let (_, last) = multipos::train::checkpoint::latest_valid(&hit.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.step, 30, "a checkpoint at the end of the run");
 }
 
 #[test]
@@ -780,6 +784,32 @@ fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
         .unwrap()
         .expect("the stop wrote a checkpoint");
     assert_eq!(state.step, steps, "checkpoint of the last committed step");
+    // The coordinator records the data cursor and the metrics so far in the checkpoint.
+    let config = multipos::config::RunConfig::load(&cfg, &s).unwrap();
+    let data = multipos::data::load_files(
+        &config.data.train.to_vec(),
+        multipos::data::LoadOptions::default(),
+    )
+    .unwrap();
+    let plan = multipos::train::run::RunPlan::new(
+        &data,
+        multipos::train::run::plan_spec(&config),
+        config.train.epochs,
+        config.train.max_steps,
+    )
+    .unwrap();
+    assert_eq!((state.epoch, state.batch), plan.cursor(steps));
+    let (ckpt, _) = multipos::train::checkpoint::latest_valid(&stopped.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    let logged = std::fs::read_to_string(ckpt.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        logged
+            .lines()
+            .filter(|l| l.contains("\"event\":\"step\""))
+            .count() as u64,
+        steps
+    );
 
     launch_ok(&cfg, &s, &["--workers", "2", "--resume"]);
     assert_eq!(common::resumed_from(&stopped), vec![steps]);

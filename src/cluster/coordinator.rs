@@ -914,7 +914,11 @@ impl CoordinatorRpc for Service {
             )));
         }
         if req.step >= c.plan.total_steps {
-            return Ok(Response::new(answer(StepStatus::Done, String::new())));
+            let mut reply = answer(StepStatus::Done, String::new());
+            // The end of a checkpointed run gets a checkpoint too (as a single process does).
+            reply.checkpoint =
+                rank == 0 && c.cfg.output.checkpoint_every_steps > 0 && !st.latest_is(req.step);
+            return Ok(Response::new(reply));
         }
         if st.stop != Stop::Running {
             let mut reply = answer(StepStatus::Stop, "the coordinator was asked to stop".into());
@@ -1050,6 +1054,18 @@ impl CoordinatorRpc for Service {
         receive_files(request.into_inner(), &received)
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let metrics = c
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contents()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        checkpoint::annotate(
+            &received,
+            |state| (state.epoch, state.batch) = c.plan.cursor(state.step),
+            &[("metrics.jsonl", &metrics)],
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (path, state) = checkpoint::adopt(&dir, &received, c.cfg.output.keep_checkpoints)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let seconds = start.elapsed().as_secs_f64();

@@ -443,7 +443,12 @@ async fn train_loop(
             .into_inner();
         match StepStatus::try_from(next.status) {
             Ok(StepStatus::Step) => {}
-            Ok(StepStatus::Done) => break,
+            Ok(StepStatus::Done) => {
+                if next.checkpoint {
+                    upload_checkpoint(client, replica).await?;
+                }
+                break;
+            }
             Ok(StepStatus::Rejoin) => return Err(Interrupt::Rejoin(next.reason)),
             Ok(StepStatus::Stop) => {
                 if next.checkpoint {
@@ -583,10 +588,13 @@ async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(),
         data_fingerprint: replica.data_fingerprint.clone(),
         config_fingerprint: checkpoint::config_fingerprint(&replica.cfg),
         multipos_version: env!("CARGO_PKG_VERSION").into(),
+        // The coordinator, which holds the plan, fills in the cursor.
+        epoch: 0,
+        batch: 0,
     };
     let trainer = &replica.trainer;
     let path = tokio::task::block_in_place(|| {
-        checkpoint::write(dir.path(), &state, &trainer.model, &trainer.optim, 1)
+        checkpoint::write(dir.path(), &state, &trainer.model, &trainer.optim, 1, &[])
     })?;
     let chunks = super::files::file_chunks(&path)?;
     client

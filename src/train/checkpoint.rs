@@ -1,8 +1,9 @@
 //! Checkpoints: everything needed to continue a run exactly where it stopped.
 //!
 //! `checkpoints/step-00000040/` holds `model/` (a loadable sentence-transformers directory),
-//! `optimizer.safetensors` (AdamW moments), `state.json` (steps done, optimizer step count, seed,
-//! fingerprints of data and config) and `MANIFEST.json` (size and XXH3 of every other file). It is
+//! `optimizer.safetensors` (AdamW moments), `state.json` (steps done, optimizer step count, data
+//! cursor, seed, fingerprints of data and config), `metrics.jsonl` (the run's log so far) and
+//! `MANIFEST.json` (size and XXH3 of every other file). It is
 //! staged beside its final name, fsynced, renamed and the parent fsynced, so a crash leaves either no
 //! checkpoint or a whole one; a checkpoint whose files do not match its manifest (truncated, bit
 //! flipped) is reported and skipped in favour of the previous one. The data cursor needs no state of
@@ -30,12 +31,49 @@ pub struct CheckpointState {
     pub data_fingerprint: String,
     pub config_fingerprint: String,
     pub multipos_version: String,
+    /// The data cursor: epoch and batch index (in that epoch) of the next global batch. Derived
+    /// from `step` (the plan is a pure function of data and seed); recorded for people and tools.
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub batch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct FileEntry {
     bytes: u64,
     xxh3: String,
+}
+
+impl FileEntry {
+    fn of(bytes: &[u8]) -> Self {
+        Self {
+            bytes: bytes.len() as u64,
+            xxh3: checksum(bytes),
+        }
+    }
+}
+
+/// Adds what the writer of a checkpoint did not know (the coordinator's data cursor and metrics
+/// so far) to a verified checkpoint that is not yet in place: edits `state.json` with `edit`, adds
+/// `files` (relative path, contents), and updates the manifest, each file fsynced.
+pub fn annotate(
+    ckpt: &Path,
+    edit: impl FnOnce(&mut CheckpointState),
+    files: &[(&str, &[u8])],
+) -> Result<()> {
+    let mut state = verify(ckpt)?;
+    edit(&mut state);
+    let manifest_path = ckpt.join("MANIFEST.json");
+    let mut manifest: BTreeMap<String, FileEntry> = json::read(&manifest_path)?;
+    let state_json = json::to_pretty(&state);
+    for (rel, bytes) in
+        std::iter::once(("state.json", state_json.as_slice())).chain(files.iter().copied())
+    {
+        crate::io::atomic::write_file(&ckpt.join(rel), bytes)?;
+        manifest.insert(rel.to_string(), FileEntry::of(bytes));
+    }
+    crate::io::atomic::write_file(&manifest_path, &json::to_pretty(&manifest))
 }
 
 fn checksum(bytes: &[u8]) -> String {
@@ -64,16 +102,21 @@ pub fn name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-/// Writes a checkpoint into `dir` (created if needed) and keeps only the newest `keep`.
+/// Writes a checkpoint into `dir` (created if needed), with `extra` files (relative path,
+/// contents) beside the tensors, and keeps only the newest `keep`.
 pub fn write(
     dir: &Path,
     state: &CheckpointState,
     model: &SentenceModel,
     optim: &AdamW,
     keep: usize,
+    extra: &[(&str, &[u8])],
 ) -> Result<PathBuf> {
     let staged = StagedDir::create(dir.join(name(state.step)))?;
     let root = staged.path().to_path_buf();
+    for (rel, bytes) in extra {
+        fs::write(root.join(rel), bytes).map_err(Error::io("write", root.join(rel)))?;
+    }
     model.write_dir(&root.join("model"))?;
     let tensors: Vec<(String, Tensor)> = optim
         .state()
@@ -87,13 +130,7 @@ pub fn write(
     let mut manifest = BTreeMap::new();
     for rel in files_under(&root)? {
         let bytes = fs::read(root.join(&rel)).map_err(Error::io("read", root.join(&rel)))?;
-        manifest.insert(
-            rel.to_string_lossy().into_owned(),
-            FileEntry {
-                bytes: bytes.len() as u64,
-                xxh3: checksum(&bytes),
-            },
-        );
+        manifest.insert(rel.to_string_lossy().into_owned(), FileEntry::of(&bytes));
     }
     fs::write(root.join("MANIFEST.json"), json::to_pretty(&manifest))
         .map_err(Error::io("write", root.join("MANIFEST.json")))?;

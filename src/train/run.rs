@@ -77,6 +77,12 @@ impl MetricsLog {
         Ok(removed)
     }
 
+    /// Everything logged so far.
+    pub fn contents(&mut self) -> Result<Vec<u8>> {
+        self.out.flush().map_err(Error::io("write", &self.path))?;
+        fs::read(&self.path).map_err(Error::io("read", &self.path))
+    }
+
     /// Appends one record.
     pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
         serde_json::to_writer(&mut self.out, record)
@@ -154,6 +160,19 @@ impl RunPlan {
             left -= plan.num_batches();
         }
         unreachable!("step {step} beyond the planned {} steps", self.total_steps)
+    }
+
+    /// The data cursor after `step` steps: (epoch, batch index in it) of the next global batch,
+    /// (epochs, 0) once every planned batch ran.
+    pub fn cursor(&self, step: u64) -> (u64, u64) {
+        let mut left = step as usize;
+        for (e, plan) in self.epochs.iter().enumerate() {
+            if left < plan.num_batches() {
+                return (e as u64, left as u64);
+            }
+            left -= plan.num_batches();
+        }
+        (self.epochs.len() as u64, 0)
     }
 
     /// The epoch plans.
@@ -346,6 +365,7 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
                            steps_done: u64,
                            log: &mut MetricsLog|
      -> Result<()> {
+        let (epoch, batch) = plan.cursor(steps_done);
         let state = CheckpointState {
             step: steps_done,
             optimizer_steps: trainer.optim.steps_taken(),
@@ -353,6 +373,8 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
             data_fingerprint: format!("{:016x}", data.fingerprint()),
             config_fingerprint: checkpoint::config_fingerprint(cfg),
             multipos_version: env!("CARGO_PKG_VERSION").into(),
+            epoch,
+            batch,
         };
         let start = Instant::now();
         let path = checkpoint::write(
@@ -361,6 +383,7 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
             &trainer.model,
             &trainer.optim,
             cfg.output.keep_checkpoints,
+            &[("metrics.jsonl", &log.contents()?)],
         )?;
         let seconds = start.elapsed().as_secs_f64();
         tracing::info!(checkpoint = %path.display(), seconds = format!("{seconds:.2}"), "checkpoint written");
