@@ -502,3 +502,52 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     log.write(&json!({"event": "done", "summary": summary}))?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rollback trims the steps that will run again and keeps everything else, in order.
+    #[test]
+    fn removing_records_rewrites_the_log_and_appending_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::create(&path).unwrap();
+        for step in 1..=5u64 {
+            log.write(&json!({"event": "step", "step": step})).unwrap();
+        }
+        log.write(&json!({"event": "checkpoint", "step": 4}))
+            .unwrap();
+        let removed = log
+            .remove(|v| v["event"] == "step" && v["step"].as_u64().is_some_and(|s| s > 3))
+            .unwrap();
+        assert_eq!(removed, 2);
+        log.write(&json!({"event": "step", "step": 4})).unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let kinds: Vec<(String, u64)> = lines
+            .iter()
+            .map(|v| {
+                (
+                    v["event"].as_str().unwrap().to_string(),
+                    v["step"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, u64)> = [
+            ("step", 1),
+            ("step", 2),
+            ("step", 3),
+            ("checkpoint", 4),
+            ("step", 4),
+        ]
+        .iter()
+        .map(|(k, s)| (k.to_string(), *s))
+        .collect();
+        assert_eq!(kinds, want);
+        assert_eq!(log.remove(|_| false).unwrap(), 0);
+    }
+}
