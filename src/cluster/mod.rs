@@ -4,5 +4,6 @@ pub mod auth;
 pub mod coordinator;
 pub mod files;
 pub mod launch;
+pub mod membership;
 pub mod signals;
 pub mod worker;

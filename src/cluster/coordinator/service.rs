@@ -1,0 +1,440 @@
+//! The coordinator's RPCs: thin handlers over the state and decisions in the parent module.
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Member, Next, Shared, State, Stop};
+use crate::cluster::files::{file_chunks, receive_files};
+use crate::pb::coordinator_server::Coordinator as CoordinatorRpc;
+use crate::pb::next_step_response::Status as StepStatus;
+use crate::pb::*;
+use crate::train::checkpoint;
+
+/// The gRPC face of the coordinator.
+pub(super) struct Service(pub(super) Shared);
+
+/// The rank `rank` of generation `generation`, checked against the current ring.
+fn check_rank(st: &State, generation: u64, rank: u32) -> std::result::Result<usize, Status> {
+    let r = rank as usize;
+    if !st.ended(generation) && r >= st.ring.len() {
+        return Err(Status::invalid_argument(format!(
+            "rank {rank} is outside a ring of {}",
+            st.ring.len()
+        )));
+    }
+    Ok(r)
+}
+
+/// A stream of file chunks, as the transfer calls return it.
+type ChunkStream = Pin<Box<dyn Stream<Item = std::result::Result<FileChunk, Status>> + Send>>;
+
+fn transfer_stream(dir: &std::path::Path) -> std::result::Result<ChunkStream, Status> {
+    let chunks = file_chunks(dir).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Service {
+    async fn join(
+        &self,
+        request: Request<JoinRequest>,
+    ) -> std::result::Result<Response<JoinResponse>, Status> {
+        let c = self.0.clone();
+        let req = request.into_inner();
+        let state_step = c.admit(&req)?;
+        let id = {
+            let mut st = c.lock();
+            if let Some(reason) = &st.aborted {
+                return Err(Status::aborted(reason.clone()));
+            }
+            if st.stop != Stop::Running || st.model_saved {
+                return Err(Status::aborted("the run is ending"));
+            }
+            // A member of the running ring joining again has left its step: the ring is broken.
+            if let Some(rank) = st.ring.iter().position(|m| m.worker_id == req.worker_id) {
+                let why = if req.reason.is_empty() {
+                    "joined again"
+                } else {
+                    &req.reason
+                };
+                c.end_generation(&mut st, format!("worker {rank} left the ring: {why}"));
+            }
+            st.candidates.retain(|m| m.worker_id != req.worker_id);
+            let preference = st
+                .previous
+                .iter()
+                .position(|m| m.worker_id == req.worker_id)
+                .or((req.rank >= 0).then_some(req.rank as usize))
+                .unwrap_or(usize::MAX);
+            let id = st.next_member;
+            st.next_member += 1;
+            st.candidates.push(Member {
+                id,
+                worker_id: req.worker_id.clone(),
+                peer_address: req.peer_address.clone(),
+                last_seen: Instant::now(),
+                preference,
+                state_step,
+            });
+            if !st.forming {
+                let now = st.ring.len();
+                if c.ring_size(now + st.candidates.len())
+                    .is_some_and(|k| k > now)
+                {
+                    st.grow = true;
+                }
+            }
+            c.try_form(&mut st);
+            id
+        };
+        tracing::info!(worker = %req.worker_id, peer = %req.peer_address, state_step, reason = %req.reason, "worker joins");
+        c.notify();
+        let timeout = Duration::from_millis(c.cfg.cluster.join_timeout_ms);
+        let formation = c
+            .wait_for(timeout, "a ring to form", |st| {
+                let f = st.formation.clone().filter(|f| f.members.contains(&id));
+                match f {
+                    Some(f) if !st.ended(f.generation) => Some(Ok(f)),
+                    Some(_) => Some(Err(Status::unavailable(
+                        "the ring broke up before this worker started: join again",
+                    ))),
+                    None if !st.candidates.iter().any(|m| m.id == id) => {
+                        Some(Err(Status::resource_exhausted(format!(
+                            "the run already has its {} workers",
+                            c.cfg.cluster.workers
+                        ))))
+                    }
+                    None => None,
+                }
+            })
+            .await??;
+        let rank = formation
+            .members
+            .iter()
+            .position(|m| *m == id)
+            .expect("member of the formation");
+        Ok(Response::new(JoinResponse {
+            rank: rank as u32,
+            world_size: formation.members.len() as u32,
+            peers: formation.peers.clone(),
+            config_toml: c.config_toml.clone(),
+            model_fingerprint: c.fingerprint.clone(),
+            total_steps: c.plan.total_steps,
+            heartbeat_interval_ms: c.cfg.cluster.heartbeat_interval_ms,
+            start_step: formation.start_step,
+            heal: formation.heal[rank],
+            data_fingerprint: c.data_fingerprint.clone(),
+            generation: formation.generation,
+            member: id,
+            upload_state: formation.donor == Some(rank),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
+        let c = &self.0;
+        let id = request.into_inner().member;
+        let mut st = c.lock();
+        let in_ring = st
+            .ring
+            .iter_mut()
+            .find(|m| m.id == id)
+            .map(|m| m.last_seen = Instant::now())
+            .is_some();
+        Ok(Response::new(HeartbeatResponse {
+            keep_going: st.aborted.is_none() && !st.model_saved && st.stop != Stop::Done,
+            reason: st.aborted.clone().unwrap_or_default(),
+            generation: st.generation,
+            rejoin: !in_ring,
+        }))
+    }
+
+    async fn next_step(
+        &self,
+        request: Request<NextStepRequest>,
+    ) -> std::result::Result<Response<NextStepResponse>, Status> {
+        let c = self.0.clone();
+        let req = request.into_inner();
+        let answer = |status: StepStatus, reason: String| NextStepResponse {
+            status: status as i32,
+            step: req.step,
+            reason,
+            ..Default::default()
+        };
+        let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
+        let next = c
+            .wait_for(timeout, "the previous step to be committed", |st| {
+                if st.ended(req.generation) {
+                    Some(Next::Rejoin(format!("generation {} ended", req.generation)))
+                } else {
+                    (st.committed >= req.step).then_some(Next::Ready(st.committed))
+                }
+            })
+            .await;
+        let committed = match next {
+            Ok(Next::Ready(v)) => v,
+            Ok(Next::Rejoin(reason)) => {
+                return Ok(Response::new(answer(StepStatus::Rejoin, reason)));
+            }
+            Err(status) if status.code() == tonic::Code::Aborted => {
+                return Ok(Response::new(answer(
+                    StepStatus::Aborted,
+                    status.message().into(),
+                )));
+            }
+            Err(status) => return Err(status),
+        };
+        let mut st = c.lock();
+        if st.ended(req.generation) {
+            return Ok(Response::new(answer(
+                StepStatus::Rejoin,
+                format!("generation {} ended", req.generation),
+            )));
+        }
+        let rank = check_rank(&st, req.generation, req.rank)?;
+        if committed != req.step {
+            return Ok(Response::new(answer(
+                StepStatus::Rejoin,
+                format!(
+                    "asked for step {}, but the run is at step {committed}",
+                    req.step + 1
+                ),
+            )));
+        }
+        if req.step >= c.plan.total_steps {
+            let mut reply = answer(StepStatus::Done, String::new());
+            // The end of a checkpointed run gets a checkpoint too (as a single process does).
+            reply.checkpoint =
+                rank == 0 && c.cfg.output.checkpoint_every_steps > 0 && !st.latest_is(req.step);
+            return Ok(Response::new(reply));
+        }
+        if st.stop != Stop::Running {
+            let mut reply = answer(StepStatus::Stop, "the coordinator was asked to stop".into());
+            reply.checkpoint = rank == 0 && !st.latest_is(req.step);
+            if let Some(told) = st.stop_told.get_mut(rank) {
+                *told = true;
+            }
+            st.settle_stop();
+            drop(st);
+            c.notify();
+            return Ok(Response::new(reply));
+        }
+        if st.grow {
+            c.end_generation(&mut st, "a worker waits to join: growing the ring".into());
+            drop(st);
+            c.notify();
+            return Ok(Response::new(answer(
+                StepStatus::Rejoin,
+                "growing the ring".into(),
+            )));
+        }
+        let every = c.cfg.output.checkpoint_every_steps;
+        let start = st.formation.as_ref().map_or(0, |f| f.start_step);
+        let checkpoint = rank == 0
+            && every > 0
+            && req.step > start
+            && req.step.is_multiple_of(every)
+            && !st.latest_is(req.step);
+        st.step_started.get_or_insert_with(Instant::now);
+        let world = st.ring.len();
+        drop(st);
+        Ok(Response::new(c.shard(rank, world, req.step, checkpoint)))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> std::result::Result<Response<CommitResponse>, Status> {
+        let c = self.0.clone();
+        let req = request.into_inner();
+        let (step, generation) = (req.step, req.generation);
+        let discard = |reason: String| {
+            Ok(Response::new(CommitResponse {
+                apply: false,
+                reason,
+            }))
+        };
+        let decided = {
+            let mut st = c.lock();
+            if let Some(reason) = &st.aborted {
+                return Err(Status::aborted(reason.clone()));
+            }
+            if st.ended(generation) {
+                return discard(format!("generation {generation} ended"));
+            }
+            let rank = check_rank(&st, generation, req.rank)?;
+            if step != st.committed {
+                return discard(format!(
+                    "commit for step {}, but step {} is open",
+                    step + 1,
+                    st.committed + 1
+                ));
+            }
+            st.commits[rank] = Some(req);
+            if st.commits.iter().all(Option::is_some) {
+                let commits: Vec<CommitRequest> = st
+                    .commits
+                    .iter_mut()
+                    .map(|c| c.take().expect("all present"))
+                    .collect();
+                st.committed += 1;
+                st.step_started = None;
+                Some((commits, st.broken_since.take()))
+            } else {
+                None
+            }
+        };
+        if let Some((commits, broken_since)) = decided {
+            if let Err(reason) = c.finish_step(step, commits, generation) {
+                c.abort(reason.clone());
+                return Err(Status::aborted(reason));
+            }
+            if let Some(t) = broken_since {
+                let seconds = t.elapsed().as_secs_f64();
+                tracing::info!(
+                    seconds = format!("{seconds:.2}"),
+                    step = step + 1,
+                    "recovered: first step after the ring broke up"
+                );
+                c.write_log(json!({"event": "recovered", "step": step + 1, "generation": generation, "seconds": seconds}));
+            }
+            c.notify();
+        }
+        let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
+        let apply = c
+            .wait_for(timeout, "every worker to report the step", |st| {
+                if st.committed > step {
+                    Some(true)
+                } else {
+                    st.ended(generation).then_some(false)
+                }
+            })
+            .await?;
+        if apply {
+            Ok(Response::new(CommitResponse {
+                apply,
+                reason: String::new(),
+            }))
+        } else {
+            discard(format!(
+                "generation {generation} ended before every worker reported step {}",
+                step + 1
+            ))
+        }
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        request: Request<Streaming<FileChunk>>,
+    ) -> std::result::Result<Response<UploadCheckpointResponse>, Status> {
+        let c = self.0.clone();
+        let dir = c.cfg.output.dir.join("checkpoints");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
+        let incoming = tempfile::Builder::new()
+            .prefix(".multipos-incoming-")
+            .tempdir_in(&dir)
+            .map_err(|e| {
+                Status::internal(format!("create a directory in {}: {e}", dir.display()))
+            })?;
+        let received = incoming.path().join("checkpoint");
+        let start = Instant::now();
+        receive_files(request.into_inner(), &received)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let metrics = c
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contents()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        checkpoint::annotate(
+            &received,
+            |state| (state.epoch, state.batch) = c.plan.cursor(state.step),
+            &[("metrics.jsonl", &metrics)],
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (path, state) = checkpoint::adopt(&dir, &received, c.cfg.output.keep_checkpoints)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let seconds = start.elapsed().as_secs_f64();
+        tracing::info!(checkpoint = %path.display(), step = state.step, seconds = format!("{seconds:.2}"), "checkpoint written");
+        c.write_log(
+            json!({"event": "checkpoint", "step": state.step, "path": path, "seconds": seconds}),
+        );
+        {
+            let mut st = c.lock();
+            st.latest = Some((path.clone(), state));
+            st.settle_stop();
+        }
+        c.notify();
+        Ok(Response::new(UploadCheckpointResponse {
+            saved_to: path.display().to_string(),
+        }))
+    }
+
+    type FetchCheckpointStream = ChunkStream;
+
+    async fn fetch_checkpoint(
+        &self,
+        request: Request<FetchCheckpointRequest>,
+    ) -> std::result::Result<Response<Self::FetchCheckpointStream>, Status> {
+        let c = self.0.clone();
+        let step = request.into_inner().step;
+        let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
+        let path = c
+            .wait_for(timeout, "the checkpoint to heal from", |st| {
+                if st.forming {
+                    return Some(Err(Status::unavailable(
+                        "the ring broke up while healing: join again",
+                    )));
+                }
+                st.latest
+                    .as_ref()
+                    .filter(|(_, s)| s.step == step)
+                    .map(|(p, _)| Ok(p.clone()))
+            })
+            .await??;
+        Ok(Response::new(transfer_stream(&path)?))
+    }
+
+    type FetchModelStream = ChunkStream;
+
+    async fn fetch_model(
+        &self,
+        _request: Request<FetchModelRequest>,
+    ) -> std::result::Result<Response<Self::FetchModelStream>, Status> {
+        Ok(Response::new(transfer_stream(&self.0.model_dir)?))
+    }
+
+    async fn upload_model(
+        &self,
+        request: Request<Streaming<FileChunk>>,
+    ) -> std::result::Result<Response<UploadModelResponse>, Status> {
+        let c = self.0.clone();
+        {
+            let st = c.lock();
+            if st.committed < c.plan.total_steps {
+                return Err(Status::failed_precondition("the run is not finished"));
+            }
+            if st.model_saved {
+                return Err(Status::already_exists("the model was already uploaded"));
+            }
+        }
+        let target = c.cfg.output.dir.join("model");
+        receive_files(request.into_inner(), &target)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(model = %target.display(), steps = c.plan.total_steps, "run finished; model saved");
+        c.write_log(json!({"event": "done", "steps": c.plan.total_steps, "seconds": c.started.elapsed().as_secs_f64(), "model_dir": target}));
+        c.lock().model_saved = true;
+        c.notify();
+        Ok(Response::new(UploadModelResponse {
+            saved_to: target.display().to_string(),
+        }))
+    }
+}
