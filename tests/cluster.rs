@@ -772,8 +772,14 @@ fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
     let s = sets(&model, &stopped, &extra);
     let launch = Background::launch(&cfg, &s, &["--workers", "2"]);
     wait_for_steps(&stopped, 4);
+    // Signal every process at once, as a scheduler ending the job does.
     let pid = launch.child.id();
+    let all = children(pid, "multipos");
+    assert_eq!(all.len(), 3, "coordinator and two workers");
     unsafe { libc_kill(pid as i32, 15) };
+    for child in all {
+        unsafe { libc_kill(child, 15) };
+    }
     let (status, text) = launch.finish();
     assert!(!status.success(), "a stopped run is not finished: {text}");
     assert!(text.contains("stopped by a signal"), "{text}");

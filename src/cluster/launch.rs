@@ -70,9 +70,12 @@ impl Handle {
 }
 
 fn spawn(role: Role, mut cmd: Command, events: mpsc::UnboundedSender<Event>) -> Result<Handle> {
+    // Children get their own process group: a Ctrl-C in the terminal reaches only the launch,
+    // which turns it into an orderly stop through the coordinator.
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null())
+        .process_group(0)
         .kill_on_drop(true);
     let mut child: Child = cmd
         .spawn()

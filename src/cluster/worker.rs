@@ -146,6 +146,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
             .add_service(peer_svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    tokio::spawn(take_orders_from_the_coordinator()?);
     let node = Node {
         worker_id: format!("{}:{}", hostname(), std::process::id()),
         peer_address,
@@ -187,6 +188,23 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
             }
         }
     }
+}
+
+/// Schedulers (Slurm, Kubernetes) and terminals signal every process of a job at once. A worker
+/// that died on the spot would take its replica with it before the coordinator, signalled too,
+/// could checkpoint; so the first SIGINT/SIGTERM only logs (the coordinator's STOP ends the worker),
+/// and a second one exits at once.
+fn take_orders_from_the_coordinator() -> Result<impl Future<Output = ()> + Send + 'static> {
+    let mut signals = super::signals::Signals::new()?;
+    Ok(async move {
+        signals.recv().await;
+        tracing::warn!(
+            "stop signal received: waiting for the coordinator to stop the run (a second signal exits now)"
+        );
+        signals.recv().await;
+        tracing::error!("second stop signal: exiting without a checkpoint");
+        std::process::exit(130);
+    })
 }
 
 /// One generation: join, heal if behind, connect the ring, train until it ends.
