@@ -646,6 +646,10 @@ fn a_worker_killed_or_stalled_mid_run_is_replaced_or_left_behind_and_every_batch
     let (status, text) = launch.finish();
     assert!(status.success(), "launch must recover: {text}");
     assert!(text.contains("starting a replacement"), "{text}");
+    assert!(
+        text.contains("healed from a live peer"),
+        "the replacement takes a survivor's state from its Peer server: {text}"
+    );
     let recovered = common::events(&hit, "recovered");
     assert_eq!(recovered.len(), 1, "one recovery: {recovered:?}");
     println!(

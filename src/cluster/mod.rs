@@ -6,4 +6,5 @@ pub mod files;
 pub mod launch;
 pub mod membership;
 pub mod signals;
+pub mod state;
 pub mod worker;

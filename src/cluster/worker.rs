@@ -7,6 +7,7 @@
 //! itself is gone), the worker drops the open step, keeps its replica, and joins again with
 //! backoff for up to `cluster.rejoin_timeout_ms`; it heals from a checkpoint when it is behind.
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
@@ -17,12 +18,14 @@ use tonic::transport::Channel;
 
 use super::auth::{Attach, Token};
 use super::files::{model_fingerprint, receive_files};
+use super::state::StateSlot;
 use crate::collective::{CollectiveError, Incoming, Ring, connect_with_retry, peer_service};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::SentenceModel;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::next_step_response::Status as StepStatus;
+use crate::pb::peer_client::PeerClient;
 use crate::pb::*;
 use crate::train::Trainer;
 use crate::train::checkpoint::{self, CheckpointState};
@@ -125,6 +128,8 @@ struct Node {
     worker_id: String,
     peer_address: String,
     incoming: Incoming,
+    /// The state this worker serves to healing members, when it is their donor.
+    state: StateSlot,
 }
 
 /// Runs a worker until the run is done or stopped (Ok) or fails for good (Err).
@@ -140,7 +145,8 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
             .map_err(Error::io("read address of", "peer listener"))?
             .port()
     );
-    let (peer_svc, incoming) = peer_service(&opts.token, 16 << 20);
+    let state = super::state::slot();
+    let (peer_svc, incoming) = peer_service(&opts.token, 16 << 20, state.clone());
     tokio::spawn(
         crate::collective::peer_server_builder()
             .add_service(peer_svc)
@@ -151,6 +157,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
         worker_id: format!("{}:{}", hostname(), std::process::id()),
         peer_address,
         incoming,
+        state,
         opts,
     };
 
@@ -265,7 +272,11 @@ async fn generation(
     }
     let replica = replica.as_mut().expect("loaded above");
     if joined.heal {
-        heal(&mut client, replica, joined.start_step).await?;
+        if joined.heal_from.is_empty() {
+            heal(&mut client, replica, joined.start_step).await?;
+        } else {
+            heal_from_peer(node, replica, &joined).await?;
+        }
     }
     if replica.applied != joined.start_step {
         return Err(Interrupt::Fatal(Error::Usage(format!(
@@ -273,9 +284,14 @@ async fn generation(
             joined.start_step, replica.applied
         ))));
     }
-    if joined.upload_state {
-        upload_checkpoint(&mut client, replica).await?;
-    }
+    // A donor publishes its state until the ring's first step commits (the healers have it then).
+    node.state.send_replace(joined.serve_state.then(|| {
+        Arc::new(super::state::snapshot(
+            &replica.trainer,
+            replica.applied,
+            joined.generation,
+        ))
+    }));
     let step_timeout = Duration::from_millis(replica.cfg.cluster.step_timeout_ms);
     let ring = Ring::connect(
         rank,
@@ -289,7 +305,15 @@ async fn generation(
     )
     .await
     .map_err(|e| Interrupt::Rejoin(format!("ring: {e}")))?;
-    let result = train_loop(&mut client, &ring, replica, broken, step_timeout).await;
+    let result = train_loop(
+        &mut client,
+        &ring,
+        replica,
+        broken,
+        step_timeout,
+        &node.state,
+    )
+    .await;
     drop(heartbeat);
     result
 }
@@ -380,6 +404,43 @@ async fn heal(client: &mut Client, replica: &mut Replica, step: u64) -> Result<(
     Ok(())
 }
 
+/// Fetches the donor's state straight from its Peer server and loads it.
+async fn heal_from_peer(
+    node: &Node,
+    replica: &mut Replica,
+    joined: &JoinResponse,
+) -> Result<(), Interrupt> {
+    let started = Instant::now();
+    let timeout = Duration::from_millis(replica.cfg.cluster.heartbeat_timeout_ms);
+    let channel = connect_with_retry(&joined.heal_from, timeout)
+        .await
+        .map_err(|e| {
+            Interrupt::Rejoin(format!("cannot reach the donor {}: {e}", joined.heal_from))
+        })?;
+    let mut peer = PeerClient::with_interceptor(channel, node.opts.token.attach());
+    let stream = peer
+        .fetch_state(with_deadline(
+            FetchStateRequest {
+                generation: joined.generation,
+            },
+            TRANSFER_DEADLINE,
+        ))
+        .await
+        .map_err(rpc_err("fetch state"))?
+        .into_inner();
+    let step = super::state::restore(stream, &mut replica.trainer)
+        .await
+        .map_err(|e| Interrupt::Rejoin(e.to_string()))?;
+    replica.applied = step;
+    tracing::info!(
+        step,
+        donor = %joined.heal_from,
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "healed from a live peer"
+    );
+    Ok(())
+}
+
 /// Heartbeats for one generation; publishes why the worker must leave its ring, if it must.
 async fn heartbeats(
     mut client: Client,
@@ -443,6 +504,7 @@ async fn train_loop(
     replica: &mut Replica,
     mut broken: watch::Receiver<Option<String>>,
     step_timeout: Duration,
+    node_state: &StateSlot,
 ) -> Result<(), Interrupt> {
     let (rank, generation) = (ring.rank, ring.generation);
     loop {
@@ -581,6 +643,7 @@ async fn train_loop(
         }
         tokio::task::block_in_place(|| trainer.update(step));
         replica.applied = step + 1;
+        node_state.send_replace(None);
     }
     if rank == 0 {
         let dir = scratch_dir()?;

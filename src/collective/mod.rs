@@ -15,9 +15,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cluster::auth::{Check, Token};
+use crate::cluster::state::StateSlot;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::{Peer, PeerServer};
-use crate::pb::{RingAck, RingChunk};
+use crate::pb::{FetchStateRequest, FileChunk, RingAck, RingChunk};
 use tonic::service::interceptor::InterceptedService;
 
 #[cfg(target_endian = "big")]
@@ -54,10 +55,40 @@ pub enum Op {
 /// The receiving half: the `Peer` service hands incoming chunks to the engine.
 pub struct PeerService {
     incoming: mpsc::Sender<RingChunk>,
+    state: StateSlot,
 }
+
+/// How long a healing member waits for its donor to publish its state.
+const STATE_WAIT: Duration = Duration::from_secs(120);
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type FetchStateStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<FileChunk, Status>> + Send>>;
+
+    async fn fetch_state(
+        &self,
+        request: Request<FetchStateRequest>,
+    ) -> Result<Response<Self::FetchStateStream>, Status> {
+        let generation = request.into_inner().generation;
+        let mut rx = self.state.subscribe();
+        let snapshot = tokio::time::timeout(
+            STATE_WAIT,
+            rx.wait_for(|s| s.as_ref().is_some_and(|s| s.generation == generation)),
+        )
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded("this worker published no state for that generation")
+        })?
+        .map_err(|_| Status::unavailable("this worker is shutting down"))?
+        .clone()
+        .expect("waited for Some");
+        let chunks = snapshot.chunks.clone();
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
     async fn ring(
         &self,
         request: Request<Streaming<RingChunk>>,
@@ -97,14 +128,19 @@ impl Peer for PeerService {
 /// What a worker's `Peer` server received, shared by the rings of successive generations.
 pub type Incoming = Arc<Mutex<mpsc::Receiver<RingChunk>>>;
 
-/// Builds the `Peer` server (token-checked, chunk size bounded) and the receiver the engine reads.
+/// Builds the `Peer` server (token-checked, chunk size bounded) and the receiver the engine reads;
+/// the server streams whatever state `state` holds to healing members.
 pub fn peer_service(
     token: &Token,
     chunk_bytes: usize,
+    state: StateSlot,
 ) -> (InterceptedService<PeerServer<PeerService>, Check>, Incoming) {
     let (tx, rx) = mpsc::channel(64);
-    let server =
-        PeerServer::new(PeerService { incoming: tx }).max_decoding_message_size(chunk_bytes + 4096);
+    let server = PeerServer::new(PeerService {
+        incoming: tx,
+        state,
+    })
+    .max_decoding_message_size(chunk_bytes + 4096);
     (
         InterceptedService::new(server, token.check()),
         Arc::new(Mutex::new(rx)),
@@ -390,7 +426,7 @@ pub async fn loopback_rings(
             .await
             .expect("bind a loopback port");
         peers.push(listener.local_addr().expect("bound address").to_string());
-        let (svc, rx) = peer_service(server_token, chunk_bytes);
+        let (svc, rx) = peer_service(server_token, chunk_bytes, crate::cluster::state::slot());
         incomings.push(rx);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         tokio::spawn(

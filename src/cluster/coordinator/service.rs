@@ -129,7 +129,11 @@ impl CoordinatorRpc for Service {
             data_fingerprint: c.data_fingerprint.clone(),
             generation: formation.generation,
             member: id,
-            upload_state: formation.donor == Some(rank),
+            serve_state: formation.donor == Some(rank),
+            heal_from: match formation.donor {
+                Some(donor) if formation.heal[rank] => formation.peers[donor].clone(),
+                _ => String::new(),
+            },
         }))
     }
 

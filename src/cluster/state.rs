@@ -1,0 +1,161 @@
+//! A replica's state in memory: weights and AdamW moments as raw little-endian f32, one entry per
+//! tensor, plus a `meta` entry (steps applied, optimizer steps). A live worker serves it from its
+//! Peer server so that a replacement heals straight from it, with no checkpoint written or read.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+use tokio::sync::watch;
+use tonic::Streaming;
+
+use crate::error::{Error, Result};
+use crate::pb::FileChunk;
+use crate::train::Trainer;
+
+/// Chunk size of a state stream.
+const CHUNK: usize = 1 << 20;
+
+/// A replica's state, ready to stream, for the healing members of one generation.
+pub struct Snapshot {
+    pub generation: u64,
+    pub chunks: Vec<FileChunk>,
+}
+
+/// Where a worker's Peer server finds the state to serve (none most of the time).
+pub type StateSlot = Arc<watch::Sender<Option<Arc<Snapshot>>>>;
+
+/// An empty slot.
+pub fn slot() -> StateSlot {
+    Arc::new(watch::channel(None).0)
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    step: u64,
+    optimizer_steps: u64,
+}
+
+fn f32_bytes(t: &Tensor) -> Bytes {
+    let t = t
+        .detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let mut v = vec![0f32; t.numel()];
+    t.copy_data(&mut v, t.numel());
+    Bytes::from(bytemuck::cast_slice::<f32, u8>(&v).to_vec())
+}
+
+fn push(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
+    let mut offset = 0;
+    loop {
+        let end = (offset + CHUNK).min(data.len());
+        out.push(FileChunk {
+            path: if offset == 0 {
+                path.clone()
+            } else {
+                String::new()
+            },
+            data: data.slice(offset..end),
+            last: end == data.len(),
+        });
+        offset = end;
+        if offset == data.len() {
+            return;
+        }
+    }
+}
+
+/// The state of `trainer` after `step` steps, for generation `generation`.
+pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
+    let mut chunks = Vec::new();
+    let meta = Meta {
+        step,
+        optimizer_steps: trainer.optim.steps_taken(),
+    };
+    push(
+        &mut chunks,
+        "meta".into(),
+        Bytes::from(serde_json::to_vec(&meta).expect("plain struct")),
+    );
+    let mut vars: Vec<(String, Tensor)> =
+        trainer.model.var_store().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in &vars {
+        push(&mut chunks, format!("w/{name}"), f32_bytes(t));
+    }
+    for (name, t) in trainer.optim.state() {
+        push(&mut chunks, format!("m/{name}"), f32_bytes(t));
+    }
+    Snapshot { generation, chunks }
+}
+
+/// Receives a state stream and loads it into `trainer`; returns the steps it had applied.
+pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) -> Result<u64> {
+    let bad = |what: String| Error::Usage(format!("state stream from the peer: {what}"));
+    let mut entries: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut current: Option<String> = None;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|e| bad(format!("broke: {e}")))?
+    {
+        if !chunk.path.is_empty() {
+            current = Some(chunk.path.clone());
+        }
+        let name = current
+            .clone()
+            .ok_or_else(|| bad("a chunk without an entry".into()))?;
+        entries
+            .entry(name)
+            .or_default()
+            .extend_from_slice(&chunk.data);
+        if chunk.last {
+            current = None;
+        }
+    }
+    let meta: Meta = serde_json::from_slice(
+        entries
+            .get("meta")
+            .ok_or_else(|| bad("no meta entry".into()))?,
+    )
+    .map_err(|e| bad(format!("meta: {e}")))?;
+    let shaped = |key: &str, like: &Tensor| -> Result<Tensor> {
+        let bytes = entries
+            .get(key)
+            .ok_or_else(|| bad(format!("no entry {key}")))?;
+        if bytes.len() != like.numel() * 4 {
+            return Err(bad(format!(
+                "{key}: {} bytes, expected {}",
+                bytes.len(),
+                like.numel() * 4
+            )));
+        }
+        let v: &[f32] =
+            bytemuck::try_cast_slice(bytes).map_err(|_| bad(format!("{key}: unaligned")))?;
+        Ok(Tensor::from_slice(v).view(like.size().as_slice()))
+    };
+    let vars = trainer.model.var_store().variables();
+    for (name, var) in &vars {
+        let t = shaped(&format!("w/{name}"), var)?.to_device(var.device());
+        tch::no_grad(|| var.shallow_clone().copy_(&t.to_kind(var.kind())));
+    }
+    let mut missing = None;
+    trainer
+        .optim
+        .load_state(meta.optimizer_steps, |key| {
+            let param = key.split_once('.').map_or(key, |(_, p)| p);
+            let like = vars.get(param)?;
+            match shaped(&format!("m/{key}"), like) {
+                Ok(t) => Some(t.to_device(like.device())),
+                Err(e) => {
+                    missing = Some(e);
+                    None
+                }
+            }
+        })
+        .map_err(|reason| missing.take().unwrap_or_else(|| bad(reason)))?;
+    Ok(meta.step)
+}
