@@ -137,25 +137,35 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
             bytemuck::try_cast_slice(bytes).map_err(|_| bad(format!("{key}: unaligned")))?;
         Ok(Tensor::from_slice(v).view(like.size().as_slice()))
     };
-    let vars = trainer.model.var_store().variables();
-    for (name, var) in &vars {
-        let t = shaped(&format!("w/{name}"), var)?.to_device(var.device());
-        tch::no_grad(|| var.shallow_clone().copy_(&t.to_kind(var.kind())));
+    // Everything is received and checked before anything is loaded: a stream that breaks, or a
+    // caller that gives up waiting, leaves the replica as it was.
+    let weights: Vec<(Tensor, Tensor)> = trainer
+        .model
+        .var_store()
+        .variables()
+        .into_iter()
+        .map(|(name, var)| {
+            let t = shaped(&format!("w/{name}"), &var)?.to_device(var.device());
+            Ok((var, t))
+        })
+        .collect::<Result<_>>()?;
+    let moments: HashMap<String, Tensor> = trainer
+        .optim
+        .state()
+        .into_iter()
+        .map(|(name, like)| {
+            let t = shaped(&format!("m/{name}"), like)?.to_device(like.device());
+            Ok((name, t))
+        })
+        .collect::<Result<_>>()?;
+    for (mut var, t) in weights {
+        tch::no_grad(|| var.copy_(&t.to_kind(var.kind())));
     }
-    let mut missing = None;
     trainer
         .optim
         .load_state(meta.optimizer_steps, |key| {
-            let param = key.split_once('.').map_or(key, |(_, p)| p);
-            let like = vars.get(param)?;
-            match shaped(&format!("m/{key}"), like) {
-                Ok(t) => Some(t.to_device(like.device())),
-                Err(e) => {
-                    missing = Some(e);
-                    None
-                }
-            }
+            moments.get(key).map(Tensor::shallow_clone)
         })
-        .map_err(|reason| missing.take().unwrap_or_else(|| bad(reason)))?;
+        .map_err(bad)?;
     Ok(meta.step)
 }

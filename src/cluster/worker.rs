@@ -272,10 +272,12 @@ async fn generation(
     }
     let replica = replica.as_mut().expect("loaded above");
     if joined.heal {
+        // A donor that dies meanwhile ends the generation: stop waiting for it then.
+        let mut waiting = broken.clone();
         if joined.heal_from.is_empty() {
-            heal(&mut client, replica, joined.start_step).await?;
+            unless_broken(&mut waiting, heal(&mut client, replica, joined.start_step)).await?;
         } else {
-            heal_from_peer(node, replica, &joined).await?;
+            unless_broken(&mut waiting, heal_from_peer(node, replica, &joined)).await?;
         }
     }
     if replica.applied != joined.start_step {
