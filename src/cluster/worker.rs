@@ -5,7 +5,8 @@
 //!
 //! When its ring breaks up (a peer dies, the coordinator ends the generation, or the coordinator
 //! itself is gone), the worker drops the open step, keeps its replica, and joins again with
-//! backoff for up to `cluster.rejoin_timeout_ms`; it heals from a checkpoint when it is behind.
+//! backoff for up to `cluster.rejoin_timeout_ms`; when it is behind, it heals from a live peer's
+//! state (or from the checkpoint the run resumes from).
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -9,7 +9,7 @@
 //! is applied by nobody (workers apply only after every member reported it), the live workers join
 //! again, and the next generation re-runs the same global batch from the state every member holds:
 //! the newest state a joining worker reports, or the newest checkpoint. Workers behind it heal from
-//! a checkpoint a live member uploads first.
+//! a live member's Peer server (or, when the start is a checkpoint, from that checkpoint).
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
