@@ -52,25 +52,30 @@ pub fn file_chunks(dir: &Path) -> Result<Vec<FileChunk>> {
     for rel in list_files(dir)? {
         let path = dir.join(&rel);
         let bytes = Bytes::from(std::fs::read(&path).map_err(Error::io("read", &path))?);
-        let mut offset = 0;
-        loop {
-            let end = (offset + CHUNK).min(bytes.len());
-            out.push(FileChunk {
-                path: if offset == 0 {
-                    rel.to_string_lossy().into_owned()
-                } else {
-                    String::new()
-                },
-                data: bytes.slice(offset..end),
-                last: end == bytes.len(),
-            });
-            offset = end;
-            if offset == bytes.len() {
-                break;
-            }
-        }
+        push_chunks(&mut out, rel.to_string_lossy().into_owned(), bytes);
     }
     Ok(out)
+}
+
+/// Appends one entry as chunks of at most 1 MiB: `path` on the first, `last` on the final one.
+pub fn push_chunks(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
+    let mut offset = 0;
+    loop {
+        let end = (offset + CHUNK).min(data.len());
+        out.push(FileChunk {
+            path: if offset == 0 {
+                path.clone()
+            } else {
+                String::new()
+            },
+            data: data.slice(offset..end),
+            last: end == data.len(),
+        });
+        offset = end;
+        if offset == data.len() {
+            return;
+        }
+    }
 }
 
 /// A relative path with no `..`, root or prefix: safe to join under a target directory.

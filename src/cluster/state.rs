@@ -10,12 +10,10 @@ use tch::{Kind, Tensor};
 use tokio::sync::watch;
 use tonic::Streaming;
 
+use super::files::push_chunks;
 use crate::error::{Error, Result};
 use crate::pb::FileChunk;
 use crate::train::Trainer;
-
-/// Chunk size of a state stream.
-const CHUNK: usize = 1 << 20;
 
 /// A replica's state, ready to stream, for the healing members of one generation.
 pub struct Snapshot {
@@ -48,26 +46,6 @@ fn f32_bytes(t: &Tensor) -> Bytes {
     Bytes::from(bytemuck::cast_slice::<f32, u8>(&v).to_vec())
 }
 
-fn push(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
-    let mut offset = 0;
-    loop {
-        let end = (offset + CHUNK).min(data.len());
-        out.push(FileChunk {
-            path: if offset == 0 {
-                path.clone()
-            } else {
-                String::new()
-            },
-            data: data.slice(offset..end),
-            last: end == data.len(),
-        });
-        offset = end;
-        if offset == data.len() {
-            return;
-        }
-    }
-}
-
 /// The state of `trainer` after `step` steps, for generation `generation`.
 pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
     let mut chunks = Vec::new();
@@ -75,7 +53,7 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
         step,
         optimizer_steps: trainer.optim.steps_taken(),
     };
-    push(
+    push_chunks(
         &mut chunks,
         "meta".into(),
         Bytes::from(serde_json::to_vec(&meta).expect("plain struct")),
@@ -84,10 +62,10 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
         trainer.model.var_store().variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, t) in &vars {
-        push(&mut chunks, format!("w/{name}"), f32_bytes(t));
+        push_chunks(&mut chunks, format!("w/{name}"), f32_bytes(t));
     }
     for (name, t) in trainer.optim.state() {
-        push(&mut chunks, format!("m/{name}"), f32_bytes(t));
+        push_chunks(&mut chunks, format!("m/{name}"), f32_bytes(t));
     }
     Snapshot { generation, chunks }
 }
