@@ -7,38 +7,17 @@ use tonic::Streaming;
 
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
+use crate::io::tree::relative_files;
 use crate::pb::FileChunk;
 
 const CHUNK: usize = 1 << 20;
 /// Upper bound on an uploaded model (files together), so a bad peer cannot fill the disk.
 const MAX_UPLOAD_BYTES: u64 = 64 << 30;
 
-/// Regular files under `dir`, relative, sorted (hidden files such as `.complete` skipped).
-fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(Error::io("read directory", &d))? {
-            let entry = entry.map_err(Error::io("read directory", &d))?;
-            let path = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path.strip_prefix(dir).expect("under dir").to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// A 64-bit fingerprint of a model directory's files (names and bytes), as hex.
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for rel in list_files(dir)? {
+    for rel in relative_files(dir)? {
         let path = dir.join(&rel);
         h.update(rel.to_string_lossy().as_bytes());
         h.update(&std::fs::read(&path).map_err(Error::io("read", &path))?);
@@ -49,7 +28,7 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
 /// Every file of `dir` as chunks of at most 1 MiB (the path on each file's first chunk).
 pub fn file_chunks(dir: &Path) -> Result<Vec<FileChunk>> {
     let mut out = Vec::new();
-    for rel in list_files(dir)? {
+    for rel in relative_files(dir)? {
         let path = dir.join(&rel);
         let bytes = Bytes::from(std::fs::read(&path).map_err(Error::io("read", &path))?);
         push_chunks(&mut out, rel.to_string_lossy().into_owned(), bytes);

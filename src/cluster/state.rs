@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tokio::sync::watch;
 use tonic::Streaming;
 
 use super::files::push_chunks;
+use crate::collective::{tensor_from_le_bytes, tensor_to_le_bytes};
 use crate::error::{Error, Result};
 use crate::pb::FileChunk;
 use crate::train::Trainer;
@@ -35,17 +36,6 @@ struct Meta {
     optimizer_steps: u64,
 }
 
-fn f32_bytes(t: &Tensor) -> Bytes {
-    let t = t
-        .detach()
-        .to_device(tch::Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous();
-    let mut v = vec![0f32; t.numel()];
-    t.copy_data(&mut v, t.numel());
-    Bytes::from(bytemuck::cast_slice::<f32, u8>(&v).to_vec())
-}
-
 /// The state of `trainer` after `step` steps, for generation `generation`.
 pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
     let mut chunks = Vec::new();
@@ -62,10 +52,18 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
         trainer.model.var_store().variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, t) in &vars {
-        push_chunks(&mut chunks, format!("w/{name}"), f32_bytes(t));
+        push_chunks(
+            &mut chunks,
+            format!("w/{name}"),
+            Bytes::from(tensor_to_le_bytes(t)),
+        );
     }
     for (name, t) in trainer.optim.state() {
-        push_chunks(&mut chunks, format!("m/{name}"), f32_bytes(t));
+        push_chunks(
+            &mut chunks,
+            format!("m/{name}"),
+            Bytes::from(tensor_to_le_bytes(t)),
+        );
     }
     Snapshot { generation, chunks }
 }
@@ -111,9 +109,7 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
                 like.numel() * 4
             )));
         }
-        let v: &[f32] =
-            bytemuck::try_cast_slice(bytes).map_err(|_| bad(format!("{key}: unaligned")))?;
-        Ok(Tensor::from_slice(v).view(like.size().as_slice()))
+        Ok(tensor_from_le_bytes(bytes, &like.size()))
     };
     // Everything is received and checked before anything is loaded: a stream that breaks, or a
     // caller that gives up waiting, leaves the replica as it was.

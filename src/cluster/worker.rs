@@ -20,7 +20,10 @@ use tonic::transport::Channel;
 use super::auth::{Attach, Token};
 use super::files::{model_fingerprint, receive_files};
 use super::state::StateSlot;
-use crate::collective::{CollectiveError, Incoming, Ring, connect_with_retry, peer_service};
+use crate::collective::{
+    CollectiveError, Incoming, Ring, connect_with_retry, peer_service, tensor_from_le_bytes,
+    tensor_to_le_bytes,
+};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::SentenceModel;
@@ -91,33 +94,12 @@ fn with_deadline<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     req
 }
 
-/// Flattens embeddings (rows × dim, f32) into little-endian bytes.
-fn to_bytes(t: &Tensor) -> Vec<u8> {
-    let t = t
-        .detach()
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous();
-    let mut v = vec![0f32; t.numel()];
-    t.copy_data(&mut v, t.numel());
-    bytemuck::cast_slice(&v).to_vec()
-}
-
-fn from_bytes(bytes: &[u8], shape: &[i64], device: Device) -> Tensor {
-    let v: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Tensor::from_slice(&v).view(shape).to_device(device)
-}
-
 /// This worker's model replica and what it has applied.
 struct Replica {
     cfg: RunConfig,
     trainer: Trainer,
     /// Optimizer steps applied.
     applied: u64,
-    run_fingerprint: String,
     data_fingerprint: String,
     /// Keeps a fetched model directory alive.
     _fetched: Option<tempfile::TempDir>,
@@ -246,7 +228,7 @@ async fn generation(
                 state_step: replica.as_ref().map_or(0, |r| r.applied),
                 run_fingerprint: replica
                     .as_ref()
-                    .map(|r| r.run_fingerprint.clone())
+                    .map(|r| checkpoint::run_fingerprint(&r.cfg, &r.data_fingerprint))
                     .unwrap_or_default(),
                 reason: reason.into(),
             },
@@ -366,11 +348,6 @@ async fn load_replica(
     }
     let trainer = trainer_for(&cfg, model, joined.total_steps)?;
     Ok(Replica {
-        run_fingerprint: format!(
-            "{}-{}",
-            checkpoint::config_fingerprint(&cfg),
-            joined.data_fingerprint
-        ),
         data_fingerprint: joined.data_fingerprint.clone(),
         cfg,
         trainer,
@@ -578,7 +555,7 @@ async fn train_loop(
             .collect();
         let cols = local.len() as i64;
         let (n, dim) = (emb.queries.size()[0], emb.queries.size()[1]);
-        let payload = to_bytes(&Tensor::cat(&local, 0));
+        let payload = tensor_to_le_bytes(&Tensor::cat(&local, 0));
         let blocks = unless_broken(&mut broken, async {
             ring.all_gather(step, payload)
                 .await
@@ -598,7 +575,9 @@ async fn train_loop(
                         if r == rank {
                             local[c].shallow_clone()
                         } else {
-                            from_bytes(bytes, &[cols, n, dim], device).get(c as i64)
+                            tensor_from_le_bytes(bytes, &[cols, n, dim])
+                                .to_device(device)
+                                .get(c as i64)
                         }
                     })
                     .collect();

@@ -24,6 +24,28 @@ use tonic::service::interceptor::InterceptedService;
 #[cfg(target_endian = "big")]
 compile_error!("the wire format is little-endian f32; big-endian hosts are not supported");
 
+/// A tensor as the wire carries it: its values as little-endian f32 bytes (row-major).
+pub fn tensor_to_le_bytes(t: &tch::Tensor) -> Vec<u8> {
+    let t = t
+        .detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(tch::Kind::Float)
+        .contiguous();
+    let mut v = vec![0f32; t.numel()];
+    t.copy_data(&mut v, t.numel());
+    bytemuck::cast_slice(&v).to_vec()
+}
+
+/// The inverse of [`tensor_to_le_bytes`]: `bytes` (4 per value, any alignment) as a CPU f32
+/// tensor of `shape`.
+pub fn tensor_from_le_bytes(bytes: &[u8], shape: &[i64]) -> tch::Tensor {
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    tch::Tensor::from_slice(&v).view(shape)
+}
+
 /// Why a collective failed; the step is then aborted, never half-applied.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {

@@ -1,3 +1,4 @@
 //! File-system helpers that never leave partial files behind.
 pub mod atomic;
 pub mod json;
+pub mod tree;

@@ -80,23 +80,6 @@ fn checksum(bytes: &[u8]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
-fn files_under(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
-            let path = entry.map_err(Error::io("read directory", &dir))?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path.strip_prefix(root).expect("under root").to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// The directory name of the checkpoint after `step` steps.
 pub fn name(step: u64) -> String {
     format!("step-{step:08}")
@@ -128,7 +111,7 @@ pub fn write(
     fs::write(root.join("state.json"), json::to_pretty(state))
         .map_err(Error::io("write", root.join("state.json")))?;
     let mut manifest = BTreeMap::new();
-    for rel in files_under(&root)? {
+    for rel in crate::io::tree::relative_files(&root)? {
         let bytes = fs::read(root.join(&rel)).map_err(Error::io("read", root.join(&rel)))?;
         manifest.insert(rel.to_string_lossy().into_owned(), FileEntry::of(&bytes));
     }
@@ -292,6 +275,12 @@ pub fn restore(
             tensors.get(name).map(Tensor::shallow_clone)
         })
         .map_err(|reason| Error::invalid(&path, reason))
+}
+
+/// The identity of a run that a worker's in-memory state must belong to before the coordinator
+/// adopts it: the config fingerprint and the data fingerprint.
+pub fn run_fingerprint(cfg: &crate::config::RunConfig, data_fingerprint: &str) -> String {
+    format!("{}-{data_fingerprint}", config_fingerprint(cfg))
 }
 
 /// A fingerprint of the settings that must not change across a resume (model, data, training).

@@ -198,10 +198,7 @@ impl Coordinator {
             plan,
             fingerprint,
             model_dir,
-            run_fingerprint: format!(
-                "{}-{data_fingerprint}",
-                checkpoint::config_fingerprint(&cfg)
-            ),
+            run_fingerprint: checkpoint::run_fingerprint(&cfg, &data_fingerprint),
             data_fingerprint,
             started: Instant::now(),
             bar,
@@ -416,8 +413,11 @@ impl Coordinator {
                     self.abort(reason);
                     return;
                 }
+                let formed = !st.forming;
                 drop(st);
-                self.notify();
+                if formed {
+                    self.notify();
+                }
                 continue;
             }
             let now = Instant::now();

@@ -210,16 +210,18 @@ impl CoordinatorRpc for Service {
                 ),
             )));
         }
+        // Rank 0 checkpoints the state before this step when one is due and none exists yet.
+        let every = c.cfg.output.checkpoint_every_steps;
+        let checkpoint = |st: &State, due: bool| rank == 0 && due && !st.latest_is(req.step);
         if req.step >= c.plan.total_steps {
             let mut reply = answer(StepStatus::Done, String::new());
             // The end of a checkpointed run gets a checkpoint too (as a single process does).
-            reply.checkpoint =
-                rank == 0 && c.cfg.output.checkpoint_every_steps > 0 && !st.latest_is(req.step);
+            reply.checkpoint = checkpoint(&st, every > 0);
             return Ok(Response::new(reply));
         }
         if st.stop != Stop::Running {
             let mut reply = answer(StepStatus::Stop, "the coordinator was asked to stop".into());
-            reply.checkpoint = rank == 0 && !st.latest_is(req.step);
+            reply.checkpoint = checkpoint(&st, true);
             if let Some(told) = st.stop_told.get_mut(rank) {
                 *told = true;
             }
@@ -237,13 +239,9 @@ impl CoordinatorRpc for Service {
                 "growing the ring".into(),
             )));
         }
-        let every = c.cfg.output.checkpoint_every_steps;
         let start = st.formation.as_ref().map_or(0, |f| f.start_step);
-        let checkpoint = rank == 0
-            && every > 0
-            && req.step > start
-            && req.step.is_multiple_of(every)
-            && !st.latest_is(req.step);
+        let due = every > 0 && req.step > start && req.step.is_multiple_of(every);
+        let checkpoint = checkpoint(&st, due);
         st.step_started.get_or_insert_with(Instant::now);
         let world = st.ring.len();
         drop(st);
