@@ -8,8 +8,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use multipos::cluster::auth::Token;
-use multipos::collective::{Ring, loopback_rings, ring};
+use multipos::auth::Token;
+use multipos::cluster::peer::loopback_rings;
+use multipos::collective::{Ring, ring};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

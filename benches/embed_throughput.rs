@@ -43,7 +43,7 @@ fn main() {
     let batch = common::env_or("BENCH_BATCH", 32usize);
     let rounds = common::env_or("BENCH_ROUNDS", 3usize);
     let (source, texts) = texts(n);
-    let model_dir = multipos::cli::default_model_dir();
+    let model_dir = multipos::model::default_dir();
 
     tch::set_num_threads(threads as i32);
     let model = SentenceModel::load(&model_dir, tch::Device::Cpu).unwrap();

@@ -11,9 +11,11 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use multipos::collective::Solo;
 use multipos::config::RunConfig;
-use multipos::data::{LoadOptions, load_files};
-use multipos::train::run::{RunPlan, load_model, plan_spec, trainer_for};
+use multipos::train::StepInput;
+use multipos::train::build::{load_model, plan_for, trainer_for};
+use multipos::train::task::{Task, load_tasks};
 
 fn main() {
     let steps = common::env_or("BENCH_STEPS", 12u64);
@@ -22,7 +24,7 @@ fn main() {
     let train = common::shared_data("insuranceqa_small")
         .map(|d| d.join("train.jsonl"))
         .unwrap_or_else(|| root.join("deploy/data/bible_paraphrase_small/train.jsonl"));
-    let model_dir = multipos::cli::default_model_dir();
+    let model_dir = multipos::model::default_dir();
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg_path = tmp.path().join("bench.toml");
@@ -39,15 +41,16 @@ fn main() {
     )
     .unwrap();
     let cfg = RunConfig::load(&cfg_path, &[]).unwrap();
-    let data = load_files(&cfg.data.train.to_vec(), LoadOptions::default()).unwrap();
-    let plan = RunPlan::new(&data, plan_spec(&cfg), 1, steps).unwrap();
-    let mut trainer = trainer_for(&cfg, load_model(&cfg).unwrap(), steps).unwrap();
+    let tasks = load_tasks(&cfg.tasks()).unwrap();
+    let plan = plan_for(&cfg, &tasks).unwrap();
+    let specs: Vec<_> = tasks.iter().map(Task::spec).collect();
+    let mut trainer = trainer_for(&cfg, load_model(&cfg).unwrap(), &specs, steps).unwrap();
     let start = Instant::now();
     let mut pairs = 0;
     for step in 0..steps {
-        let (e, k) = plan.locate(step);
+        let batch = plan.batch(&tasks, step);
         pairs += trainer
-            .step(&data, &plan.epoch(e).batch(k), step)
+            .step(&StepInput::whole(&batch), step, &mut Solo)
             .unwrap()
             .pairs;
     }

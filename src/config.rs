@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Mode;
 use crate::error::{Error, Result};
+use crate::loss::{LossConfig, MnrlConfig};
+
+/// The name of the one task a `[data]` section describes.
+pub const DEFAULT_TASK: &str = "default";
 
 /// Warmup when neither `warmup_steps` nor `warmup_ratio` is set (sentence-transformers' examples).
 pub const DEFAULT_WARMUP_RATIO: f64 = 0.1;
@@ -18,7 +22,15 @@ pub const DEFAULT_WARMUP_RATIO: f64 = 0.1;
 pub struct RunConfig {
     #[serde(default)]
     pub model: ModelConfig,
-    pub data: DataConfig,
+    /// The data of a run with one task (or use `[[tasks]]`).
+    #[serde(default)]
+    pub data: Option<DataConfig>,
+    /// The loss of the `[data]` task (default: MNRL with `train.scale` and `train.symmetric`).
+    #[serde(default)]
+    pub loss: Option<LossConfig>,
+    /// Several tasks in one run: every global batch comes from one of them (`train.sampler`).
+    #[serde(default)]
+    pub tasks: Vec<TaskConfig>,
     #[serde(default)]
     pub train: TrainConfig,
     #[serde(default)]
@@ -116,6 +128,17 @@ impl ClusterConfig {
     }
 }
 
+/// Numeric precision of the encoder's forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 everywhere.
+    #[default]
+    Fp32,
+    /// bf16 autocast on CUDA; weights, optimizer state and the loss stay f32.
+    Bf16,
+}
+
 /// Which model, where, with what sequence length.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -128,6 +151,8 @@ pub struct ModelConfig {
     pub device: Option<String>,
     /// libtorch CPU threads; 0 = one per core.
     pub threads: usize,
+    /// fp32, or bf16 autocast (CUDA only).
+    pub precision: Precision,
 }
 
 /// One path or several.
@@ -166,6 +191,35 @@ fn default_mode() -> Mode {
     Mode::Sample
 }
 
+/// One task of a multi-task run: its data, how its rows are formed, and its loss.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Names the task in metrics, and its classifier file (`heads/<name>.*`) for SoftmaxLoss.
+    pub name: String,
+    /// Query-grouped, pair, or scored/labelled pair files (.jsonl, .csv, .tsv).
+    pub train: Paths,
+    #[serde(default)]
+    pub skip_invalid: bool,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    #[serde(default)]
+    pub negatives_per_row: usize,
+    #[serde(default)]
+    pub loss: LossConfig,
+}
+
+/// How a multi-task run picks the task of each global batch (sentence-transformers' samplers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// Tasks in proportion to their batch counts, in a seeded order: every batch of every task.
+    #[default]
+    Proportional,
+    /// One batch of each task in turn, until the task with the fewest batches runs out.
+    RoundRobin,
+}
+
 /// Optimisation.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -182,8 +236,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm (0 = no clipping).
     pub max_grad_norm: f64,
-    /// MNRL similarity scale (1 / temperature).
+    /// MNRL similarity scale (1 / temperature) of the `[data]` task when no `[loss]` is given.
     pub scale: f64,
+    /// Symmetric MNRL for the `[data]` task when no `[loss]` is given.
     pub symmetric: bool,
     pub seed: u64,
     /// Dropout in the forward pass (off makes runs exactly repeatable across worker counts).
@@ -196,6 +251,13 @@ pub struct TrainConfig {
     /// Stop cleanly (with a checkpoint) after this many steps in this invocation, while the
     /// schedule still spans the whole run: for jobs with a time limit (0 = run to the end).
     pub stop_after_steps: u64,
+    /// GradCache: rows per forward pass *with* autograd (0 = off). The global batch is embedded
+    /// without autograd first, the loss gives the gradient of every embedding, then each
+    /// mini-batch is embedded again with autograd and backpropagated: activation memory follows
+    /// this number, not the batch size, and the pool of in-batch negatives stays the whole batch.
+    pub mini_batch_size: usize,
+    /// Which task each global batch of a multi-task run comes from.
+    pub sampler: Sampler,
 }
 
 impl Default for TrainConfig {
@@ -216,6 +278,8 @@ impl Default for TrainConfig {
             micro_batch: 8,
             resume: None,
             stop_after_steps: 0,
+            mini_batch_size: 0,
+            sampler: Sampler::Proportional,
         }
     }
 }
@@ -360,6 +424,11 @@ impl RunConfig {
         if self.output.keep_checkpoints == 0 {
             return Err("output.keep_checkpoints must be at least 1".into());
         }
+        if self.model.precision == Precision::Bf16 && self.model.device.as_deref() == Some("cpu") {
+            return Err(
+                "model.precision = \"bf16\" needs a CUDA device (CPU runs train in fp32)".into(),
+            );
+        }
         if self.model.max_seq_length == Some(0) {
             return Err("model.max_seq_length must be positive".into());
         }
@@ -368,11 +437,7 @@ impl RunConfig {
         {
             return Err("eval.batch_size must be positive".into());
         }
-        for p in self.data.train.to_vec() {
-            if !p.is_file() {
-                return Err(format!("data.train: {} does not exist", p.display()));
-            }
-        }
+        self.validate_tasks()?;
         if let Some(e) = &self.eval {
             for (key, p) in [
                 ("eval.queries", &e.queries),
@@ -381,6 +446,84 @@ impl RunConfig {
             ] {
                 if !p.is_file() {
                     return Err(format!("{key}: {} does not exist", p.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The run's tasks: the `[[tasks]]`, or the one task `[data]` (+ `[loss]`) describes.
+    pub fn tasks(&self) -> Vec<TaskConfig> {
+        match &self.data {
+            Some(d) => vec![TaskConfig {
+                name: DEFAULT_TASK.into(),
+                train: d.train.clone(),
+                skip_invalid: d.skip_invalid,
+                mode: d.mode,
+                negatives_per_row: d.negatives_per_row,
+                loss: self.loss.unwrap_or(LossConfig::Mnrl(MnrlConfig {
+                    scale: self.train.scale,
+                    symmetric: self.train.symmetric,
+                    ..MnrlConfig::default()
+                })),
+            }],
+            None => self.tasks.clone(),
+        }
+    }
+
+    fn validate_tasks(&self) -> std::result::Result<(), String> {
+        match (&self.data, self.tasks.is_empty()) {
+            (None, true) => {
+                return Err("give the training data: a [data] section or [[tasks]]".into());
+            }
+            (Some(_), false) => {
+                return Err("give either a [data] section or [[tasks]], not both".into());
+            }
+            _ => {}
+        }
+        let defaults = TrainConfig::default();
+        if (self.loss.is_some() || !self.tasks.is_empty())
+            && (self.train.scale != defaults.scale || self.train.symmetric != defaults.symmetric)
+        {
+            return Err(
+                "train.scale and train.symmetric apply to the default MNRL loss only: set them in the loss (scale, symmetric)".into(),
+            );
+        }
+        if self.loss.is_some() && self.data.is_none() {
+            return Err("[loss] belongs to [data]; with [[tasks]], give each task its loss".into());
+        }
+        let tasks = self.tasks();
+        for (i, t) in tasks.iter().enumerate() {
+            let valid_name = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                return Err(format!(
+                    "task name {:?} must be 1-64 letters, digits, '_' or '-'",
+                    t.name
+                ));
+            }
+            if tasks[..i].iter().any(|o| o.name == t.name) {
+                return Err(format!("two tasks are named {:?}", t.name));
+            }
+            t.loss
+                .validate()
+                .map_err(|e| format!("task {:?}: {e}", t.name))?;
+            if !t.loss.in_batch_negatives() && t.negatives_per_row > 0 {
+                return Err(format!(
+                    "task {:?}: negatives_per_row applies to MNRL only (pointwise losses score listed negatives 0)",
+                    t.name
+                ));
+            }
+            for p in t.train.to_vec() {
+                if !p.is_file() {
+                    return Err(format!(
+                        "task {:?}: train file {} does not exist",
+                        t.name,
+                        p.display()
+                    ));
                 }
             }
         }
@@ -455,7 +598,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (cfg.train.lr, cfg.data.mode, cfg.train.symmetric),
+            (
+                cfg.train.lr,
+                cfg.data.as_ref().unwrap().mode,
+                cfg.train.symmetric
+            ),
             (1e-4, Mode::All, true)
         );
 
@@ -498,5 +645,65 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn tasks_are_one_data_section_or_named_tasks() {
+        let (_d, p) = write(BASE);
+        let tasks = RunConfig::load(&p, &["train.scale=10.0".into()])
+            .unwrap()
+            .tasks();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].name, DEFAULT_TASK);
+        assert_eq!(
+            tasks[0].loss,
+            LossConfig::Mnrl(MnrlConfig {
+                scale: 10.0,
+                ..MnrlConfig::default()
+            }),
+            "the legacy keys still set the default MNRL"
+        );
+        let two = "[[tasks]]\nname = \"a\"\ntrain = \"TRAIN\"\n[[tasks]]\nname = \"b\"\ntrain = \"TRAIN\"\nloss = { type = \"CoSENTLoss\", scale = 5.0 }\n[output]\ndir = \"out\"\n";
+        let (_d, p) = write(two);
+        let tasks = RunConfig::load(&p, &[]).unwrap().tasks();
+        assert_eq!(
+            tasks[1].loss,
+            LossConfig::Cosent(crate::loss::CoSentConfig { scale: 5.0 })
+        );
+        let cases = [
+            (
+                format!("{BASE}[[tasks]]\nname = \"a\"\ntrain = \"TRAIN\"\n"),
+                "not both",
+            ),
+            (
+                "[output]\ndir = \"out\"\n".to_string(),
+                "a [data] section or [[tasks]]",
+            ),
+            (two.replace("\"b\"", "\"a\""), "two tasks are named \"a\""),
+            (two.replace("\"b\"", "\"b/c\""), "must be 1-64 letters"),
+            (
+                format!("{BASE}[loss]\ntype = \"softmax\"\n[train]\nscale = 3.0\n"),
+                "set them in the loss",
+            ),
+            (
+                two.replace("scale = 5.0", "scale = -1.0"),
+                "task \"b\": loss.scale must be positive",
+            ),
+            (two.replace("scale = 5.0", "scael = 5.0"), "scael"),
+            (two.replace("CoSENTLoss", "TripletLoss"), "TripletLoss"),
+            (
+                format!("{BASE}[loss]\ntype = \"mnrl\"\nhardness_strength = -2.0\n"),
+                "hardness_strength must be a non-negative",
+            ),
+            (
+                format!("{BASE}[model]\nprecision = \"bf16\"\ndevice = \"cpu\"\n"),
+                "needs a CUDA device",
+            ),
+        ];
+        for (text, needle) in cases {
+            let (_d, p) = write(&text);
+            let err = RunConfig::load(&p, &[]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 }

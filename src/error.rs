@@ -38,6 +38,9 @@ pub enum Error {
     /// A run stopped as asked (`stop_after_steps`), with a checkpoint to resume from.
     #[error("stopped after {steps_done} of {total} steps as asked; continue with --resume")]
     Stopped { steps_done: u64, total: u64 },
+    /// A collective of a cluster step failed; the step is abandoned, never half-applied.
+    #[error("collective: {0}")]
+    Collective(#[from] crate::collective::CollectiveError),
     /// A request the caller made cannot be satisfied (bad device, bad option value).
     #[error("{0}")]
     Usage(String),

@@ -8,6 +8,7 @@
 //! - [`io`]: atomic files and directories, JSON helpers.
 //! - [`cli`]: the command line (the binary in `main.rs` only parses and dispatches).
 //! - [`pb`]: the gRPC protocol generated from `proto/multipos.proto`.
+pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod collective;

@@ -158,9 +158,9 @@ fn two_and_four_workers_match_one_process_with_and_without_dropout() {
 fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
     let _serial = serial();
     use multipos::config::RunConfig;
-    use multipos::data::{LoadOptions, load_files};
-    use multipos::train::run::{RunPlan, load_model, plan_spec, step_options};
-    use multipos::train::trainer::ShardTexts;
+    use multipos::loss::Targets;
+    use multipos::train::build::{load_model, plan_for, trainer_for};
+    use multipos::train::task::{Task, load_tasks};
 
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let cfg_path = repo("configs/local-2workers.toml");
@@ -171,29 +171,21 @@ fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
 
     // Step 1 by hand at the initial weights: the whole global batch, and each shard on its own.
     let cfg = RunConfig::load(&cfg_path, &s).unwrap();
-    let data = load_files(&cfg.data.train.to_vec(), LoadOptions::default()).unwrap();
-    let plan = RunPlan::new(&data, plan_spec(&cfg), 1, 10).unwrap();
-    let batch = plan.epoch(0).batch(0);
-    let trainer = multipos::train::Trainer::new(
-        load_model(&cfg).unwrap(),
-        Default::default(),
-        multipos::train::optim::LinearSchedule {
-            peak: 1e-3,
-            warmup: 0,
-            total: 1,
-        },
-        step_options(&cfg),
-    );
-    let loss_of = |b: &multipos::data::Batch<'_>| {
-        let e = trainer
-            .embed_shard(&ShardTexts::from_batch(&data, b), 0, 0)
-            .unwrap();
-        let groups: Vec<u32> = b.rows.iter().map(|r| r.group).collect();
-        trainer.loss(&e.queries, &e.docs, &groups).double_value(&[])
+    let tasks = load_tasks(&cfg.tasks()).unwrap();
+    let plan = plan_for(&cfg, &tasks).unwrap();
+    let batch = plan.batch(&tasks, 0);
+    let specs: Vec<_> = tasks.iter().map(Task::spec).collect();
+    let trainer = trainer_for(&cfg, load_model(&cfg).unwrap(), &specs, plan.total_steps).unwrap();
+    let loss_of = |columns: &[Vec<&str>], targets: &Targets| {
+        let (e, _) = trainer.embed_shard(columns, 0, 0).unwrap();
+        trainer.loss(0, &e, targets).unwrap().double_value(&[])
     };
-    let global = loss_of(&batch);
+    let global = loss_of(&batch.columns, &batch.targets);
     let shard_mean = (0..2)
-        .map(|r| loss_of(&batch.shard(r, 2).unwrap()))
+        .map(|r| {
+            let (columns, first) = batch.shard(r, 2);
+            loss_of(&columns, &batch.targets.slice(first, columns[0].len()))
+        })
         .sum::<f64>()
         / 2.0;
     assert!(
@@ -244,7 +236,7 @@ fn no_text_appears_twice_in_a_global_batch_across_shards() {
     let mut steps = 0;
     for line in batches.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let groups: Vec<u64> = v["groups"]
+        let groups: Vec<u64> = v["rows"]
             .as_array()
             .unwrap()
             .iter()
@@ -321,7 +313,7 @@ fn start_coordinator(
 #[test]
 fn calls_without_the_right_token_are_refused() {
     let _serial = serial();
-    use multipos::cluster::auth::Token;
+    use multipos::auth::Token;
     use multipos::pb::HeartbeatRequest;
     use multipos::pb::coordinator_client::CoordinatorClient;
 
@@ -780,18 +772,8 @@ fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
     assert_eq!(state.step, steps, "checkpoint of the last committed step");
     // The coordinator records the data cursor and the metrics so far in the checkpoint.
     let config = multipos::config::RunConfig::load(&cfg, &s).unwrap();
-    let data = multipos::data::load_files(
-        &config.data.train.to_vec(),
-        multipos::data::LoadOptions::default(),
-    )
-    .unwrap();
-    let plan = multipos::train::run::RunPlan::new(
-        &data,
-        multipos::train::run::plan_spec(&config),
-        config.train.epochs,
-        config.train.max_steps,
-    )
-    .unwrap();
+    let tasks = multipos::train::task::load_tasks(&config.tasks()).unwrap();
+    let plan = multipos::train::build::plan_for(&config, &tasks).unwrap();
     assert_eq!((state.epoch, state.batch), plan.cursor(steps));
     let (ckpt, _) = multipos::train::checkpoint::latest_valid(&stopped.join("checkpoints"))
         .unwrap()

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use multipos::cluster::auth::Token;
-use multipos::collective::{Ring, loopback_rings};
+use multipos::auth::Token;
+use multipos::cluster::peer::loopback_rings;
+use multipos::collective::Ring;
 
 async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<Arc<Ring>> {
     loopback_rings(

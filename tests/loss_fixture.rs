@@ -39,6 +39,7 @@ fn loss_and_gradients_match_sentence_transformers() {
         let cfg = MnrlConfig {
             scale: fx.scale,
             symmetric: case.name == "symmetric",
+            ..MnrlConfig::default()
         };
         let loss = mnrl_loss(&leaves[0], &leaves[1..], case.groups.as_deref(), &cfg);
         let value = loss.double_value(&[]);

@@ -228,3 +228,34 @@ fn accepts_bert_prefixed_checkpoints() {
     let prefixed = SentenceModel::load(&path, Device::Cpu).unwrap();
     assert!(expected.equal(&prefixed.embed(TEXTS, 4).unwrap()));
 }
+
+/// bf16 mixed precision (for CUDA; exercised here on the CPU, which has bf16 kernels too): products
+/// in bf16 give vectors close to f32, outputs stay f32, and gradients reach the f32 weights.
+#[test]
+fn bf16_products_stay_close_to_f32_and_train_f32_weights() {
+    let (_dir, path) = common::tiny_model(&TinySpec::default());
+    let mut model = SentenceModel::load(&path, Device::Cpu).unwrap();
+    let batch = model.tokenizer().encode(TEXTS).unwrap();
+    let f32_out = model.forward_t(&batch, None);
+    model.set_bf16(true);
+    let bf16_out = model.forward_t(&batch, None);
+    assert_eq!(bf16_out.kind(), tch::Kind::Float);
+    let diff = (&bf16_out - &f32_out).abs().max().double_value(&[]);
+    assert!(diff > 0.0 && diff < 0.05, "bf16 vs f32: {diff}");
+    let trained = model.forward_t(&batch, Some(&RowSeeds(vec![1, 2, 3, 4])));
+    trained.square().sum(tch::Kind::Float).backward();
+    for (name, var) in model.var_store().variables() {
+        if name.contains("query.weight") {
+            assert_eq!(
+                var.kind(),
+                tch::Kind::Float,
+                "{name}: master weights stay f32"
+            );
+            assert!(
+                var.grad().defined()
+                    && var.grad().abs().sum(tch::Kind::Float).double_value(&[]) > 0.0,
+                "{name} got no gradient"
+            );
+        }
+    }
+}

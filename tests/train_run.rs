@@ -6,14 +6,9 @@ use std::process::Output;
 
 use assert_cmd::Command;
 use multipos::config::RunConfig;
-use multipos::data::{LoadOptions, load_files, plan_epoch};
 use multipos::model::tiny::TinySpec;
-use multipos::train::run::{plan_spec, step_options};
-use multipos::train::trainer::ShardTexts;
-use multipos::train::{
-    Trainer,
-    optim::{AdamWConfig, LinearSchedule},
-};
+use multipos::train::build::{load_model, plan_for, trainer_for};
+use multipos::train::task::{Task, load_tasks};
 use tch::Kind;
 
 fn repo(path: &str) -> PathBuf {
@@ -114,31 +109,17 @@ fn loss_falls_when_training_on_the_same_data() {
 fn length_bucketed_micro_batches_give_the_same_loss_and_gradients() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let cfg = config(&model, &dir.path().join("unused"), &["train.dropout=false"]);
-    let data = load_files(&cfg.data.train.to_vec(), LoadOptions::default()).unwrap();
-    let plan = plan_epoch(&data, &plan_spec(&cfg), 0);
-    let batch = plan.batch(0);
+    let tasks = load_tasks(&cfg.tasks()).unwrap();
+    let specs: Vec<_> = tasks.iter().map(Task::spec).collect();
+    let plan = plan_for(&cfg, &tasks).unwrap();
+    let batch = plan.batch(&tasks, 0);
     let mut results = Vec::new();
     for micro in [0, 1, 3] {
-        let m = multipos::train::run::load_model(&cfg).unwrap();
-        let schedule = LinearSchedule {
-            peak: 1e-3,
-            warmup: 0,
-            total: 1,
-        };
-        let trainer = Trainer::new(
-            m,
-            AdamWConfig::default(),
-            schedule,
-            multipos::train::StepOptions {
-                micro_batch: micro,
-                ..step_options(&cfg)
-            },
-        );
-        let emb = trainer
-            .embed_shard(&ShardTexts::from_batch(&data, &batch), 0, 0)
-            .unwrap();
-        let groups: Vec<u32> = batch.rows.iter().map(|r| r.group).collect();
-        let loss = trainer.loss(&emb.queries, &emb.docs, &groups);
+        let mut trainer =
+            trainer_for(&cfg, load_model(&cfg).unwrap(), &specs, plan.total_steps).unwrap();
+        trainer.opts.micro_batch = micro;
+        let (emb, _) = trainer.embed_shard(&batch.columns, 0, 0).unwrap();
+        let loss = trainer.loss(0, &emb, &batch.targets).unwrap();
         loss.backward();
         let grads: Vec<f32> = trainer
             .optim

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::ConfigArgs;
-use crate::cluster::auth::Token;
+use crate::auth::Token;
 use crate::cluster::coordinator::{self, Coordinator, Outcome};
 use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
 use crate::cluster::signals::Signals;

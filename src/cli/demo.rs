@@ -37,7 +37,7 @@ fn clip(s: &str, n: usize) -> String {
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     device::set_threads(args.runtime.threads);
     let device = device::parse_device(&args.runtime.device)?;
-    let model_dir = args.model.unwrap_or_else(super::default_model_dir);
+    let model_dir = args.model.unwrap_or_else(crate::model::default_dir);
     let model = SentenceModel::load(&model_dir, device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     let groups: Vec<Group> = SAMPLE

@@ -29,7 +29,7 @@ pub struct EmbedArgs {
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     device::set_threads(args.runtime.threads);
     let device = device::parse_device(&args.runtime.device)?;
-    let model_dir = args.model.unwrap_or_else(super::default_model_dir);
+    let model_dir = args.model.unwrap_or_else(crate::model::default_dir);
     let inputs = read_inputs(&args.input)?;
     let model = SentenceModel::load(&model_dir, device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;

@@ -37,7 +37,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     device::set_threads(args.runtime.threads);
     let device = device::parse_device(&args.runtime.device)?;
     let set = IrDataset::load(&args.queries, &args.corpus, &args.qrels)?;
-    let model_dir = args.model.unwrap_or_else(super::default_model_dir);
+    let model_dir = args.model.unwrap_or_else(crate::model::default_dir);
     let mut model = SentenceModel::load(&model_dir, device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     if let Some(n) = args.max_seq_length {

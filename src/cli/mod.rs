@@ -75,23 +75,6 @@ pub enum Command {
     Convert(convert::ConvertArgs),
 }
 
-/// The model directory used when `--model` is not given: `$MULTIPOS_MODEL`, else the one
-/// `deploy/setup.sh` installed when this binary was built, else the setup script's default place.
-pub fn default_model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MULTIPOS_MODEL") {
-        return dir.into();
-    }
-    if let Some(dir) = option_env!("MULTIPOS_DEFAULT_MODEL") {
-        return dir.into();
-    }
-    let cache = std::env::var_os("MULTIPOS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/multipos")
-        });
-    cache.join("models/all-MiniLM-L6-v2")
-}
-
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

@@ -185,7 +185,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
     // never on a command line where other users could read it.
     let token = match cfg.cluster.resolve_token()? {
         Some(t) => t,
-        None => super::auth::Token::random().expose().to_string(),
+        None => crate::auth::Token::random().expose().to_string(),
     };
     let workers = cfg.cluster.workers;
     let (tx, mut rx) = mpsc::unbounded_channel();

@@ -1,10 +1,10 @@
 //! The cluster: a coordinator (control plane) and workers (compute and the data-plane ring),
 //! connected over token-authenticated gRPC; `launch` runs a whole local cluster from one config.
-pub mod auth;
 pub mod coordinator;
 pub mod files;
 pub mod launch;
 pub mod membership;
+pub mod peer;
 pub mod signals;
 pub mod state;
 pub mod worker;

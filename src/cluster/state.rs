@@ -1,4 +1,4 @@
-//! A replica's state in memory: weights and AdamW moments as raw little-endian f32, one entry per
+//! A replica's state in memory: every trainable tensor (encoder and loss heads) and AdamW moments as raw little-endian f32, one entry per
 //! tensor, plus a `meta` entry (steps applied, optimizer steps). A live worker serves it from its
 //! Peer server so that a replacement heals straight from it, with no checkpoint written or read.
 use std::collections::HashMap;
@@ -48,10 +48,7 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
         "meta".into(),
         Bytes::from(serde_json::to_vec(&meta).expect("plain struct")),
     );
-    let mut vars: Vec<(String, Tensor)> =
-        trainer.model.var_store().variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, t) in &vars {
+    for (name, t) in &trainer.state.parameters() {
         push_chunks(
             &mut chunks,
             format!("w/{name}"),
@@ -114,9 +111,8 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
     // Everything is received and checked before anything is loaded: a stream that breaks, or a
     // caller that gives up waiting, leaves the replica as it was.
     let weights: Vec<(Tensor, Tensor)> = trainer
-        .model
-        .var_store()
-        .variables()
+        .state
+        .parameters()
         .into_iter()
         .map(|(name, var)| {
             let t = shaped(&format!("w/{name}"), &var)?.to_device(var.device());

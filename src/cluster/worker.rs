@@ -1,7 +1,8 @@
-//! A worker: joins the coordinator, then per step embeds its shard, all-gathers embeddings, computes
-//! the global loss (own slice live, others detached: DESIGN §3), backpropagates, all-reduces the
-//! gradients with SUM, reports the step, and applies the same AdamW update as every other replica
-//! once the coordinator says every member reported it (two-phase commit).
+//! A worker: joins the coordinator, then per step runs the one step pipeline on its shard
+//! ([`Trainer::forward_backward`] over the ring: embed, all-gather, global loss with its own slice
+//! live, backward, gradient all-reduce with SUM; docs/design.md §5), reports the step, and applies
+//! the same AdamW update as every other replica once the coordinator says every member reported it
+//! (two-phase commit).
 //!
 //! When its ring breaks up (a peer dies, the coordinator ends the generation, or the coordinator
 //! itself is gone), the worker drops the open step, keeps its replica, and joins again with
@@ -11,30 +12,29 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::auth::{Attach, Token};
 use super::files::{model_fingerprint, receive_files};
+use super::peer::peer_service;
 use super::state::StateSlot;
-use crate::collective::{
-    CollectiveError, Incoming, Ring, connect_with_retry, peer_service, tensor_from_le_bytes,
-    tensor_to_le_bytes,
-};
+use crate::auth::{Attach, Token};
+use crate::collective::{BlockingRing, Incoming, Ring, connect_with_retry};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
+use crate::loss::{LossConfig, Targets};
 use crate::model::SentenceModel;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::*;
-use crate::train::Trainer;
+use crate::train::build::{configure_model, trainer_for};
 use crate::train::checkpoint::{self, CheckpointState};
-use crate::train::run::trainer_for;
-use crate::train::trainer::ShardTexts;
+use crate::train::task::TaskSpec;
+use crate::train::{StepInput, Trainer};
 
 /// How a worker starts.
 #[derive(Debug, Clone)]
@@ -84,8 +84,12 @@ fn rpc_err(what: &str) -> impl FnOnce(tonic::Status) -> Interrupt + '_ {
     }
 }
 
-fn ring_err(step: u64, what: &str) -> impl FnOnce(CollectiveError) -> Interrupt + '_ {
-    move |e| Interrupt::Rejoin(format!("step {}: {what}: {e}", step + 1))
+/// A failed collective ends the generation (join again); any other failure of a step is fatal.
+fn step_err(step: u64) -> impl FnOnce(Error) -> Interrupt {
+    move |e| match e {
+        Error::Collective(c) => Interrupt::Rejoin(format!("step {}: {c}", step + 1)),
+        other => Interrupt::Fatal(other),
+    }
 }
 
 fn with_deadline<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
@@ -100,6 +104,7 @@ struct Replica {
     trainer: Trainer,
     /// Optimizer steps applied.
     applied: u64,
+    tasks: Vec<TaskSpec>,
     data_fingerprint: String,
     /// Keeps a fetched model directory alive.
     _fetched: Option<tempfile::TempDir>,
@@ -343,15 +348,20 @@ async fn load_replica(
     };
     crate::device::set_threads(node.opts.threads);
     let mut model = SentenceModel::load(&model_dir, node.opts.device)?;
-    if let Some(n) = cfg.model.max_seq_length {
-        model.set_max_seq_length(n)?;
-    }
-    let trainer = trainer_for(&cfg, model, joined.total_steps)?;
+    configure_model(&cfg, &mut model)?;
+    let labels: Vec<(String, Vec<String>)> = joined
+        .tasks
+        .iter()
+        .map(|t| (t.name.clone(), t.labels.clone()))
+        .collect();
+    let tasks = TaskSpec::from_config(&cfg.tasks(), &labels)?;
+    let trainer = trainer_for(&cfg, model, &tasks, joined.total_steps)?;
     Ok(Replica {
         data_fingerprint: joined.data_fingerprint.clone(),
         cfg,
         trainer,
         applied: 0,
+        tasks,
         _fetched: fetched,
     })
 }
@@ -374,7 +384,7 @@ async fn heal(client: &mut Client, replica: &mut Replica, step: u64) -> Result<(
         .map_err(|e| Interrupt::Rejoin(format!("fetch checkpoint: {e}")))?;
     let state = checkpoint::verify(&target)?;
     let trainer = &mut replica.trainer;
-    checkpoint::restore(&target, &state, &mut trainer.model, &mut trainer.optim)?;
+    checkpoint::restore(&target, &state, &mut trainer.state, &mut trainer.optim)?;
     replica.applied = state.step;
     tracing::info!(
         step = state.step,
@@ -464,6 +474,61 @@ async fn heartbeats(
     }
 }
 
+/// The step's input as the coordinator sent it, checked against this replica's tasks.
+fn step_input<'a>(
+    next: &'a NextStepResponse,
+    tasks: &[TaskSpec],
+    world: usize,
+) -> Result<StepInput<'a>> {
+    let bad = |what: String| {
+        Error::Usage(format!(
+            "the coordinator sent a malformed step {}: {what}",
+            next.step + 1
+        ))
+    };
+    let task = tasks
+        .get(next.task as usize)
+        .ok_or_else(|| bad(format!("task {} of {}", next.task, tasks.len())))?;
+    let n = next.rows.len();
+    let negatives = next.rows.first().map_or(0, |r| r.negatives.len());
+    if n == 0 || next.rows.iter().any(|r| r.negatives.len() != negatives) {
+        return Err(bad(
+            "an empty shard or rows with unequal negative counts".into()
+        ));
+    }
+    let global = n * world;
+    let targets = match task.loss {
+        LossConfig::Mnrl(_) => Targets::Groups(next.groups.clone()),
+        LossConfig::CosineSimilarity(_) | LossConfig::Cosent(_) => {
+            Targets::Scores(next.scores.clone())
+        }
+        LossConfig::Softmax(_) => Targets::Labels(next.labels.clone()),
+    };
+    if targets.len() != global || next.first_row as usize + n > global {
+        return Err(bad(format!(
+            "{} targets and first row {} for {n} rows x {world} ranks",
+            targets.len(),
+            next.first_row
+        )));
+    }
+    let mut columns = vec![
+        next.rows.iter().map(|r| r.query.as_str()).collect(),
+        next.rows
+            .iter()
+            .map(|r| r.positive.as_str())
+            .collect::<Vec<_>>(),
+    ];
+    for j in 0..negatives {
+        columns.push(next.rows.iter().map(|r| r.negatives[j].as_str()).collect());
+    }
+    Ok(StepInput {
+        task: next.task as usize,
+        columns,
+        first_row: next.first_row,
+        targets,
+    })
+}
+
 /// Runs `fut` unless the ring breaks up first.
 async fn unless_broken<T>(
     broken: &mut watch::Receiver<Option<String>>,
@@ -482,7 +547,7 @@ async fn train_loop(
     client: &mut Client,
     ring: &Ring,
     replica: &mut Replica,
-    mut broken: watch::Receiver<Option<String>>,
+    broken: watch::Receiver<Option<String>>,
     step_timeout: Duration,
     node_state: &StateSlot,
 ) -> Result<(), Interrupt> {
@@ -533,86 +598,23 @@ async fn train_loop(
         if next.checkpoint {
             upload_checkpoint(client, replica).await?;
         }
+        let input = step_input(&next, &replica.tasks, ring.world)?;
         let trainer = &mut replica.trainer;
-        let (emb, mut compute) = tokio::task::block_in_place(|| -> Result<_> {
-            let start = Instant::now();
-            let texts = ShardTexts {
-                queries: next.rows.iter().map(|r| r.query.as_str()).collect(),
-                positives: next.rows.iter().map(|r| r.positive.as_str()).collect(),
-                negatives: (0..next.rows.first().map_or(0, |r| r.negatives.len()))
-                    .map(|j| next.rows.iter().map(|r| r.negatives[j].as_str()).collect())
-                    .collect(),
-            };
-            let emb = trainer.embed_shard(&texts, step, next.first_row)?;
-            Ok((emb, start.elapsed().as_secs_f64()))
-        })?;
-
-        // All-gather: every rank's [queries; positives; negatives...] block, (1 + C)·n × d.
-        let comm_start = Instant::now();
-        let local: Vec<Tensor> = std::iter::once(&emb.queries)
-            .chain(emb.docs.iter())
-            .map(|t| t.shallow_clone())
-            .collect();
-        let cols = local.len() as i64;
-        let (n, dim) = (emb.queries.size()[0], emb.queries.size()[1]);
-        let payload = tensor_to_le_bytes(&Tensor::cat(&local, 0));
-        let blocks = unless_broken(&mut broken, async {
-            ring.all_gather(step, payload)
-                .await
-                .map_err(ring_err(step, "all-gather"))
+        let stats = tokio::task::block_in_place(|| {
+            trainer.forward_backward(&input, step, &mut BlockingRing::new(ring, broken.clone()))
         })
-        .await?;
-        let mut comm = comm_start.elapsed().as_secs_f64();
-
-        let device = trainer.model.device();
-        // Rebuild the global columns in rank order, putting this rank's live tensors in its slot.
-        let columns: Vec<Tensor> = (0..cols as usize)
-            .map(|c| {
-                let parts: Vec<Tensor> = blocks
-                    .iter()
-                    .enumerate()
-                    .map(|(r, bytes)| {
-                        if r == rank {
-                            local[c].shallow_clone()
-                        } else {
-                            tensor_from_le_bytes(bytes, &[cols, n, dim])
-                                .to_device(device)
-                                .get(c as i64)
-                        }
-                    })
-                    .collect();
-                Tensor::cat(&parts, 0)
-            })
-            .collect();
-        let start = Instant::now();
-        let loss = tokio::task::block_in_place(|| {
-            let loss = trainer.loss(&columns[0], &columns[1..], &next.groups);
-            loss.backward();
-            loss.to_kind(Kind::Double).double_value(&[])
-        });
-        compute += start.elapsed().as_secs_f64();
-        let comm_start = Instant::now();
-        let mut grads = trainer.optim.flat_grads();
-        unless_broken(&mut broken, async {
-            ring.all_reduce_sum(step, &mut grads)
-                .await
-                .map_err(ring_err(step, "all-reduce"))
-        })
-        .await?;
-        trainer.optim.set_flat_grads(&grads);
-        comm += comm_start.elapsed().as_secs_f64();
-        let grad_norm = tokio::task::block_in_place(|| trainer.clip());
+        .map_err(step_err(step))?;
         let decision = client
             .commit(with_deadline(
                 CommitRequest {
                     rank: rank as u32,
                     step,
-                    loss,
-                    grad_norm,
-                    lr: trainer.schedule.lr(step),
-                    tokens: emb.tokens as u64,
-                    compute_seconds: compute,
-                    comm_seconds: comm,
+                    loss: stats.loss,
+                    grad_norm: stats.grad_norm,
+                    lr: stats.lr,
+                    tokens: stats.tokens as u64,
+                    compute_seconds: stats.compute_seconds,
+                    comm_seconds: stats.comm_seconds,
                     generation,
                 },
                 step_timeout,
@@ -623,14 +625,14 @@ async fn train_loop(
         if !decision.apply {
             return Err(Interrupt::Rejoin(decision.reason));
         }
-        tokio::task::block_in_place(|| trainer.update(step));
+        tokio::task::block_in_place(|| trainer.update(step, input.task));
         replica.applied = step + 1;
         node_state.send_replace(None);
     }
     if rank == 0 {
         let dir = scratch_dir()?;
         let out = dir.path().join("model");
-        replica.trainer.model.save(&out)?;
+        replica.trainer.state.save(&out)?;
         let chunks = super::files::file_chunks(&out)?;
         client
             .upload_model(with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE))
@@ -657,7 +659,7 @@ async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(),
     };
     let trainer = &replica.trainer;
     let path = tokio::task::block_in_place(|| {
-        checkpoint::write(dir.path(), &state, &trainer.model, &trainer.optim, 1, &[])
+        checkpoint::write(dir.path(), &state, &trainer.state, &trainer.optim, 1, &[])
     })?;
     let chunks = super::files::file_chunks(&path)?;
     client

@@ -1,4 +1,4 @@
-//! Ring collectives over gRPC (DESIGN §5): all-gather for embeddings, all-reduce (reduce-scatter +
+//! Ring collectives over gRPC (docs/design.md §8): all-gather for embeddings, all-reduce (reduce-scatter +
 //! all-gather, SUM) for gradients. Each rank keeps one long-lived stream to its right neighbour and
 //! receives from its left neighbour through its own `Peer` server; blocks travel as raw
 //! little-endian bytes in chunks, every chunk tagged with (step, op, phase, offset) and checked.
@@ -12,14 +12,11 @@ use bytes::Bytes;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
-use crate::cluster::auth::{Check, Token};
-use crate::cluster::state::StateSlot;
+use crate::auth::Token;
+use crate::pb::RingChunk;
 use crate::pb::peer_client::PeerClient;
-use crate::pb::peer_server::{Peer, PeerServer};
-use crate::pb::{FetchStateRequest, FileChunk, RingAck, RingChunk};
-use tonic::service::interceptor::InterceptedService;
 
 #[cfg(target_endian = "big")]
 compile_error!("the wire format is little-endian f32; big-endian hosts are not supported");
@@ -61,6 +58,88 @@ pub enum CollectiveError {
         address: String,
         reason: String,
     },
+    #[error("abandoned: {0}")]
+    Aborted(String),
+}
+
+/// The two collectives a training step needs, as blocking calls: the step pipeline (in `train/`)
+/// runs them between tensor work, alone ([`Solo`]) or over a ring ([`BlockingRing`]).
+pub trait Collective {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Every rank's `local` block (all the same length), in rank order.
+    fn all_gather(&mut self, step: u64, local: Vec<u8>) -> Result<Vec<Vec<u8>>, CollectiveError>;
+    /// Replaces `buf` by its element-wise sum over all ranks.
+    fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> Result<(), CollectiveError>;
+}
+
+/// One process: the collectives are identities.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_gather(&mut self, _step: u64, local: Vec<u8>) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        Ok(vec![local])
+    }
+    fn all_reduce_sum(&mut self, _step: u64, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// A [`Ring`] driven from blocking code: every call blocks on the ring's future, which must be
+/// made from inside `tokio::task::block_in_place` on a multi-threaded runtime. A call gives up
+/// as soon as `abort` carries a reason (the caller's membership ended), instead of waiting for
+/// its timeout.
+pub struct BlockingRing<'a> {
+    ring: &'a Ring,
+    abort: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl<'a> BlockingRing<'a> {
+    /// Wraps `ring`; a reason published on `abort` abandons the collective in flight.
+    pub fn new(ring: &'a Ring, abort: tokio::sync::watch::Receiver<Option<String>>) -> Self {
+        Self { ring, abort }
+    }
+
+    fn run<T>(
+        &mut self,
+        fut: impl Future<Output = Result<T, CollectiveError>>,
+    ) -> Result<T, CollectiveError> {
+        let abort = &mut self.abort;
+        tokio::runtime::Handle::current().block_on(async move {
+            tokio::select! {
+                r = fut => r,
+                why = abort.wait_for(Option::is_some) => Err(CollectiveError::Aborted(match why {
+                    Ok(w) => w.clone().unwrap_or_default(),
+                    Err(_) => "the abort signal went away".into(),
+                })),
+            }
+        })
+    }
+}
+
+impl Collective for BlockingRing<'_> {
+    fn rank(&self) -> usize {
+        self.ring.rank
+    }
+    fn world(&self) -> usize {
+        self.ring.world
+    }
+    fn all_gather(&mut self, step: u64, local: Vec<u8>) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        let ring = self.ring;
+        self.run(ring.all_gather(step, local))
+    }
+    fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let ring = self.ring;
+        self.run(ring.all_reduce_sum(step, buf))
+    }
 }
 
 /// Collective operations, used in chunk tags.
@@ -74,64 +153,39 @@ pub enum Op {
     ReduceGather = 3,
 }
 
-/// The receiving half: the `Peer` service hands incoming chunks to the engine.
-pub struct PeerService {
-    incoming: mpsc::Sender<RingChunk>,
-    state: StateSlot,
+/// A rank's inbox: its Peer server (in `cluster/`) forwards every ring stream it accepts here, and
+/// the engine reads the chunks from the matching [`Incoming`].
+#[derive(Clone)]
+pub struct Inbox(mpsc::Sender<RingChunk>);
+
+/// What a rank's inbox received, shared by the rings of successive generations.
+pub type Incoming = Arc<Mutex<mpsc::Receiver<RingChunk>>>;
+
+/// A new inbox and the receiver the engine reads.
+pub fn inbox() -> (Inbox, Incoming) {
+    let (tx, rx) = mpsc::channel(64);
+    (Inbox(tx), Arc::new(Mutex::new(rx)))
 }
 
-/// How long a healing member waits for its donor to publish its state.
-const STATE_WAIT: Duration = Duration::from_secs(120);
-
-#[tonic::async_trait]
-impl Peer for PeerService {
-    type FetchStateStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<FileChunk, Status>> + Send>>;
-
-    async fn fetch_state(
-        &self,
-        request: Request<FetchStateRequest>,
-    ) -> Result<Response<Self::FetchStateStream>, Status> {
-        let generation = request.into_inner().generation;
-        let mut rx = self.state.subscribe();
-        let snapshot = tokio::time::timeout(
-            STATE_WAIT,
-            rx.wait_for(|s| s.as_ref().is_some_and(|s| s.generation == generation)),
-        )
-        .await
-        .map_err(|_| {
-            Status::deadline_exceeded("this worker published no state for that generation")
-        })?
-        .map_err(|_| Status::unavailable("this worker is shutting down"))?
-        .clone()
-        .expect("waited for Some");
-        let chunks = snapshot.chunks.clone();
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
-    }
-
-    async fn ring(
-        &self,
-        request: Request<Streaming<RingChunk>>,
-    ) -> Result<Response<RingAck>, Status> {
-        let mut stream = request.into_inner();
+impl Inbox {
+    /// Hands every chunk of one incoming ring stream to the engine until the stream ends. A sender
+    /// that dies mid-stream is reported to the engine at once (a `Broken` chunk) rather than left
+    /// for it to time out.
+    pub async fn forward(&self, mut stream: Streaming<RingChunk>) -> Result<(), Status> {
         let mut last: Option<(u32, u64)> = None;
         loop {
             match stream.message().await {
                 Ok(Some(chunk)) => {
                     last = Some((chunk.from_rank, chunk.generation));
-                    if self.incoming.send(chunk).await.is_err() {
+                    if self.0.send(chunk).await.is_err() {
                         return Err(Status::unavailable("this worker is shutting down"));
                     }
                 }
-                Ok(None) => return Ok(Response::new(RingAck {})),
+                Ok(None) => return Ok(()),
                 Err(status) => {
-                    // The sender died mid-stream: tell the engine now rather than let it wait
-                    // for its timeout.
                     if let Some((from_rank, generation)) = last {
                         let _ = self
-                            .incoming
+                            .0
                             .send(RingChunk {
                                 from_rank,
                                 generation,
@@ -145,28 +199,6 @@ impl Peer for PeerService {
             }
         }
     }
-}
-
-/// What a worker's `Peer` server received, shared by the rings of successive generations.
-pub type Incoming = Arc<Mutex<mpsc::Receiver<RingChunk>>>;
-
-/// Builds the `Peer` server (token-checked, chunk size bounded) and the receiver the engine reads;
-/// the server streams whatever state `state` holds to healing members.
-pub fn peer_service(
-    token: &Token,
-    chunk_bytes: usize,
-    state: StateSlot,
-) -> (InterceptedService<PeerServer<PeerService>, Check>, Incoming) {
-    let (tx, rx) = mpsc::channel(64);
-    let server = PeerServer::new(PeerService {
-        incoming: tx,
-        state,
-    })
-    .max_decoding_message_size(chunk_bytes + 4096);
-    (
-        InterceptedService::new(server, token.check()),
-        Arc::new(Mutex::new(rx)),
-    )
 }
 
 /// HTTP/2 flow-control windows for the data plane. The defaults (64 KiB per stream) cap a ring
@@ -195,7 +227,7 @@ pub struct Ring {
 
 impl Ring {
     /// Connects to the right neighbour (retrying while it starts, up to `connect_timeout`) and
-    /// opens the long-lived stream; `incoming` is the receiver from [`peer_service`]. Chunks of
+    /// opens the long-lived stream; `incoming` is the receiver of this rank's [`Inbox`]. Chunks of
     /// earlier generations still in flight are dropped.
     #[allow(clippy::too_many_arguments)]
     pub async fn connect(
@@ -430,50 +462,6 @@ fn disjoint(buf: &mut [f32], read: Range<usize>, write: Range<usize>) -> (&[f32]
         let (a, b) = buf.split_at_mut(read.start);
         (&b[..read.end - read.start], &mut a[write])
     }
-}
-
-/// W ranks of a ring inside this process, each with its own `Peer` server on a loopback port: for
-/// tests and benchmarks of the collectives without worker processes.
-pub async fn loopback_rings(
-    world: usize,
-    server_token: &Token,
-    client_token: &Token,
-    chunk_bytes: usize,
-    timeout: Duration,
-) -> Vec<std::sync::Arc<Ring>> {
-    let mut incomings = Vec::new();
-    let mut peers = Vec::new();
-    for _ in 0..world {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        peers.push(listener.local_addr().expect("bound address").to_string());
-        let (svc, rx) = peer_service(server_token, chunk_bytes, crate::cluster::state::slot());
-        incomings.push(rx);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            peer_server_builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming),
-        );
-    }
-    let mut out = Vec::new();
-    for (rank, rx) in incomings.into_iter().enumerate() {
-        let ring = Ring::connect(
-            rank,
-            &peers,
-            0,
-            client_token,
-            rx,
-            chunk_bytes,
-            timeout,
-            timeout,
-        )
-        .await
-        .expect("loopback ring connects");
-        out.push(std::sync::Arc::new(ring));
-    }
-    out
 }
 
 /// Dials `address` until it answers or `timeout` passes (exponential backoff from 50 ms to 1 s).

@@ -70,6 +70,25 @@ pub fn load_files(paths: &[PathBuf], opts: LoadOptions) -> Result<Dataset> {
     Ok(data)
 }
 
+/// One bad line: an error naming file, line and reason, or with `skip_invalid` a logged warning.
+pub(crate) fn reject_or_skip(
+    path: &Path,
+    line: usize,
+    reason: String,
+    opts: LoadOptions,
+) -> Result<()> {
+    if opts.skip_invalid {
+        tracing::warn!(file = %path.display(), line, %reason, "skipping invalid record");
+        Ok(())
+    } else {
+        Err(Error::BadLine {
+            path: path.to_path_buf(),
+            line,
+            reason,
+        })
+    }
+}
+
 struct Sink<'a> {
     path: &'a Path,
     opts: LoadOptions,
@@ -79,17 +98,9 @@ struct Sink<'a> {
 impl Sink<'_> {
     /// Records one bad line: an error, or with `skip_invalid` a warning and a count.
     fn reject(&mut self, line: usize, reason: String) -> Result<()> {
-        if self.opts.skip_invalid {
-            tracing::warn!(file = %self.path.display(), line, %reason, "skipping invalid record");
-            self.builder.note_skipped();
-            Ok(())
-        } else {
-            Err(Error::BadLine {
-                path: self.path.to_path_buf(),
-                line,
-                reason,
-            })
-        }
+        reject_or_skip(self.path, line, reason, self.opts)?;
+        self.builder.note_skipped();
+        Ok(())
     }
 
     fn add(

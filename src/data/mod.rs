@@ -1,9 +1,11 @@
 //! Training data: text identity, query groups, file loaders and the conflict-free batch planner.
 pub mod dataset;
 pub mod load;
+pub mod pairs;
 pub mod planner;
 pub mod text;
 
 pub use dataset::{Dataset, DatasetBuilder, LoadStats, TextId};
 pub use load::{LoadOptions, load_files};
+pub use pairs::{PairEpoch, PairSet, PairTargets, TargetKind};
 pub use planner::{Batch, EpochPlan, Mode, PlanSpec, Row, plan_epoch};

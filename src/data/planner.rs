@@ -1,4 +1,4 @@
-//! Conflict-free global batches (DESIGN §2), as a pure function of (data, seed, epoch, spec).
+//! Conflict-free global batches (docs/design.md §2), as a pure function of (data, seed, epoch, spec).
 //!
 //! A global batch holds `batch_size` rows (query, positive, `negatives_per_row` hard negatives). It is
 //! conflict-free when no normalised text appears twice anywhere in it, in any column, except that in

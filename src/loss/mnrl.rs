@@ -22,17 +22,39 @@
 //! Each row still has exactly one target, so every positive of a group is pulled towards the query
 //! once per row it occupies, and no positive is ever pushed away from its own query. Hard negatives
 //! of other rows of the same group stay negatives: they are negatives of that query too.
+//!
+//! Hardness weighting (sentence-transformers 5.3+, `hardness_mode` / `hardness_strength` α): chosen
+//! negative logits of the query→document direction become s_ij + α·stopgrad(cos(q_i, d_j)), the
+//! added term unscaled, so harder negatives weigh more in the softmax while the gradient still flows
+//! through s_ij alone. `in_batch_negatives` picks every document of another row (its positive and
+//! its hard negatives), `hard_negatives` the row's own hard negatives, `all_negatives` both; the
+//! row's own positive never.
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::model::pooling::normalize_l2;
 
+/// Which negatives hardness weighting applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HardnessMode {
+    InBatchNegatives,
+    HardNegatives,
+    AllNegatives,
+}
+
 /// Loss options.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MnrlConfig {
     /// Multiplier of the cosine similarities (1 / temperature); sentence-transformers' default is 20.
     pub scale: f64,
     /// Add the document→query direction.
     pub symmetric: bool,
+    /// Hardness weighting; none by default.
+    pub hardness_mode: Option<HardnessMode>,
+    /// α of the hardness weighting (sentence-transformers' default 0: off).
+    pub hardness_strength: f64,
 }
 
 impl Default for MnrlConfig {
@@ -40,8 +62,45 @@ impl Default for MnrlConfig {
         Self {
             scale: 20.0,
             symmetric: false,
+            hardness_mode: None,
+            hardness_strength: 0.0,
         }
     }
+}
+
+impl MnrlConfig {
+    /// Checks values that are impossible on their own.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.scale > 0.0 && self.scale.is_finite()) {
+            return Err(format!(
+                "the MNRL scale must be positive, got {}",
+                self.scale
+            ));
+        }
+        if !(self.hardness_strength >= 0.0 && self.hardness_strength.is_finite()) {
+            return Err(format!(
+                "hardness_strength must be a non-negative number, got {}",
+                self.hardness_strength
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The (B, C) boolean mask of the logits hardness weighting applies to, or `None` when it is off.
+fn hardness_mask(cfg: &MnrlConfig, b: i64, c: i64, device: tch::Device) -> Option<Tensor> {
+    let mode = cfg.hardness_mode.filter(|_| cfg.hardness_strength > 0.0)?;
+    // own[i, j]: document j belongs to row i (its positive or one of its hard negatives).
+    let own = Tensor::eye(b, (Kind::Bool, device)).repeat([1, c / b]);
+    let in_positive_block = Tensor::arange(c, (Kind::Int64, device))
+        .lt(b)
+        .unsqueeze(0)
+        .expand([b, c], false);
+    Some(match mode {
+        HardnessMode::InBatchNegatives => own.logical_not(),
+        HardnessMode::HardNegatives => own.logical_and(&in_positive_block.logical_not()),
+        HardnessMode::AllNegatives => own.logical_and(&in_positive_block).logical_not(),
+    })
 }
 
 /// Boolean (B, B) mask of other rows of the same group, or `None` when every group occurs once.
@@ -71,13 +130,16 @@ pub fn mnrl_loss(
     let b = queries.size()[0];
     let q = normalize_l2(queries);
     let candidates = normalize_l2(&Tensor::cat(docs, 0));
-    let mut scores = q.matmul(&candidates.transpose(0, 1)) * cfg.scale;
+    let cos = q.matmul(&candidates.transpose(0, 1));
+    let c = candidates.size()[0];
+    let mut scores = &cos * cfg.scale;
+    if let Some(mask) = hardness_mask(cfg, b, c, queries.device()) {
+        let penalty = cos.detach() * cfg.hardness_strength;
+        scores = scores + penalty.masked_fill(&mask.logical_not(), 0.0);
+    }
     let mask = groups.and_then(|g| same_group_mask(g, queries.device()));
     if let Some(mask) = &mask {
-        let pad = Tensor::zeros(
-            [b, candidates.size()[0] - b],
-            (Kind::Bool, queries.device()),
-        );
+        let pad = Tensor::zeros([b, c - b], (Kind::Bool, queries.device()));
         scores = scores.masked_fill(&Tensor::cat(&[mask, &pad], 1), f64::NEG_INFINITY);
     }
     let positive = scores.narrow(1, 0, b).diagonal(0, 0, 1);

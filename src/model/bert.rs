@@ -36,6 +36,30 @@ fn linear(p: nn::Path, in_dim: i64, out_dim: i64, init: Init) -> nn::Linear {
     nn::linear(p, in_dim, out_dim, cfg)
 }
 
+/// The kind matrix products run in: `None` for f32, or a reduced kind (bf16) with f32 results —
+/// mixed precision as CUDA autocast does it: products in the reduced kind, LayerNorm, softmax,
+/// activations, dropout and residuals in f32, and gradients reaching the f32 weights.
+pub type Compute = Option<Kind>;
+
+/// `l.forward(xs)` with the product in `compute`.
+fn product(l: &nn::Linear, xs: &Tensor, compute: Compute) -> Tensor {
+    match compute {
+        None => l.forward(xs),
+        Some(k) => xs
+            .to_kind(k)
+            .linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k)))
+            .to_kind(Kind::Float),
+    }
+}
+
+/// `t` in the kind products run in.
+fn reduced(t: &Tensor, compute: Compute) -> Tensor {
+    match compute {
+        None => t.shallow_clone(),
+        Some(k) => t.to_kind(k),
+    }
+}
+
 fn layer_norm(p: nn::Path, cfg: &BertConfig) -> nn::LayerNorm {
     let ln_cfg = nn::LayerNormConfig {
         eps: cfg.layer_norm_eps,
@@ -130,14 +154,15 @@ impl Attention {
         mask: &Tensor,
         seeds: Option<&RowSeeds>,
         layer: usize,
+        compute: Compute,
     ) -> Tensor {
         let _enter = self.span.enter();
         let (b, t, h) = xs.size3().expect("hidden states are (batch, seq, hidden)");
         let head_dim = h / self.heads;
         let split = |x: Tensor| x.view([b, t, self.heads, head_dim]).transpose(1, 2);
-        let q = split(self.query.forward(xs));
-        let k = split(self.key.forward(xs));
-        let v = split(self.value.forward(xs));
+        let q = reduced(&split(product(&self.query, xs, compute)), compute);
+        let k = reduced(&split(product(&self.key, xs, compute)), compute);
+        let v = reduced(&split(product(&self.value, xs, compute)), compute);
         let ctx = match seeds {
             // Inference: the fused kernel.
             None => Tensor::scaled_dot_product_attention(
@@ -152,16 +177,25 @@ impl Attention {
             ),
             // Training: the same math written out, so the probabilities take our seeded dropout.
             Some(_) => {
-                let scores = q.matmul(&k.transpose(-1, -2)) / (head_dim as f64).sqrt();
+                let scores =
+                    q.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) / (head_dim as f64).sqrt();
                 let probs = scores
                     .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
-                    .softmax(-1, scores.kind());
-                dropout(&probs, self.attention_dropout, seeds, site(layer, 0)).matmul(&v)
+                    .softmax(-1, Kind::Float);
+                reduced(
+                    &dropout(&probs, self.attention_dropout, seeds, site(layer, 0)),
+                    compute,
+                )
+                .matmul(&v)
             }
         };
-        let ctx = ctx.transpose(1, 2).contiguous().view([b, t, h]);
+        let ctx = ctx
+            .to_kind(Kind::Float)
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, h]);
         let out = dropout(
-            &self.output.forward(&ctx),
+            &product(&self.output, &ctx, compute),
             self.hidden_dropout,
             seeds,
             site(layer, 1),
@@ -211,11 +245,17 @@ impl FeedForward {
         }
     }
 
-    fn forward_t(&self, xs: &Tensor, seeds: Option<&RowSeeds>, layer: usize) -> Tensor {
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        seeds: Option<&RowSeeds>,
+        layer: usize,
+        compute: Compute,
+    ) -> Tensor {
         let _enter = self.span.enter();
-        let hidden = self.activate(&self.intermediate.forward(xs));
+        let hidden = self.activate(&product(&self.intermediate, xs, compute));
         let out = dropout(
-            &self.output.forward(&hidden),
+            &product(&self.output, &hidden, compute),
             self.dropout,
             seeds,
             site(layer, 2),
@@ -259,21 +299,23 @@ impl BertModel {
         }
     }
 
-    /// Token states (batch, seq, hidden) for `input_ids`, with `attention_mask` 1 on real tokens.
-    /// `seeds` (one per row) turns dropout on; `None` is inference.
+    /// Token states (batch, seq, hidden, f32) for `input_ids`, with `attention_mask` 1 on real
+    /// tokens. `seeds` (one per row) turns dropout on; `None` is inference. `compute` is the kind
+    /// of the matrix products.
     pub fn forward_t(
         &self,
         input_ids: &Tensor,
         token_type_ids: &Tensor,
         attention_mask: &Tensor,
         seeds: Option<&RowSeeds>,
+        compute: Compute,
     ) -> Tensor {
         let key_mask = attention_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
         let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, seeds);
         // A loop rather than a fold: easier to add per-layer instrumentation.
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.attention.forward_t(&xs, &key_mask, seeds, i);
-            xs = layer.feed_forward.forward_t(&xs, seeds, i);
+            xs = layer.attention.forward_t(&xs, &key_mask, seeds, i, compute);
+            xs = layer.feed_forward.forward_t(&xs, seeds, i, compute);
         }
         xs
     }

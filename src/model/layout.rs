@@ -1,4 +1,4 @@
-//! The sentence-transformers metadata files around an encoder (DESIGN §7), in the legacy (v5)
+//! The sentence-transformers metadata files around an encoder (docs/design.md §10), in the legacy (v5)
 //! spellings that sentence-transformers 5.x and 6.x both load.
 use std::fs;
 use std::path::Path;

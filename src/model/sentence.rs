@@ -91,6 +91,7 @@ pub struct SentenceModel {
     config_json: serde_json::Value,
     tokenizer_files: BTreeMap<&'static str, Vec<u8>>,
     passthrough: BTreeMap<String, HostTensor>,
+    compute: Option<tch::Kind>,
 }
 
 impl SentenceModel {
@@ -196,6 +197,7 @@ impl SentenceModel {
             config_json,
             tokenizer_files,
             passthrough,
+            compute: None,
         })
     }
 
@@ -237,6 +239,12 @@ impl SentenceModel {
         Ok(())
     }
 
+    /// Runs the encoder's matrix products in bf16 (`true`, mixed precision: weights, outputs and
+    /// everything else stay f32) or in f32. Whether the device suits bf16 is the caller's call.
+    pub fn set_bf16(&mut self, on: bool) {
+        self.compute = on.then_some(tch::Kind::BFloat16);
+    }
+
     /// Sentence vectors for an already tokenized batch (autograd on unless the caller disables it);
     /// `seeds`, one per row, turns dropout on (see [`super::dropout`]).
     pub fn forward_t(&self, batch: &TokenBatch, seeds: Option<&RowSeeds>) -> Tensor {
@@ -246,6 +254,7 @@ impl SentenceModel {
             &batch.token_type_ids,
             &batch.attention_mask,
             seeds,
+            self.compute,
         );
         let pooled = pool(&states, &batch.attention_mask, &self.pooling.modes);
         if self.normalize {

@@ -1,6 +1,7 @@
 //! Checkpoints: everything needed to continue a run exactly where it stopped.
 //!
-//! `checkpoints/step-00000040/` holds `model/` (a loadable sentence-transformers directory),
+//! `checkpoints/step-00000040/` holds `model/` (a loadable sentence-transformers directory, with
+//! the loss heads in `model/heads/`),
 //! `optimizer.safetensors` (AdamW moments), `state.json` (steps done, optimizer step count, data
 //! cursor, seed, fingerprints of data and config), `metrics.jsonl` (the run's log so far) and
 //! `MANIFEST.json` (size and XXH3 of every other file). It is
@@ -16,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::optim::AdamW;
+use super::state::TrainState;
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
 use crate::io::json;
-use crate::model::SentenceModel;
 
 /// What a checkpoint records besides tensors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +91,7 @@ pub fn name(step: u64) -> String {
 pub fn write(
     dir: &Path,
     state: &CheckpointState,
-    model: &SentenceModel,
+    train: &TrainState,
     optim: &AdamW,
     keep: usize,
     extra: &[(&str, &[u8])],
@@ -100,7 +101,7 @@ pub fn write(
     for (rel, bytes) in extra {
         fs::write(root.join(rel), bytes).map_err(Error::io("write", root.join(rel)))?;
     }
-    model.write_dir(&root.join("model"))?;
+    train.write_dir(&root.join("model"))?;
     let tensors: Vec<(String, Tensor)> = optim
         .state()
         .into_iter()
@@ -257,14 +258,14 @@ pub fn latest_valid(dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
     Ok(None)
 }
 
-/// Loads a checkpoint's weights into `model` and its moments into `optim`.
+/// Loads a checkpoint's weights and loss heads into `train` and its moments into `optim`.
 pub fn restore(
     ckpt: &Path,
     state: &CheckpointState,
-    model: &mut SentenceModel,
+    train: &mut TrainState,
     optim: &mut AdamW,
 ) -> Result<()> {
-    model.load_weights(&ckpt.join("model/model.safetensors"))?;
+    train.load_dir(&ckpt.join("model"))?;
     let path = ckpt.join("optimizer.safetensors");
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
         .map_err(Error::Torch)?
@@ -285,8 +286,8 @@ pub fn run_fingerprint(cfg: &crate::config::RunConfig, data_fingerprint: &str) -
 
 /// A fingerprint of the settings that must not change across a resume (model, data, training).
 pub fn config_fingerprint(cfg: &crate::config::RunConfig) -> String {
-    let relevant = serde_json::json!({"model": cfg.model.max_seq_length, "data": cfg.data, "train": {
-        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "scale": cfg.train.scale, "symmetric": cfg.train.symmetric,
+    let relevant = serde_json::json!({"model": cfg.model.max_seq_length, "tasks": cfg.tasks(), "train": {
+        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "sampler": cfg.train.sampler,
         "seed": cfg.train.seed, "dropout": cfg.train.dropout, "weight_decay": cfg.train.weight_decay,
         "max_grad_norm": cfg.train.max_grad_norm, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
         "warmup_steps": cfg.train.warmup_steps, "warmup_ratio": cfg.train.warmup_ratio,

@@ -1,8 +1,15 @@
-//! Training: optimizer and schedule, the step-by-step trainer, and the single-process run.
+//! Training: tasks and their plan, the trainable state, the optimizer and schedule, the one step
+//! pipeline, checkpoints, and the single-process run.
+pub mod build;
 pub mod checkpoint;
+pub mod metrics;
 pub mod optim;
+pub mod plan;
 pub mod run;
+pub mod state;
+pub mod task;
 pub mod trainer;
 
 pub use run::{RunSummary, run};
-pub use trainer::{StepOptions, StepStats, Trainer};
+pub use state::TrainState;
+pub use trainer::{StepInput, StepOptions, StepStats, Trainer};

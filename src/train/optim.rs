@@ -1,6 +1,6 @@
 //! AdamW over tch tensors, with state we own (so checkpoints can hold it), torch's update rule,
 //! weight-decay exclusions, global-norm gradient clipping, and the linear warmup/decay schedule.
-use tch::{Kind, Tensor, nn::VarStore};
+use tch::{Kind, Tensor};
 
 /// AdamW hyper-parameters (torch's defaults; weight decay as in Hugging Face's Trainer examples).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,9 +43,8 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Tracks every trainable variable of `vs`.
-    pub fn new(vs: &VarStore, cfg: AdamWConfig) -> Self {
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    /// Tracks the trainable tensors `vars` (named; held in name order).
+    pub fn new(mut vars: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let params = vars
             .into_iter()
@@ -80,14 +79,19 @@ impl AdamW {
             .collect()
     }
 
-    /// All gradients in name order as one f32 vector on the host (what the ring all-reduces).
-    pub fn flat_grads(&self) -> Vec<f32> {
+    /// All gradients in name order as one f32 vector on the host (what the ring all-reduces);
+    /// those of parameters `keep` rejects count as zeros.
+    pub fn flat_grads(&self, keep: impl Fn(&str) -> bool) -> Vec<f32> {
         let grads = self.grads();
         let total: usize = grads.iter().map(Tensor::numel).sum();
         let mut out = vec![0f32; total];
         let mut at = 0;
-        for g in grads {
+        for (g, p) in grads.into_iter().zip(&self.params) {
             let n = g.numel();
+            if !keep(&p.name) {
+                at += n;
+                continue;
+            }
             g.to_device(tch::Device::Cpu)
                 .to_kind(Kind::Float)
                 .contiguous()
@@ -149,10 +153,11 @@ impl AdamW {
         total.double_value(&[])
     }
 
-    /// One AdamW update at learning rate `lr`, torch's formulation:
+    /// One AdamW update at learning rate `lr` of the parameters `update` accepts (the others took
+    /// no part in the step, as a parameter whose gradient is None in torch), torch's formulation:
     /// p ← p·(1 − lr·wd); m ← lerp(m, g, 1 − β1); v ← β2·v + (1 − β2)·g²;
     /// p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε).
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64, update: impl Fn(&str) -> bool) {
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - self.cfg.beta1.powi(t);
@@ -161,7 +166,7 @@ impl AdamW {
         tch::no_grad(|| {
             for p in &mut self.params {
                 let g = p.value.grad();
-                if !g.defined() {
+                if !g.defined() || !update(&p.name) {
                     continue;
                 }
                 if p.decay && cfg.weight_decay != 0.0 {
@@ -245,7 +250,7 @@ impl LinearSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::nn::{self, Module};
+    use tch::nn::{self, Module, VarStore};
 
     #[test]
     fn schedule_matches_hugging_face() {
@@ -287,7 +292,7 @@ mod tests {
             weight_decay: 0.1,
             ..Default::default()
         };
-        let mut opt = AdamW::new(&vs, cfg);
+        let mut opt = AdamW::new(vs.variables().into_iter().collect(), cfg);
         let w0: Vec<f64> = Vec::<f32>::try_from(lin.ws.view([-1]))
             .unwrap()
             .into_iter()
@@ -298,7 +303,7 @@ mod tests {
             opt.zero_grad();
             lin.forward(&x).sum(Kind::Float).backward();
             let g = [1.0, -2.0, 0.5];
-            opt.step(lr);
+            opt.step(lr, |_| true);
             for i in 0..3 {
                 w[i] *= 1.0 - lr * 0.1;
                 m[i] = 0.9 * m[i] + 0.1 * g[i];
@@ -323,7 +328,7 @@ mod tests {
     fn clipping_scales_to_max_norm() {
         let vs = VarStore::new(tch::Device::Cpu);
         let lin = nn::linear(vs.root() / "lin", 2, 1, Default::default());
-        let mut opt = AdamW::new(&vs, AdamWConfig::default());
+        let mut opt = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig::default());
         (lin.forward(&Tensor::from_slice(&[3.0f32, 4.0]).view([1, 2]))
             .sum(Kind::Float)
             * 10.0)

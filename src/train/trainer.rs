@@ -1,104 +1,127 @@
-//! One training step, in pieces a cluster worker can drive: embed a shard with autograd, compute
-//! the loss over (possibly gathered) global embeddings, backward, then clip and apply AdamW.
+//! The one step pipeline (docs/design.md §5), used by `multipos train` and by every cluster worker:
+//! embed this rank's shard, all-gather the embeddings, compute the task's loss over the whole global
+//! batch (own slice live, the others detached), backpropagate, all-reduce the gradients with SUM,
+//! clip. Applying the update is a separate call, so a worker can commit the step first.
+//!
+//! With `mini_batch_size` set (GradCache), the shard is embedded without autograd, the loss is
+//! taken on those cached embeddings to get d loss / d embedding, and each mini-batch is then
+//! embedded again with autograd (the same dropout masks: they are counter-based) and
+//! backpropagated against its cached gradient. One gradient all-reduce per step either way.
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use super::optim::{AdamW, AdamWConfig, LinearSchedule};
+use super::optim::{AdamW, LinearSchedule};
+use super::state::TrainState;
+use crate::collective::{Collective, tensor_from_le_bytes, tensor_to_le_bytes};
 use crate::data::planner::mix_seed;
-use crate::data::{Batch, Dataset};
-use crate::error::Result;
-use crate::loss::{MnrlConfig, mnrl_loss};
-use crate::model::SentenceModel;
+use crate::error::{Error, Result};
+use crate::loss::Targets;
 use crate::model::dropout::RowSeeds;
 
 /// What a step needs besides the model and the data.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOptions {
-    pub loss: MnrlConfig,
-    /// Mask same-group positives (mode `all`).
-    pub multi_positive: bool,
     pub dropout: bool,
     pub seed: u64,
     pub max_grad_norm: f64,
     /// Rows per forward within a column after sorting by length (0 = whole column).
     pub micro_batch: usize,
+    /// GradCache: rows per forward with autograd (0 = off, the whole shard at once).
+    pub mini_batch_size: usize,
 }
 
-/// The texts of a batch or shard, by column.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardTexts<'a> {
-    pub queries: Vec<&'a str>,
-    pub positives: Vec<&'a str>,
-    /// One vector per hard-negative column.
-    pub negatives: Vec<Vec<&'a str>>,
+/// One rank's part of a global batch.
+#[derive(Debug, Clone)]
+pub struct StepInput<'a> {
+    pub task: usize,
+    /// This rank's shard, by column (anchors, positives or partners, hard negatives).
+    pub columns: Vec<Vec<&'a str>>,
+    /// Global row index of the shard's first row.
+    pub first_row: u64,
+    /// The targets of the whole global batch.
+    pub targets: Targets,
 }
 
-impl<'a> ShardTexts<'a> {
-    /// The texts of a planned batch.
-    pub fn from_batch(data: &'a Dataset, batch: &Batch<'_>) -> Self {
+impl<'a> StepInput<'a> {
+    /// A whole global batch, for one process.
+    pub fn whole(batch: &super::plan::GlobalBatch<'a>) -> Self {
         Self {
-            queries: batch.rows.iter().map(|r| data.text(r.query)).collect(),
-            positives: batch.rows.iter().map(|r| data.text(r.positive)).collect(),
-            negatives: (0..batch.negatives_per_row)
-                .map(|j| {
-                    (0..batch.rows.len())
-                        .map(|i| data.text(batch.row_negatives(i)[j]))
-                        .collect()
-                })
-                .collect(),
+            task: batch.task,
+            columns: batch.columns.clone(),
+            first_row: 0,
+            targets: batch.targets.clone(),
         }
     }
 }
 
-/// Embeddings of one shard: queries, then the positive column and each hard-negative column.
-pub struct ShardEmbeddings {
-    pub queries: Tensor,
-    pub docs: Vec<Tensor>,
-    /// Real (non-padding) tokens processed.
-    pub tokens: usize,
-}
-
-/// Numbers of one applied step.
+/// Numbers of one step.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct StepStats {
+    pub task: usize,
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Rows of the global batch.
     pub pairs: usize,
+    /// Real (non-padding) tokens this rank processed.
     pub tokens: usize,
-    pub seconds: f64,
+    pub compute_seconds: f64,
+    pub comm_seconds: f64,
 }
 
-/// Model, optimizer and schedule of one process.
+impl StepStats {
+    /// Wall time of the step.
+    pub fn seconds(&self) -> f64 {
+        self.compute_seconds + self.comm_seconds
+    }
+}
+
+/// A replica: trainable state, optimizer, schedule.
 pub struct Trainer {
-    pub model: SentenceModel,
+    pub state: TrainState,
     pub optim: AdamW,
     pub schedule: LinearSchedule,
     pub opts: StepOptions,
 }
 
+/// Times what runs inside the collective calls apart from everything else.
+#[derive(Default)]
+struct Clock {
+    comm: f64,
+}
+
+impl Clock {
+    fn comm<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        self.comm += start.elapsed().as_secs_f64();
+        out
+    }
+}
+
 impl Trainer {
-    /// Wraps a loaded model.
+    /// Wraps a replica's state; the optimizer tracks every trainable tensor of it.
     pub fn new(
-        model: SentenceModel,
-        adamw: AdamWConfig,
+        state: TrainState,
+        adamw: super::optim::AdamWConfig,
         schedule: LinearSchedule,
         opts: StepOptions,
     ) -> Self {
-        let optim = AdamW::new(model.var_store(), adamw);
+        let optim = AdamW::new(state.parameters(), adamw);
         Self {
-            model,
+            state,
             optim,
             schedule,
             opts,
         }
     }
 
-    /// Embeds one column with autograd. Texts are sorted by token count and run `micro_batch` at a
+    /// Embeds one column of a shard. Texts are sorted by token count and run `micro_batch` at a
     /// time (less padding; the result is the same), then put back in input order. `rows` are the
     /// global batch indices of the texts: dropout masks come from (seed, step, column, row), so a
-    /// row draws the same masks however the batch is split into micro-batches or shards.
+    /// row draws the same masks however the batch is split into micro-batches, mini-batches or
+    /// shards, and in both GradCache passes.
     pub fn embed_column(
         &self,
         texts: &[&str],
@@ -106,7 +129,8 @@ impl Trainer {
         step: u64,
         column: usize,
     ) -> Result<(Tensor, usize)> {
-        let tokenizer = self.model.tokenizer();
+        let model = &self.state.model;
+        let tokenizer = model.tokenizer();
         let encodings = tokenizer.encode_each(texts)?;
         let tokens = encodings.iter().map(|e| e.len()).sum();
         let mut order: Vec<usize> = (0..texts.len()).collect();
@@ -126,7 +150,7 @@ impl Trainer {
                         .collect(),
                 )
             });
-            parts.push(self.model.forward_t(&batch, seeds.as_ref()));
+            parts.push(model.forward_t(&batch, seeds.as_ref()));
         }
         let sorted = Tensor::cat(&parts, 0);
         let mut inverse = vec![0i64; order.len()];
@@ -137,75 +161,185 @@ impl Trainer {
         Ok((sorted.index_select(0, &inverse), tokens))
     }
 
-    /// Embeds a batch (or a worker's shard of it, whose first row is global row `first_row`): query
-    /// column, positive column, negative columns.
+    /// Embeds every column of a shard whose first row is global row `first_row`.
     pub fn embed_shard(
         &self,
-        shard: &ShardTexts<'_>,
+        columns: &[Vec<&str>],
         step: u64,
         first_row: u64,
-    ) -> Result<ShardEmbeddings> {
-        let rows: Vec<u64> = (first_row..first_row + shard.queries.len() as u64).collect();
-        let (q, mut tokens) = self.embed_column(&shard.queries, &rows, step, 0)?;
-        let mut docs = Vec::with_capacity(1 + shard.negatives.len());
-        let (p, t) = self.embed_column(&shard.positives, &rows, step, 1)?;
-        tokens += t;
-        docs.push(p);
-        for (j, column) in shard.negatives.iter().enumerate() {
-            let (n, t) = self.embed_column(column, &rows, step, 2 + j)?;
-            tokens += t;
-            docs.push(n);
+    ) -> Result<(Vec<Tensor>, usize)> {
+        let n = columns.first().map_or(0, Vec::len) as u64;
+        let rows: Vec<u64> = (first_row..first_row + n).collect();
+        let mut tokens = 0;
+        let mut out = Vec::with_capacity(columns.len());
+        for (c, texts) in columns.iter().enumerate() {
+            let (t, k) = self.embed_column(texts, &rows, step, c)?;
+            tokens += k;
+            out.push(t);
         }
-        Ok(ShardEmbeddings {
-            queries: q,
-            docs,
+        Ok((out, tokens))
+    }
+
+    /// The global columns: every rank's shard, in rank order, with this rank's `local` tensors in
+    /// its slot (live, so autograd reaches them) and the others as gathered (constants).
+    fn gather(
+        &self,
+        local: &[Tensor],
+        step: u64,
+        coll: &mut dyn Collective,
+        clock: &mut Clock,
+    ) -> Result<Vec<Tensor>> {
+        let world = coll.world();
+        if world == 1 {
+            return Ok(local.iter().map(Tensor::shallow_clone).collect());
+        }
+        let (cols, n, dim) = (local.len() as i64, local[0].size()[0], local[0].size()[1]);
+        let payload = tensor_to_le_bytes(&Tensor::cat(local, 0));
+        let blocks = clock.comm(|| coll.all_gather(step, payload))?;
+        let want = (cols * n * dim * 4) as usize;
+        if let Some((r, b)) = blocks.iter().enumerate().find(|(_, b)| b.len() != want) {
+            return Err(Error::Usage(format!(
+                "rank {r} sent {} bytes of embeddings, expected {want}",
+                b.len()
+            )));
+        }
+        let device = self.state.model.device();
+        let gathered: Vec<Tensor> = blocks
+            .iter()
+            .map(|b| tensor_from_le_bytes(b, &[cols, n, dim]).to_device(device))
+            .collect();
+        let rank = coll.rank();
+        Ok((0..cols)
+            .map(|c| {
+                let parts: Vec<Tensor> = (0..world)
+                    .map(|r| {
+                        if r == rank {
+                            local[c as usize].shallow_clone()
+                        } else {
+                            gathered[r].get(c)
+                        }
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0)
+            })
+            .collect())
+    }
+
+    /// The loss of task `task` over embedded columns; autograd reaches whatever `columns` hold live.
+    pub fn loss(&self, task: usize, columns: &[Tensor], targets: &Targets) -> Result<Tensor> {
+        let objective = &self.state.tasks[task].objective;
+        objective
+            .loss(columns, targets)
+            .map_err(|e| Error::Usage(format!("task {:?}: {e}", self.state.tasks[task].name)))
+    }
+
+    /// Embeds, gathers, computes the loss and backpropagates (plainly, or with GradCache); returns
+    /// the loss and the real tokens processed. Gradients accumulate in the trainable tensors.
+    fn backward(
+        &self,
+        input: &StepInput<'_>,
+        step: u64,
+        coll: &mut dyn Collective,
+        clock: &mut Clock,
+    ) -> Result<(f64, usize)> {
+        let mini = self.opts.mini_batch_size;
+        if mini == 0 {
+            let (local, tokens) = self.embed_shard(&input.columns, step, input.first_row)?;
+            let columns = self.gather(&local, step, coll, clock)?;
+            let loss = self.loss(input.task, &columns, &input.targets)?;
+            loss.backward();
+            return Ok((loss.to_kind(Kind::Double).double_value(&[]), tokens));
+        }
+        // Pass 1: embeddings without autograd, kept as leaves that will receive the loss's gradient.
+        let (cached, tokens) =
+            tch::no_grad(|| self.embed_shard(&input.columns, step, input.first_row))?;
+        let leaves: Vec<Tensor> = cached
+            .iter()
+            .map(|t| t.detach().set_requires_grad(true))
+            .collect();
+        // Pass 2: the loss over the global batch, backpropagated to the leaves (and loss heads).
+        let columns = self.gather(&leaves, step, coll, clock)?;
+        let loss = self.loss(input.task, &columns, &input.targets)?;
+        loss.backward();
+        // Pass 3: each mini-batch again with autograd, backpropagating its cached gradient.
+        let n = input.columns.first().map_or(0, Vec::len);
+        for (c, texts) in input.columns.iter().enumerate() {
+            let grad = leaves[c].grad();
+            if !grad.defined() {
+                continue;
+            }
+            for start in (0..n).step_by(mini) {
+                let end = (start + mini).min(n);
+                let rows: Vec<u64> = (start..end).map(|i| input.first_row + i as u64).collect();
+                let (emb, _) = self.embed_column(&texts[start..end], &rows, step, c)?;
+                let g = grad.narrow(0, start as i64, (end - start) as i64);
+                (emb * g).sum(Kind::Float).backward();
+            }
+        }
+        Ok((loss.to_kind(Kind::Double).double_value(&[]), tokens))
+    }
+
+    /// Everything of a step up to the update: the gradients end up summed over the ranks and
+    /// clipped, ready for [`Trainer::update`].
+    pub fn forward_backward(
+        &mut self,
+        input: &StepInput<'_>,
+        step: u64,
+        coll: &mut dyn Collective,
+    ) -> Result<StepStats> {
+        let start = Instant::now();
+        let mut clock = Clock::default();
+        let (loss, tokens) = self.backward(input, step, coll, &mut clock)?;
+        if !loss.is_finite() {
+            return Err(Error::Usage(format!(
+                "loss became {loss} at step {}: lower train.lr",
+                step + 1
+            )));
+        }
+        if coll.world() > 1 {
+            // Every rank computed the loss heads' gradients whole (they see the whole batch); the
+            // encoder's are partial. So rank 0 alone contributes the heads' to the sum.
+            let rank = coll.rank();
+            let mut grads = self
+                .optim
+                .flat_grads(|name| rank == 0 || !TrainState::is_head(name));
+            clock.comm(|| coll.all_reduce_sum(step, &mut grads))?;
+            self.optim.set_flat_grads(&grads);
+        }
+        let grad_norm = self.optim.clip_grad_norm(self.opts.max_grad_norm);
+        Ok(StepStats {
+            task: input.task,
+            loss,
+            lr: self.schedule.lr(step),
+            grad_norm,
+            pairs: input.targets.len(),
             tokens,
+            compute_seconds: start.elapsed().as_secs_f64() - clock.comm,
+            comm_seconds: clock.comm,
         })
     }
 
-    /// The global loss over embeddings in batch order (`groups` = each row's query group).
-    pub fn loss(&self, queries: &Tensor, docs: &[Tensor], groups: &[u32]) -> Tensor {
-        let groups = self.opts.multi_positive.then_some(groups);
-        mnrl_loss(queries, docs, groups, &self.opts.loss)
-    }
-
-    /// Clips, applies AdamW for optimizer step `step` (0-based) and clears gradients; returns the
-    /// learning rate used and the gradient norm before clipping.
-    pub fn apply(&mut self, step: u64) -> (f64, f64) {
-        let norm = self.clip();
-        (self.update(step), norm)
-    }
-
-    /// Clips the gradients to `max_grad_norm`; returns their norm before clipping.
-    pub fn clip(&mut self) -> f64 {
-        self.optim.clip_grad_norm(self.opts.max_grad_norm)
-    }
-
-    /// Applies AdamW with the (clipped) gradients for optimizer step `step` and clears them;
-    /// returns the learning rate used.
-    pub fn update(&mut self, step: u64) -> f64 {
+    /// Applies AdamW with the (reduced, clipped) gradients of a step of task `task` and clears
+    /// them; other tasks' loss heads, which took no part, stay as they are. Returns the rate used.
+    pub fn update(&mut self, step: u64, task: usize) -> f64 {
         let lr = self.schedule.lr(step);
-        self.optim.step(lr);
+        let own = TrainState::head_prefix(&self.state.tasks[task].name);
+        self.optim.step(lr, |name| {
+            !TrainState::is_head(name) || name.starts_with(&own)
+        });
         self.optim.zero_grad();
         lr
     }
 
-    /// A whole single-process step on a global batch.
-    pub fn step(&mut self, data: &Dataset, batch: &Batch<'_>, step: u64) -> Result<StepStats> {
-        let start = Instant::now();
-        let emb = self.embed_shard(&ShardTexts::from_batch(data, batch), step, 0)?;
-        let groups: Vec<u32> = batch.rows.iter().map(|r| r.group).collect();
-        let loss = self.loss(&emb.queries, &emb.docs, &groups);
-        loss.backward();
-        let value = loss.to_kind(Kind::Double).double_value(&[]);
-        let (lr, grad_norm) = self.apply(step);
-        Ok(StepStats {
-            loss: value,
-            lr,
-            grad_norm,
-            pairs: batch.rows.len(),
-            tokens: emb.tokens,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+    /// A whole step on this rank's part of a global batch: forward, backward, all-reduce, update.
+    pub fn step(
+        &mut self,
+        input: &StepInput<'_>,
+        step: u64,
+        coll: &mut dyn Collective,
+    ) -> Result<StepStats> {
+        let stats = self.forward_backward(input, step, coll)?;
+        self.update(step, input.task);
+        Ok(stats)
     }
 }

@@ -19,7 +19,7 @@ pub fn tiny_model(spec: &TinySpec) -> (tempfile::TempDir, PathBuf) {
 
 /// all-MiniLM-L6-v2 as installed by `deploy/setup.sh` (the README's test command runs it first).
 pub fn minilm_dir() -> PathBuf {
-    let dir = multipos::cli::default_model_dir();
+    let dir = multipos::model::default_dir();
     assert!(
         dir.join("model.safetensors").exists(),
         "all-MiniLM-L6-v2 not found at {}: run deploy/setup.sh first",

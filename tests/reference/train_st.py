@@ -5,6 +5,10 @@ query-grouped JSONL file, with InformationRetrievalEvaluator metrics before and 
     python tests/reference/train_st.py --model DIR --train train.jsonl [--queries Q --corpus C --qrels R]
         [--batch-size 32] [--lr 2e-5] [--warmup-ratio 0.1] [--epochs 1] [--max-steps -1]
         [--max-seq-length 128] [--seed 42] [--threads 2] [--weight-decay 0.01] [--output DIR]
+        [--cached-mini-batch N]
+
+With --cached-mini-batch the loss is CachedMultipleNegativesRankingLoss (GradCache) with that
+mini_batch_size (used by benches/gradcache.rs).
 
 Prints one JSON line: steps, pairs, train_seconds, pairs_per_s, and the metrics before/after when an
 evaluation set is given. Used by configs/insuranceqa-small.toml's comparison and by
@@ -21,7 +25,10 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+)
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
 
@@ -64,6 +71,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output")
     p.add_argument("--skip-before", action="store_true", help="do not evaluate before training")
+    p.add_argument("--cached-mini-batch", type=int, help="CachedMultipleNegativesRankingLoss with this mini_batch_size")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -78,6 +86,10 @@ def main():
     ev = evaluator(args) if args.queries else None
     before = metrics(ev, model) if ev and not args.skip_before else None
 
+    if args.cached_mini_batch:
+        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.cached_mini_batch)
+    else:
+        loss = MultipleNegativesRankingLoss(model)
     with tempfile.TemporaryDirectory() as tmp:
         training_args = SentenceTransformerTrainingArguments(
             output_dir=tmp,
@@ -96,7 +108,7 @@ def main():
             dataloader_num_workers=0,
         )
         trainer = SentenceTransformerTrainer(
-            model=model, args=training_args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
+            model=model, args=training_args, train_dataset=dataset, loss=loss
         )
         start = time.perf_counter()
         result = trainer.train()

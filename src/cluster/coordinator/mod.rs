@@ -5,7 +5,7 @@
 //! One `State` behind a std mutex (never held across an await); every change bumps a `watch`
 //! counter that blocked calls (join, next step, commit) wait on with their deadline.
 //!
-//! Fault model (DESIGN §6): a member that dies, stalls or leaves ends its generation. The open step
+//! Fault model (docs/design.md §9): a member that dies, stalls or leaves ends its generation. The open step
 //! is applied by nobody (workers apply only after every member reported it), the live workers join
 //! again, and the next generation re-runs the same global batch from the state every member holds:
 //! the newest state a joining worker reports, or the newest checkpoint. Workers behind it heal from
@@ -22,19 +22,21 @@ use tonic::Status;
 
 mod service;
 
-use super::auth::Token;
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};
+use crate::auth::Token;
 use crate::config::RunConfig;
-use crate::data::Dataset;
+use crate::data::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
+use crate::loss::Targets;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
+use crate::train::build::{load_training_data, plan_for, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
-use crate::train::run::{
-    MetricsLog, RunPlan, load_training_data, plan_spec, prepare_output, schedule_for,
-};
+use crate::train::metrics::MetricsLog;
+use crate::train::plan::RunPlan;
+use crate::train::task::{Task, data_fingerprint};
 
 /// A graceful stop in progress.
 #[derive(Clone, Copy, PartialEq)]
@@ -95,7 +97,7 @@ pub struct Coordinator {
     changed: watch::Sender<u64>,
     cfg: RunConfig,
     config_toml: String,
-    data: Dataset,
+    tasks: Vec<Task>,
     plan: RunPlan,
     fingerprint: String,
     model_dir: PathBuf,
@@ -130,8 +132,8 @@ impl Coordinator {
             }
         };
         let mut log = open(out.join("metrics.jsonl"))?;
-        let data = load_training_data(&cfg, &mut log)?;
-        let data_fingerprint = format!("{:016x}", data.fingerprint());
+        let tasks = load_training_data(&cfg, &mut log)?;
+        let data_fingerprint = data_fingerprint(&tasks);
         let latest = match &cfg.train.resume {
             Some(which) => {
                 let found = checkpoint::find(&out.join("checkpoints"), which)?;
@@ -147,19 +149,14 @@ impl Coordinator {
             }
             None => None,
         };
-        let plan = RunPlan::new(
-            &data,
-            plan_spec(&cfg),
-            cfg.train.epochs,
-            cfg.train.max_steps,
-        )?;
+        let plan = plan_for(&cfg, &tasks)?;
         // Refuse an impossible schedule here, before any worker starts.
         schedule_for(&cfg, plan.total_steps)?;
         let model_dir = cfg
             .model
             .path
             .clone()
-            .unwrap_or_else(crate::cli::default_model_dir);
+            .unwrap_or_else(crate::model::default_dir);
         let fingerprint = model_fingerprint(&model_dir)?;
         let start_step = latest.as_ref().map_or(0, |(_, s)| s.step);
         if resuming {
@@ -194,7 +191,7 @@ impl Coordinator {
             config_toml,
             batches_log: Mutex::new(open(out.join("batches.jsonl"))?),
             log: Mutex::new(log),
-            data,
+            tasks,
             plan,
             fingerprint,
             model_dir,
@@ -526,54 +523,48 @@ impl Coordinator {
     }
 
     fn shard(&self, rank: usize, world: usize, step: u64, checkpoint: bool) -> NextStepResponse {
-        let (epoch, index) = self.plan.locate(step);
-        let batch = self.plan.epoch(epoch).batch(index);
-        let shard = batch
-            .shard(rank, world)
-            .expect("ring sizes divide batch_size");
-        let rows = (0..shard.rows.len())
+        let batch = self.plan.batch(&self.tasks, step);
+        let (columns, first_row) = batch.shard(rank, world);
+        let rows = (0..columns[0].len())
             .map(|i| ShardRow {
-                query: self.data.text(shard.rows[i].query).to_string(),
-                positive: self.data.text(shard.rows[i].positive).to_string(),
-                negatives: shard
-                    .row_negatives(i)
-                    .iter()
-                    .map(|&n| self.data.text(n).to_string())
-                    .collect(),
+                query: columns[0][i].to_string(),
+                positive: columns[1][i].to_string(),
+                negatives: columns[2..].iter().map(|c| c[i].to_string()).collect(),
             })
             .collect();
+        let (mut groups, mut scores, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        match batch.targets {
+            Targets::Groups(g) => groups = g,
+            Targets::Scores(s) => scores = s,
+            Targets::Labels(l) => labels = l,
+        }
         NextStepResponse {
             status: StepStatus::Step as i32,
             step,
-            first_row: (rank * shard.rows.len()) as u64,
+            first_row: first_row as u64,
             rows,
-            groups: batch.rows.iter().map(|r| r.group).collect(),
+            groups,
             reason: String::new(),
             checkpoint,
+            task: batch.task as u32,
+            scores,
+            labels,
         }
     }
 
     fn record_batch(&self, step: u64, world: usize) -> Result<()> {
-        let (epoch, index) = self.plan.locate(step);
-        let batch = self.plan.epoch(epoch).batch(index);
+        let batch = self.plan.batch(&self.tasks, step);
+        let hash = |t: &str| format!("{:016x}", hash_normalized(&normalize(t)));
         let shards: Vec<Vec<Vec<String>>> = (0..world)
             .map(|r| {
-                let s = batch.shard(r, world).expect("ring sizes divide batch_size");
-                (0..s.rows.len())
-                    .map(|i| {
-                        let row = s.rows[i];
-                        std::iter::once(row.query)
-                            .chain(std::iter::once(row.positive))
-                            .chain(s.row_negatives(i).iter().copied())
-                            .map(|t| format!("{:016x}", self.data.hash(t)))
-                            .collect()
-                    })
+                let (columns, _) = batch.shard(r, world);
+                (0..columns[0].len())
+                    .map(|i| columns.iter().map(|c| hash(c[i])).collect())
                     .collect()
             })
             .collect();
-        let groups: Vec<u32> = batch.rows.iter().map(|r| r.group).collect();
         let mut log = self.batches_log.lock().unwrap_or_else(|e| e.into_inner());
-        log.write(&json!({"step": step + 1, "epoch": epoch, "batch": index, "groups": groups, "shards": shards}))
+        log.write(&json!({"step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}))
     }
 
     fn finish_step(
@@ -601,8 +592,9 @@ impl Coordinator {
         let comm = commits.iter().map(|c| c.comm_seconds).fold(0.0, f64::max);
         let seconds = compute + comm;
         let pairs = self.cfg.train.batch_size;
+        let (task, epoch, batch) = self.plan.position(step);
         self.write_log(json!({
-            "event": "step", "step": step + 1, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
+            "event": "step", "step": step + 1, "epoch": epoch, "task": self.tasks[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
             "pairs": pairs, "tokens": commits.iter().map(|c| c.tokens).sum::<u64>(), "seconds": seconds,
             "compute_seconds": compute, "comm_seconds": comm, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
             "workers": commits.len(), "generation": generation, "elapsed": self.started.elapsed().as_secs_f64(),

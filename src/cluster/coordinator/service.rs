@@ -134,6 +134,14 @@ impl CoordinatorRpc for Service {
                 Some(donor) if formation.heal[rank] => formation.peers[donor].clone(),
                 _ => String::new(),
             },
+            tasks: c
+                .tasks
+                .iter()
+                .map(|t| TaskInfo {
+                    name: t.name.clone(),
+                    labels: t.spec().labels,
+                })
+                .collect(),
         }))
     }
 

@@ -1,0 +1,126 @@
+//! From a validated config to the run's components: output directory, tasks, plan, model,
+//! step options, schedule and trainer. The same builders serve `multipos train`, the coordinator,
+//! every cluster worker and the benchmarks.
+use std::fs;
+
+use serde_json::json;
+
+use super::metrics::MetricsLog;
+use super::optim::{AdamWConfig, LinearSchedule};
+use super::plan::RunPlan;
+use super::state::TrainState;
+use super::task::{Task, TaskSpec, data_fingerprint, load_tasks};
+use super::trainer::{StepOptions, Trainer};
+use crate::config::{Precision, RunConfig};
+use crate::device;
+use crate::error::{Error, Result};
+use crate::io::atomic;
+use crate::model::SentenceModel;
+
+/// Step options a config describes.
+pub fn step_options(cfg: &RunConfig) -> StepOptions {
+    StepOptions {
+        dropout: cfg.train.dropout,
+        seed: cfg.train.seed,
+        max_grad_norm: cfg.train.max_grad_norm,
+        micro_batch: cfg.train.micro_batch,
+        mini_batch_size: cfg.train.mini_batch_size,
+    }
+}
+
+/// The learning-rate schedule of a run of `total` steps; a warmup longer than the run is refused.
+pub fn schedule_for(cfg: &RunConfig, total: u64) -> Result<LinearSchedule> {
+    let warmup = cfg.warmup_steps(total);
+    if warmup > total {
+        return Err(Error::Usage(format!(
+            "warmup of {warmup} steps exceeds the run's {total} steps"
+        )));
+    }
+    Ok(LinearSchedule {
+        peak: cfg.train.lr,
+        warmup,
+        total,
+    })
+}
+
+/// A trainer for `model` and `tasks` as the config describes (loss heads, optimizer, schedule,
+/// step options), for a run of `total` steps: the same in one process and on every worker.
+pub fn trainer_for(
+    cfg: &RunConfig,
+    model: SentenceModel,
+    tasks: &[TaskSpec],
+    total: u64,
+) -> Result<Trainer> {
+    let adamw = AdamWConfig {
+        weight_decay: cfg.train.weight_decay,
+        ..Default::default()
+    };
+    Ok(Trainer::new(
+        TrainState::new(model, tasks, cfg.train.seed),
+        adamw,
+        schedule_for(cfg, total)?,
+        step_options(cfg),
+    ))
+}
+
+/// The plan of the run a config describes.
+pub fn plan_for(cfg: &RunConfig, tasks: &[Task]) -> Result<RunPlan> {
+    RunPlan::new(
+        tasks,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        cfg.train.sampler,
+        cfg.train.epochs,
+        cfg.train.max_steps,
+    )
+}
+
+/// Loads the model a config names onto its device.
+pub fn load_model(cfg: &RunConfig) -> Result<SentenceModel> {
+    device::set_threads(cfg.model.threads);
+    let dev = device::parse_device(cfg.model.device.as_deref().unwrap_or("auto"))?;
+    let dir = cfg
+        .model
+        .path
+        .clone()
+        .unwrap_or_else(crate::model::default_dir);
+    let mut model = SentenceModel::load(&dir, dev)?;
+    configure_model(cfg, &mut model)?;
+    Ok(model)
+}
+
+/// Applies the config's model settings (sequence length, precision) to a loaded model.
+pub fn configure_model(cfg: &RunConfig, model: &mut SentenceModel) -> Result<()> {
+    if let Some(n) = cfg.model.max_seq_length {
+        model.set_max_seq_length(n)?;
+    }
+    if cfg.model.precision == Precision::Bf16 {
+        if model.device() == tch::Device::Cpu {
+            return Err(Error::Usage(
+                "model.precision = \"bf16\" needs a CUDA device: CPU runs train in fp32".into(),
+            ));
+        }
+        model.set_bf16(true);
+    }
+    Ok(())
+}
+
+/// Creates the run directory and records the resolved configuration in it; returns that TOML.
+pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
+    let out_dir = &cfg.output.dir;
+    fs::create_dir_all(out_dir).map_err(Error::io("create directory", out_dir))?;
+    let text = toml::to_string_pretty(cfg)
+        .map_err(|e| Error::Usage(format!("cannot serialise the config: {e}")))?;
+    atomic::write_file(&out_dir.join("config.toml"), text.as_bytes())?;
+    Ok(text)
+}
+
+/// Loads the tasks a config names, and records what loading did in `log`.
+pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<Vec<Task>> {
+    let tasks = load_tasks(&cfg.tasks())?;
+    for t in &tasks {
+        log.write(&json!({"event": "data", "task": t.name, "description": t.describe(), "fingerprint": format!("{:016x}", t.fingerprint())}))?;
+    }
+    log.write(&json!({"event": "data", "fingerprint": data_fingerprint(&tasks)}))?;
+    Ok(tasks)
+}

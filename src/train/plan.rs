@@ -1,0 +1,329 @@
+//! The plan of a whole run: for every epoch, each task's batches (conflict-free for in-batch-negative
+//! losses, shuffled for pointwise ones) and the order in which the tasks take turns. It is a pure
+//! function of (data, seed, batch size, sampler), so every process and every restart sees the same
+//! sequence of global batches, and the step count is known before the first step.
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use super::task::{Task, TaskData};
+use crate::config::Sampler;
+use crate::data::planner::{self, mix_seed};
+use crate::data::{EpochPlan, PairEpoch, PairTargets, PlanSpec, plan_epoch};
+use crate::error::{Error, Result};
+use crate::loss::Targets;
+
+/// One task's batches in one epoch.
+#[derive(Debug, Clone)]
+pub enum TaskEpoch {
+    Groups(EpochPlan),
+    Pairs(PairEpoch),
+}
+
+impl TaskEpoch {
+    /// Whole global batches.
+    pub fn num_batches(&self) -> usize {
+        match self {
+            TaskEpoch::Groups(e) => e.num_batches(),
+            TaskEpoch::Pairs(e) => e.num_batches(),
+        }
+    }
+}
+
+/// One epoch: each task's batches and the run order as (task, batch index).
+#[derive(Debug, Clone)]
+pub struct Epoch {
+    pub tasks: Vec<TaskEpoch>,
+    pub order: Vec<(usize, usize)>,
+}
+
+/// What one step trains on: a whole global batch of one task.
+#[derive(Debug, Clone)]
+pub struct GlobalBatch<'a> {
+    pub task: usize,
+    pub epoch: usize,
+    /// Index of the batch within its task's epoch.
+    pub index: usize,
+    /// Column 0 anchors (queries), 1 positives (partners), 2.. hard negatives; B texts each.
+    pub columns: Vec<Vec<&'a str>>,
+    pub targets: Targets,
+    /// Identity of each row: its query group, or its pair index (for logs).
+    pub rows: Vec<u32>,
+}
+
+impl<'a> GlobalBatch<'a> {
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True for a batch without rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Rank `rank`'s contiguous shard of `world` equal shards: its columns and first global row.
+    pub fn shard(&self, rank: usize, world: usize) -> (Vec<Vec<&'a str>>, usize) {
+        let n = self.len() / world;
+        let columns = self
+            .columns
+            .iter()
+            .map(|c| c[rank * n..(rank + 1) * n].to_vec())
+            .collect();
+        (columns, rank * n)
+    }
+}
+
+/// The plan of a run.
+pub struct RunPlan {
+    epochs: Vec<Epoch>,
+    pub total_steps: u64,
+}
+
+impl RunPlan {
+    /// Plans enough epochs to know the exact step count (`max_steps` wins over `epochs`).
+    pub fn new(
+        tasks: &[Task],
+        batch_size: usize,
+        seed: u64,
+        sampler: Sampler,
+        epochs: u64,
+        max_steps: u64,
+    ) -> Result<Self> {
+        for t in tasks {
+            if let TaskData::Groups(d) = &t.data {
+                planner::validate(d, &spec(t, batch_size, seed))
+                    .map_err(|e| Error::Usage(format!("task {:?}: {e}", t.name)))?;
+            }
+        }
+        let want_epochs = if max_steps > 0 { u64::MAX } else { epochs };
+        let mut plan = RunPlan {
+            epochs: Vec::new(),
+            total_steps: 0,
+        };
+        let mut total = 0u64;
+        while (plan.epochs.len() as u64) < want_epochs && (max_steps == 0 || total < max_steps) {
+            let e = plan_run_epoch(tasks, batch_size, seed, sampler, plan.epochs.len() as u64)?;
+            total += e.order.len() as u64;
+            plan.epochs.push(e);
+        }
+        plan.total_steps = if max_steps > 0 { max_steps } else { total };
+        Ok(plan)
+    }
+
+    /// (epoch, position in that epoch's order) of global step `step` (0-based).
+    pub fn locate(&self, step: u64) -> (usize, usize) {
+        match self.find(step) {
+            Some(at) => at,
+            None => unreachable!("step {step} beyond the planned {} steps", self.total_steps),
+        }
+    }
+
+    fn find(&self, step: u64) -> Option<(usize, usize)> {
+        let mut left = step as usize;
+        for (e, epoch) in self.epochs.iter().enumerate() {
+            if left < epoch.order.len() {
+                return Some((e, left));
+            }
+            left -= epoch.order.len();
+        }
+        None
+    }
+
+    /// The data cursor after `step` steps: (epoch, position) of the next global batch, (epochs, 0)
+    /// once every planned batch ran.
+    pub fn cursor(&self, step: u64) -> (u64, u64) {
+        self.find(step)
+            .map_or((self.epochs.len() as u64, 0), |(e, p)| (e as u64, p as u64))
+    }
+
+    /// (task, epoch, batch index within the task's epoch) of step `step`.
+    pub fn position(&self, step: u64) -> (usize, usize, usize) {
+        let (e, pos) = self.locate(step);
+        let (t, index) = self.epochs[e].order[pos];
+        (t, e, index)
+    }
+
+    /// The global batch of step `step`.
+    pub fn batch<'a>(&self, tasks: &'a [Task], step: u64) -> GlobalBatch<'a> {
+        let (t, e, index) = self.position(step);
+        let task = &tasks[t];
+        let (columns, targets, rows) = match (&self.epochs[e].tasks[t], &task.data) {
+            (TaskEpoch::Groups(plan), TaskData::Groups(data)) => {
+                let b = plan.batch(index);
+                let mut columns = vec![
+                    b.rows.iter().map(|r| data.text(r.query)).collect(),
+                    b.rows
+                        .iter()
+                        .map(|r| data.text(r.positive))
+                        .collect::<Vec<_>>(),
+                ];
+                for j in 0..b.negatives_per_row {
+                    columns.push(
+                        (0..b.rows.len())
+                            .map(|i| data.text(b.row_negatives(i)[j]))
+                            .collect(),
+                    );
+                }
+                let groups: Vec<u32> = b.rows.iter().map(|r| r.group).collect();
+                (columns, Targets::Groups(groups.clone()), groups)
+            }
+            (TaskEpoch::Pairs(plan), TaskData::Pairs(pairs)) => {
+                let idx = plan.batch(index);
+                let columns = vec![
+                    idx.iter()
+                        .map(|&i| pairs.first[i as usize].as_str())
+                        .collect(),
+                    idx.iter()
+                        .map(|&i| pairs.second[i as usize].as_str())
+                        .collect(),
+                ];
+                let targets = match &pairs.targets {
+                    PairTargets::Scores(s) => {
+                        Targets::Scores(idx.iter().map(|&i| s[i as usize]).collect())
+                    }
+                    PairTargets::Labels { ids, .. } => {
+                        Targets::Labels(idx.iter().map(|&i| ids[i as usize]).collect())
+                    }
+                };
+                (columns, targets, idx.to_vec())
+            }
+            _ => unreachable!("a task's epoch plan matches its data"),
+        };
+        GlobalBatch {
+            task: t,
+            epoch: e,
+            index,
+            columns,
+            targets,
+            rows,
+        }
+    }
+
+    /// Epoch `e`'s plan.
+    pub fn epoch(&self, e: usize) -> &Epoch {
+        &self.epochs[e]
+    }
+}
+
+/// The planner settings of a query-group task.
+pub fn spec(task: &Task, batch_size: usize, seed: u64) -> PlanSpec {
+    PlanSpec {
+        batch_size,
+        mode: task.mode,
+        negatives_per_row: task.negatives_per_row,
+        seed,
+    }
+}
+
+fn plan_run_epoch(
+    tasks: &[Task],
+    batch_size: usize,
+    seed: u64,
+    sampler: Sampler,
+    epoch: u64,
+) -> Result<Epoch> {
+    let mut plans = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let plan = match &t.data {
+            TaskData::Groups(d) => {
+                let e = plan_epoch(d, &spec(t, batch_size, seed), epoch);
+                if !e.leftovers.is_empty() {
+                    tracing::info!(task = %t.name, epoch, leftovers = e.leftovers.len(), deferred = e.deferred, "rows that fit no whole conflict-free batch this epoch");
+                }
+                TaskEpoch::Groups(e)
+            }
+            TaskData::Pairs(p) => {
+                TaskEpoch::Pairs(PairEpoch::plan(p.len(), batch_size, seed, epoch))
+            }
+        };
+        if plan.num_batches() == 0 {
+            return Err(Error::Usage(format!(
+                "task {:?} has no whole batch of {batch_size} rows in epoch {epoch}: lower train.batch_size",
+                t.name
+            )));
+        }
+        plans.push(plan);
+    }
+    let counts: Vec<usize> = plans.iter().map(TaskEpoch::num_batches).collect();
+    let order = task_order(&counts, sampler, seed, epoch);
+    Ok(Epoch {
+        tasks: plans,
+        order,
+    })
+}
+
+/// The order in which tasks with `counts` batches take turns in one epoch, as (task, batch index).
+pub fn task_order(
+    counts: &[usize],
+    sampler: Sampler,
+    seed: u64,
+    epoch: u64,
+) -> Vec<(usize, usize)> {
+    let picks: Vec<usize> = match sampler {
+        Sampler::RoundRobin => {
+            let rounds = counts.iter().copied().min().unwrap_or(0);
+            (0..rounds).flat_map(|_| 0..counts.len()).collect()
+        }
+        Sampler::Proportional => {
+            let mut picks: Vec<usize> = counts
+                .iter()
+                .enumerate()
+                .flat_map(|(t, &n)| std::iter::repeat_n(t, n))
+                .collect();
+            if counts.len() > 1 {
+                let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[seed, epoch, 0x7461_736b]));
+                picks.shuffle(&mut rng);
+            }
+            picks
+        }
+    };
+    let mut next = vec![0usize; counts.len()];
+    picks
+        .into_iter()
+        .map(|t| {
+            next[t] += 1;
+            (t, next[t] - 1)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samplers_cover_what_sentence_transformers_covers() {
+        let rr = task_order(&[3, 1, 2], Sampler::RoundRobin, 1, 0);
+        assert_eq!(
+            rr,
+            vec![(0, 0), (1, 0), (2, 0)],
+            "round robin stops with the smallest task"
+        );
+        let p = task_order(&[3, 1, 2], Sampler::Proportional, 1, 0);
+        assert_eq!(p.len(), 6, "proportional uses every batch of every task");
+        for (t, n) in [(0, 3), (1, 1), (2, 2)] {
+            let mine: Vec<usize> = p.iter().filter(|x| x.0 == t).map(|x| x.1).collect();
+            assert_eq!(
+                mine,
+                (0..n).collect::<Vec<_>>(),
+                "task {t}'s batches in order"
+            );
+        }
+        assert_eq!(p, task_order(&[3, 1, 2], Sampler::Proportional, 1, 0));
+        assert_ne!(
+            (0..8)
+                .map(|e| task_order(&[3, 1, 2], Sampler::Proportional, 1, e))
+                .collect::<Vec<_>>()
+                .windows(2)
+                .filter(|w| w[0] != w[1])
+                .count(),
+            0,
+            "the order changes with the epoch"
+        );
+        assert_eq!(
+            task_order(&[4], Sampler::Proportional, 9, 3),
+            (0..4).map(|i| (0, i)).collect::<Vec<_>>()
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! Every objective trains the same on W = 1, 2 and 4 workers (real processes over loopback gRPC) as in
+//! one process: SoftmaxLoss (classifier included), CoSENT, hardness-weighted MNRL, a two-task run
+//! (MNRL + CosineSimilarityLoss), and GradCache in the cluster.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use multipos::model::tiny::TinySpec;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Writes a run config with `body` (tasks or data + loss) over the tiny data; returns its path.
+fn write_config(dir: &Path, name: &str, model: &Path, body: &str, train: &str) -> PathBuf {
+    let tiny = repo("deploy/data/bible_paraphrase_tiny")
+        .display()
+        .to_string();
+    let text = format!(
+        "[model]\npath = {:?}\nmax_seq_length = 32\ndevice = \"cpu\"\nthreads = 1\n\
+         [train]\nbatch_size = 8\nmax_steps = 8\nlr = 1e-3\nwarmup_steps = 1\nseed = 7\nmicro_batch = 3\n{train}\n\
+         {}\n[output]\ndir = \"unused\"\n[cluster]\nheartbeat_timeout_ms = 4000\nthreads_per_worker = 1\n",
+        model.display().to_string(),
+        body.replace("TINY", &tiny)
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn multipos(cmd: &str, config: &Path, out: &Path, extra: &[&str]) {
+    let output = Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .arg(cmd)
+        .arg("--config")
+        .arg(config)
+        .arg("--set")
+        .arg(format!("output.dir=\"{}\"", out.display()))
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .env_remove("MULTIPOS_CLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{cmd} {} {extra:?}: {}",
+        config.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Every tensor of a saved run: the encoder's and each classifier's, by name.
+fn tensors(model_dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut files = vec![model_dir.join("model.safetensors")];
+    if let Ok(heads) = std::fs::read_dir(model_dir.join("heads")) {
+        let mut h: Vec<PathBuf> = heads
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        h.sort();
+        files.extend(h);
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let mut t = tch::Tensor::read_safetensors(&f).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+        out.extend(t.into_iter().map(|(n, v)| {
+            (
+                format!("{stem}/{n}"),
+                Vec::<f32>::try_from(v.to_kind(tch::Kind::Float).reshape([-1])).unwrap(),
+            )
+        }));
+    }
+    out
+}
+
+fn assert_same_run(reference: &Path, other: &Path, what: &str) {
+    let (a, b) = (
+        common::losses_by_step(reference),
+        common::losses_by_step(other),
+    );
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: steps"
+    );
+    for (k, x) in &a {
+        assert!(
+            (x - b[k]).abs() <= 1e-5 * x.abs().max(1e-3),
+            "{what}: step {k} loss {} vs {x}",
+            b[k]
+        );
+    }
+    let (ta, tb) = (
+        tensors(&reference.join("model")),
+        tensors(&other.join("model")),
+    );
+    assert_eq!(
+        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        "{what}: the same tensors saved"
+    );
+    // A key bias shifts every score of a query's attention row by the same amount, which the
+    // softmax cancels: its true gradient is exactly zero, so what it gets is rounding noise, and
+    // AdamW turns noise of either sign into steps of size lr. It is compared by nothing but noise.
+    let (name, max) = ta
+        .iter()
+        .zip(&tb)
+        .filter(|((n, _), _)| !n.ends_with("attention.self.key.bias"))
+        .map(|((n, x), (_, y))| {
+            (
+                n,
+                x.iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max),
+            )
+        })
+        .fold((&ta[0].0, 0f32), |a, b| if b.1 > a.1 { b } else { a });
+    assert!(
+        max <= 1e-4,
+        "{what}: final weights differ by up to {max} (in {name})"
+    );
+}
+
+#[test]
+fn every_objective_trains_the_same_on_one_two_and_four_workers() {
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.1,
+        ..TinySpec::default()
+    });
+    let cases = [
+        (
+            "softmax",
+            "[[tasks]]\nname = \"nli\"\ntrain = \"TINY/labelled_pairs.jsonl\"\nloss = { type = \"softmax\", concatenation_sent_multiplication = true }\n",
+            "",
+        ),
+        (
+            "cosent",
+            "[data]\ntrain = \"TINY/scored_pairs.jsonl\"\n[loss]\ntype = \"cosent\"\n",
+            "",
+        ),
+        (
+            "hardness",
+            "[data]\ntrain = \"TINY/train.jsonl\"\nmode = \"all\"\n[loss]\ntype = \"mnrl\"\nhardness_mode = \"all_negatives\"\nhardness_strength = 5.0\n",
+            "",
+        ),
+        (
+            "two-tasks",
+            "[[tasks]]\nname = \"verses\"\ntrain = \"TINY/train.jsonl\"\n[[tasks]]\nname = \"similarity\"\ntrain = \"TINY/scored_pairs.jsonl\"\nloss = { type = \"cosine_similarity\" }\n",
+            "sampler = \"round_robin\"",
+        ),
+    ];
+    for (name, body, train) in cases {
+        let cfg = write_config(dir.path(), name, &model, body, train);
+        let single = dir.path().join(format!("{name}-single"));
+        multipos("train", &cfg, &single, &[]);
+        assert_eq!(
+            common::step_losses(&single.join("metrics.jsonl")).len(),
+            8,
+            "{name}: steps"
+        );
+        for workers in ["1", "2", "4"] {
+            let out = dir.path().join(format!("{name}-w{workers}"));
+            multipos("launch", &cfg, &out, &["--workers", workers]);
+            assert_same_run(&single, &out, &format!("{name}, W={workers}"));
+        }
+    }
+    let tasks: Vec<String> = common::events(&dir.path().join("two-tasks-w2"), "step")
+        .iter()
+        .map(|v| v["task"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        tasks[..4],
+        ["verses", "similarity", "verses", "similarity"],
+        "round robin, logged per task"
+    );
+}
+
+#[test]
+fn gradcache_in_the_cluster_gives_the_model_of_the_plain_run() {
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.1,
+        ..TinySpec::default()
+    });
+    let cfg = write_config(
+        dir.path(),
+        "mnrl",
+        &model,
+        "[data]\ntrain = \"TINY/train.jsonl\"\nmode = \"all\"\n",
+        "",
+    );
+    let plain = dir.path().join("plain");
+    multipos("train", &cfg, &plain, &[]);
+    let cached = dir.path().join("cached-w2");
+    multipos(
+        "launch",
+        &cfg,
+        &cached,
+        &["--workers", "2", "--set", "train.mini_batch_size=2"],
+    );
+    assert_same_run(&plain, &cached, "GradCache, W=2");
+}
