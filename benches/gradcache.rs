@@ -24,7 +24,8 @@ fn train(cfg: &Path, out: &Path, sets: &[String]) -> (f64, f64) {
         .arg("--config")
         .arg(cfg)
         .args(["--set", &format!("output.dir=\"{}\"", out.display())])
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
     for s in sets {
         cmd.args(["--set", s]);
     }

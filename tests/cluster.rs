@@ -78,55 +78,6 @@ fn losses(out: &Path) -> Vec<f64> {
     common::step_losses(&out.join("metrics.jsonl"))
 }
 
-fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let m = multipos::SentenceModel::load(dir, tch::Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = m
-        .var_store()
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, Vec::<f32>::try_from(t.view([-1])).unwrap()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// The largest difference between two runs' final weights.
-fn max_weight_diff(a: &Path, b: &Path) -> f32 {
-    weights(&a.join("model"))
-        .iter()
-        .zip(weights(&b.join("model")))
-        .flat_map(|((_, x), (_, y))| {
-            x.iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .collect::<Vec<_>>()
-        })
-        .fold(0f32, f32::max)
-}
-
-/// The same steps with losses within 1e-5 (relative) and final weights within 1e-4: the same
-/// run up to summation order.
-fn assert_same_run(reference: &Path, other: &Path, what: &str) {
-    let (a, b) = (
-        common::losses_by_step(reference),
-        common::losses_by_step(other),
-    );
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "{what}: steps"
-    );
-    for (k, x) in &a {
-        assert!(
-            (x - b[k]).abs() <= 1e-5 * x.abs().max(1e-3),
-            "{what}: step {k} loss {} vs reference {x}",
-            b[k]
-        );
-    }
-    let max = max_weight_diff(reference, other);
-    assert!(max <= 1e-4, "{what}: final weights differ by {max}");
-}
-
 #[test]
 fn two_and_four_workers_match_one_process_with_and_without_dropout() {
     let _serial = serial();
@@ -149,7 +100,12 @@ fn two_and_four_workers_match_one_process_with_and_without_dropout() {
         for workers in ["1", "2", "4"] {
             let dst = dir.path().join(format!("w{workers}-{dropout}"));
             launch_ok(&cfg, &sets(&model, &dst, &extra), &["--workers", workers]);
-            assert_same_run(&single, &dst, &format!("W={workers}, dropout {dropout}"));
+            common::assert_same_run(
+                &single,
+                &dst,
+                &format!("W={workers}, dropout {dropout}"),
+                &[],
+            );
         }
     }
 }
@@ -504,7 +460,7 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
         from,
         "resumed from the same checkpoint on two workers"
     );
-    assert_same_run(&full, &on_two, "resumed on two workers");
+    common::assert_same_run(&full, &on_two, "resumed on two workers", &[]);
 }
 
 /// A `multipos launch` in the background, its stderr collected.
@@ -698,7 +654,7 @@ fn a_worker_killed_or_stalled_mid_run_is_replaced_or_left_behind_and_every_batch
     );
     assert_eq!(batch_steps(&shrunk), (1..=60).collect::<Vec<_>>());
     // Two shards instead of three sum the gradient in another order: equal up to rounding.
-    assert_same_run(&clean, &shrunk, "shrunk to two workers and grown back");
+    common::assert_same_run(&clean, &shrunk, "shrunk to two workers and grown back", &[]);
 }
 
 #[test]

@@ -49,80 +49,10 @@ fn multipos(cmd: &str, config: &Path, out: &Path, extra: &[&str]) {
     );
 }
 
-/// Every tensor of a saved run: the encoder's and each classifier's, by name.
-fn tensors(model_dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut files = vec![model_dir.join("model.safetensors")];
-    if let Ok(heads) = std::fs::read_dir(model_dir.join("heads")) {
-        let mut h: Vec<PathBuf> = heads
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        h.sort();
-        files.extend(h);
-    }
-    let mut out = Vec::new();
-    for f in files {
-        let mut t = tch::Tensor::read_safetensors(&f).unwrap();
-        t.sort_by(|a, b| a.0.cmp(&b.0));
-        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
-        out.extend(t.into_iter().map(|(n, v)| {
-            (
-                format!("{stem}/{n}"),
-                Vec::<f32>::try_from(v.to_kind(tch::Kind::Float).reshape([-1])).unwrap(),
-            )
-        }));
-    }
-    out
-}
-
-fn assert_same_run(reference: &Path, other: &Path, what: &str) {
-    let (a, b) = (
-        common::losses_by_step(reference),
-        common::losses_by_step(other),
-    );
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "{what}: steps"
-    );
-    for (k, x) in &a {
-        assert!(
-            (x - b[k]).abs() <= 1e-5 * x.abs().max(1e-3),
-            "{what}: step {k} loss {} vs {x}",
-            b[k]
-        );
-    }
-    let (ta, tb) = (
-        tensors(&reference.join("model")),
-        tensors(&other.join("model")),
-    );
-    assert_eq!(
-        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
-        tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
-        "{what}: the same tensors saved"
-    );
-    // A key bias shifts every score of a query's attention row by the same amount, which the
-    // softmax cancels: its true gradient is exactly zero, so what it gets is rounding noise, and
-    // AdamW turns noise of either sign into steps of size lr. It is compared by nothing but noise.
-    let (name, max) = ta
-        .iter()
-        .zip(&tb)
-        .filter(|((n, _), _)| !n.ends_with("attention.self.key.bias"))
-        .map(|((n, x), (_, y))| {
-            (
-                n,
-                x.iter()
-                    .zip(y)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0f32, f32::max),
-            )
-        })
-        .fold((&ta[0].0, 0f32), |a, b| if b.1 > a.1 { b } else { a });
-    assert!(
-        max <= 1e-4,
-        "{what}: final weights differ by up to {max} (in {name})"
-    );
-}
+/// A key bias shifts every score of a query's attention row by the same amount, which the softmax
+/// cancels: its true gradient is exactly zero, so what it gets is rounding noise, and AdamW turns
+/// noise of either sign into steps of size lr. It is compared by nothing but noise.
+const NOISE_ONLY: &[&str] = &["attention.self.key.bias"];
 
 #[test]
 fn every_objective_trains_the_same_on_one_two_and_four_workers() {
@@ -164,7 +94,7 @@ fn every_objective_trains_the_same_on_one_two_and_four_workers() {
         for workers in ["1", "2", "4"] {
             let out = dir.path().join(format!("{name}-w{workers}"));
             multipos("launch", &cfg, &out, &["--workers", workers]);
-            assert_same_run(&single, &out, &format!("{name}, W={workers}"));
+            common::assert_same_run(&single, &out, &format!("{name}, W={workers}"), NOISE_ONLY);
         }
     }
     let tasks: Vec<String> = common::events(&dir.path().join("two-tasks-w2"), "step")
@@ -200,5 +130,5 @@ fn gradcache_in_the_cluster_gives_the_model_of_the_plain_run() {
         &cached,
         &["--workers", "2", "--set", "train.mini_batch_size=2"],
     );
-    assert_same_run(&plain, &cached, "GradCache, W=2");
+    common::assert_same_run(&plain, &cached, "GradCache, W=2", NOISE_ONLY);
 }

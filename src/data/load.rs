@@ -137,27 +137,36 @@ fn load_file(path: &Path, opts: LoadOptions, builder: &mut DatasetBuilder) -> Re
     }
 }
 
-fn load_jsonl(path: &Path, sink: &mut Sink<'_>) -> Result<()> {
+/// Calls `each(line number, text)` for every non-blank line of a JSONL file; `each` gets the text
+/// as `Ok`, or `Err(reason)` for a line that is not UTF-8.
+pub(crate) fn each_jsonl_line(
+    path: &Path,
+    mut each: impl FnMut(usize, std::result::Result<&str, String>) -> Result<()>,
+) -> Result<()> {
     let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
     for (i, line) in reader.split(b'\n').enumerate() {
-        let line_no = i + 1;
         let bytes = line.map_err(Error::io("read", path))?;
-        let Ok(text) = std::str::from_utf8(&bytes) else {
-            sink.reject(line_no, "not valid UTF-8".into())?;
-            continue;
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
-        let parts = serde_json::from_str::<JsonRecord>(text)
-            .map_err(|e| format!("invalid record: {e}"))
-            .and_then(JsonRecord::into_parts);
-        match parts {
-            Ok((q, p, n)) => sink.add(line_no, &q, &p, &n)?,
-            Err(reason) => sink.reject(line_no, reason)?,
+        match std::str::from_utf8(&bytes) {
+            Ok(text) if text.trim().is_empty() => {}
+            Ok(text) => each(i + 1, Ok(text))?,
+            Err(_) => each(i + 1, Err("not valid UTF-8".into()))?,
         }
     }
     Ok(())
+}
+
+fn load_jsonl(path: &Path, sink: &mut Sink<'_>) -> Result<()> {
+    each_jsonl_line(path, |line_no, text| {
+        let parts = text.and_then(|text| {
+            serde_json::from_str::<JsonRecord>(text)
+                .map_err(|e| format!("invalid record: {e}"))
+                .and_then(JsonRecord::into_parts)
+        });
+        match parts {
+            Ok((q, p, n)) => sink.add(line_no, &q, &p, &n),
+            Err(reason) => sink.reject(line_no, reason),
+        }
+    })
 }
 
 fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()> {

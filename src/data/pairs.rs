@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use super::dataset::Dataset;
-use super::load::{LoadOptions, reject_or_skip};
+use super::load::{LoadOptions, each_jsonl_line, reject_or_skip};
 use super::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
 
@@ -377,35 +377,24 @@ fn json_target(
 }
 
 fn read_jsonl(path: &Path, opts: LoadOptions, add: &mut AddFn<'_>) -> Result<()> {
-    let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let line_no = i + 1;
-        let bytes = line.map_err(Error::io("read", path))?;
-        let Ok(text) = std::str::from_utf8(&bytes) else {
-            reject_or_skip(path, line_no, "not valid UTF-8".into(), opts)?;
-            continue;
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
-        let parsed = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
-            .map_err(|e| format!("invalid record: {e}"))
-            .and_then(|mut m| {
-                let a = take_text(&mut m, &FIRST)?;
-                let b = take_text(&mut m, &SECOND)?;
-                let t = json_target(&mut m)?;
-                m.remove("id");
-                match m.keys().next() {
-                    Some(k) => Err(format!("unknown field \"{k}\"")),
-                    None => Ok((a, b, t)),
-                }
-            });
+    each_jsonl_line(path, |line_no, text| {
+        let parsed = text.and_then(|text| {
+            let mut m = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                .map_err(|e| format!("invalid record: {e}"))?;
+            let a = take_text(&mut m, &FIRST)?;
+            let b = take_text(&mut m, &SECOND)?;
+            let t = json_target(&mut m)?;
+            m.remove("id");
+            match m.keys().next() {
+                Some(k) => Err(format!("unknown field \"{k}\"")),
+                None => Ok((a, b, t)),
+            }
+        });
         match parsed {
-            Ok((a, b, t)) => add(line_no, a, b, t)?,
-            Err(reason) => reject_or_skip(path, line_no, reason, opts)?,
+            Ok((a, b, t)) => add(line_no, a, b, t),
+            Err(reason) => reject_or_skip(path, line_no, reason, opts),
         }
-    }
-    Ok(())
+    })
 }
 
 fn read_delimited(

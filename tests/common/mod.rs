@@ -108,3 +108,72 @@ pub fn wait_for_checkpoint(out: &Path, limit: std::time::Duration) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Every tensor a run saved in `model_dir` (`model.safetensors` and each `heads/*.safetensors`), as
+/// ("file/name", values), in a fixed order.
+pub fn saved_tensors(model_dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut files = vec![model_dir.join("model.safetensors")];
+    if let Ok(heads) = std::fs::read_dir(model_dir.join("heads")) {
+        let mut h: Vec<PathBuf> = heads
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        h.sort();
+        files.extend(h);
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let mut t = tch::Tensor::read_safetensors(&f).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+        out.extend(t.into_iter().map(|(n, v)| {
+            let values = Vec::<f32>::try_from(v.to_kind(tch::Kind::Float).reshape([-1])).unwrap();
+            (format!("{stem}/{n}"), values)
+        }));
+    }
+    out
+}
+
+/// The same steps with losses within 1e-5 (relative) and every saved tensor within 1e-4: the same
+/// run up to summation order. Tensors whose name ends with one of `skip` are not compared.
+pub fn assert_same_run(reference: &Path, other: &Path, what: &str, skip: &[&str]) {
+    let (a, b) = (losses_by_step(reference), losses_by_step(other));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: steps"
+    );
+    for (k, x) in &a {
+        assert!(
+            (x - b[k]).abs() <= 1e-5 * x.abs().max(1e-3),
+            "{what}: step {k} loss {} vs reference {x}",
+            b[k]
+        );
+    }
+    let (ta, tb) = (
+        saved_tensors(&reference.join("model")),
+        saved_tensors(&other.join("model")),
+    );
+    assert_eq!(
+        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        "{what}: the same tensors saved"
+    );
+    let (name, max) = ta
+        .iter()
+        .zip(&tb)
+        .filter(|((n, _), _)| !skip.iter().any(|s| n.ends_with(s)))
+        .map(|((n, x), (_, y))| {
+            let d = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            (n, d)
+        })
+        .fold((&ta[0].0, 0f32), |a, b| if b.1 > a.1 { b } else { a });
+    assert!(
+        max <= 1e-4,
+        "{what}: final weights differ by up to {max} (in {name})"
+    );
+}

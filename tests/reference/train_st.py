@@ -5,7 +5,7 @@ query-grouped JSONL file, with InformationRetrievalEvaluator metrics before and 
     python tests/reference/train_st.py --model DIR --train train.jsonl [--queries Q --corpus C --qrels R]
         [--batch-size 32] [--lr 2e-5] [--warmup-ratio 0.1] [--epochs 1] [--max-steps -1]
         [--max-seq-length 128] [--seed 42] [--threads 2] [--weight-decay 0.01] [--output DIR]
-        [--cached-mini-batch N]
+        [--cached-mini-batch N] [--device cpu|cuda]
 
 With --cached-mini-batch the loss is CachedMultipleNegativesRankingLoss (GradCache) with that
 mini_batch_size (used by benches/gradcache.rs).
@@ -71,11 +71,12 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output")
     p.add_argument("--skip-before", action="store_true", help="do not evaluate before training")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--cached-mini-batch", type=int, help="CachedMultipleNegativesRankingLoss with this mini_batch_size")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = SentenceTransformer(args.model, device="cpu")
+    model = SentenceTransformer(args.model, device=args.device)
     model.max_seq_length = args.max_seq_length
     anchors, positives = [], []
     for group in read_jsonl(args.train):
@@ -104,7 +105,7 @@ def main():
             save_strategy="no",
             report_to="none",
             logging_steps=10,
-            use_cpu=True,
+            use_cpu=args.device == "cpu",
             dataloader_num_workers=0,
         )
         trainer = SentenceTransformerTrainer(
