@@ -20,6 +20,7 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod loss;
+pub mod mine;
 pub mod model;
 pub mod train;
 

@@ -22,7 +22,10 @@ fn shipped_configs_load_and_plan() {
         let tasks = load_tasks(&cfg.tasks()).unwrap();
         let plan = plan_for(&cfg, &tasks).unwrap();
         assert!(plan.total_steps > 0, "{}", path.display());
-        planned.push((path.file_name().unwrap().to_string_lossy().into_owned(), tasks.len()));
+        planned.push((
+            path.file_name().unwrap().to_string_lossy().into_owned(),
+            tasks.len(),
+        ));
     }
     assert!(
         planned.contains(&("multi-task.toml".to_string(), 2)),

@@ -4,6 +4,7 @@ mod convert;
 mod demo;
 mod embed;
 mod eval;
+mod mine;
 mod train;
 
 use std::path::PathBuf;
@@ -67,6 +68,8 @@ pub enum Command {
     Worker(cluster::WorkerArgs),
     /// Retrieval metrics (NDCG, MRR, MAP, recall, precision, accuracy @k) of a model on BEIR-style data.
     Eval(eval::EvalArgs),
+    /// Mine hard negatives for query-grouped data: the nearest corpus texts that are not a positive.
+    Mine(mine::MineArgs),
     /// Embed texts from a .txt (one per line) or .jsonl ("text" field) file into JSON lines.
     Embed(embed::EmbedArgs),
     /// Embed a bundled sample of Bible verses and their paraphrases and print their similarities.
@@ -84,6 +87,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Coordinator(args) => cluster::run_coordinator(args),
         Command::Worker(args) => cluster::run_worker(args),
         Command::Embed(args) => embed::run(args),
+        Command::Mine(args) => mine::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Convert(args) => convert::run(args),
     }

@@ -1,0 +1,150 @@
+//! `multipos mine`.
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::RuntimeArgs;
+use crate::data::{LoadOptions, load_files};
+use crate::device;
+use crate::embed::read_inputs;
+use crate::mine::{Corpus, MineOptions, Sampling, cache, mine, write_groups};
+use crate::model::SentenceModel;
+
+#[derive(clap::Args, Debug)]
+pub struct MineArgs {
+    /// Sentence-transformers model directory [default: all-MiniLM-L6-v2 installed by deploy/setup.sh].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data: query-grouped or pair files (.jsonl, .csv, .tsv); duplicate queries merge.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Where to write the query-grouped JSONL with "negatives" (atomically).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Texts to mine from (.txt, one per line, or .jsonl with "text"); every positive joins them.
+    /// Default: the positives of the data.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Skip the first N qualifying candidates.
+    #[arg(long, default_value_t = 0)]
+    pub range_min: usize,
+    /// Consider at most N qualifying candidates [default: as sentence-transformers derives it].
+    #[arg(long)]
+    pub range_max: Option<usize>,
+    /// Drop candidates scoring above this.
+    #[arg(long)]
+    pub max_score: Option<f32>,
+    /// Drop candidates scoring below this.
+    #[arg(long)]
+    pub min_score: Option<f32>,
+    /// Drop candidates whose score + margin exceeds the query's weakest positive score.
+    #[arg(long)]
+    pub absolute_margin: Option<f32>,
+    /// Drop candidates scoring above weakest positive − |weakest positive| · margin.
+    #[arg(long)]
+    pub relative_margin: Option<f32>,
+    /// Negatives per query.
+    #[arg(long, default_value_t = 3)]
+    pub num_negatives: usize,
+    /// Take the best qualifying candidates, or draw them at random (seeded).
+    #[arg(long, value_enum, default_value_t = Sampling::Top)]
+    pub sampling_strategy: Sampling,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// Token cap per text [default: the model's].
+    #[arg(long)]
+    pub max_seq_length: Option<usize>,
+    /// Directory for cached corpus embeddings [default: $MULTIPOS_CACHE/embeddings].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Embed the corpus afresh and cache nothing.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Skip malformed records of the data (each is still reported).
+    #[arg(long)]
+    pub skip_invalid: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+pub fn run(args: MineArgs) -> anyhow::Result<()> {
+    device::set_threads(args.runtime.threads);
+    let device = device::parse_device(&args.runtime.device)?;
+    let model_dir = args.model.clone().unwrap_or_else(crate::model::default_dir);
+    let mut model = SentenceModel::load(&model_dir, device)
+        .with_context(|| format!("loading model {}", model_dir.display()))?;
+    if let Some(n) = args.max_seq_length {
+        model.set_max_seq_length(n)?;
+    }
+    let data = load_files(
+        &args.data,
+        LoadOptions {
+            skip_invalid: args.skip_invalid,
+        },
+    )?;
+    tracing::info!("data: {}", data.stats());
+    let extra: Vec<String> = match &args.corpus {
+        Some(p) => read_inputs(p)?.into_iter().map(|t| t.text).collect(),
+        None => Vec::new(),
+    };
+    let corpus = Corpus::new(&data, &extra);
+    let opts = MineOptions {
+        range_min: args.range_min,
+        range_max: args.range_max,
+        max_score: args.max_score,
+        min_score: args.min_score,
+        absolute_margin: args.absolute_margin,
+        relative_margin: args.relative_margin,
+        num_negatives: args.num_negatives,
+        sampling_strategy: args.sampling_strategy,
+        seed: args.seed,
+        batch_size: args.batch_size as usize,
+    };
+    let cache_dir = (!args.no_cache).then(|| {
+        args.cache_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("MULTIPOS_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/multipos")
+                })
+                .join("embeddings")
+        })
+    });
+    let key = cache::model_key(&model_dir, model.max_seq_length())?;
+    let start = std::time::Instant::now();
+    let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (mined, report) = mine(
+        &model,
+        key,
+        &data,
+        &corpus,
+        &opts,
+        cache_dir.as_deref(),
+        show,
+    )?;
+    write_groups(&args.output, &data, &mined)?;
+    tracing::info!(
+        queries = report.queries,
+        negatives = report.negatives_mined,
+        short = report.queries_short,
+        without = report.queries_without,
+        seconds = format!("{:.1}", start.elapsed().as_secs_f64()),
+        output = %args.output.display(),
+        "mined"
+    );
+    if report.queries_short > 0 {
+        tracing::warn!(
+            "{} of {} queries found fewer than {} qualifying negatives ({} found none); they are written with what they found",
+            report.queries_short,
+            report.queries,
+            opts.num_negatives,
+            report.queries_without
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

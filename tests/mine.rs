@@ -1,0 +1,301 @@
+//! `multipos mine` on a tiny random BERT and the bundled tiny Bible data: each option of
+//! sentence-transformers' `mine_hard_negatives` against a brute-force reference over the full score
+//! matrix; no mined negative is a positive of its query or the query; margins and score bounds
+//! hold for every negative; every query and positive is written; the cache is reused; `train`
+//! reads the result.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use multipos::data::text::{hash_normalized, normalize};
+use multipos::data::{Dataset, LoadOptions, load_files};
+use multipos::mine::{Corpus, MineOptions, Sampling, mine};
+use multipos::model::SentenceModel;
+use multipos::model::pooling::normalize_l2;
+use multipos::model::tiny::TinySpec;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn corpus_texts() -> Vec<String> {
+    std::fs::read_to_string(repo("deploy/data/bible_paraphrase_tiny/corpus.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// The negatives the options define, computed directly: every corpus text scored against the query,
+/// ranked, the first `range_max + max_positives + 1` considered, own texts and filtered ones
+/// removed, the first `range_max` kept, `range_min` skipped, `num_negatives` taken. Returns them
+/// as scores (a tiny random model gives some texts identical vectors, so ties may swap texts), and
+/// every text's score for each query.
+fn brute_force(
+    model: &SentenceModel,
+    data: &Dataset,
+    corpus: &Corpus<'_>,
+    o: &MineOptions,
+) -> (Vec<Vec<f32>>, Vec<std::collections::HashMap<String, f32>>) {
+    let max_pos = (0..data.len())
+        .map(|g| data.positives(g).len())
+        .max()
+        .unwrap();
+    let range_max = o.range_max(max_pos);
+    let c = normalize_l2(&model.embed(&corpus.texts, 16).unwrap());
+    let queries: Vec<&str> = (0..data.len()).map(|g| data.text(data.query(g))).collect();
+    let q = normalize_l2(&model.embed(&queries, 16).unwrap());
+    let scores = Vec::<Vec<f32>>::try_from(q.matmul(&c.transpose(0, 1))).unwrap();
+    let by_text = scores
+        .iter()
+        .map(|row| {
+            corpus
+                .texts
+                .iter()
+                .map(|t| t.to_string())
+                .zip(row.iter().copied())
+                .collect()
+        })
+        .collect();
+    let picked = (0..data.len())
+        .map(|g| {
+            let own: Vec<u64> = std::iter::once(data.query(g))
+                .chain(data.positives(g).iter().copied())
+                .map(|t| data.hash(t))
+                .collect();
+            let weakest = data
+                .positives(g)
+                .iter()
+                .map(|&p| {
+                    scores[g][corpus
+                        .hashes
+                        .iter()
+                        .position(|&h| h == data.hash(p))
+                        .unwrap()]
+                })
+                .fold(f32::INFINITY, f32::min);
+            let mut ranked: Vec<(usize, f32)> = scores[g].iter().copied().enumerate().collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+            ranked
+                .into_iter()
+                .take(range_max + max_pos + 1)
+                .filter(|&(i, s)| {
+                    !own.contains(&corpus.hashes[i])
+                        && o.absolute_margin.is_none_or(|m| s + m <= weakest)
+                        && o.relative_margin
+                            .is_none_or(|m| s <= weakest - weakest.abs() * m)
+                        && o.max_score.is_none_or(|m| s <= m)
+                        && o.min_score.is_none_or(|m| s >= m)
+                })
+                .take(range_max)
+                .skip(o.range_min)
+                .take(o.num_negatives)
+                .map(|(_, s)| s)
+                .collect()
+        })
+        .collect();
+    (picked, by_text)
+}
+
+#[test]
+fn every_option_matches_the_brute_force_reference_and_the_invariants_hold() {
+    let (_dir, model_dir) = common::tiny_model(&TinySpec::default());
+    let model = SentenceModel::load(&model_dir, tch::Device::Cpu).unwrap();
+    let data = load_files(
+        &[repo("deploy/data/bible_paraphrase_tiny/train.jsonl")],
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let extra = corpus_texts();
+    let corpus = Corpus::new(&data, &extra);
+    let base = MineOptions {
+        batch_size: 16,
+        ..MineOptions::default()
+    };
+    let cases = [
+        MineOptions { ..base.clone() },
+        MineOptions {
+            range_min: 2,
+            num_negatives: 4,
+            ..base.clone()
+        },
+        MineOptions {
+            range_max: Some(6),
+            num_negatives: 5,
+            ..base.clone()
+        },
+        MineOptions {
+            absolute_margin: Some(0.02),
+            ..base.clone()
+        },
+        MineOptions {
+            relative_margin: Some(0.05),
+            ..base.clone()
+        },
+        MineOptions {
+            max_score: Some(0.9),
+            min_score: Some(0.2),
+            ..base.clone()
+        },
+        MineOptions {
+            sampling_strategy: Sampling::Random,
+            num_negatives: 2,
+            range_max: Some(8),
+            ..base.clone()
+        },
+    ];
+    let scores = |a: &str, b: &str| {
+        let e = normalize_l2(&model.embed(&[a, b], 2).unwrap());
+        (e.get(0) * e.get(1))
+            .sum(tch::Kind::Float)
+            .double_value(&[]) as f32
+    };
+    for o in &cases {
+        let (mined, report) = mine(&model, 1, &data, &corpus, o, None, false).unwrap();
+        assert_eq!(mined.len(), data.len());
+        if o.sampling_strategy == Sampling::Top {
+            let (want, score_of) = brute_force(&model, &data, &corpus, o);
+            for (g, negs) in mined.iter().enumerate() {
+                let got: Vec<f32> = negs.iter().map(|t| score_of[g][t]).collect();
+                assert_eq!(
+                    got.len(),
+                    want[g].len(),
+                    "{o:?}: query {g}: {got:?} vs {:?}",
+                    want[g]
+                );
+                for (a, b) in got.iter().zip(&want[g]) {
+                    assert!(
+                        (a - b).abs() <= 1e-6,
+                        "{o:?}: query {g}: {got:?} vs {:?}",
+                        want[g]
+                    );
+                }
+            }
+        }
+        let mut found = 0;
+        for (g, negs) in mined.iter().enumerate() {
+            found += negs.len();
+            let own: Vec<u64> = std::iter::once(data.query(g))
+                .chain(data.positives(g).iter().copied())
+                .map(|t| data.hash(t))
+                .collect();
+            let q = data.text(data.query(g));
+            let weakest = data
+                .positives(g)
+                .iter()
+                .map(|&p| scores(q, data.text(p)))
+                .fold(f32::INFINITY, f32::min);
+            for n in negs {
+                assert!(
+                    !own.contains(&hash_normalized(&normalize(n))),
+                    "{o:?}: {n:?} is the query or a positive"
+                );
+                let s = scores(q, n);
+                let tol = 1e-5;
+                assert!(
+                    o.absolute_margin.is_none_or(|m| s + m <= weakest + tol),
+                    "{o:?}: absolute margin"
+                );
+                assert!(
+                    o.relative_margin
+                        .is_none_or(|m| s <= weakest - weakest.abs() * m + tol),
+                    "{o:?}: relative margin"
+                );
+                assert!(
+                    o.max_score.is_none_or(|m| s <= m + tol)
+                        && o.min_score.is_none_or(|m| s >= m - tol),
+                    "{o:?}: bounds"
+                );
+            }
+        }
+        assert_eq!(report.negatives_mined, found as u64);
+        assert_eq!(
+            report.queries_short,
+            mined.iter().filter(|n| n.len() < o.num_negatives).count() as u64
+        );
+    }
+}
+
+#[test]
+fn the_cli_writes_every_group_reuses_its_cache_and_train_reads_the_result() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("mined.jsonl");
+    let cache = dir.path().join("cache");
+    let mine_once = || {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+            .args(["mine", "--device", "cpu", "--num-negatives", "2", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(repo("deploy/data/bible_paraphrase_tiny/train.jsonl"))
+            .arg("--corpus")
+            .arg(repo("deploy/data/bible_paraphrase_tiny/corpus.jsonl"))
+            .arg("--output")
+            .arg(&out)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str::<serde_json::Value>(
+            String::from_utf8_lossy(&o.stdout).lines().last().unwrap(),
+        )
+        .unwrap()
+    };
+    let first = mine_once();
+    let written = std::fs::read(&out).unwrap();
+    let second = mine_once();
+    assert_eq!(
+        (
+            first["corpus_cached"].as_bool(),
+            second["corpus_cached"].as_bool()
+        ),
+        (Some(false), Some(true))
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        written,
+        "the cached corpus mines the same negatives"
+    );
+
+    let input = load_files(
+        &[repo("deploy/data/bible_paraphrase_tiny/train.jsonl")],
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let mined = load_files(&[out.clone()], LoadOptions::default()).unwrap();
+    assert_eq!(
+        (mined.len(), mined.pair_count()),
+        (input.len(), input.pair_count()),
+        "no query or positive lost"
+    );
+    assert_eq!(
+        mined.stats().negatives,
+        first["negatives_mined"].as_u64().unwrap()
+    );
+
+    let run = dir.path().join("run");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .args(["train", "--config"])
+        .arg(repo("configs/tiny.toml"))
+        .args(["--set", &format!("model.path=\"{}\"", model.display())])
+        .args(["--set", &format!("data.train=\"{}\"", out.display())])
+        .args(["--set", &format!("output.dir=\"{}\"", run.display())])
+        .args([
+            "--set",
+            "data.negatives_per_row=2",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "eval.at_start=false",
+        ])
+        .current_dir(repo(""))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(common::step_losses(&run.join("metrics.jsonl")).len(), 3);
+}
