@@ -18,6 +18,7 @@ pub mod device;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod fusion;
 pub mod io;
 pub mod loss;
 pub mod mine;

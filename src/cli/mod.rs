@@ -1,4 +1,5 @@
 //! The command line: argument definitions (clap derive, doc comments are the help) and dispatch.
+mod average;
 mod cluster;
 mod convert;
 mod demo;
@@ -68,6 +69,8 @@ pub enum Command {
     Worker(cluster::WorkerArgs),
     /// Retrieval metrics (NDCG, MRR, MAP, recall, precision, accuracy @k) of a model on BEIR-style data.
     Eval(eval::EvalArgs),
+    /// Average models fine-tuned from one base (uniform, weighted, or a greedy soup on a dev set).
+    Average(average::AverageArgs),
     /// Mine hard negatives for query-grouped data: the nearest corpus texts that are not a positive.
     Mine(mine::MineArgs),
     /// Embed texts from a .txt (one per line) or .jsonl ("text" field) file into JSON lines.
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => cluster::run_worker(args),
         Command::Embed(args) => embed::run(args),
         Command::Mine(args) => mine::run(args),
+        Command::Average(args) => average::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Convert(args) => convert::run(args),
     }
