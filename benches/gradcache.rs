@@ -29,21 +29,14 @@ fn train(cfg: &Path, out: &Path, sets: &[String]) -> (f64, f64) {
     for s in sets {
         cmd.args(["--set", s]);
     }
-    let child = cmd.spawn().expect("start multipos");
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert!(
-        pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "multipos train {sets:?} failed"
-    );
+    let rss = common::peak_rss_mib(cmd);
     let steps = common::events(out, "step");
     let mean = steps
         .iter()
         .map(|v| v["seconds"].as_f64().unwrap())
         .sum::<f64>()
         / steps.len() as f64;
-    (usage.ru_maxrss as f64 / 1024.0, mean)
+    (rss, mean)
 }
 
 fn main() {

@@ -258,6 +258,9 @@ pub struct TrainConfig {
     pub mini_batch_size: usize,
     /// Which task each global batch of a multi-task run comes from.
     pub sampler: Sampler,
+    /// Keep an exponential moving average of the weights with this decay (in [0, 1)), saved as
+    /// `model-ema/` beside `model/` (one process; not yet in cluster runs).
+    pub ema_decay: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -280,6 +283,7 @@ impl Default for TrainConfig {
             stop_after_steps: 0,
             mini_batch_size: 0,
             sampler: Sampler::Proportional,
+            ema_decay: None,
         }
     }
 }
@@ -298,6 +302,21 @@ pub struct EvalConfig {
     pub at_start: bool,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
+    /// The metric that picks the best evaluation (any key the evaluator reports).
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    #[serde(default = "default_true")]
+    pub greater_is_better: bool,
+    /// Stop training after this many evaluations in a row without a new best (0 = never).
+    #[serde(default)]
+    pub patience: u64,
+    /// Make `model/` the best evaluated model rather than the last (it is always in `model-best/`).
+    #[serde(default)]
+    pub keep_best: bool,
+}
+
+fn default_metric() -> String {
+    "ndcg@10".into()
 }
 
 fn default_true() -> bool {
@@ -391,6 +410,11 @@ impl RunConfig {
         if t.scale.is_nan() || t.scale <= 0.0 {
             return Err(format!("train.scale must be positive, got {}", t.scale));
         }
+        if let Some(d) = t.ema_decay
+            && !(0.0..1.0).contains(&d)
+        {
+            return Err(format!("train.ema_decay must be within [0, 1), got {d}"));
+        }
         if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
             return Err("train.weight_decay and train.max_grad_norm must not be negative".into());
         }
@@ -436,6 +460,14 @@ impl RunConfig {
             && e.batch_size == 0
         {
             return Err("eval.batch_size must be positive".into());
+        }
+        if let Some(e) = &self.eval
+            && e.patience > 0
+            && e.every_steps == 0
+        {
+            return Err(
+                "eval.patience needs evaluations during training: set eval.every_steps".into(),
+            );
         }
         self.validate_tasks()?;
         if let Some(e) = &self.eval {

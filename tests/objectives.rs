@@ -284,3 +284,90 @@ fn the_saved_classifier_loads_and_predicts() {
         pairs.len()
     );
 }
+
+#[test]
+fn ema_with_decay_zero_is_the_model_and_ema_survives_a_resume() {
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.1,
+        ..TinySpec::default()
+    });
+    let tensors = |d: &Path| {
+        let mut t = tch::Tensor::read_safetensors(d.join("model.safetensors")).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let zero = dir.path().join("zero");
+    multipos::train::run(
+        &config(
+            &model,
+            &zero,
+            MNRL_AND_SOFTMAX,
+            "max_steps = 6\nema_decay = 0.0",
+        ),
+        false,
+    )
+    .unwrap();
+    for ((n, a), (_, b)) in tensors(&zero.join("model"))
+        .iter()
+        .zip(tensors(&zero.join("model-ema")))
+    {
+        assert!(
+            a.equal(&b),
+            "{n}: EMA with decay 0 differs from the weights by {}",
+            (a - &b).abs().max().double_value(&[])
+        );
+    }
+    assert_eq!(
+        std::fs::read(zero.join("model/heads/nli.safetensors")).unwrap(),
+        std::fs::read(zero.join("model-ema/heads/nli.safetensors")).unwrap()
+    );
+    let plain = dir.path().join("plain");
+    multipos::train::run(
+        &config(&model, &plain, MNRL_AND_SOFTMAX, "max_steps = 6"),
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        common::losses_by_step(&plain),
+        common::losses_by_step(&zero),
+        "EMA does not change training"
+    );
+
+    let whole = dir.path().join("ema");
+    multipos::train::run(
+        &config(
+            &model,
+            &whole,
+            MNRL_AND_SOFTMAX,
+            "max_steps = 12\nema_decay = 0.9",
+        ),
+        false,
+    )
+    .unwrap();
+    let averaged = tensors(&whole.join("model-ema"));
+    assert!(
+        tensors(&whole.join("model"))
+            .iter()
+            .zip(&averaged)
+            .any(|((_, a), (_, b))| !a.equal(b)),
+        "decay 0.9 averages"
+    );
+    let parted = dir.path().join("ema-parted");
+    let stop = config(
+        &model,
+        &parted,
+        MNRL_AND_SOFTMAX,
+        "max_steps = 12\nema_decay = 0.9\nstop_after_steps = 5",
+    );
+    assert!(multipos::train::run(&stop, false).is_err());
+    let resume = config(
+        &model,
+        &parted,
+        MNRL_AND_SOFTMAX,
+        "max_steps = 12\nema_decay = 0.9\nresume = \"latest\"",
+    );
+    multipos::train::run(&resume, false).unwrap();
+    for ((n, a), (_, b)) in averaged.iter().zip(tensors(&parted.join("model-ema"))) {
+        assert!(a.equal(&b), "{n}: the EMA after stop + resume differs");
+    }
+}

@@ -132,3 +132,33 @@ fn gradcache_in_the_cluster_gives_the_model_of_the_plain_run() {
     );
     common::assert_same_run(&plain, &cached, "GradCache, W=2", NOISE_ONLY);
 }
+
+#[test]
+fn a_cluster_run_refuses_ema_it_cannot_keep() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let cfg = write_config(
+        dir.path(),
+        "ema",
+        &model,
+        "[data]\ntrain = \"TINY/train.jsonl\"\n",
+        "ema_decay = 0.9",
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .args(["launch", "--workers", "2", "--config"])
+        .arg(&cfg)
+        .arg("--set")
+        .arg(format!(
+            "output.dir=\"{}\"",
+            dir.path().join("out").display()
+        ))
+        .env_remove("MULTIPOS_CLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("train.ema_decay is not supported in cluster runs"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -228,3 +228,74 @@ fn cli_trains_and_rejects_bad_configs_and_data_clearly() {
     let out = train_cli(&cfg, &base(&["data.train=\"/no/such/file.jsonl\""]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.jsonl does not exist"));
 }
+
+/// Early stopping: the run stops at the first evaluation that ends `patience` evaluations in a row
+/// without a new best, and with `keep_best` the final model is the best evaluated one. Ranking by
+/// *lowest* NDCG makes training itself the thing that stops improving, so the stop comes early.
+#[test]
+fn early_stopping_stops_at_the_right_step_and_keeps_the_best_model() {
+    let (dir, model) = common::tiny_model(&TinySpec {
+        dropout: 0.0,
+        ..TinySpec::default()
+    });
+    let out = dir.path().join("run");
+    let cfg = config(
+        &model,
+        &out,
+        &[
+            "train.epochs=10",
+            "train.lr=3e-3",
+            "eval.every_steps=2",
+            "eval.patience=2",
+            "eval.greater_is_better=false",
+            "eval.keep_best=true",
+        ],
+    );
+    let summary = multipos::train::run(&cfg, false).unwrap();
+    let evals = common::events(&out, "eval");
+    let stops = common::events(&out, "early_stop");
+    assert_eq!(stops.len(), 1, "the run stopped early");
+    let stopped_at = stops[0]["step"].as_u64().unwrap();
+    assert!(stopped_at < 80 && summary.steps == stopped_at);
+    // Replay the rule on the logged evaluations.
+    let (mut best, mut since, mut expected) = ((0u64, f64::INFINITY), 0, None);
+    for e in &evals {
+        let (step, v) = (
+            e["step"].as_u64().unwrap(),
+            e["metrics"]["ndcg@10"].as_f64().unwrap(),
+        );
+        if v < best.1 {
+            (best, since) = ((step, v), 0);
+        } else {
+            since += 1;
+            if since == 2 && expected.is_none() {
+                expected = Some((step, best));
+            }
+        }
+    }
+    let (step, (best_step, best_value)) = expected.expect("two evaluations without a new best");
+    assert_eq!(
+        stopped_at, step,
+        "stopped at the first evaluation the rule names"
+    );
+    assert_eq!(stops[0]["best_step"].as_u64(), Some(best_step));
+    assert_eq!(
+        evals.last().unwrap()["step"].as_u64(),
+        Some(stopped_at),
+        "no evaluation after the stop"
+    );
+    let kept = multipos::SentenceModel::load(&out.join("model"), tch::Device::Cpu).unwrap();
+    let tiny = repo("deploy/data/bible_paraphrase_tiny");
+    let set = multipos::eval::IrDataset::load(
+        &tiny.join("dev_queries.jsonl"),
+        &tiny.join("corpus.jsonl"),
+        &tiny.join("dev_qrels.tsv"),
+    )
+    .unwrap();
+    let m = multipos::eval::evaluate(&kept, &set, 64, &Default::default()).unwrap();
+    assert!(
+        (m["ndcg@10"] - best_value).abs() < 1e-6,
+        "model/ is the best evaluation ({best_value} at step {best_step}), got {}",
+        m["ndcg@10"]
+    );
+}

@@ -79,3 +79,16 @@ pub fn events(out: &Path, kind: &str) -> Vec<serde_json::Value> {
         .filter(|v| v["event"] == kind)
         .collect()
 }
+
+/// Runs `cmd` to completion (it must succeed) and returns its peak resident memory in MiB.
+pub fn peak_rss_mib(mut cmd: Command) -> f64 {
+    let child = cmd.spawn().expect("start the child process");
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert!(
+        pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed"
+    );
+    usage.ru_maxrss as f64 / 1024.0
+}

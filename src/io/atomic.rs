@@ -178,3 +178,17 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
+
+/// Copies the directory `src` to `dst` atomically (staged beside `dst`, then renamed into place).
+pub fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+    let staged = StagedDir::create(dst)?;
+    for rel in super::tree::relative_files(src)? {
+        let to = staged.path().join(&rel);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
+        }
+        fs::copy(src.join(&rel), &to).map_err(Error::io("copy", src.join(&rel)))?;
+    }
+    staged.commit()?;
+    Ok(())
+}

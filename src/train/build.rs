@@ -55,8 +55,12 @@ pub fn trainer_for(
         weight_decay: cfg.train.weight_decay,
         ..Default::default()
     };
+    let mut state = TrainState::new(model, tasks, cfg.train.seed);
+    if let Some(decay) = cfg.train.ema_decay {
+        state.start_ema(decay);
+    }
     Ok(Trainer::new(
-        TrainState::new(model, tasks, cfg.train.seed),
+        state,
         adamw,
         schedule_for(cfg, total)?,
         step_options(cfg),

@@ -1,7 +1,8 @@
 //! Checkpoints: everything needed to continue a run exactly where it stopped.
 //!
 //! `checkpoints/step-00000040/` holds `model/` (a loadable sentence-transformers directory, with
-//! the loss heads in `model/heads/`),
+//! the loss heads in `model/heads/`), `model-ema/` (the same for the weights' moving average, when
+//! `train.ema_decay` is set),
 //! `optimizer.safetensors` (AdamW moments), `state.json` (steps done, optimizer step count, data
 //! cursor, seed, fingerprints of data and config), `metrics.jsonl` (the run's log so far) and
 //! `MANIFEST.json` (size and XXH3 of every other file). It is
@@ -102,6 +103,9 @@ pub fn write(
         fs::write(root.join(rel), bytes).map_err(Error::io("write", root.join(rel)))?;
     }
     train.write_dir(&root.join("model"))?;
+    if train.ema.is_some() {
+        train.write_ema_dir(&root.join("model-ema"))?;
+    }
     let tensors: Vec<(String, Tensor)> = optim
         .state()
         .into_iter()
@@ -266,6 +270,16 @@ pub fn restore(
     optim: &mut AdamW,
 ) -> Result<()> {
     train.load_dir(&ckpt.join("model"))?;
+    if train.ema.is_some() {
+        let ema = ckpt.join("model-ema");
+        if !ema.is_dir() {
+            return Err(Error::invalid(
+                ckpt,
+                "has no model-ema/: it was written without train.ema_decay",
+            ));
+        }
+        train.load_ema_dir(&ema)?;
+    }
     let path = ckpt.join("optimizer.safetensors");
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
         .map_err(Error::Torch)?
@@ -287,7 +301,7 @@ pub fn run_fingerprint(cfg: &crate::config::RunConfig, data_fingerprint: &str) -
 /// A fingerprint of the settings that must not change across a resume (model, data, training).
 pub fn config_fingerprint(cfg: &crate::config::RunConfig) -> String {
     let relevant = serde_json::json!({"model": cfg.model.max_seq_length, "tasks": cfg.tasks(), "train": {
-        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "sampler": cfg.train.sampler,
+        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "sampler": cfg.train.sampler, "ema_decay": cfg.train.ema_decay,
         "seed": cfg.train.seed, "dropout": cfg.train.dropout, "weight_decay": cfg.train.weight_decay,
         "max_grad_norm": cfg.train.max_grad_norm, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
         "warmup_steps": cfg.train.warmup_steps, "warmup_ratio": cfg.train.warmup_ratio,

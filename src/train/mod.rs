@@ -9,6 +9,7 @@ pub mod run;
 pub mod state;
 pub mod task;
 pub mod trainer;
+pub mod validation;
 
 pub use run::{RunSummary, run};
 pub use state::TrainState;

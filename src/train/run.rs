@@ -15,6 +15,7 @@ use super::metrics::MetricsLog;
 use super::plan::RunPlan;
 use super::task::{Task, data_fingerprint};
 use super::trainer::{StepInput, Trainer};
+use super::validation::{Tracker, Verdict};
 use crate::collective::Solo;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
@@ -151,6 +152,34 @@ impl Run<'_> {
         Ok(Some(m))
     }
 
+    /// Evaluates at `step` and logs it; a new best under `eval.metric` is saved as `model-best/`.
+    /// Returns the metrics and whether `eval.patience` says to stop.
+    fn validate(
+        &self,
+        trainer: &Trainer,
+        step: u64,
+        log: &mut MetricsLog,
+        tracker: &mut Option<Tracker>,
+    ) -> Result<(Option<BTreeMap<String, f64>>, bool)> {
+        let Some(m) = self.eval(trainer, step, log)? else {
+            return Ok((None, false));
+        };
+        let Some(t) = tracker.as_mut() else {
+            return Ok((Some(m), false));
+        };
+        let stop = match t.observe(step, &m).map_err(Error::Usage)? {
+            Verdict::Improved => {
+                trainer
+                    .state
+                    .save(&self.cfg.output.dir.join("model-best"))?;
+                log.write(&json!({"event": "best", "step": step, "metric": self.cfg.eval.as_ref().map(|e| &e.metric), "value": t.best.map(|b| b.1)}))?;
+                false
+            }
+            Verdict::NotBetter { stop } => stop,
+        };
+        Ok((Some(m), stop))
+    }
+
     /// Runs one global step and logs it.
     fn step(
         &self,
@@ -208,9 +237,16 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     };
     tracing::info!(steps = total, start_step, warmup = trainer.schedule.warmup, batch_size = cfg.train.batch_size, device = ?trainer.state.model.device(), "training");
     let stop = stop_flag()?;
+    let mut tracker = cfg.eval.as_ref().map(Tracker::new);
+    if let Some(t) = tracker.as_mut()
+        && start_step > 0
+    {
+        let text = String::from_utf8_lossy(&log.contents()?).into_owned();
+        t.replay(&text, start_step).map_err(Error::Usage)?;
+    }
     let eval_before = match &cfg.eval {
         Some(e) if e.at_start && start_step == 0 => {
-            let m = run.eval(&trainer, 0, &mut log)?;
+            let (m, _) = run.validate(&trainer, 0, &mut log, &mut tracker)?;
             if let Some(m) = &m {
                 print_metrics("before training", m);
             }
@@ -224,6 +260,10 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     let start = Instant::now();
     let mut pairs = 0u64;
     let mut last_loss = f64::NAN;
+    // The step the run ends at (earlier than `total` when it stops early), and whether it was
+    // evaluated there already.
+    let mut last = total;
+    let mut evaluated_last = false;
     for step in start_step..total {
         let stats = run.step(&mut trainer, step, &mut log)?;
         pairs += stats.pairs as u64;
@@ -261,22 +301,45 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
             && e.every_steps > 0
             && done % e.every_steps == 0
             && unfinished
-            && let Some(m) = bar.suspend(|| run.eval(&trainer, done, &mut log))?
         {
-            print_metrics(&format!("step {done}"), &m);
+            let (m, stop_early) =
+                bar.suspend(|| run.validate(&trainer, done, &mut log, &mut tracker))?;
+            if let Some(m) = &m {
+                print_metrics(&format!("step {done}"), m);
+            }
+            if stop_early {
+                let best = tracker.as_ref().and_then(|t| t.best).map(|b| b.0);
+                tracing::warn!(step = done, best_step = ?best, "stopping early: eval.patience evaluations without a new best");
+                log.write(&json!({"event": "early_stop", "step": done, "best_step": best}))?;
+                last = done;
+                evaluated_last = true;
+                break;
+            }
         }
     }
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    let eval_after = run.eval(&trainer, total, &mut log)?;
+    let eval_after = if evaluated_last {
+        None
+    } else {
+        run.validate(&trainer, last, &mut log, &mut tracker)?.0
+    };
     if let Some(m) = &eval_after {
         print_metrics("after training", m);
     }
     let model_dir = out_dir.join("model");
-    trainer.state.save(&model_dir)?;
-    run.save_checkpoint(&trainer, total, &mut log)?;
+    let best_dir = out_dir.join("model-best");
+    if cfg.eval.as_ref().is_some_and(|e| e.keep_best) && best_dir.is_dir() {
+        crate::io::atomic::copy_dir(&best_dir, &model_dir)?;
+    } else {
+        trainer.state.save(&model_dir)?;
+    }
+    if trainer.state.ema.is_some() {
+        trainer.state.save_ema(&out_dir.join("model-ema"))?;
+    }
+    run.save_checkpoint(&trainer, last, &mut log)?;
     let summary = RunSummary {
-        steps: total,
+        steps: last,
         pairs,
         seconds,
         pairs_per_s: pairs as f64 / seconds,

@@ -20,10 +20,27 @@ pub struct TaskState {
     pub objective: Objective,
 }
 
-/// The encoder and the tasks' losses.
+/// The encoder and the tasks' losses, and an exponential moving average of them when asked for.
 pub struct TrainState {
     pub model: SentenceModel,
     pub tasks: Vec<TaskState>,
+    pub ema: Option<Ema>,
+}
+
+/// An exponential moving average of every trainable tensor (`train.ema_decay`), updated after each
+/// optimizer step: shadow ← decay·shadow + (1 − decay)·weights. Not trained itself; saved as
+/// `model-ema/` beside `model/` and in checkpoints, restored on resume, sent to healing peers.
+pub struct Ema {
+    pub decay: f64,
+    /// Same names and order as [`TrainState::parameters`].
+    shadow: Vec<(String, Tensor)>,
+}
+
+impl Ema {
+    /// The averaged tensors, by name.
+    pub fn tensors(&self) -> &[(String, Tensor)] {
+        &self.shadow
+    }
 }
 
 impl TrainState {
@@ -38,7 +55,91 @@ impl TrainState {
                 objective: t.objective(dim, device, mix_seed(&[seed, i as u64, 0x6865_6164])),
             })
             .collect();
-        Self { model, tasks }
+        Self {
+            model,
+            tasks,
+            ema: None,
+        }
+    }
+
+    /// Starts averaging the current weights with `decay`.
+    pub fn start_ema(&mut self, decay: f64) {
+        let shadow = self
+            .parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        self.ema = Some(Ema { decay, shadow });
+    }
+
+    /// Moves the average towards the current weights (after an optimizer step).
+    pub fn update_ema(&mut self) {
+        let params = self.parameters();
+        if let Some(ema) = self.ema.as_mut() {
+            tch::no_grad(|| {
+                for ((_, s), (_, p)) in ema.shadow.iter_mut().zip(&params) {
+                    // lerp with weight 1 − decay; decay 0 copies the weights exactly.
+                    let _ = s.lerp_(p, 1.0 - ema.decay);
+                }
+            });
+        }
+    }
+
+    /// Runs `f` with the averaged values in place of the weights, then puts the weights back.
+    fn with_ema_weights<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        let Some(ema) = &self.ema else {
+            return f(self);
+        };
+        let params = self.parameters();
+        let saved: Vec<Tensor> = params.iter().map(|(_, t)| t.detach().copy()).collect();
+        tch::no_grad(|| {
+            for ((_, p), (_, s)) in params.iter().zip(&ema.shadow) {
+                p.shallow_clone().copy_(s);
+            }
+        });
+        let out = f(self);
+        tch::no_grad(|| {
+            for ((_, p), v) in params.iter().zip(&saved) {
+                p.shallow_clone().copy_(v);
+            }
+        });
+        out
+    }
+
+    /// Writes the averaged model (a sentence-transformers directory, heads included) into `root`.
+    pub fn write_ema_dir(&self, root: &Path) -> Result<()> {
+        self.with_ema_weights(|s| s.write_dir(root))
+    }
+
+    /// Writes the averaged model at `dir`, atomically.
+    pub fn save_ema(&self, dir: &Path) -> Result<()> {
+        self.with_ema_weights(|s| s.save(dir))
+    }
+
+    /// Loads the average from a model directory [`TrainState::write_ema_dir`] wrote.
+    pub fn load_ema_dir(&mut self, dir: &Path) -> Result<()> {
+        if self.ema.is_none() {
+            return Ok(());
+        }
+        let weights = self.parameters();
+        let current: Vec<Tensor> = weights.iter().map(|(_, t)| t.detach().copy()).collect();
+        self.load_dir(dir)?;
+        let loaded: Vec<Tensor> = self
+            .parameters()
+            .iter()
+            .map(|(_, t)| t.detach().copy())
+            .collect();
+        tch::no_grad(|| {
+            for ((_, p), v) in weights.iter().zip(&current) {
+                p.shallow_clone().copy_(v);
+            }
+        });
+        if let Some(ema) = self.ema.as_mut() {
+            for ((_, s), v) in ema.shadow.iter_mut().zip(loaded) {
+                *s = v;
+            }
+        }
+        Ok(())
     }
 
     /// The prefix of task `task`'s head tensors.

@@ -328,6 +328,7 @@ impl Trainer {
             !TrainState::is_head(name) || name.starts_with(&own)
         });
         self.optim.zero_grad();
+        self.state.update_ema();
         lr
     }
 

@@ -121,6 +121,20 @@ enum Next {
 impl Coordinator {
     /// Loads data and model metadata and plans the run (no network yet).
     pub fn new(cfg: RunConfig, bar: ProgressBar) -> Result<Shared> {
+        if cfg.train.ema_decay.is_some() {
+            return Err(Error::Usage(
+                "train.ema_decay is not supported in cluster runs yet: train in one process, or average checkpoints with multipos average".into(),
+            ));
+        }
+        if cfg
+            .eval
+            .as_ref()
+            .is_some_and(|e| e.patience > 0 || e.keep_best)
+        {
+            return Err(Error::Usage(
+                "eval.patience and eval.keep_best need evaluations during training, which cluster runs do not make yet: evaluate with multipos eval, or train in one process".into(),
+            ));
+        }
         let out = &cfg.output.dir;
         let config_toml = prepare_output(&cfg)?;
         let resuming = cfg.train.resume.is_some();
