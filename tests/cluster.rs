@@ -842,3 +842,38 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// A SoftmaxLoss run (one class per query of the tiny data) whose worker is SIGKILLed: the
+/// replacement heals the classifier with the rest from a live peer, and the final model and
+/// classifier are the clean run's, bit for bit.
+#[test]
+fn a_replacement_worker_heals_the_classifier_too() {
+    let _serial = serial();
+    let extra = [
+        "train.batch_size=6",
+        "train.max_steps=30",
+        "loss.type=\"softmax\"",
+    ];
+    let (dir, model, cfg, clean) = reference_run(&extra, "2");
+    assert!(clean.join("model/heads/default.safetensors").exists());
+    let hit = dir.path().join("replaced");
+    let mut s = sets(&model, &hit, &extra);
+    s.push("cluster.max_restarts=1".into());
+    let launch = Background::launch(&cfg, &s, &["--workers", "2"]);
+    wait_for_steps(&hit, 5);
+    let victim = launch.child("--rank 1");
+    unsafe { libc_kill(victim, 9) };
+    let (status, text) = launch.finish();
+    assert!(status.success(), "launch must recover: {text}");
+    assert!(text.contains("healed from a live peer"), "{text}");
+    assert_eq!(batch_steps(&hit), (1..=30).collect::<Vec<_>>());
+    assert!(
+        same_bytes(&clean, &hit),
+        "the encoder differs from the clean run"
+    );
+    assert_eq!(
+        std::fs::read(clean.join("model/heads/default.safetensors")).unwrap(),
+        std::fs::read(hit.join("model/heads/default.safetensors")).unwrap(),
+        "the classifier differs from the clean run"
+    );
+}
