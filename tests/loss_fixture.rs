@@ -1,8 +1,10 @@
 //! multipos MNRL vs. sentence-transformers: loss value and gradients w.r.t. every embedding, from
 //! the fixture made by `tests/reference/make_loss_fixture.py`.
+mod common;
+
 use multipos::loss::{MnrlConfig, mnrl_loss};
 use serde::Deserialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 #[derive(Deserialize)]
 struct Case {
@@ -19,12 +21,7 @@ struct Fixture {
     cases: Vec<Case>,
 }
 
-fn tensor(rows: &[Vec<f64>]) -> Tensor {
-    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat)
-        .view([rows.len() as i64, rows[0].len() as i64])
-        .to_kind(Kind::Float)
-}
+use common::tensor_f64_rows as tensor;
 
 #[test]
 fn loss_and_gradients_match_sentence_transformers() {

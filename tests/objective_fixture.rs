@@ -1,12 +1,14 @@
 //! multipos's objectives vs. sentence-transformers: MNRL with hardness weighting, CosineSimilarityLoss,
 //! CoSENTLoss and SoftmaxLoss, value and gradient w.r.t. every embedding (and the classifier), from
 //! the fixture made by `tests/reference/make_objective_fixture.py`.
+mod common;
+
 use multipos::loss::{
     CoSentConfig, CosineConfig, HardnessMode, MnrlConfig, Objective, SoftmaxConfig, SoftmaxHead,
     Targets,
 };
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 #[derive(Deserialize)]
 struct Case {
@@ -44,12 +46,7 @@ struct Fixture {
     cases: Vec<Case>,
 }
 
-fn tensor(rows: &[Vec<f64>]) -> Tensor {
-    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat)
-        .view([rows.len() as i64, rows[0].len() as i64])
-        .to_kind(Kind::Float)
-}
+use common::tensor_f64_rows as tensor;
 
 fn max_diff(got: &Tensor, want: &[Vec<f64>]) -> f64 {
     let got = Vec::<f32>::try_from(got.reshape([-1])).unwrap();

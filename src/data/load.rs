@@ -61,13 +61,15 @@ pub fn load_files(paths: &[PathBuf], opts: LoadOptions) -> Result<Dataset> {
     }
     let data = builder.finish();
     if data.is_empty() {
-        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-        return Err(Error::Usage(format!(
-            "no usable query groups in {}",
-            names.join(", ")
-        )));
+        return Err(nothing_usable("query groups", paths));
     }
     Ok(data)
+}
+
+/// The error for files that held nothing usable (every record malformed, skipped or empty).
+pub(crate) fn nothing_usable(what: &str, paths: &[PathBuf]) -> Error {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    Error::Usage(format!("no usable {what} in {}", names.join(", ")))
 }
 
 /// One bad line: an error naming file, line and reason, or with `skip_invalid` a logged warning.

@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use super::dataset::Dataset;
-use super::load::{LoadOptions, each_jsonl_line, reject_or_skip};
+use super::load::{LoadOptions, each_jsonl_line, nothing_usable, reject_or_skip};
 use super::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
 
@@ -326,11 +326,7 @@ pub fn load_pair_files(
     }
     let set = builder.finish();
     if set.is_empty() {
-        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-        return Err(Error::Usage(format!(
-            "no usable pairs in {}",
-            names.join(", ")
-        )));
+        return Err(nothing_usable("pairs", paths));
     }
     Ok(set)
 }

@@ -177,3 +177,11 @@ pub fn assert_same_run(reference: &Path, other: &Path, what: &str, skip: &[&str]
         "{what}: final weights differ by up to {max} (in {name})"
     );
 }
+
+/// A (rows, columns) f32 tensor from nested f64 rows (as the JSON fixtures store them).
+pub fn tensor_f64_rows(rows: &[Vec<f64>]) -> tch::Tensor {
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    tch::Tensor::from_slice(&flat)
+        .view([rows.len() as i64, rows[0].len() as i64])
+        .to_kind(tch::Kind::Float)
+}
