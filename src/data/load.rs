@@ -171,7 +171,11 @@ fn load_jsonl(path: &Path, sink: &mut Sink<'_>) -> Result<()> {
     })
 }
 
-fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()> {
+/// Opens a CSV/TSV file (rows of unequal length are errors) and reads its header.
+pub(crate) fn open_delimited(
+    path: &Path,
+    delimiter: u8,
+) -> Result<(csv::Reader<File>, csv::StringRecord)> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .flexible(false)
@@ -181,6 +185,11 @@ fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()>
         .headers()
         .map_err(|e| Error::invalid(path, format!("cannot read the header: {e}")))?
         .clone();
+    Ok((reader, headers))
+}
+
+fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()> {
+    let (mut reader, headers) = open_delimited(path, delimiter)?;
     let find = |names: &[&str]| headers.iter().position(|h| names.contains(&h.trim()));
     let query = find(&["query", "anchor"]);
     let positive = find(&["positive"]);

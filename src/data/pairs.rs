@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use super::dataset::Dataset;
-use super::load::{LoadOptions, each_jsonl_line, nothing_usable, reject_or_skip};
+use super::load::{LoadOptions, each_jsonl_line, nothing_usable, open_delimited, reject_or_skip};
 use super::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
 
@@ -399,14 +399,7 @@ fn read_delimited(
     opts: LoadOptions,
     add: &mut AddFn<'_>,
 ) -> Result<()> {
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .from_path(path)
-        .map_err(|e| Error::invalid(path, e.to_string()))?;
-    let headers = reader
-        .headers()
-        .map_err(|e| Error::invalid(path, format!("cannot read the header: {e}")))?
-        .clone();
+    let (mut reader, headers) = open_delimited(path, delimiter)?;
     let find = |names: &[&str]| headers.iter().position(|h| names.contains(&h.trim()));
     let (Some(a), Some(b)) = (find(&FIRST), find(&SECOND)) else {
         return Err(Error::BadLine {
