@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Instant;
 
-use multipos::data::{DatasetBuilder, Mode, PlanSpec, plan_epoch};
+use multipos::data::{DatasetBuilder, FillNegatives, Mode, PlanSpec, plan_epoch};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -51,6 +51,7 @@ fn main() {
         batch_size: 256,
         mode: Mode::All,
         negatives_per_row: 0,
+        fill_negatives: FillNegatives::Error,
         seed: 7,
     };
     let start = Instant::now();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::Mode;
+use crate::data::{FillNegatives, Mode};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, MnrlConfig};
 
@@ -185,6 +185,9 @@ pub struct DataConfig {
     pub mode: Mode,
     #[serde(default)]
     pub negatives_per_row: usize,
+    /// When a group lists fewer negatives: `error` (default) or `random` (fill from other groups).
+    #[serde(default)]
+    pub fill_negatives: FillNegatives,
 }
 
 fn default_mode() -> Mode {
@@ -205,6 +208,9 @@ pub struct TaskConfig {
     pub mode: Mode,
     #[serde(default)]
     pub negatives_per_row: usize,
+    /// When a group lists fewer negatives: `error` (default) or `random` (fill from other groups).
+    #[serde(default)]
+    pub fill_negatives: FillNegatives,
     #[serde(default)]
     pub loss: LossConfig,
 }
@@ -259,7 +265,7 @@ pub struct TrainConfig {
     /// Which task each global batch of a multi-task run comes from.
     pub sampler: Sampler,
     /// Keep an exponential moving average of the weights with this decay (in [0, 1)), saved as
-    /// `model-ema/` beside `model/` (one process; not yet in cluster runs).
+    /// `model-ema/` beside `model/` (in one process and in the cluster).
     pub ema_decay: Option<f64>,
 }
 
@@ -493,6 +499,7 @@ impl RunConfig {
                 skip_invalid: d.skip_invalid,
                 mode: d.mode,
                 negatives_per_row: d.negatives_per_row,
+                fill_negatives: d.fill_negatives,
                 loss: self.loss.unwrap_or(LossConfig::Mnrl(MnrlConfig {
                     scale: self.train.scale,
                     symmetric: self.train.symmetric,

@@ -847,11 +847,12 @@ unsafe extern "C" {
 /// replacement heals the classifier with the rest from a live peer, and the final model and
 /// classifier are the clean run's, bit for bit.
 #[test]
-fn a_replacement_worker_heals_the_classifier_too() {
+fn a_replacement_worker_heals_the_classifier_and_the_moving_average_too() {
     let _serial = serial();
     let extra = [
         "train.batch_size=6",
         "train.max_steps=30",
+        "train.ema_decay=0.9",
         "loss.type=\"softmax\"",
     ];
     let (dir, model, cfg, clean) = reference_run(&extra, "2");
@@ -876,4 +877,11 @@ fn a_replacement_worker_heals_the_classifier_too() {
         std::fs::read(hit.join("model/heads/default.safetensors")).unwrap(),
         "the classifier differs from the clean run"
     );
+    for file in ["model.safetensors", "heads/default.safetensors"] {
+        assert_eq!(
+            std::fs::read(clean.join("model-ema").join(file)).unwrap(),
+            std::fs::read(hit.join("model-ema").join(file)).unwrap(),
+            "the moving average ({file}) differs from the clean run"
+        );
+    }
 }

@@ -299,3 +299,78 @@ fn the_cli_writes_every_group_reuses_its_cache_and_train_reads_the_result() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(common::step_losses(&run.join("metrics.jsonl")).len(), 3);
 }
+
+#[test]
+fn queries_that_found_too_few_negatives_still_train_with_fill_negatives_random() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("mined.jsonl");
+    // No cosine is below -2: no candidate qualifies, and every query comes out with none.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .args([
+            "mine",
+            "--device",
+            "cpu",
+            "--num-negatives",
+            "3",
+            "--max-score=-2",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(repo("deploy/data/bible_paraphrase_tiny/train.jsonl"))
+        .arg("--output")
+        .arg(&out)
+        .arg("--no-cache")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (
+            report["queries_short"].as_u64(),
+            report["queries_without"].as_u64()
+        ),
+        (Some(64), Some(64))
+    );
+    let train = |fill: &str| {
+        let run = dir.path().join(format!("run-{fill}"));
+        std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+            .args(["train", "--config"])
+            .arg(repo("configs/tiny.toml"))
+            .args(["--set", &format!("model.path=\"{}\"", model.display())])
+            .args(["--set", &format!("data.train=\"{}\"", out.display())])
+            .args(["--set", &format!("output.dir=\"{}\"", run.display())])
+            .args(["--set", "data.negatives_per_row=3"])
+            .args(["--set", &format!("data.fill_negatives=\"{fill}\"")])
+            .args(["--set", "data.mode=\"all\"", "--set", "eval.at_start=false"])
+            .current_dir(repo(""))
+            .output()
+            .unwrap()
+    };
+    let refused = train("error");
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("64 of 64 query groups have fewer hard negatives")
+            && why.contains("fill_negatives = \"random\""),
+        "{why}"
+    );
+    let filled = train("random");
+    let log = String::from_utf8_lossy(&filled.stderr);
+    assert!(filled.status.success(), "{log}");
+    assert!(
+        log.contains("short=64"),
+        "the short groups are reported: {log}"
+    );
+    // Every pair of the data trained (mode all: one row per pair), none lost to the missing negatives.
+    let pairs = load_files(&[out.clone()], LoadOptions::default())
+        .unwrap()
+        .pair_count();
+    let trained: u64 = common::events(&dir.path().join("run-random"), "step")
+        .iter()
+        .map(|s| s["pairs"].as_u64().unwrap())
+        .sum();
+    let leftovers = pairs as u64 - trained;
+    assert!(leftovers < 8, "{pairs} pairs, {trained} trained");
+}

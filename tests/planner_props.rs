@@ -2,7 +2,9 @@
 //! global batch, every pair of an epoch placed exactly once or reported, same seed -> same plan.
 use std::collections::{BTreeMap, HashMap};
 
-use multipos::data::{Dataset, DatasetBuilder, Mode, PlanSpec, Row, plan_epoch, planner};
+use multipos::data::{
+    Dataset, DatasetBuilder, FillNegatives, Mode, PlanSpec, Row, plan_epoch, planner,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -78,9 +80,33 @@ fn check_no_conflict(data: &Dataset, rows: &[Row], negs: &[u32], k: usize, mode:
     }
 }
 
+/// A filled row keeps its group's own negatives first, and nothing in it repeats or belongs to its group.
+fn check_filled_rows(data: &Dataset, rows: &[Row], negs: &[u32], k: usize, what: &str) {
+    for (i, row) in rows.iter().enumerate() {
+        let g = row.group as usize;
+        let mine = &negs[i * k..(i + 1) * k];
+        let own = data.negatives(g);
+        if own.len() < k {
+            assert_eq!(&mine[..own.len()], own, "{what}: own negatives first");
+        }
+        let mut hashes: Vec<u64> = mine.iter().map(|&n| data.hash(n)).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), k, "{what}: a negative twice in one row");
+        for &n in mine {
+            assert_ne!(n, data.query(g), "{what}: the query as its own negative");
+            assert!(
+                !data.positives(g).contains(&n),
+                "{what}: a positive of the group as its negative"
+            );
+        }
+    }
+}
+
 #[test]
 fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
     let mut checked_batches = 0;
+    let mut filled_batches = 0;
     for seed in 0..60u64 {
         let with_negatives = seed % 4 == 0;
         let data = random_data(
@@ -94,12 +120,26 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
         } else {
             Mode::All
         };
+        // Every other seed with negatives asks for more than most groups list, and fills.
+        let fill = seed % 8 == 0;
         let spec = PlanSpec {
             batch_size: [4, 8, 16][seed as usize % 3],
             mode,
-            negatives_per_row: if with_negatives { 2 } else { 0 },
+            negatives_per_row: match (with_negatives, fill) {
+                (false, _) => 0,
+                (true, false) => 2,
+                (true, true) => 4,
+            },
+            fill_negatives: if fill {
+                FillNegatives::Random
+            } else {
+                FillNegatives::Error
+            },
             seed,
         };
+        if fill {
+            assert!(planner::short_of_negatives(&data, 4) > 0, "seed {seed}");
+        }
         if planner::validate(&data, &spec).is_err() {
             continue;
         }
@@ -118,6 +158,10 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
                     mode,
                     &what,
                 );
+                if fill {
+                    check_filled_rows(&data, b.rows, b.negatives, 4, &what);
+                    filled_batches += 1;
+                }
                 for r in b.rows {
                     *placed.entry((r.group, r.positive)).or_default() += 1;
                 }
@@ -163,6 +207,10 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
         checked_batches > 1000,
         "too few batches checked: {checked_batches}"
     );
+    assert!(
+        filled_batches > 50,
+        "too few filled batches checked: {filled_batches}"
+    );
 }
 
 #[test]
@@ -183,6 +231,7 @@ fn a_text_in_every_group_is_spread_one_per_batch() {
         batch_size: 8,
         mode: Mode::All,
         negatives_per_row: 0,
+        fill_negatives: FillNegatives::Error,
         seed: 3,
     };
     let plan = plan_epoch(&data, &spec, 0);

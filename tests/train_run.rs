@@ -249,6 +249,8 @@ fn early_stopping_stops_at_the_right_step_and_keeps_the_best_model() {
             "eval.patience=2",
             "eval.greater_is_better=false",
             "eval.keep_best=true",
+            "output.checkpoint_every_steps=2",
+            "output.keep_checkpoints=1",
         ],
     );
     let summary = multipos::train::run(&cfg, false).unwrap();
@@ -279,6 +281,19 @@ fn early_stopping_stops_at_the_right_step_and_keeps_the_best_model() {
         "stopped at the first evaluation the rule names"
     );
     assert_eq!(stops[0]["best_step"].as_u64(), Some(best_step));
+    // Pruning kept the newest checkpoint and the best step's (when training had begun there).
+    let mut kept: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    kept.sort();
+    let mut want = vec![multipos::train::checkpoint::name(stopped_at)];
+    if best_step > 0 {
+        want.insert(0, multipos::train::checkpoint::name(best_step));
+    }
+    want.dedup();
+    assert_eq!(kept, want);
     assert_eq!(
         evals.last().unwrap()["step"].as_u64(),
         Some(stopped_at),

@@ -1,4 +1,5 @@
-//! A replica's state in memory: every trainable tensor (encoder and loss heads) and AdamW moments as raw little-endian f32, one entry per
+//! A replica's state in memory: every trainable tensor (encoder and loss heads), AdamW moments and,
+//! with `train.ema_decay`, the weights' moving average, as raw little-endian f32, one entry per
 //! tensor, plus a `meta` entry (steps applied, optimizer steps). A live worker serves it from its
 //! Peer server so that a replacement heals straight from it, with no checkpoint written or read.
 use std::collections::HashMap;
@@ -59,6 +60,13 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
         push_chunks(
             &mut chunks,
             format!("m/{name}"),
+            Bytes::from(tensor_to_le_bytes(t)),
+        );
+    }
+    for (name, t) in trainer.state.ema.iter().flat_map(|e| e.tensors()) {
+        push_chunks(
+            &mut chunks,
+            format!("e/{name}"),
             Bytes::from(tensor_to_le_bytes(t)),
         );
     }
@@ -128,7 +136,17 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
             Ok((name, t))
         })
         .collect::<Result<_>>()?;
-    for (mut var, t) in weights {
+    let averages: Vec<(Tensor, Tensor)> = trainer
+        .state
+        .ema
+        .iter()
+        .flat_map(|e| e.tensors())
+        .map(|(name, avg)| {
+            let t = shaped(&format!("e/{name}"), avg)?.to_device(avg.device());
+            Ok((avg.shallow_clone(), t))
+        })
+        .collect::<Result<_>>()?;
+    for (mut var, t) in weights.into_iter().chain(averages) {
         tch::no_grad(|| var.copy_(&t.to_kind(var.kind())));
     }
     trainer

@@ -22,7 +22,7 @@ use super::files::{model_fingerprint, receive_files};
 use super::peer::peer_service;
 use super::state::StateSlot;
 use crate::auth::{Attach, Token};
-use crate::collective::{BlockingRing, Incoming, Ring, connect_with_retry};
+use crate::collective::{BlockingRing, Incoming, Ring, connect_with_retry, tensor_to_le_bytes};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, Targets};
@@ -574,6 +574,10 @@ async fn train_loop(
                 }
                 break;
             }
+            Ok(StepStatus::Eval) => {
+                report_eval(client, replica, &next, rank, generation, step_timeout).await?;
+                continue;
+            }
             Ok(StepStatus::Rejoin) => return Err(Interrupt::Rejoin(next.reason)),
             Ok(StepStatus::Stop) => {
                 if next.checkpoint {
@@ -643,6 +647,45 @@ async fn train_loop(
     Ok(())
 }
 
+/// Embeds a page of validation texts with the replica's current weights and sends it back.
+async fn report_eval(
+    client: &mut Client,
+    replica: &Replica,
+    next: &NextStepResponse,
+    rank: usize,
+    generation: u64,
+    timeout: Duration,
+) -> Result<(), Interrupt> {
+    let n = next.eval_texts.len();
+    if n == 0 || n > super::evaluation::MAX_PAGE {
+        return Err(Interrupt::Fatal(Error::Usage(format!(
+            "the coordinator sent a validation page of {n} texts (1 to {} expected)",
+            super::evaluation::MAX_PAGE
+        ))));
+    }
+    let batch_size = replica.cfg.eval.as_ref().map_or(64, |e| e.batch_size);
+    let texts: Vec<&str> = next.eval_texts.iter().map(String::as_str).collect();
+    let model = &replica.trainer.state.model;
+    let embeddings = tokio::task::block_in_place(|| model.embed(&texts, batch_size))
+        .map_err(step_err(next.step))?;
+    client
+        .report_eval(with_deadline(
+            EvalReport {
+                generation,
+                rank: rank as u32,
+                step: next.step,
+                offset: next.eval_offset,
+                count: n as u32,
+                dim: embeddings.size()[1] as u32,
+                embeddings: tensor_to_le_bytes(&embeddings).into(),
+            },
+            timeout,
+        ))
+        .await
+        .map_err(rpc_err("report validation"))?;
+    Ok(())
+}
+
 /// Writes the replica's state as a checkpoint and streams it to the coordinator.
 async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(), Interrupt> {
     let dir = scratch_dir()?;
@@ -659,7 +702,17 @@ async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(),
     };
     let trainer = &replica.trainer;
     let path = tokio::task::block_in_place(|| {
-        checkpoint::write(dir.path(), &state, &trainer.state, &trainer.optim, 1, &[])
+        checkpoint::write(
+            dir.path(),
+            &state,
+            &trainer.state,
+            &trainer.optim,
+            checkpoint::Keep {
+                newest: 1,
+                best: None,
+            },
+            &[],
+        )
     })?;
     let chunks = super::files::file_chunks(&path)?;
     client

@@ -8,4 +8,4 @@ pub mod text;
 pub use dataset::{Dataset, DatasetBuilder, LoadStats, TextId};
 pub use load::{LoadOptions, load_files};
 pub use pairs::{PairEpoch, PairSet, PairTargets, TargetKind};
-pub use planner::{Batch, EpochPlan, Mode, PlanSpec, Row, plan_epoch};
+pub use planner::{Batch, EpochPlan, FillNegatives, Mode, PlanSpec, Row, plan_epoch};

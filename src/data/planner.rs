@@ -12,8 +12,8 @@
 //! batch count is exact.
 use std::collections::VecDeque;
 
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rustc_hash::FxHashMap;
 
@@ -34,12 +34,26 @@ pub enum Mode {
     Pairs,
 }
 
+/// What a row gets when its group lists fewer hard negatives than `negatives_per_row`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FillNegatives {
+    /// Refuse to plan (the default): the data promised more negatives than it has.
+    #[default]
+    Error,
+    /// Keep the group's negatives and fill the missing places with positives of other groups, drawn
+    /// per row from the seed (never the row's query, a positive of its group or a negative it has),
+    /// so every pair still trains after mining found nothing for its query.
+    Random,
+}
+
 /// What to plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanSpec {
     pub batch_size: usize,
     pub mode: Mode,
     pub negatives_per_row: usize,
+    pub fill_negatives: FillNegatives,
     pub seed: u64,
 }
 
@@ -142,19 +156,83 @@ pub fn validate(data: &Dataset, spec: &PlanSpec) -> Result<(), String> {
             spec.batch_size, spec.mode
         ));
     }
-    if spec.negatives_per_row > 0 {
-        let short = (0..data.len())
-            .filter(|&g| data.negatives(g).len() < spec.negatives_per_row)
-            .count();
-        if short > 0 {
+    let short = short_of_negatives(data, spec.negatives_per_row);
+    match spec.fill_negatives {
+        FillNegatives::Error if short > 0 => {
             return Err(format!(
-                "negatives_per_row = {} but {short} of {} query groups have fewer hard negatives: lower it or add negatives",
+                "negatives_per_row = {} but {short} of {} query groups have fewer hard negatives: lower it, add negatives, or set fill_negatives = \"random\"",
                 spec.negatives_per_row,
                 data.len()
             ));
         }
+        FillNegatives::Random if short > 0 => {
+            // Enough other texts for every short group, so filling always terminates.
+            let distinct: rustc_hash::FxHashSet<TextId> = (0..data.len())
+                .flat_map(|g| data.positives(g).iter().copied())
+                .collect();
+            let k = spec.negatives_per_row;
+            if let Some(g) = (0..data.len()).find(|&g| {
+                distinct.len() < data.positives(g).len() + data.negatives(g).len() + 1 + k
+            }) {
+                return Err(format!(
+                    "fill_negatives = \"random\": query group {g} ({:?}) has too few other texts to draw {k} negatives from",
+                    data.text(data.query(g))
+                ));
+            }
+        }
+        _ => {}
     }
     Ok(())
+}
+
+/// How many query groups list fewer than `k` hard negatives.
+pub fn short_of_negatives(data: &Dataset, k: usize) -> usize {
+    (0..data.len())
+        .filter(|&g| data.negatives(g).len() < k)
+        .count()
+}
+
+/// `k` negatives for one row of group `g`: the group's own, taking turns from `base`, or, when it has
+/// fewer than `k`, all of them followed by random positives of other groups (`FillNegatives::Random`;
+/// `validate` guarantees there are enough). Seeded per (seed, group, epoch, row of the group).
+fn row_negatives(
+    data: &Dataset,
+    spec: &PlanSpec,
+    g: usize,
+    base: usize,
+    row_seed: u64,
+    out: &mut Vec<TextId>,
+) {
+    let k = spec.negatives_per_row;
+    let negs = data.negatives(g);
+    if negs.len() >= k {
+        out.extend((0..k).map(|i| negs[(base + i) % negs.len()]));
+        return;
+    }
+    let start = out.len();
+    out.extend_from_slice(negs);
+    let taken = |out: &[TextId], t: TextId| {
+        t == data.query(g) || data.positives(g).contains(&t) || out[start..].contains(&t)
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(row_seed);
+    let mut tries = 0;
+    while out.len() - start < k {
+        let h = rng.random_range(0..data.len());
+        let ps = data.positives(h);
+        let t = ps[rng.random_range(0..ps.len())];
+        tries += 1;
+        if !taken(out, t) {
+            out.push(t);
+        } else if tries > 64 * k {
+            // Crowded data: walk every positive in order from a random group instead.
+            let from = rng.random_range(0..data.len());
+            let t = (0..data.len())
+                .flat_map(|i| data.positives((from + i) % data.len()).iter().copied())
+                .find(|&t| !taken(out, t))
+                .expect("validate() guarantees enough other texts");
+            out.push(t);
+        }
+    }
 }
 
 /// Mixes words into one 64-bit seed (SplitMix64 finaliser over a running state).
@@ -195,7 +273,6 @@ fn epoch_rows(
             Mode::Sample => 1,
             Mode::All | Mode::Pairs => positives.len(),
         };
-        let negs = data.negatives(gi);
         for j in 0..take {
             rows.push(Row {
                 group: g,
@@ -203,9 +280,10 @@ fn epoch_rows(
                 positive: positives[(start + j) % positives.len()],
             });
             if k > 0 {
-                let base =
-                    ((group_seed >> 32) as usize).wrapping_add((epoch as usize * take + j) * k);
-                negatives.extend((0..k).map(|i| negs[(base + i) % negs.len()]));
+                let turn = epoch as usize * take + j;
+                let base = ((group_seed >> 32) as usize).wrapping_add(turn * k);
+                let row_seed = mix_seed(&[group_seed, epoch, j as u64]);
+                row_negatives(data, spec, gi, base, row_seed, &mut negatives);
             }
         }
     }
@@ -343,6 +421,7 @@ mod tests {
             batch_size,
             mode,
             negatives_per_row: 0,
+            fill_negatives: FillNegatives::Error,
             seed: 1,
         }
     }

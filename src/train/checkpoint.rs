@@ -82,19 +82,27 @@ fn checksum(bytes: &[u8]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
+/// Which checkpoints pruning keeps: the newest `newest`, and the one of step `best` (the best
+/// validation so far) however old.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    pub newest: usize,
+    pub best: Option<u64>,
+}
+
 /// The directory name of the checkpoint after `step` steps.
 pub fn name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
 /// Writes a checkpoint into `dir` (created if needed), with `extra` files (relative path,
-/// contents) beside the tensors, and keeps only the newest `keep`.
+/// contents) beside the tensors, and prunes the others as `keep` says.
 pub fn write(
     dir: &Path,
     state: &CheckpointState,
     train: &TrainState,
     optim: &AdamW,
-    keep: usize,
+    keep: Keep,
     extra: &[(&str, &[u8])],
 ) -> Result<PathBuf> {
     let staged = StagedDir::create(dir.join(name(state.step)))?;
@@ -146,7 +154,7 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Moves a received checkpoint directory (already verified) to its place under `dir`, replacing
 /// any older copy of the same step, and prunes; returns its final path.
-pub fn adopt(dir: &Path, received: &Path, keep: usize) -> Result<(PathBuf, CheckpointState)> {
+pub fn adopt(dir: &Path, received: &Path, keep: Keep) -> Result<(PathBuf, CheckpointState)> {
     let state = verify(received)?;
     let target = dir.join(name(state.step));
     if target.exists() {
@@ -193,7 +201,7 @@ pub fn check_compatible(
     Ok(())
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<()> {
+fn prune(dir: &Path, keep: Keep) -> Result<()> {
     // Staging directories of writes that a crash interrupted are garbage: nothing refers to them.
     for entry in fs::read_dir(dir)
         .map_err(Error::io("read directory", dir))?
@@ -208,7 +216,17 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
         }
     }
     let all = list(dir)?;
-    for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+    let best = keep.best.map(name);
+    for old in all
+        .iter()
+        .take(all.len().saturating_sub(keep.newest.max(1)))
+    {
+        if best
+            .as_deref()
+            .is_some_and(|b| old.file_name().is_some_and(|n| n == b))
+        {
+            continue;
+        }
         fs::remove_dir_all(old).map_err(Error::io("remove old checkpoint", old))?;
     }
     Ok(())

@@ -94,6 +94,16 @@ impl RunPlan {
             if let TaskData::Groups(d) = &t.data {
                 planner::validate(d, &spec(t, batch_size, seed))
                     .map_err(|e| Error::Usage(format!("task {:?}: {e}", t.name)))?;
+                let short = planner::short_of_negatives(d, t.negatives_per_row);
+                if short > 0 {
+                    tracing::warn!(
+                        task = %t.name,
+                        short,
+                        groups = d.len(),
+                        "query groups with fewer than {} hard negatives: their rows get random texts of other groups in the missing places",
+                        t.negatives_per_row
+                    );
+                }
             }
         }
         let want_epochs = if max_steps > 0 { u64::MAX } else { epochs };
@@ -212,6 +222,7 @@ pub fn spec(task: &Task, batch_size: usize, seed: u64) -> PlanSpec {
         batch_size,
         mode: task.mode,
         negatives_per_row: task.negatives_per_row,
+        fill_negatives: task.fill_negatives,
         seed,
     }
 }

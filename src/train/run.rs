@@ -99,10 +99,12 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Writes the checkpoint of `steps_done`; pruning spares the one of the `best` evaluation.
     fn save_checkpoint(
         &self,
         trainer: &Trainer,
         steps_done: u64,
+        best: Option<u64>,
         log: &mut MetricsLog,
     ) -> Result<()> {
         let (epoch, batch) = self.plan.cursor(steps_done);
@@ -122,7 +124,10 @@ impl Run<'_> {
             &state,
             &trainer.state,
             &trainer.optim,
-            self.cfg.output.keep_checkpoints,
+            checkpoint::Keep {
+                newest: self.cfg.output.keep_checkpoints,
+                best,
+            },
             &[("metrics.jsonl", &log.contents()?)],
         )?;
         let seconds = start.elapsed().as_secs_f64();
@@ -173,6 +178,13 @@ impl Run<'_> {
                     .state
                     .save(&self.cfg.output.dir.join("model-best"))?;
                 log.write(&json!({"event": "best", "step": step, "metric": self.cfg.eval.as_ref().map(|e| &e.metric), "value": t.best.map(|b| b.1)}))?;
+                // A checkpointed run keeps the best step's checkpoint too, spared by pruning.
+                if self.cfg.output.checkpoint_every_steps > 0
+                    && step > 0
+                    && !self.ckpt_dir.join(checkpoint::name(step)).is_dir()
+                {
+                    self.save_checkpoint(trainer, step, Some(step), log)?;
+                }
                 false
             }
             Verdict::NotBetter { stop } => stop,
@@ -198,6 +210,10 @@ impl Run<'_> {
         }))?;
         Ok(stats)
     }
+}
+
+fn best_step(tracker: &Option<Tracker>) -> Option<u64> {
+    tracker.as_ref().and_then(|t| t.best).map(|b| b.0)
 }
 
 /// Runs training as the config says; `show_progress` draws a bar on stderr.
@@ -282,7 +298,8 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
         let signalled = stop.load(std::sync::atomic::Ordering::SeqCst);
         let unfinished = done < total;
         if unfinished && ((every > 0 && done % every == 0) || budget_spent || signalled) {
-            bar.suspend(|| run.save_checkpoint(&trainer, done, &mut log))?;
+            let best = best_step(&tracker);
+            bar.suspend(|| run.save_checkpoint(&trainer, done, best, &mut log))?;
         }
         if unfinished && signalled {
             bar.finish_and_clear();
@@ -337,7 +354,7 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     if trainer.state.ema.is_some() {
         trainer.state.save_ema(&out_dir.join("model-ema"))?;
     }
-    run.save_checkpoint(&trainer, last, &mut log)?;
+    run.save_checkpoint(&trainer, last, best_step(&tracker), &mut log)?;
     let summary = RunSummary {
         steps: last,
         pairs,

@@ -3,7 +3,9 @@
 use tch::Device;
 
 use crate::config::TaskConfig;
-use crate::data::{Dataset, LoadOptions, Mode, PairSet, TargetKind, load_files, pairs};
+use crate::data::{
+    Dataset, FillNegatives, LoadOptions, Mode, PairSet, TargetKind, load_files, pairs,
+};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, Objective, SoftmaxHead};
 
@@ -23,6 +25,7 @@ pub struct Task {
     pub loss: LossConfig,
     pub mode: Mode,
     pub negatives_per_row: usize,
+    pub fill_negatives: FillNegatives,
     pub data: TaskData,
 }
 
@@ -74,6 +77,7 @@ impl Task {
             loss: cfg.loss,
             mode: cfg.mode,
             negatives_per_row: cfg.negatives_per_row,
+            fill_negatives: cfg.fill_negatives,
             data,
         })
     }

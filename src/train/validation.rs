@@ -24,6 +24,8 @@ pub struct Tracker {
     pub best: Option<(u64, f64)>,
     /// Evaluations since the best.
     pub since_best: u64,
+    /// The step of the latest evaluation.
+    pub last: Option<u64>,
 }
 
 impl Tracker {
@@ -35,6 +37,7 @@ impl Tracker {
             patience: cfg.patience,
             best: None,
             since_best: 0,
+            last: None,
         }
     }
 
@@ -51,6 +54,7 @@ impl Tracker {
                 metrics.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })?;
+        self.last = Some(step);
         let better = match self.best {
             None => true,
             Some((_, b)) if self.greater_is_better => value > b,

@@ -5,10 +5,13 @@ query-grouped JSONL file, with InformationRetrievalEvaluator metrics before and 
     python tests/reference/train_st.py --model DIR --train train.jsonl [--queries Q --corpus C --qrels R]
         [--batch-size 32] [--lr 2e-5] [--warmup-ratio 0.1] [--epochs 1] [--max-steps -1]
         [--max-seq-length 128] [--seed 42] [--threads 2] [--weight-decay 0.01] [--output DIR]
-        [--cached-mini-batch N] [--device cpu|cuda]
+        [--cached-mini-batch N] [--device cpu|cuda] [--mine-negatives N [--relative-margin 0.05]]
 
 With --cached-mini-batch the loss is CachedMultipleNegativesRankingLoss (GradCache) with that
-mini_batch_size (used by benches/gradcache.rs).
+mini_batch_size (used by benches/gradcache.rs). With --mine-negatives the pairs first go through
+sentence-transformers' mine_hard_negatives with the base model (N negatives, sampling "top", the given
+relative_margin, triplet output, as its documentation suggests) and training runs on the triplets it
+returns (used by tests/reference/compare_hardneg.sh).
 
 Prints one JSON line: steps, pairs, train_seconds, pairs_per_s, and the metrics before/after when an
 evaluation set is given. Used by configs/insuranceqa-small.toml's comparison and by
@@ -30,6 +33,7 @@ from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesRankingLoss,
 )
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+from sentence_transformers.util import mine_hard_negatives
 
 
 def read_jsonl(path):
@@ -73,6 +77,8 @@ def main():
     p.add_argument("--skip-before", action="store_true", help="do not evaluate before training")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--cached-mini-batch", type=int, help="CachedMultipleNegativesRankingLoss with this mini_batch_size")
+    p.add_argument("--mine-negatives", type=int, help="mine this many hard negatives per pair first")
+    p.add_argument("--relative-margin", type=float, help="mine_hard_negatives' relative_margin")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -84,6 +90,12 @@ def main():
             anchors.append(group["query"])
             positives.append(pos)
     dataset = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    mined = None
+    if args.mine_negatives:
+        dataset = mine_hard_negatives(dataset, model, num_negatives=args.mine_negatives,
+                                      relative_margin=args.relative_margin, sampling_strategy="top",
+                                      batch_size=32, output_format="triplet", verbose=False)
+        mined = len(dataset)
     ev = evaluator(args) if args.queries else None
     before = metrics(ev, model) if ev and not args.skip_before else None
 
@@ -121,6 +133,7 @@ def main():
     print(json.dumps({
         "steps": steps,
         "pairs": steps * args.batch_size,
+        "mined_rows": mined,
         "train_seconds": seconds,
         "pairs_per_s": steps * args.batch_size / seconds,
         "before": before,

@@ -10,6 +10,7 @@
 //! again, and the next generation re-runs the same global batch from the state every member holds:
 //! the newest state a joining worker reports, or the newest checkpoint. Workers behind it heal from
 //! a live member's Peer server (or, when the start is a checkpoint, from that checkpoint).
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,12 +23,14 @@ use tonic::Status;
 
 mod service;
 
+use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};
 use crate::auth::Token;
 use crate::config::RunConfig;
 use crate::data::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
+use crate::eval::{IrConfig, IrDataset, ir_metrics};
 use crate::loss::Targets;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::pb::next_step_response::Status as StepStatus;
@@ -37,6 +40,7 @@ use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
 use crate::train::plan::RunPlan;
 use crate::train::task::{Task, data_fingerprint};
+use crate::train::validation::{Tracker, Verdict};
 
 /// A graceful stop in progress.
 #[derive(Clone, Copy, PartialEq)]
@@ -74,6 +78,13 @@ struct State {
     step_started: Option<Instant>,
     /// When the last generation ended, until the first step after it commits.
     broken_since: Option<Instant>,
+    /// The evaluation being embedded by the workers, and whether its scores are being computed.
+    eval: Option<Round>,
+    scoring: bool,
+    /// The run's evaluations so far (`eval.metric`, patience); `None` without an eval set.
+    tracker: Option<Tracker>,
+    /// The step the run ends at: the last, or where `eval.patience` stopped it.
+    end: u64,
 }
 
 /// How a run ended.
@@ -108,6 +119,7 @@ pub struct Coordinator {
     batches_log: Mutex<MetricsLog>,
     started: Instant,
     bar: ProgressBar,
+    eval_set: Option<IrDataset>,
 }
 
 type Shared = Arc<Coordinator>;
@@ -118,23 +130,17 @@ enum Next {
     Rejoin(String),
 }
 
+/// What validation asks of a worker before its step.
+enum EvalWork {
+    /// Embed the texts of this range.
+    Page(std::ops::Range<usize>),
+    /// Wait: the other workers' pages, or the scores, are still to come.
+    Wait,
+}
+
 impl Coordinator {
     /// Loads data and model metadata and plans the run (no network yet).
     pub fn new(cfg: RunConfig, bar: ProgressBar) -> Result<Shared> {
-        if cfg.train.ema_decay.is_some() {
-            return Err(Error::Usage(
-                "train.ema_decay is not supported in cluster runs yet: train in one process, or average checkpoints with multipos average".into(),
-            ));
-        }
-        if cfg
-            .eval
-            .as_ref()
-            .is_some_and(|e| e.patience > 0 || e.keep_best)
-        {
-            return Err(Error::Usage(
-                "eval.patience and eval.keep_best need evaluations during training, which cluster runs do not make yet: evaluate with multipos eval, or train in one process".into(),
-            ));
-        }
         let out = &cfg.output.dir;
         let config_toml = prepare_output(&cfg)?;
         let resuming = cfg.train.resume.is_some();
@@ -163,6 +169,17 @@ impl Coordinator {
             }
             None => None,
         };
+        let eval_set = match &cfg.eval {
+            Some(e) => Some(IrDataset::load(&e.queries, &e.corpus, &e.qrels)?),
+            None => None,
+        };
+        let mut tracker = cfg.eval.as_ref().map(Tracker::new);
+        if let Some(t) = tracker.as_mut()
+            && let Some((_, s)) = &latest
+        {
+            let text = String::from_utf8_lossy(&log.contents()?).into_owned();
+            t.replay(&text, s.step).map_err(Error::Usage)?;
+        }
         let plan = plan_for(&cfg, &tasks)?;
         // Refuse an impossible schedule here, before any worker starts.
         schedule_for(&cfg, plan.total_steps)?;
@@ -198,6 +215,10 @@ impl Coordinator {
             stop_told: Vec::new(),
             step_started: None,
             broken_since: None,
+            eval: None,
+            scoring: false,
+            tracker,
+            end: plan.total_steps,
         };
         Ok(Arc::new(Self {
             state: Mutex::new(state),
@@ -211,6 +232,7 @@ impl Coordinator {
             model_dir,
             run_fingerprint: checkpoint::run_fingerprint(&cfg, &data_fingerprint),
             data_fingerprint,
+            eval_set,
             started: Instant::now(),
             bar,
             cfg,
@@ -563,6 +585,8 @@ impl Coordinator {
             task: batch.task as u32,
             scores,
             labels,
+            eval_offset: 0,
+            eval_texts: Vec::new(),
         }
     }
 
@@ -579,6 +603,128 @@ impl Coordinator {
             .collect();
         let mut log = self.batches_log.lock().unwrap_or_else(|e| e.into_inner());
         log.write(&json!({"step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}))
+    }
+
+    /// Validation work for `rank` before step `step`, when an evaluation is due there and not yet
+    /// scored.
+    fn eval_work(
+        &self,
+        st: &mut State,
+        rank: usize,
+        generation: u64,
+        step: u64,
+    ) -> Option<EvalWork> {
+        let (set, e) = (self.eval_set.as_ref()?, self.cfg.eval.as_ref()?);
+        let last = st.tracker.as_ref().and_then(|t| t.last);
+        if last.is_some_and(|l| l >= step)
+            || !evaluation::due(step, st.end, e.every_steps, e.at_start)
+        {
+            return None;
+        }
+        let texts = set.queries.len() + set.corpus.len();
+        let page = evaluation::page_size(texts, st.ring.len());
+        let round = match &mut st.eval {
+            Some(r) if r.step == step => r,
+            slot => slot.insert(Round::new(step, texts, page)),
+        };
+        match round.assign(rank, generation) {
+            Some(range) => {
+                // The step clock covers validation too: a worker stuck embedding ends its ring.
+                st.step_started.get_or_insert_with(Instant::now);
+                Some(EvalWork::Page(range))
+            }
+            None => Some(EvalWork::Wait),
+        }
+    }
+
+    /// The reply that hands out a page of validation texts.
+    fn eval_page(&self, step: u64, range: std::ops::Range<usize>) -> NextStepResponse {
+        let set = self
+            .eval_set
+            .as_ref()
+            .expect("pages exist only with an eval set");
+        let nq = set.queries.len();
+        let text = |i: usize| {
+            if i < nq {
+                set.queries[i].clone()
+            } else {
+                set.corpus[i - nq].clone()
+            }
+        };
+        NextStepResponse {
+            status: StepStatus::Eval as i32,
+            step,
+            eval_offset: range.start as u64,
+            eval_texts: range.map(text).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Scores a complete evaluation off the async threads, then records it.
+    async fn score(self: Shared, step: u64, values: Vec<f32>, dim: usize) {
+        let start = Instant::now();
+        let me = self.clone();
+        let scored = tokio::task::spawn_blocking(move || {
+            let set = me
+                .eval_set
+                .as_ref()
+                .expect("rounds exist only with an eval set");
+            let nq = set.queries.len() as i64;
+            let all = tch::Tensor::from_slice(&values).view([-1, dim as i64]);
+            let q = all.narrow(0, 0, nq);
+            let c = all.narrow(0, nq, set.corpus.len() as i64);
+            ir_metrics(&q, &c, &set.relevant, &set.corpus_ids, &IrConfig::default())
+        })
+        .await;
+        match scored {
+            Ok(m) => self.record_eval(step, m, start.elapsed().as_secs_f64()),
+            Err(e) => self.abort(format!("scoring the validation of step {step} failed: {e}")),
+        }
+    }
+
+    /// Logs an evaluation and what it means: a new best (whose checkpoint rank 0 then uploads), or
+    /// patience running out (the run ends at this step).
+    fn record_eval(&self, step: u64, metrics: BTreeMap<String, f64>, seconds: f64) {
+        let mut st = self.lock();
+        st.eval = None;
+        st.scoring = false;
+        st.step_started = None;
+        self.write_log(
+            json!({"event": "eval", "step": step, "seconds": seconds, "metrics": metrics}),
+        );
+        let verdict = st
+            .tracker
+            .as_mut()
+            .expect("evaluations exist only with a tracker")
+            .observe(step, &metrics);
+        let best = st.tracker.as_ref().and_then(|t| t.best);
+        match verdict {
+            Ok(Verdict::Improved) => {
+                let metric = self.cfg.eval.as_ref().map(|e| e.metric.clone());
+                self.write_log(json!({"event": "best", "step": step, "metric": metric, "value": best.map(|b| b.1)}));
+            }
+            Ok(Verdict::NotBetter { stop: true }) => {
+                tracing::warn!(step, best_step = ?best.map(|b| b.0), "stopping early: eval.patience evaluations without a new best");
+                self.write_log(
+                    json!({"event": "early_stop", "step": step, "best_step": best.map(|b| b.0)}),
+                );
+                st.end = step;
+            }
+            Ok(Verdict::NotBetter { stop: false }) => {}
+            Err(reason) => {
+                drop(st);
+                self.abort(reason);
+                return;
+            }
+        }
+        tracing::info!(step, metrics = ?metrics, "validation");
+        drop(st);
+        self.notify();
+    }
+
+    /// The step of the best evaluation so far.
+    fn best_step(st: &State) -> Option<u64> {
+        st.tracker.as_ref().and_then(|t| t.best).map(|b| b.0)
     }
 
     fn finish_step(

@@ -6,7 +6,7 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Member, Next, Shared, State, Stop};
+use super::{Coordinator, EvalWork, Member, Next, Shared, State, Stop};
 use crate::cluster::files::{file_chunks, receive_files};
 use crate::pb::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::pb::next_step_response::Status as StepStatus;
@@ -201,6 +201,34 @@ impl CoordinatorRpc for Service {
             }
             Err(status) => return Err(status),
         };
+        // Validation due before this step comes first: a page to embed, or a wait for the others.
+        loop {
+            let wait = {
+                let mut st = c.lock();
+                if st.ended(req.generation) {
+                    break;
+                }
+                let rank = check_rank(&st, req.generation, req.rank)?;
+                // A stop skips validation (a resumed run makes it up); a wrong step is answered below.
+                if (st.stop != Stop::Running && req.step < st.end) || committed != req.step {
+                    break;
+                }
+                match c.eval_work(&mut st, rank, req.generation, req.step) {
+                    None => break,
+                    Some(EvalWork::Page(range)) => {
+                        return Ok(Response::new(c.eval_page(req.step, range)));
+                    }
+                    Some(EvalWork::Wait) => (req.step, req.generation),
+                }
+            };
+            let (step, generation) = wait;
+            c.wait_for(timeout, "the validation to finish", |st| {
+                let open = st.eval.as_ref().is_some_and(|r| r.has_open(generation));
+                let scored = st.tracker.as_ref().and_then(|t| t.last) >= Some(step);
+                (st.ended(generation) || open || scored).then_some(())
+            })
+            .await?;
+        }
         let mut st = c.lock();
         if st.ended(req.generation) {
             return Ok(Response::new(answer(
@@ -220,11 +248,15 @@ impl CoordinatorRpc for Service {
         }
         // Rank 0 checkpoints the state before this step when one is due and none exists yet.
         let every = c.cfg.output.checkpoint_every_steps;
-        let checkpoint = |st: &State, due: bool| rank == 0 && due && !st.latest_is(req.step);
-        if req.step >= c.plan.total_steps {
+        // So does the step of a new best evaluation: pruning spares it, and it becomes model-best/.
+        let best_here = Coordinator::best_step(&st) == Some(req.step);
+        let checkpoint =
+            |st: &State, due: bool| rank == 0 && (due || best_here) && !st.latest_is(req.step);
+        if req.step >= st.end {
             let mut reply = answer(StepStatus::Done, String::new());
-            // The end of a checkpointed run gets a checkpoint too (as a single process does).
-            reply.checkpoint = checkpoint(&st, every > 0);
+            // The end of a checkpointed run gets a checkpoint too (as a single process does); so
+            // does a run with a moving average, which reaches model-ema/ through it.
+            reply.checkpoint = checkpoint(&st, every > 0 || c.cfg.train.ema_decay.is_some());
             return Ok(Response::new(reply));
         }
         if st.stop != Stop::Running {
@@ -369,8 +401,18 @@ impl CoordinatorRpc for Service {
             &[("metrics.jsonl", &metrics)],
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (path, state) = checkpoint::adopt(&dir, &received, c.cfg.output.keep_checkpoints)
+        let keep = checkpoint::Keep {
+            newest: c.cfg.output.keep_checkpoints,
+            best: Coordinator::best_step(&c.lock()),
+        };
+        let (path, state) = checkpoint::adopt(&dir, &received, keep)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if keep.best == Some(state.step) {
+            let best = c.cfg.output.dir.join("model-best");
+            crate::io::atomic::copy_dir(&path.join("model"), &best)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            tracing::info!(step = state.step, model = %best.display(), "best model so far saved");
+        }
         let seconds = start.elapsed().as_secs_f64();
         tracing::info!(checkpoint = %path.display(), step = state.step, seconds = format!("{seconds:.2}"), "checkpoint written");
         c.write_log(
@@ -385,6 +427,64 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(UploadCheckpointResponse {
             saved_to: path.display().to_string(),
         }))
+    }
+
+    async fn report_eval(
+        &self,
+        request: Request<EvalReport>,
+    ) -> std::result::Result<Response<EvalReportResponse>, Status> {
+        let c = self.0.clone();
+        let req = request.into_inner();
+        if !req.embeddings.len().is_multiple_of(4) {
+            return Err(Status::invalid_argument(
+                "embeddings must be whole little-endian f32 values",
+            ));
+        }
+        let values: Vec<f32> = req
+            .embeddings
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let complete = {
+            let mut st = c.lock();
+            if st.ended(req.generation) {
+                // The page goes out again in the next generation; this worker learns to re-join.
+                return Ok(Response::new(EvalReportResponse {}));
+            }
+            let rank = check_rank(&st, req.generation, req.rank)?;
+            let round = st
+                .eval
+                .as_mut()
+                .filter(|r| r.step == req.step)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "no validation is open before step {}",
+                        req.step + 1
+                    ))
+                })?;
+            round
+                .deliver(
+                    rank,
+                    req.generation,
+                    req.offset,
+                    req.count as usize,
+                    req.dim as usize,
+                    values,
+                )
+                .map_err(Status::invalid_argument)?;
+            let all = round.embeddings();
+            if all.is_some() && !st.scoring {
+                st.scoring = true;
+                all
+            } else {
+                None
+            }
+        };
+        if let Some((values, dim)) = complete {
+            tokio::spawn(c.clone().score(req.step, values, dim));
+        }
+        c.notify();
+        Ok(Response::new(EvalReportResponse {}))
     }
 
     type FetchCheckpointStream = ChunkStream;
@@ -428,7 +528,7 @@ impl CoordinatorRpc for Service {
         let c = self.0.clone();
         {
             let st = c.lock();
-            if st.committed < c.plan.total_steps {
+            if st.committed < st.end {
                 return Err(Status::failed_precondition("the run is not finished"));
             }
             if st.model_saved {
@@ -439,8 +539,28 @@ impl CoordinatorRpc for Service {
         receive_files(request.into_inner(), &target)
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(model = %target.display(), steps = c.plan.total_steps, "run finished; model saved");
-        c.write_log(json!({"event": "done", "steps": c.plan.total_steps, "seconds": c.started.elapsed().as_secs_f64(), "model_dir": target}));
+        if c.cfg.train.ema_decay.is_some() {
+            let (latest, steps) = {
+                let st = c.lock();
+                (st.latest.clone(), st.committed)
+            };
+            let ema = latest
+                .filter(|(_, s)| s.step == steps)
+                .map(|(p, _)| p.join("model-ema"))
+                .ok_or_else(|| {
+                    Status::failed_precondition("the final checkpoint (with model-ema/) is missing")
+                })?;
+            crate::io::atomic::copy_dir(&ema, &c.cfg.output.dir.join("model-ema"))
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let best = c.cfg.output.dir.join("model-best");
+        if c.cfg.eval.as_ref().is_some_and(|e| e.keep_best) && best.is_dir() {
+            crate::io::atomic::copy_dir(&best, &target)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let steps = c.lock().committed;
+        tracing::info!(model = %target.display(), steps, "run finished; model saved");
+        c.write_log(json!({"event": "done", "steps": steps, "seconds": c.started.elapsed().as_secs_f64(), "model_dir": target}));
         c.lock().model_saved = true;
         c.notify();
         Ok(Response::new(UploadModelResponse {
