@@ -267,6 +267,18 @@ pub struct TrainConfig {
     /// Keep an exponential moving average of the weights with this decay (in [0, 1)), saved as
     /// `model-ema/` beside `model/` (in one process and in the cluster).
     pub ema_decay: Option<f64>,
+    /// A step whose loss or gradient is not finite: `abort` (stop with a clear error; the last
+    /// checkpoint stays the last good one) or `skip` (discard it and go on; repeated skips abort).
+    pub on_nonfinite: NonFinite,
+}
+
+/// What a run does with a step whose loss or gradient is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinite {
+    #[default]
+    Abort,
+    Skip,
 }
 
 impl Default for TrainConfig {
@@ -290,6 +302,7 @@ impl Default for TrainConfig {
             mini_batch_size: 0,
             sampler: Sampler::Proportional,
             ema_decay: None,
+            on_nonfinite: NonFinite::Abort,
         }
     }
 }
@@ -377,11 +390,13 @@ impl RunConfig {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| Error::invalid(file, e.to_string()))?;
         cfg.validate()
+            .and_then(|()| cfg.validate_files())
             .map_err(|reason| Error::invalid(file, reason))?;
         Ok(cfg)
     }
 
-    /// Checks values that are impossible on their own (data-dependent checks come at planning).
+    /// Checks values that are impossible on their own (data-dependent checks come at planning); what
+    /// a worker checks of the config the coordinator sends.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
         if t.batch_size < 2 {
@@ -475,19 +490,7 @@ impl RunConfig {
                 "eval.patience needs evaluations during training: set eval.every_steps".into(),
             );
         }
-        self.validate_tasks()?;
-        if let Some(e) = &self.eval {
-            for (key, p) in [
-                ("eval.queries", &e.queries),
-                ("eval.corpus", &e.corpus),
-                ("eval.qrels", &e.qrels),
-            ] {
-                if !p.is_file() {
-                    return Err(format!("{key}: {} does not exist", p.display()));
-                }
-            }
-        }
-        Ok(())
+        self.validate_tasks()
     }
 
     /// The run's tasks: the `[[tasks]]`, or the one task `[data]` (+ `[loss]`) describes.
@@ -556,6 +559,13 @@ impl RunConfig {
                     t.name
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that the files the run reads exist (on the coordinator, or the one process).
+    pub fn validate_files(&self) -> std::result::Result<(), String> {
+        for t in self.tasks() {
             for p in t.train.to_vec() {
                 if !p.is_file() {
                     return Err(format!(
@@ -563,6 +573,17 @@ impl RunConfig {
                         t.name,
                         p.display()
                     ));
+                }
+            }
+        }
+        if let Some(e) = &self.eval {
+            for (key, p) in [
+                ("eval.queries", &e.queries),
+                ("eval.corpus", &e.corpus),
+                ("eval.qrels", &e.qrels),
+            ] {
+                if !p.is_file() {
+                    return Err(format!("{key}: {} does not exist", p.display()));
                 }
             }
         }

@@ -315,12 +315,16 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().join("fetched");
     let token = "fetch-test-token";
+    let in_config = format!("cluster.token=\"{token}\"");
     let (mut coordinator, addr) = start_coordinator(
         &model,
         &out,
         token,
-        &["cluster.workers=1", "train.max_steps=3"],
+        &["cluster.workers=1", "train.max_steps=3", &in_config],
     );
+    // The worker reads the token from a file (no environment variable).
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let worker = Command::new(bin())
         .args([
             "worker",
@@ -330,8 +334,10 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
             "cpu",
             "--threads",
             "1",
+            "--token-file",
         ])
-        .env("MULTIPOS_CLUSTER_TOKEN", token)
+        .arg(&token_file)
+        .env_remove("MULTIPOS_CLUSTER_TOKEN")
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -343,6 +349,9 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     assert!(coordinator.wait().unwrap().success());
     assert_eq!(losses(&out).len(), 3);
     multipos::SentenceModel::load(&out.join("model"), tch::Device::Cpu).unwrap();
+    // The recorded config (also what workers receive) carries no secret.
+    let recorded = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(!recorded.contains(token), "{recorded}");
 
     // A worker whose local model differs is refused with a reason.
     let other = dir.path().join("other");

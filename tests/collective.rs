@@ -65,11 +65,26 @@ async fn all_reduce_and_all_gather_are_exact_for_large_buffers() {
 async fn a_peer_with_the_wrong_token_cannot_feed_the_ring() {
     let right = Token::new("the-right-one").unwrap();
     let wrong = Token::new("not-the-right-one").unwrap();
-    let rings = rings(2, &right, &wrong).await;
-    let r = rings[0].clone();
-    let result = r.all_gather(0, vec![1, 2, 3, 4]).await;
-    assert!(
-        result.is_err(),
-        "the neighbour's chunks must be refused, so nothing arrives"
-    );
+    let gather_all = |rings: Vec<Arc<Ring>>| async move {
+        let tasks: Vec<_> = rings
+            .into_iter()
+            .map(|r| tokio::spawn(async move { r.all_gather(0, vec![1, 2, 3, 4]).await }))
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    };
+    // Both ranks take part, so only the token decides: with the right one the gather completes.
+    for r in gather_all(rings(2, &right, &right).await).await {
+        assert_eq!(r.unwrap().len(), 2);
+    }
+    let results = gather_all(rings(2, &right, &wrong).await).await;
+    for r in results {
+        assert!(
+            r.is_err(),
+            "a peer with the wrong token must not feed the ring"
+        );
+    }
 }

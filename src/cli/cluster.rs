@@ -12,7 +12,7 @@ use crate::cluster::coordinator::{self, Coordinator, Outcome};
 use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
 use crate::cluster::signals::Signals;
 use crate::cluster::worker::{self, WorkerOptions};
-use crate::config::{RunConfig, TOKEN_ENV};
+use crate::config::{ClusterConfig, RunConfig, TOKEN_ENV};
 use crate::device;
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +44,9 @@ pub struct WorkerArgs {
     /// How long to keep trying to reach the coordinator, in seconds.
     #[arg(long, default_value_t = 120)]
     pub connect_timeout_s: u64,
+    /// File holding the cluster token (as `cluster.token_file`) [default: $MULTIPOS_CLUSTER_TOKEN].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,11 +66,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn token(cfg: Option<&RunConfig>) -> anyhow::Result<Token> {
-    let raw = match cfg {
-        Some(c) => c.cluster.resolve_token()?,
-        None => std::env::var(TOKEN_ENV).ok(),
-    };
+fn token(cfg: &ClusterConfig) -> anyhow::Result<Token> {
+    let raw = cfg.resolve_token()?;
     let raw = raw.with_context(|| {
         format!("no cluster token: set {TOKEN_ENV}, cluster.token_file or cluster.token")
     })?;
@@ -81,7 +81,7 @@ fn env_usize(keys: &[&str]) -> Option<usize> {
 
 pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.overrides())?;
-    let token = token(Some(&cfg))?;
+    let token = token(&cfg.cluster)?;
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new(0)
     } else {
@@ -141,7 +141,10 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let opts = WorkerOptions {
         coordinator,
         rank,
-        token: token(None)?,
+        token: token(&ClusterConfig {
+            token_file: args.token_file.clone(),
+            ..ClusterConfig::default()
+        })?,
         model: args.model,
         device: device::parse_device(&device_spec)?,
         threads: args.threads,

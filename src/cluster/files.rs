@@ -1,13 +1,13 @@
 //! Model directories over the wire: fingerprints, and streaming files in chunks into a staged
 //! directory that appears whole or not at all.
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tonic::Streaming;
 
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
-use crate::io::tree::relative_files;
+use crate::io::tree::{relative_files, safe_relative};
 use crate::pb::FileChunk;
 
 const CHUNK: usize = 1 << 20;
@@ -55,13 +55,6 @@ pub fn push_chunks(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
             return;
         }
     }
-}
-
-/// A relative path with no `..`, root or prefix: safe to join under a target directory.
-fn safe_relative(path: &str) -> Option<PathBuf> {
-    let p = Path::new(path);
-    (!path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_))))
-        .then(|| p.to_path_buf())
 }
 
 /// Receives a stream of files into `target`, atomically (staged beside it, renamed at the end).
@@ -113,17 +106,4 @@ pub async fn receive_files(mut stream: Streaming<FileChunk>, target: &Path) -> R
     }
     staged.commit()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_plain_relative_paths_are_accepted() {
-        assert!(safe_relative("1_Pooling/config.json").is_some());
-        for bad in ["", "../x", "/etc/passwd", "a/../../b"] {
-            assert!(safe_relative(bad).is_none(), "{bad}");
-        }
-    }
 }

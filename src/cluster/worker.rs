@@ -242,6 +242,11 @@ async fn generation(
         .await
         .map_err(rpc_err("join"))?
         .into_inner();
+    check_join(&joined).map_err(|e| {
+        Interrupt::Fatal(Error::Usage(format!(
+            "the coordinator's answer to join is unusable: {e}"
+        )))
+    })?;
     let (rank, world) = (joined.rank as usize, joined.world_size as usize);
     tracing::info!(rank, world, generation = joined.generation, start_step = joined.start_step, heal = joined.heal, worker = %node.worker_id, "joined");
 
@@ -308,6 +313,33 @@ async fn generation(
     result
 }
 
+/// What a worker relies on in the coordinator's answer to `Join`, checked before any use.
+fn check_join(j: &JoinResponse) -> std::result::Result<(), String> {
+    if j.world_size == 0 || j.rank >= j.world_size {
+        return Err(format!("rank {} in a ring of {}", j.rank, j.world_size));
+    }
+    if j.peers.len() != j.world_size as usize {
+        return Err(format!(
+            "{} peer addresses for a ring of {}",
+            j.peers.len(),
+            j.world_size
+        ));
+    }
+    if j.heartbeat_interval_ms == 0 {
+        return Err("a heartbeat interval of 0 ms".into());
+    }
+    if j.start_step > j.total_steps {
+        return Err(format!(
+            "start step {} beyond the run's {} steps",
+            j.start_step, j.total_steps
+        ));
+    }
+    if j.heal && !j.heal_from.is_empty() && j.serve_state {
+        return Err("told both to heal and to serve its state".into());
+    }
+    Ok(())
+}
+
 /// Aborts a spawned task when dropped (on every way out of a generation).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -325,6 +357,9 @@ async fn load_replica(
 ) -> Result<Replica, Interrupt> {
     let cfg: RunConfig = toml::from_str(&joined.config_toml)
         .map_err(|e| Error::Usage(format!("the coordinator sent an unreadable config: {e}")))?;
+    // The same checks the coordinator made: a zero interval or chunk size would panic or spin here.
+    cfg.validate()
+        .map_err(|e| Error::Usage(format!("the coordinator sent an invalid config: {e}")))?;
     let mut fetched = None;
     let model_dir = match &node.opts.model {
         Some(dir) => dir.clone(),
@@ -626,8 +661,23 @@ async fn train_loop(
             .await
             .map_err(rpc_err("commit"))?
             .into_inner();
+        if decision.skip {
+            trainer.discard();
+            replica.applied = step + 1;
+            node_state.send_replace(None);
+            continue;
+        }
         if !decision.apply {
             return Err(Interrupt::Rejoin(decision.reason));
+        }
+        // Told to apply what this replica knows is not finite: the coordinator is wrong.
+        if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
+            return Err(Interrupt::Fatal(Error::Usage(format!(
+                "the coordinator said to apply step {} although its loss ({}) or gradient norm ({}) is not finite",
+                step + 1,
+                stats.loss,
+                stats.grad_norm
+            ))));
         }
         tokio::task::block_in_place(|| trainer.update(step, input.task));
         replica.applied = step + 1;
@@ -737,4 +787,48 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unusable_join_answer_is_refused_before_use() {
+        let good = JoinResponse {
+            rank: 1,
+            world_size: 2,
+            peers: vec!["a:1".into(), "b:2".into()],
+            heartbeat_interval_ms: 500,
+            total_steps: 10,
+            ..Default::default()
+        };
+        assert!(check_join(&good).is_ok());
+        let bad = [
+            JoinResponse {
+                rank: 2,
+                ..good.clone()
+            },
+            JoinResponse {
+                world_size: 0,
+                rank: 0,
+                ..good.clone()
+            },
+            JoinResponse {
+                peers: vec!["a:1".into()],
+                ..good.clone()
+            },
+            JoinResponse {
+                heartbeat_interval_ms: 0,
+                ..good.clone()
+            },
+            JoinResponse {
+                start_step: 11,
+                ..good.clone()
+            },
+        ];
+        for b in bad {
+            assert!(check_join(&b).is_err(), "{b:?}");
+        }
+    }
 }

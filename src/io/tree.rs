@@ -1,7 +1,19 @@
 //! Walking a directory tree.
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
+
+/// A relative path from the outside (a network peer, a manifest) that is safe to join under a
+/// directory: plain names only — no root, `..`, `.` or prefix — and none hidden (staging directories
+/// and skipped files start with `.`). The one check every received name goes through.
+pub fn safe_relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    let plain = |c: Component<'_>| match c {
+        Component::Normal(n) => !n.to_string_lossy().starts_with('.'),
+        _ => false,
+    };
+    (!path.is_empty() && !path.contains('\\') && p.components().all(plain)).then(|| p.to_path_buf())
+}
 
 /// Regular files under `dir`, relative to it, sorted; hidden entries (names starting with `.`,
 /// such as a model snapshot's `.gitattributes` or a staging directory) are skipped.
@@ -24,4 +36,26 @@ pub fn relative_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_relative_paths_are_accepted() {
+        assert!(safe_relative("1_Pooling/config.json").is_some());
+        for bad in [
+            "",
+            "../x",
+            "/etc/passwd",
+            "a/../../b",
+            "./a",
+            ".multipos-x/y",
+            "a/.hidden",
+            "a\\b",
+        ] {
+            assert!(safe_relative(bad).is_none(), "{bad}");
+        }
+    }
 }

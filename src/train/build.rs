@@ -109,11 +109,14 @@ pub fn configure_model(cfg: &RunConfig, model: &mut SentenceModel) -> Result<()>
     Ok(())
 }
 
-/// Creates the run directory and records the resolved configuration in it; returns that TOML.
+/// Creates the run directory and records the resolved configuration in it; returns that TOML. A
+/// `cluster.token` is left out: the file and the copies workers receive carry no secret.
 pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
     let out_dir = &cfg.output.dir;
     fs::create_dir_all(out_dir).map_err(Error::io("create directory", out_dir))?;
-    let text = toml::to_string_pretty(cfg)
+    let mut shown = cfg.clone();
+    shown.cluster.token = None;
+    let text = toml::to_string_pretty(&shown)
         .map_err(|e| Error::Usage(format!("cannot serialise the config: {e}")))?;
     atomic::write_file(&out_dir.join("config.toml"), text.as_bytes())?;
     Ok(text)

@@ -22,6 +22,7 @@ use super::state::TrainState;
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
 use crate::io::json;
+use crate::io::tree::safe_relative;
 
 /// What a checkpoint records besides tensors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,17 +237,34 @@ fn prune(dir: &Path, keep: Keep) -> Result<()> {
 pub fn verify(ckpt: &Path) -> Result<CheckpointState> {
     let manifest: BTreeMap<String, FileEntry> = json::read(&ckpt.join("MANIFEST.json"))?;
     for (rel, want) in &manifest {
-        let path = ckpt.join(rel);
-        let bytes = fs::read(&path).map_err(Error::io("read", &path))?;
-        if bytes.len() as u64 != want.bytes {
+        // A checkpoint may come from the network: its names stay inside it, each a regular file
+        // (not a link, not a device), read only once its size is what the manifest says.
+        let path = safe_relative(rel)
+            .filter(|r| r.as_os_str() != "MANIFEST.json")
+            .map(|r| ckpt.join(r))
+            .ok_or_else(|| {
+                Error::invalid(
+                    ckpt.join("MANIFEST.json"),
+                    format!("names {rel:?}, which is not a plain path inside the checkpoint"),
+                )
+            })?;
+        let meta = fs::symlink_metadata(&path).map_err(Error::io("read", &path))?;
+        if !meta.is_file() {
+            return Err(Error::invalid(&path, "is not a regular file"));
+        }
+        if meta.len() != want.bytes {
             return Err(Error::invalid(
                 &path,
                 format!(
                     "{} bytes, the manifest says {} (truncated?)",
-                    bytes.len(),
+                    meta.len(),
                     want.bytes
                 ),
             ));
+        }
+        let bytes = fs::read(&path).map_err(Error::io("read", &path))?;
+        if bytes.len() as u64 != want.bytes {
+            return Err(Error::invalid(&path, "changed while it was read"));
         }
         if checksum(&bytes) != want.xxh3 {
             return Err(Error::invalid(&path, "checksum mismatch (corrupted)"));
@@ -325,4 +343,46 @@ pub fn config_fingerprint(cfg: &crate::config::RunConfig) -> String {
         "warmup_steps": cfg.train.warmup_steps, "warmup_ratio": cfg.train.warmup_ratio,
     }});
     checksum(relevant.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint directory whose manifest names `entry` (with the size and checksum of `bytes`).
+    fn with_manifest(entry: &str, bytes: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = BTreeMap::from([(entry.to_string(), FileEntry::of(bytes))]);
+        fs::write(dir.path().join("MANIFEST.json"), json::to_pretty(&manifest)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_manifest_cannot_name_files_outside_its_checkpoint() {
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        fs::write(outside.path(), b"secret").unwrap();
+        let up = format!(
+            "../{}",
+            outside.path().file_name().unwrap().to_string_lossy()
+        );
+        for entry in [
+            up.as_str(),
+            "/dev/zero",
+            "/etc/hostname",
+            "MANIFEST.json",
+            ".hidden",
+        ] {
+            let dir = with_manifest(entry, b"secret");
+            let err = verify(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("not a plain path"), "{entry}: {err}");
+        }
+        // A link or a device inside the checkpoint is not read either.
+        let dir = with_manifest("state.json", b"secret");
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("state.json")).unwrap();
+        let err = verify(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = with_manifest("zero", b"");
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero")).unwrap();
+        assert!(verify(dir.path()).is_err());
+    }
 }

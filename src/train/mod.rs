@@ -3,6 +3,7 @@
 pub mod build;
 pub mod checkpoint;
 pub mod metrics;
+pub mod nonfinite;
 pub mod optim;
 pub mod plan;
 pub mod run;

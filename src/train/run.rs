@@ -12,6 +12,7 @@ use serde_json::json;
 use super::build::{load_model, load_training_data, plan_for, prepare_output, trainer_for};
 use super::checkpoint::{self, CheckpointState};
 use super::metrics::MetricsLog;
+use super::nonfinite::{Fate, verdict};
 use super::plan::RunPlan;
 use super::task::{Task, data_fingerprint};
 use super::trainer::{StepInput, Trainer};
@@ -192,15 +193,37 @@ impl Run<'_> {
         Ok((Some(m), stop))
     }
 
-    /// Runs one global step and logs it.
+    /// Runs one global step and logs it; `None` when `train.on_nonfinite = "skip"` discarded it
+    /// (`skipped` counts such steps in a row).
     fn step(
         &self,
         trainer: &mut Trainer,
         step: u64,
+        skipped: &mut u64,
         log: &mut MetricsLog,
-    ) -> Result<super::trainer::StepStats> {
+    ) -> Result<Option<super::trainer::StepStats>> {
         let batch = self.plan.batch(&self.tasks, step);
-        let stats = trainer.step(&StepInput::whole(&batch), step, &mut Solo)?;
+        let stats = trainer.forward_backward(&StepInput::whole(&batch), step, &mut Solo)?;
+        match verdict(
+            self.cfg.train.on_nonfinite,
+            *skipped,
+            step,
+            &[stats.loss],
+            &[stats.grad_norm],
+        ) {
+            Fate::Apply => {
+                trainer.update(step, batch.task);
+                *skipped = 0;
+            }
+            Fate::Skip(reason) => {
+                trainer.discard();
+                *skipped += 1;
+                tracing::warn!(%reason, "skipping the step");
+                log.write(&json!({"event": "skip", "step": step + 1, "reason": reason}))?;
+                return Ok(None);
+            }
+            Fate::Abort(reason) => return Err(Error::Usage(reason)),
+        }
         let seconds = stats.seconds();
         log.write(&json!({
             "event": "step", "step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name,
@@ -208,7 +231,7 @@ impl Run<'_> {
             "pairs": stats.pairs, "tokens": stats.tokens, "seconds": seconds,
             "pairs_per_s": stats.pairs as f64 / seconds,
         }))?;
-        Ok(stats)
+        Ok(Some(stats))
     }
 }
 
@@ -280,16 +303,18 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     // evaluated there already.
     let mut last = total;
     let mut evaluated_last = false;
+    let mut skipped = 0u64;
     for step in start_step..total {
-        let stats = run.step(&mut trainer, step, &mut log)?;
-        pairs += stats.pairs as u64;
-        last_loss = stats.loss;
-        bar.set_message(format!(
-            "loss {:.4}  {:.1} pairs/s  lr {:.2e}",
-            stats.loss,
-            stats.pairs as f64 / stats.seconds(),
-            stats.lr
-        ));
+        if let Some(stats) = run.step(&mut trainer, step, &mut skipped, &mut log)? {
+            pairs += stats.pairs as u64;
+            last_loss = stats.loss;
+            bar.set_message(format!(
+                "loss {:.4}  {:.1} pairs/s  lr {:.2e}",
+                stats.loss,
+                stats.pairs as f64 / stats.seconds(),
+                stats.lr
+            ));
+        }
         bar.inc(1);
         let done = step + 1;
         let every = cfg.output.checkpoint_every_steps;

@@ -289,13 +289,9 @@ impl Trainer {
     ) -> Result<StepStats> {
         let start = Instant::now();
         let mut clock = Clock::default();
+        // A non-finite loss still goes through the all-reduce: every rank must take part, and
+        // whether to apply is decided afterwards from every rank's numbers (`nonfinite::verdict`).
         let (loss, tokens) = self.backward(input, step, coll, &mut clock)?;
-        if !loss.is_finite() {
-            return Err(Error::Usage(format!(
-                "loss became {loss} at step {}: lower train.lr",
-                step + 1
-            )));
-        }
         if coll.world() > 1 {
             // Every rank computed the loss heads' gradients whole (they see the whole batch); the
             // encoder's are partial. So rank 0 alone contributes the heads' to the sum.
@@ -332,7 +328,13 @@ impl Trainer {
         lr
     }
 
-    /// A whole step on this rank's part of a global batch: forward, backward, all-reduce, update.
+    /// Drops the gradients of a step that will not be applied.
+    pub fn discard(&mut self) {
+        self.optim.zero_grad();
+    }
+
+    /// A whole step on this rank's part of a global batch: forward, backward, all-reduce, update;
+    /// a non-finite loss or gradient is an error.
     pub fn step(
         &mut self,
         input: &StepInput<'_>,
@@ -340,7 +342,21 @@ impl Trainer {
         coll: &mut dyn Collective,
     ) -> Result<StepStats> {
         let stats = self.forward_backward(input, step, coll)?;
-        self.update(step, input.task);
-        Ok(stats)
+        match super::nonfinite::verdict(
+            crate::config::NonFinite::Abort,
+            0,
+            step,
+            &[stats.loss],
+            &[stats.grad_norm],
+        ) {
+            super::nonfinite::Fate::Apply => {
+                self.update(step, input.task);
+                Ok(stats)
+            }
+            super::nonfinite::Fate::Skip(r) | super::nonfinite::Fate::Abort(r) => {
+                self.discard();
+                Err(Error::Usage(r))
+            }
+        }
     }
 }

@@ -85,6 +85,9 @@ struct State {
     tracker: Option<Tracker>,
     /// The step the run ends at: the last, or where `eval.patience` stopped it.
     end: u64,
+    /// Steps skipped in a row for a non-finite loss or gradient, and the latest such step.
+    skipped_in_a_row: u64,
+    last_skipped: Option<u64>,
 }
 
 /// How a run ended.
@@ -219,6 +222,8 @@ impl Coordinator {
             scoring: false,
             tracker,
             end: plan.total_steps,
+            skipped_in_a_row: 0,
+            last_skipped: None,
         };
         Ok(Arc::new(Self {
             state: Mutex::new(state),

@@ -12,6 +12,7 @@ use crate::pb::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::train::checkpoint;
+use crate::train::nonfinite::{Fate, verdict};
 
 /// The gRPC face of the coordinator.
 pub(super) struct Service(pub(super) Shared);
@@ -299,6 +300,7 @@ impl CoordinatorRpc for Service {
             Ok(Response::new(CommitResponse {
                 apply: false,
                 reason,
+                skip: false,
             }))
         };
         let decided = {
@@ -324,14 +326,38 @@ impl CoordinatorRpc for Service {
                     .iter_mut()
                     .map(|c| c.take().expect("all present"))
                     .collect();
+                let losses: Vec<f64> = commits.iter().map(|c| c.loss).collect();
+                let norms: Vec<f64> = commits.iter().map(|c| c.grad_norm).collect();
+                let fate = verdict(
+                    c.cfg.train.on_nonfinite,
+                    st.skipped_in_a_row,
+                    step,
+                    &losses,
+                    &norms,
+                );
+                if let Fate::Abort(reason) = fate {
+                    drop(st);
+                    c.abort(reason.clone());
+                    return Err(Status::aborted(reason));
+                }
                 st.committed += 1;
                 st.step_started = None;
-                Some((commits, st.broken_since.take()))
+                if let Fate::Skip(_) = fate {
+                    st.skipped_in_a_row += 1;
+                    st.last_skipped = Some(step);
+                } else {
+                    st.skipped_in_a_row = 0;
+                }
+                Some((commits, st.broken_since.take(), fate))
             } else {
                 None
             }
         };
-        if let Some((commits, broken_since)) = decided {
+        if let Some((_, _, Fate::Skip(reason))) = &decided {
+            tracing::warn!(%reason, "skipping the step on every worker");
+            c.write_log(json!({"event": "skip", "step": step + 1, "reason": reason}));
+            c.notify();
+        } else if let Some((commits, broken_since, _)) = decided {
             if let Err(reason) = c.finish_step(step, commits, generation) {
                 c.abort(reason.clone());
                 return Err(Status::aborted(reason));
@@ -348,19 +374,20 @@ impl CoordinatorRpc for Service {
             c.notify();
         }
         let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
-        let apply = c
+        let decided = c
             .wait_for(timeout, "every worker to report the step", |st| {
                 if st.committed > step {
-                    Some(true)
+                    Some(Some(st.last_skipped == Some(step)))
                 } else {
-                    st.ended(generation).then_some(false)
+                    st.ended(generation).then_some(None)
                 }
             })
             .await?;
-        if apply {
+        if let Some(skip) = decided {
             Ok(Response::new(CommitResponse {
-                apply,
+                apply: !skip,
                 reason: String::new(),
+                skip,
             }))
         } else {
             discard(format!(
