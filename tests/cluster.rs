@@ -310,6 +310,63 @@ fn calls_without_the_right_token_are_refused() {
 }
 
 #[test]
+fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
+    let _serial = serial();
+    use multipos::auth::Token;
+    use multipos::pb::JoinRequest;
+    use multipos::pb::coordinator_client::CoordinatorClient;
+
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("out");
+    let token = "ghost-test-token";
+    let (mut coordinator, addr) = start_coordinator(&model, &out, token, &["train.max_steps=3"]);
+    // A worker asks for rank 0, then gives up waiting for the ring (its deadline passes).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client =
+            CoordinatorClient::with_interceptor(channel, Token::new(token).unwrap().attach());
+        let mut req = tonic::Request::new(JoinRequest {
+            worker_id: "ghost".into(),
+            rank: 0,
+            peer_address: "127.0.0.1:9".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_millis(300));
+        assert!(client.join(req).await.is_err());
+    });
+    // The two real workers then form the ring by themselves and finish the run.
+    let workers: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(bin())
+                .args(["worker", "--coordinator", &addr, "--device", "cpu"])
+                .args(["--threads", "1", "--rank", &rank.to_string(), "--model"])
+                .arg(&model)
+                .env("MULTIPOS_CLUSTER_TOKEN", token)
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for w in workers {
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(coordinator.wait().unwrap().success());
+    assert_eq!(losses(&out).len(), 3);
+    assert!(
+        common::events(&out, "generation_end").is_empty(),
+        "no ring broke up"
+    );
+}
+
+#[test]
 fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec::default());

@@ -29,6 +29,30 @@ fn check_rank(st: &State, generation: u64, rank: u32) -> std::result::Result<usi
     Ok(r)
 }
 
+/// A worker waiting in `Join`; when the call ends without a ring (dropped, timed out), the
+/// candidate is withdrawn. Once a ring took it, it is no longer a candidate and nothing changes.
+struct Candidacy {
+    coordinator: Shared,
+    id: u64,
+}
+
+impl Drop for Candidacy {
+    fn drop(&mut self) {
+        let mut st = self.coordinator.lock();
+        let before = st.candidates.len();
+        st.candidates.retain(|m| m.id != self.id);
+        let withdrawn = st.candidates.len() < before;
+        drop(st);
+        if withdrawn {
+            tracing::info!(
+                member = self.id,
+                "a joining worker gave up waiting; withdrawn"
+            );
+            self.coordinator.notify();
+        }
+    }
+}
+
 /// A stream of file chunks, as the transfer calls return it.
 type ChunkStream = Pin<Box<dyn Stream<Item = std::result::Result<FileChunk, Status>> + Send>>;
 
@@ -93,6 +117,12 @@ impl CoordinatorRpc for Service {
         };
         tracing::info!(worker = %req.worker_id, peer = %req.peer_address, state_step, reason = %req.reason, "worker joins");
         c.notify();
+        // A caller that gives up (deadline, crash) while waiting must not stay a candidate: a
+        // ghost would take a rank in the next ring and never send a heartbeat.
+        let _ghost = Candidacy {
+            coordinator: c.clone(),
+            id,
+        };
         let timeout = Duration::from_millis(c.cfg.cluster.join_timeout_ms);
         let formation = c
             .wait_for(timeout, "a ring to form", |st| {
