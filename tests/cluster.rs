@@ -367,6 +367,98 @@ fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
 }
 
 #[test]
+fn checkpoint_uploads_are_taken_only_from_rank_0_and_only_as_asked() {
+    let _serial = serial();
+    use multipos::auth::Token;
+    use multipos::pb::coordinator_client::CoordinatorClient;
+    use multipos::train::checkpoint;
+
+    let extra = ["output.checkpoint_every_steps=4"];
+    let (dir, model, _cfg, clean) = reference_run(&extra, "2");
+    // The attacker holds the token and a real checkpoint of this run, edited to claim step 1000.
+    let (newest, _) = checkpoint::latest_valid(&clean.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    let forged = dir.path().join("forged");
+    copy_dir(&newest, &forged);
+    checkpoint::annotate(&forged, |s| s.step = 1000, &[]).unwrap();
+    let hit = dir.path().join("attacked");
+    let token = "upload-test-token";
+    let (mut coordinator, addr) = start_coordinator(&model, &hit, token, &extra);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        CoordinatorClient::with_interceptor(channel, Token::new(token).unwrap().attach())
+    });
+    let upload = |member: Option<u64>| {
+        let mut client = client.clone();
+        let chunks = multipos::cluster::files::file_chunks(&forged).unwrap();
+        rt.block_on(async move {
+            let mut req = tonic::Request::new(tokio_stream::iter(chunks));
+            if let Some(m) = member {
+                req.metadata_mut().insert(
+                    multipos::cluster::coordinator::MEMBER_HEADER,
+                    m.to_string().parse().unwrap(),
+                );
+            }
+            client.upload_checkpoint(req).await.map(|_| ())
+        })
+    };
+    assert_eq!(
+        upload(None).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        upload(Some(1)).unwrap_err().code(),
+        tonic::Code::PermissionDenied,
+        "no ring yet"
+    );
+    let workers: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(bin())
+                .args(["worker", "--coordinator", &addr, "--device", "cpu"])
+                .args(["--threads", "1", "--rank", &rank.to_string(), "--model"])
+                .arg(&model)
+                .env("MULTIPOS_CLUSTER_TOKEN", token)
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // While the run goes on, try every member id (rank 0's among them) again and again.
+    let mut refused = Vec::new();
+    while losses(&hit).len() < 10 && refused.len() < 400 {
+        for member in 1..=3 {
+            match upload(Some(member)) {
+                Ok(()) => panic!("a forged checkpoint was accepted from member {member}"),
+                Err(s) if s.code() == tonic::Code::Unavailable => break,
+                Err(s) => refused.push(s.code()),
+            }
+        }
+    }
+    assert!(
+        refused.contains(&tonic::Code::PermissionDenied),
+        "{refused:?}"
+    );
+    for w in workers {
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(coordinator.wait().unwrap().success());
+    assert!(
+        !hit.join("checkpoints")
+            .join(checkpoint::name(1000))
+            .exists()
+    );
+    common::assert_same_run(&clean, &hit, "under attack", &[]);
+}
+
+#[test]
 fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec::default());

@@ -304,6 +304,7 @@ async fn generation(
         &mut client,
         &ring,
         replica,
+        joined.member,
         broken,
         step_timeout,
         &node.state,
@@ -582,6 +583,7 @@ async fn train_loop(
     client: &mut Client,
     ring: &Ring,
     replica: &mut Replica,
+    member: u64,
     broken: watch::Receiver<Option<String>>,
     step_timeout: Duration,
     node_state: &StateSlot,
@@ -605,7 +607,7 @@ async fn train_loop(
             Ok(StepStatus::Step) => {}
             Ok(StepStatus::Done) => {
                 if next.checkpoint {
-                    upload_checkpoint(client, replica).await?;
+                    upload_checkpoint(client, replica, member).await?;
                 }
                 break;
             }
@@ -616,7 +618,7 @@ async fn train_loop(
             Ok(StepStatus::Rejoin) => return Err(Interrupt::Rejoin(next.reason)),
             Ok(StepStatus::Stop) => {
                 if next.checkpoint {
-                    upload_checkpoint(client, replica).await?;
+                    upload_checkpoint(client, replica, member).await?;
                 }
                 tracing::info!(rank, step, "stopping as the coordinator asked");
                 return Ok(());
@@ -635,7 +637,7 @@ async fn train_loop(
             }
         }
         if next.checkpoint {
-            upload_checkpoint(client, replica).await?;
+            upload_checkpoint(client, replica, member).await?;
         }
         let input = step_input(&next, &replica.tasks, ring.world)?;
         let trainer = &mut replica.trainer;
@@ -737,7 +739,11 @@ async fn report_eval(
 }
 
 /// Writes the replica's state as a checkpoint and streams it to the coordinator.
-async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(), Interrupt> {
+async fn upload_checkpoint(
+    client: &mut Client,
+    replica: &Replica,
+    member: u64,
+) -> Result<(), Interrupt> {
     let dir = scratch_dir()?;
     let state = CheckpointState {
         step: replica.applied,
@@ -765,8 +771,16 @@ async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(),
         )
     })?;
     let chunks = super::files::file_chunks(&path)?;
+    let mut request = with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE);
+    request.metadata_mut().insert(
+        super::coordinator::MEMBER_HEADER,
+        member
+            .to_string()
+            .parse()
+            .expect("digits are valid metadata"),
+    );
     client
-        .upload_checkpoint(with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE))
+        .upload_checkpoint(request)
         .await
         .map_err(rpc_err("upload checkpoint"))?;
     Ok(())

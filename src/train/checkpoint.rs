@@ -202,17 +202,27 @@ pub fn check_compatible(
     Ok(())
 }
 
+/// The prefix of directories that receive uploaded checkpoints (removed when the upload ends).
+pub const INCOMING: &str = ".multipos-incoming-";
+
+/// Removes what uploads left behind when their process died; only at start, when none is running.
+pub fn remove_incoming(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(INCOMING) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn prune(dir: &Path, keep: Keep) -> Result<()> {
     // Staging directories of writes that a crash interrupted are garbage: nothing refers to them.
+    // Uploads still being received are not: they clean up after themselves.
     for entry in fs::read_dir(dir)
         .map_err(Error::io("read directory", dir))?
         .flatten()
     {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(".multipos-")
-        {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".multipos-") && !name.starts_with(INCOMING) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }

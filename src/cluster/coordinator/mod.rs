@@ -23,6 +23,8 @@ use tonic::Status;
 
 mod service;
 
+pub use service::MEMBER_HEADER;
+
 use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};
@@ -85,6 +87,8 @@ struct State {
     tracker: Option<Tracker>,
     /// The step the run ends at: the last, or where `eval.patience` stopped it.
     end: u64,
+    /// The step whose checkpoint rank 0 of the live ring was asked to upload; nothing else is taken.
+    checkpoint_asked: Option<u64>,
     /// Steps skipped in a row for a non-finite loss or gradient, and the latest such step.
     skipped_in_a_row: u64,
     last_skipped: Option<u64>,
@@ -146,6 +150,8 @@ impl Coordinator {
     pub fn new(cfg: RunConfig, bar: ProgressBar) -> Result<Shared> {
         let out = &cfg.output.dir;
         let config_toml = prepare_output(&cfg)?;
+        // Uploads a previous coordinator was receiving when it died: nothing refers to them.
+        checkpoint::remove_incoming(&out.join("checkpoints"));
         let resuming = cfg.train.resume.is_some();
         let open = |path: PathBuf| {
             if resuming {
@@ -222,6 +228,7 @@ impl Coordinator {
             scoring: false,
             tracker,
             end: plan.total_steps,
+            checkpoint_asked: None,
             skipped_in_a_row: 0,
             last_skipped: None,
         };
@@ -302,6 +309,8 @@ impl Coordinator {
         st.forming_since = Instant::now();
         st.previous = std::mem::take(&mut st.ring);
         st.commits.clear();
+        // The next ring's rank 0 is asked again if the checkpoint is still missing.
+        st.checkpoint_asked = None;
         st.step_started = None;
         st.broken_since.get_or_insert_with(Instant::now);
         st.settle_stop();

@@ -14,6 +14,9 @@ use crate::pb::*;
 use crate::train::checkpoint;
 use crate::train::nonfinite::{Fate, verdict};
 
+/// The metadata key with which a worker names itself (its member id) on uploads.
+pub const MEMBER_HEADER: &str = "x-multipos-member";
+
 /// The gRPC face of the coordinator.
 pub(super) struct Service(pub(super) Shared);
 
@@ -288,11 +291,17 @@ impl CoordinatorRpc for Service {
             // The end of a checkpointed run gets a checkpoint too (as a single process does); so
             // does a run with a moving average, which reaches model-ema/ through it.
             reply.checkpoint = checkpoint(&st, every > 0 || c.cfg.train.ema_decay.is_some());
+            if reply.checkpoint {
+                st.checkpoint_asked = Some(req.step);
+            }
             return Ok(Response::new(reply));
         }
         if st.stop != Stop::Running {
             let mut reply = answer(StepStatus::Stop, "the coordinator was asked to stop".into());
             reply.checkpoint = checkpoint(&st, true);
+            if reply.checkpoint {
+                st.checkpoint_asked = Some(req.step);
+            }
             if let Some(told) = st.stop_told.get_mut(rank) {
                 *told = true;
             }
@@ -313,6 +322,9 @@ impl CoordinatorRpc for Service {
         let start = st.formation.as_ref().map_or(0, |f| f.start_step);
         let due = every > 0 && req.step > start && req.step.is_multiple_of(every);
         let checkpoint = checkpoint(&st, due);
+        if checkpoint {
+            st.checkpoint_asked = Some(req.step);
+        }
         st.step_started.get_or_insert_with(Instant::now);
         let world = st.ring.len();
         drop(st);
@@ -432,11 +444,27 @@ impl CoordinatorRpc for Service {
         request: Request<Streaming<FileChunk>>,
     ) -> std::result::Result<Response<UploadCheckpointResponse>, Status> {
         let c = self.0.clone();
+        // Only rank 0 of the live ring, and only the checkpoint it was asked for.
+        let member = request
+            .metadata()
+            .get(MEMBER_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .ok_or_else(|| Status::invalid_argument(format!("{MEMBER_HEADER} is missing")))?;
+        let asked = {
+            let st = c.lock();
+            if st.forming || st.ring.first().is_none_or(|m| m.id != member) {
+                return Err(Status::permission_denied(
+                    "only rank 0 of the live ring uploads checkpoints",
+                ));
+            }
+            st.checkpoint_asked
+                .ok_or_else(|| Status::failed_precondition("no checkpoint was asked for"))?
+        };
         let dir = c.cfg.output.dir.join("checkpoints");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
         let incoming = tempfile::Builder::new()
-            .prefix(".multipos-incoming-")
+            .prefix(checkpoint::INCOMING)
             .tempdir_in(&dir)
             .map_err(|e| {
                 Status::internal(format!("create a directory in {}: {e}", dir.display()))
@@ -446,6 +474,22 @@ impl CoordinatorRpc for Service {
         receive_files(request.into_inner(), &received)
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let uploaded =
+            checkpoint::verify(&received).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if uploaded.step != asked
+            || uploaded.data_fingerprint != c.data_fingerprint
+            || uploaded.config_fingerprint != checkpoint::config_fingerprint(&c.cfg)
+        {
+            return Err(Status::failed_precondition(format!(
+                "the upload is a checkpoint of step {} of {} data and config; step {asked} of this run was asked for",
+                uploaded.step,
+                if uploaded.data_fingerprint == c.data_fingerprint {
+                    "this run's"
+                } else {
+                    "other"
+                }
+            )));
+        }
         let metrics = c
             .log
             .lock()
@@ -477,6 +521,9 @@ impl CoordinatorRpc for Service {
         );
         {
             let mut st = c.lock();
+            if st.checkpoint_asked == Some(state.step) {
+                st.checkpoint_asked = None;
+            }
             st.latest = Some((path.clone(), state));
             st.settle_stop();
         }
