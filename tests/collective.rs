@@ -88,3 +88,105 @@ async fn a_peer_with_the_wrong_token_cannot_feed_the_ring() {
         );
     }
 }
+
+/// A token holder outside the ring opens streams to rank 0's Peer server: without a ring key, with
+/// a wrong one, and with the right one but chunks that claim another sender. Each is refused, and
+/// the ring's own all-gather, running meanwhile, is unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_bound_to_the_left_neighbour_and_its_key() {
+    use multipos::cluster::peer::peer_service;
+    use multipos::cluster::state::slot;
+    use multipos::collective::{RING_HEADER, RingKeys, peer_server_builder};
+    use multipos::pb::RingChunk;
+    use multipos::pb::peer_client::PeerClient;
+
+    let token = Token::new("ring-binding-test").unwrap();
+    let mut peers = Vec::new();
+    let mut incomings = Vec::new();
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.push(listener.local_addr().unwrap().to_string());
+        let (svc, rx) = peer_service(&token, 1 << 20, slot());
+        incomings.push(rx);
+        tokio::spawn(
+            peer_server_builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+    }
+    let keys = ["secret-of-rank-0", "secret-of-rank-1"];
+    let mut rings = Vec::new();
+    for (rank, rx) in incomings.into_iter().enumerate() {
+        let own = RingKeys {
+            own: keys[rank].into(),
+            left: keys[1 - rank].into(),
+        };
+        let ring = Ring::connect(
+            rank,
+            &peers,
+            5,
+            &token,
+            &own,
+            rx,
+            1 << 20,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        rings.push(Arc::new(ring));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", peers[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let attack = |presented: Option<&str>, claimed_rank: u32| {
+        let mut client = PeerClient::with_interceptor(channel.clone(), token.attach());
+        let chunk = RingChunk {
+            from_rank: claimed_rank,
+            generation: 5,
+            data: vec![0u8; 16].into(),
+            total: 16,
+            ..Default::default()
+        };
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![chunk]));
+        if let Some(p) = presented {
+            req.metadata_mut().insert(RING_HEADER, p.parse().unwrap());
+        }
+        async move { client.ring(req).await.map(|_| ()) }
+    };
+    assert_eq!(
+        attack(None, 1).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        attack(Some("5:guessed-key"), 1).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        attack(Some("4:secret-of-rank-1"), 1)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::PermissionDenied,
+        "a stale generation"
+    );
+    // Even the right key does not let a stream speak for another rank.
+    assert_eq!(
+        attack(Some("5:secret-of-rank-1"), 0)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::PermissionDenied
+    );
+    let tasks: Vec<_> = rings
+        .iter()
+        .cloned()
+        .map(|r| tokio::spawn(async move { r.all_gather(0, vec![r.rank as u8; 8]).await }))
+        .collect();
+    for t in tasks {
+        let blocks = t.await.unwrap().unwrap();
+        assert_eq!(blocks, vec![vec![0u8; 8], vec![1u8; 8]]);
+    }
+}

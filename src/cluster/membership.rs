@@ -29,6 +29,8 @@ pub struct Formation {
     /// The rank that uploads its state for the others to heal from (none when a checkpoint of
     /// `start_step` exists already or nobody heals).
     pub donor: Option<usize>,
+    /// Each rank's ring key, handed out with the ring (random, chosen by the coordinator).
+    pub keys: Vec<String>,
 }
 
 /// The largest ring of at most `n` workers a run may use: no more than `workers`, no fewer than
@@ -68,6 +70,7 @@ pub fn form(
         peers: ring.iter().map(|m| m.peer_address.clone()).collect(),
         heal,
         donor,
+        keys: Vec::new(),
     };
     (ring, rest, formation)
 }

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::state::StateSlot;
 use crate::auth::{Check, Token};
-use crate::collective::{Inbox, Incoming, Ring, inbox, peer_server_builder};
+use crate::collective::{Inbox, Incoming, Ring, RingKeys, inbox, peer_server_builder};
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{FetchStateRequest, FileChunk, RingAck, RingChunk};
 
@@ -52,7 +52,14 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RingChunk>>,
     ) -> Result<Response<RingAck>, Status> {
-        self.inbox.forward(request.into_inner()).await?;
+        let presented = request
+            .metadata()
+            .get(crate::collective::RING_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        self.inbox
+            .forward(presented.as_deref(), request.into_inner())
+            .await?;
         Ok(Response::new(RingAck {}))
     }
 }
@@ -95,6 +102,7 @@ pub async fn loopback_rings(
                 .serve_with_incoming(incoming),
         );
     }
+    let keys: Vec<String> = (0..world).map(|r| format!("loopback-key-{r}")).collect();
     let mut out = Vec::new();
     for (rank, rx) in incomings.into_iter().enumerate() {
         let ring = Ring::connect(
@@ -102,6 +110,10 @@ pub async fn loopback_rings(
             &peers,
             0,
             client_token,
+            &RingKeys {
+                own: keys[rank].clone(),
+                left: keys[crate::collective::ring::left(rank, world)].clone(),
+            },
             rx,
             chunk_bytes,
             timeout,

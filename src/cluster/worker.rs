@@ -22,7 +22,9 @@ use super::files::{model_fingerprint, receive_files};
 use super::peer::peer_service;
 use super::state::StateSlot;
 use crate::auth::{Attach, Token};
-use crate::collective::{BlockingRing, Incoming, Ring, connect_with_retry, tensor_to_le_bytes};
+use crate::collective::{
+    BlockingRing, Incoming, Ring, RingKeys, connect_with_retry, tensor_to_le_bytes,
+};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, Targets};
@@ -293,6 +295,10 @@ async fn generation(
         &joined.peers,
         joined.generation,
         &node.opts.token,
+        &RingKeys {
+            own: joined.ring_key.clone(),
+            left: joined.left_key.clone(),
+        },
         node.incoming.clone(),
         replica.cfg.cluster.chunk_kib * 1024,
         step_timeout,
@@ -328,6 +334,9 @@ fn check_join(j: &JoinResponse) -> std::result::Result<(), String> {
     }
     if j.heartbeat_interval_ms == 0 {
         return Err("a heartbeat interval of 0 ms".into());
+    }
+    if j.ring_key.is_empty() || j.left_key.is_empty() {
+        return Err("no ring keys".into());
     }
     if j.start_step > j.total_steps {
         return Err(format!(
@@ -815,6 +824,8 @@ mod tests {
             peers: vec!["a:1".into(), "b:2".into()],
             heartbeat_interval_ms: 500,
             total_steps: 10,
+            ring_key: "k1".into(),
+            left_key: "k0".into(),
             ..Default::default()
         };
         assert!(check_join(&good).is_ok());

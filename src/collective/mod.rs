@@ -153,31 +153,100 @@ pub enum Op {
     ReduceGather = 3,
 }
 
+/// The metadata key of a ring stream: `<generation>:<the sender's ring key>`.
+pub const RING_HEADER: &str = "x-multipos-ring";
+
+/// The keys of one rank in one generation, handed out by the coordinator: the one this rank
+/// presents on its stream to the right, and the one its left neighbour presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingKeys {
+    pub own: String,
+    pub left: String,
+}
+
+/// Whose stream a rank's inbox takes now: the left neighbour of its current ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Expected {
+    generation: u64,
+    from_rank: u32,
+    key: String,
+}
+
 /// A rank's inbox: its Peer server (in `cluster/`) forwards every ring stream it accepts here, and
 /// the engine reads the chunks from the matching [`Incoming`].
 #[derive(Clone)]
-pub struct Inbox(mpsc::Sender<RingChunk>);
+pub struct Inbox {
+    tx: mpsc::Sender<RingChunk>,
+    expected: tokio::sync::watch::Receiver<Option<Expected>>,
+}
 
-/// What a rank's inbox received, shared by the rings of successive generations.
-pub type Incoming = Arc<Mutex<mpsc::Receiver<RingChunk>>>;
+/// What a rank's inbox received, shared by the rings of successive generations; each ring says
+/// whose stream the inbox may take.
+#[derive(Clone)]
+pub struct Incoming {
+    rx: Arc<Mutex<mpsc::Receiver<RingChunk>>>,
+    expected: Arc<tokio::sync::watch::Sender<Option<Expected>>>,
+}
 
 /// A new inbox and the receiver the engine reads.
 pub fn inbox() -> (Inbox, Incoming) {
     let (tx, rx) = mpsc::channel(64);
-    (Inbox(tx), Arc::new(Mutex::new(rx)))
+    let (expected_tx, expected) = tokio::sync::watch::channel(None);
+    (
+        Inbox { tx, expected },
+        Incoming {
+            rx: Arc::new(Mutex::new(rx)),
+            expected: Arc::new(expected_tx),
+        },
+    )
 }
 
+/// How long a stream that names a generation this rank has not reached yet may wait for it (the
+/// rank may still be loading or healing).
+const ADMIT_WAIT: Duration = Duration::from_secs(120);
+
 impl Inbox {
-    /// Hands every chunk of one incoming ring stream to the engine until the stream ends. A sender
-    /// that dies mid-stream is reported to the engine at once (a `Broken` chunk) rather than left
-    /// for it to time out.
-    pub async fn forward(&self, mut stream: Streaming<RingChunk>) -> Result<(), Status> {
+    /// Hands every chunk of one incoming ring stream to the engine until the stream ends. The
+    /// stream must present (`presented`, the [`RING_HEADER`] value) the key of this rank's left
+    /// neighbour in its current generation, and every chunk must name that sender and generation:
+    /// a token holder outside the ring cannot feed it. A sender that dies mid-stream is reported to
+    /// the engine at once (a `Broken` chunk) rather than left for it to time out.
+    pub async fn forward(
+        &self,
+        presented: Option<&str>,
+        mut stream: Streaming<RingChunk>,
+    ) -> Result<(), Status> {
+        let (generation, key) = presented
+            .and_then(|p| p.split_once(':'))
+            .and_then(|(g, k)| Some((g.parse::<u64>().ok()?, k.to_string())))
+            .ok_or_else(|| Status::unauthenticated(format!("a ring stream needs {RING_HEADER}")))?;
+        let mut expected = self.expected.clone();
+        let reached = tokio::time::timeout(
+            ADMIT_WAIT,
+            expected.wait_for(|e| e.as_ref().is_some_and(|e| e.generation >= generation)),
+        )
+        .await
+        .map_err(|_| Status::unavailable(format!("no ring of generation {generation} here")))?
+        .map_err(|_| Status::unavailable("this worker is shutting down"))?
+        .clone()
+        .expect("waited for Some");
+        if reached.generation != generation || !same_key(&reached.key, &key) {
+            return Err(Status::permission_denied(
+                "not the left neighbour of this ring",
+            ));
+        }
         let mut last: Option<(u32, u64)> = None;
         loop {
             match stream.message().await {
                 Ok(Some(chunk)) => {
+                    if (chunk.from_rank, chunk.generation) != (reached.from_rank, generation) {
+                        return Err(Status::permission_denied(format!(
+                            "a chunk claims rank {} of generation {} on the stream of rank {} of generation {generation}",
+                            chunk.from_rank, chunk.generation, reached.from_rank
+                        )));
+                    }
                     last = Some((chunk.from_rank, chunk.generation));
-                    if self.0.send(chunk).await.is_err() {
+                    if self.tx.send(chunk).await.is_err() {
                         return Err(Status::unavailable("this worker is shutting down"));
                     }
                 }
@@ -185,7 +254,7 @@ impl Inbox {
                 Err(status) => {
                     if let Some((from_rank, generation)) = last {
                         let _ = self
-                            .0
+                            .tx
                             .send(RingChunk {
                                 from_rank,
                                 generation,
@@ -199,6 +268,15 @@ impl Inbox {
             }
         }
     }
+}
+
+/// Compares keys in time independent of where they differ.
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// HTTP/2 flow-control windows for the data plane. The defaults (64 KiB per stream) cap a ring
@@ -227,20 +305,27 @@ pub struct Ring {
 
 impl Ring {
     /// Connects to the right neighbour (retrying while it starts, up to `connect_timeout`) and
-    /// opens the long-lived stream; `incoming` is the receiver of this rank's [`Inbox`]. Chunks of
-    /// earlier generations still in flight are dropped.
+    /// opens the long-lived stream, presenting `keys.own`; `incoming` is the receiver of this
+    /// rank's [`Inbox`], which from now on takes only the stream that presents `keys.left`. Chunks
+    /// of earlier generations still in flight are dropped.
     #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         rank: usize,
         peers: &[String],
         generation: u64,
         token: &Token,
+        keys: &RingKeys,
         incoming: Incoming,
         chunk_bytes: usize,
         timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<Self, CollectiveError> {
         let world = peers.len();
+        incoming.expected.send_replace(Some(Expected {
+            generation,
+            from_rank: ring::left(rank, world) as u32,
+            key: keys.left.clone(),
+        }));
         let (tx, rx) = mpsc::channel::<RingChunk>(8);
         if world > 1 {
             let right = ring::right(rank, world);
@@ -254,8 +339,18 @@ impl Ring {
                 })?;
             let mut client = PeerClient::with_interceptor(channel, token.attach())
                 .max_encoding_message_size(chunk_bytes + 4096);
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            let presented = format!("{generation}:{}", keys.own);
+            request.metadata_mut().insert(
+                RING_HEADER,
+                presented.parse().map_err(|_| CollectiveError::Connect {
+                    rank: right,
+                    address: address.clone(),
+                    reason: "the ring key is not valid metadata".into(),
+                })?,
+            );
             tokio::spawn(async move {
-                if let Err(status) = client.ring(ReceiverStream::new(rx)).await {
+                if let Err(status) = client.ring(request).await {
                     tracing::debug!(%status, "ring stream to the right neighbour ended");
                 }
             });
@@ -316,7 +411,7 @@ impl Ring {
         mut sink: impl FnMut(usize, &[u8]),
     ) -> Result<(), CollectiveError> {
         let left = ring::left(self.rank, self.world);
-        let mut incoming = self.incoming.lock().await;
+        let mut incoming = self.incoming.rx.lock().await;
         let mut received = 0usize;
         while received < expected {
             let chunk = tokio::time::timeout(self.timeout, incoming.recv())
@@ -348,9 +443,13 @@ impl Ring {
                     chunk.step, chunk.op, chunk.phase, op as u32
                 )));
             }
+            // Sums read whole f32 values; an empty chunk would let a sender stall the receiver.
+            let whole_values = op == Op::AllGather || chunk.data.len().is_multiple_of(4);
             if chunk.total as usize != expected
                 || chunk.offset as usize != received
                 || received + chunk.data.len() > expected
+                || chunk.data.is_empty()
+                || !whole_values
             {
                 return Err(bad(format!(
                     "chunk at {}/{} bytes, expected offset {received} of {expected}",

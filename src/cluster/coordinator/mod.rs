@@ -339,7 +339,7 @@ impl Coordinator {
         };
         let Some(size) = size else { return };
         let checkpoint_step = st.latest.as_ref().map(|(_, s)| s.step);
-        let (mut ring, rest, formation) = membership::form(
+        let (mut ring, rest, mut formation) = membership::form(
             std::mem::take(&mut st.candidates),
             size,
             checkpoint_step,
@@ -380,6 +380,9 @@ impl Coordinator {
             "ring formed"
         );
         self.write_log(json!({"event": "generation", "generation": st.generation, "workers": ring.len(), "start_step": start, "healing": healing}));
+        formation.keys = (0..ring.len())
+            .map(|_| Token::random().expose().to_string())
+            .collect();
         st.formation = Some(Arc::new(formation));
         st.ring = ring;
         self.bar.set_position(start);

@@ -176,6 +176,9 @@ impl CoordinatorRpc for Service {
                     labels: t.spec().labels,
                 })
                 .collect(),
+            ring_key: formation.keys[rank].clone(),
+            left_key: formation.keys[crate::collective::ring::left(rank, formation.keys.len())]
+                .clone(),
         }))
     }
 
