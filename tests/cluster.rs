@@ -381,7 +381,8 @@ fn checkpoint_uploads_are_taken_only_from_rank_0_and_only_as_asked() {
         .unwrap();
     let forged = dir.path().join("forged");
     copy_dir(&newest, &forged);
-    checkpoint::annotate(&forged, |s| s.step = 1000, &[]).unwrap();
+    let state = checkpoint::verify(&forged).unwrap();
+    checkpoint::annotate(&forged, state, |s| s.step = 1000, &[]).unwrap();
     let hit = dir.path().join("attacked");
     let token = "upload-test-token";
     let (mut coordinator, addr) = start_coordinator(&model, &hit, token, &extra);
@@ -396,9 +397,10 @@ fn checkpoint_uploads_are_taken_only_from_rank_0_and_only_as_asked() {
     });
     let upload = |member: Option<u64>| {
         let mut client = client.clone();
-        let chunks = multipos::cluster::files::file_chunks(&forged).unwrap();
+        let forged = forged.clone();
         rt.block_on(async move {
-            let mut req = tonic::Request::new(tokio_stream::iter(chunks));
+            let chunks = multipos::cluster::files::upload_stream(&forged).unwrap();
+            let mut req = tonic::Request::new(chunks);
             if let Some(m) = member {
                 req.metadata_mut().insert(
                     multipos::cluster::coordinator::MEMBER_HEADER,

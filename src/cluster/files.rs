@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
 use crate::error::{Error, Result};
@@ -25,15 +26,62 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
     Ok(format!("{:016x}", h.digest()))
 }
 
-/// Every file of `dir` as chunks of at most 1 MiB (the path on each file's first chunk).
-pub fn file_chunks(dir: &Path) -> Result<Vec<FileChunk>> {
-    let mut out = Vec::new();
-    for rel in relative_files(dir)? {
-        let path = dir.join(&rel);
-        let bytes = Bytes::from(std::fs::read(&path).map_err(Error::io("read", &path))?);
-        push_chunks(&mut out, rel.to_string_lossy().into_owned(), bytes);
+/// Every file of `dir` as a stream of chunks of at most 1 MiB (the path on each file's first
+/// chunk), read by a blocking thread a few chunks ahead of the consumer: memory stays a few MiB
+/// whatever the directory's size, and no file is read on the async threads. A read error ends the
+/// stream with it.
+pub fn file_stream(dir: &Path) -> Result<ReceiverStream<Result<FileChunk>>> {
+    let files = relative_files(dir)?;
+    let dir = dir.to_path_buf();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        for rel in files {
+            let path = dir.join(&rel);
+            if let Err(e) = send_file(&path, rel.to_string_lossy().into_owned(), &tx) {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+/// Sends one file as chunks; stops quietly when the consumer is gone.
+fn send_file(
+    path: &Path,
+    name: String,
+    tx: &tokio::sync::mpsc::Sender<Result<FileChunk>>,
+) -> Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(Error::io("read", path))?;
+    let len = file.metadata().map_err(Error::io("read", path))?.len();
+    let mut sent = 0u64;
+    let mut first = true;
+    loop {
+        let want = (len - sent).min(CHUNK as u64) as usize;
+        let mut buf = vec![0u8; want];
+        file.read_exact(&mut buf).map_err(Error::io("read", path))?;
+        sent += want as u64;
+        let chunk = FileChunk {
+            path: if first { name.clone() } else { String::new() },
+            data: Bytes::from(buf),
+            last: sent == len,
+        };
+        first = false;
+        if tx.blocking_send(Ok(chunk)).is_err() || sent == len {
+            return Ok(());
+        }
     }
-    Ok(out)
+}
+
+/// The chunks of [`file_stream`] for an upload: a read error ends the upload early, which the
+/// receiver refuses as a file cut short.
+pub fn upload_stream(dir: &Path) -> Result<impl tokio_stream::Stream<Item = FileChunk> + use<>> {
+    use tokio_stream::StreamExt;
+    Ok(file_stream(dir)?.map_while(|c| {
+        c.map_err(|e| tracing::error!(error = %e, "reading a file to upload"))
+            .ok()
+    }))
 }
 
 /// Appends one entry as chunks of at most 1 MiB: `path` on the first, `last` on the final one.
@@ -57,10 +105,12 @@ pub fn push_chunks(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
     }
 }
 
-/// Receives a stream of files into `target`, atomically (staged beside it, renamed at the end).
+/// Receives a stream of files into `target`, atomically (staged beside it, renamed at the end);
+/// each chunk is written as it arrives, so memory holds one chunk, and the total is bounded.
 pub async fn receive_files(mut stream: Streaming<FileChunk>, target: &Path) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
     let staged = StagedDir::create(target)?;
-    let mut current: Option<(PathBuf, Vec<u8>)> = None;
+    let mut current: Option<(PathBuf, tokio::fs::File)> = None;
     let mut total = 0u64;
     let mut files = 0;
     while let Some(chunk) = stream
@@ -83,19 +133,29 @@ pub async fn receive_files(mut stream: Streaming<FileChunk>, target: &Path) -> R
             let rel = safe_relative(&chunk.path).ok_or_else(|| {
                 Error::Usage(format!("unsafe path {:?} in model stream", chunk.path))
             })?;
-            current = Some((rel, Vec::new()));
+            let path = staged.path().join(&rel);
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(Error::io("create directory", parent))?;
+            }
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .await
+                .map_err(Error::io("create", &path))?;
+            current = Some((path, file));
         }
-        let (rel, buf) = current
+        let (path, file) = current
             .as_mut()
             .ok_or_else(|| Error::Usage("chunk without a file".into()))?;
-        buf.extend_from_slice(&chunk.data);
+        file.write_all(&chunk.data)
+            .await
+            .map_err(Error::io("write", &*path))?;
         if chunk.last {
-            let path = staged.path().join(&*rel);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
-            }
-            std::fs::write(&path, &buf).map_err(Error::io("write", &path))?;
-            current = None;
+            let (path, mut file) = current.take().expect("a file is open");
+            file.flush().await.map_err(Error::io("write", &path))?;
             files += 1;
         }
     }

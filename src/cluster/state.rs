@@ -76,6 +76,30 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
 /// Receives a state stream and loads it into `trainer`; returns the steps it had applied.
 pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) -> Result<u64> {
     let bad = |what: String| Error::Usage(format!("state stream from the peer: {what}"));
+    // A donor sends exactly this replica's tensors (weights, moments, average) and a small meta
+    // entry: anything beyond that is refused before it fills memory.
+    let numel = |ts: &mut dyn Iterator<Item = i64>| ts.sum::<i64>() as u64 * 4;
+    let limit = numel(
+        &mut trainer
+            .state
+            .parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as i64),
+    ) + numel(
+        &mut trainer
+            .optim
+            .state()
+            .into_iter()
+            .map(|(_, t)| t.numel() as i64),
+    ) + numel(
+        &mut trainer
+            .state
+            .ema
+            .iter()
+            .flat_map(|e| e.tensors())
+            .map(|(_, t)| t.numel() as i64),
+    ) + (1 << 16);
+    let mut total = 0u64;
     let mut entries: HashMap<String, Vec<u8>> = HashMap::new();
     let mut current: Option<String> = None;
     while let Some(chunk) = stream
@@ -83,6 +107,12 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
         .await
         .map_err(|e| bad(format!("broke: {e}")))?
     {
+        total += chunk.data.len() as u64;
+        if total > limit {
+            return Err(bad(format!(
+                "more than the {limit} bytes this replica's state takes"
+            )));
+        }
         if !chunk.path.is_empty() {
             current = Some(chunk.path.clone());
         }

@@ -120,6 +120,8 @@ struct Node {
     incoming: Incoming,
     /// The state this worker serves to healing members, when it is their donor.
     state: StateSlot,
+    /// Fingerprint of the local model directory (empty when the model is fetched), hashed once.
+    fingerprint: String,
 }
 
 /// Runs a worker until the run is done or stopped (Ok) or fails for good (Err).
@@ -143,7 +145,17 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     tokio::spawn(take_orders_from_the_coordinator()?);
+    let fingerprint = match &opts.model {
+        Some(dir) => {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || model_fingerprint(&dir))
+                .await
+                .map_err(|e| Error::Usage(format!("hashing the model: {e}")))??
+        }
+        None => String::new(),
+    };
     let node = Node {
+        fingerprint,
         worker_id: format!("{}:{}", hostname(), std::process::id()),
         peer_address,
         incoming,
@@ -220,17 +232,13 @@ async fn generation(
         })?;
     let mut client: Client = CoordinatorClient::with_interceptor(channel, node.opts.token.attach())
         .max_decoding_message_size(256 << 20);
-    let fingerprint = match &node.opts.model {
-        Some(dir) => model_fingerprint(dir)?,
-        None => String::new(),
-    };
     let joined = client
         .join(with_deadline(
             JoinRequest {
                 worker_id: node.worker_id.clone(),
                 rank: node.opts.rank.map_or(-1, |r| r as i32),
                 peer_address: node.peer_address.clone(),
-                model_fingerprint: fingerprint,
+                model_fingerprint: node.fingerprint.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 state_step: replica.as_ref().map_or(0, |r| r.applied),
                 run_fingerprint: replica
@@ -698,9 +706,9 @@ async fn train_loop(
         let dir = scratch_dir()?;
         let out = dir.path().join("model");
         replica.trainer.state.save(&out)?;
-        let chunks = super::files::file_chunks(&out)?;
+        let chunks = super::files::upload_stream(&out)?;
         client
-            .upload_model(with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE))
+            .upload_model(with_deadline(chunks, TRANSFER_DEADLINE))
             .await
             .map_err(rpc_err("upload model"))?;
         tracing::info!(world = ring.world, "uploaded the trained model");
@@ -779,8 +787,8 @@ async fn upload_checkpoint(
             &[],
         )
     })?;
-    let chunks = super::files::file_chunks(&path)?;
-    let mut request = with_deadline(tokio_stream::iter(chunks), TRANSFER_DEADLINE);
+    let chunks = super::files::upload_stream(&path)?;
+    let mut request = with_deadline(chunks, TRANSFER_DEADLINE);
     request.metadata_mut().insert(
         super::coordinator::MEMBER_HEADER,
         member

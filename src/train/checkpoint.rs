@@ -58,14 +58,15 @@ impl FileEntry {
 }
 
 /// Adds what the writer of a checkpoint did not know (the coordinator's data cursor and metrics
-/// so far) to a verified checkpoint that is not yet in place: edits `state.json` with `edit`, adds
-/// `files` (relative path, contents), and updates the manifest, each file fsynced.
+/// so far) to a checkpoint that is not yet in place and that [`verify`] found whole with `state`:
+/// edits `state.json` with `edit`, adds `files` (relative path, contents), and updates the
+/// manifest, each file fsynced. Returns the edited state.
 pub fn annotate(
     ckpt: &Path,
+    mut state: CheckpointState,
     edit: impl FnOnce(&mut CheckpointState),
     files: &[(&str, &[u8])],
-) -> Result<()> {
-    let mut state = verify(ckpt)?;
+) -> Result<CheckpointState> {
     edit(&mut state);
     let manifest_path = ckpt.join("MANIFEST.json");
     let mut manifest: BTreeMap<String, FileEntry> = json::read(&manifest_path)?;
@@ -76,7 +77,8 @@ pub fn annotate(
         crate::io::atomic::write_file(&ckpt.join(rel), bytes)?;
         manifest.insert(rel.to_string(), FileEntry::of(bytes));
     }
-    crate::io::atomic::write_file(&manifest_path, &json::to_pretty(&manifest))
+    crate::io::atomic::write_file(&manifest_path, &json::to_pretty(&manifest))?;
+    Ok(state)
 }
 
 fn checksum(bytes: &[u8]) -> String {
@@ -153,10 +155,14 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Moves a received checkpoint directory (already verified) to its place under `dir`, replacing
-/// any older copy of the same step, and prunes; returns its final path.
-pub fn adopt(dir: &Path, received: &Path, keep: Keep) -> Result<(PathBuf, CheckpointState)> {
-    let state = verify(received)?;
+/// Moves a received checkpoint directory (verified, with `state`) to its place under `dir`,
+/// replacing any older copy of the same step, and prunes; returns its final path.
+pub fn adopt(
+    dir: &Path,
+    received: &Path,
+    state: CheckpointState,
+    keep: Keep,
+) -> Result<(PathBuf, CheckpointState)> {
     let target = dir.join(name(state.step));
     if target.exists() {
         fs::remove_dir_all(&target).map_err(Error::io("remove", &target))?;

@@ -739,6 +739,58 @@ impl Coordinator {
         self.notify();
     }
 
+    /// Checks a received checkpoint (whole, of the asked step, of this run), adds the cursor and
+    /// the metrics so far, moves it into place (pruning spares the best), and refreshes
+    /// `model-best/` when it is the best step's. Blocking: file hashing and moves.
+    fn adopt_upload(
+        &self,
+        received: &std::path::Path,
+        asked: u64,
+    ) -> std::result::Result<(PathBuf, CheckpointState), Status> {
+        let uploaded =
+            checkpoint::verify(received).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if uploaded.step != asked
+            || uploaded.data_fingerprint != self.data_fingerprint
+            || uploaded.config_fingerprint != checkpoint::config_fingerprint(&self.cfg)
+        {
+            return Err(Status::failed_precondition(format!(
+                "the upload is a checkpoint of step {} of {} data and config; step {asked} of this run was asked for",
+                uploaded.step,
+                if uploaded.data_fingerprint == self.data_fingerprint {
+                    "this run's"
+                } else {
+                    "other"
+                }
+            )));
+        }
+        let internal = |e: Error| Status::internal(e.to_string());
+        let metrics = self
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contents()
+            .map_err(internal)?;
+        let state = checkpoint::annotate(
+            received,
+            uploaded,
+            |state| (state.epoch, state.batch) = self.plan.cursor(state.step),
+            &[("metrics.jsonl", &metrics)],
+        )
+        .map_err(internal)?;
+        let keep = checkpoint::Keep {
+            newest: self.cfg.output.keep_checkpoints,
+            best: Self::best_step(&self.lock()),
+        };
+        let dir = self.cfg.output.dir.join("checkpoints");
+        let (path, state) = checkpoint::adopt(&dir, received, state, keep).map_err(internal)?;
+        if keep.best == Some(state.step) {
+            let best = self.cfg.output.dir.join("model-best");
+            crate::io::atomic::copy_dir(&path.join("model"), &best).map_err(internal)?;
+            tracing::info!(step = state.step, model = %best.display(), "best model so far saved");
+        }
+        Ok((path, state))
+    }
+
     /// The step of the best evaluation so far.
     fn best_step(st: &State) -> Option<u64> {
         st.tracker.as_ref().and_then(|t| t.best).map(|b| b.0)

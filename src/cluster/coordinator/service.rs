@@ -7,7 +7,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, EvalWork, Member, Next, Shared, State, Stop};
-use crate::cluster::files::{file_chunks, receive_files};
+use crate::cluster::files::{file_stream, receive_files};
 use crate::pb::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
@@ -60,8 +60,11 @@ impl Drop for Candidacy {
 type ChunkStream = Pin<Box<dyn Stream<Item = std::result::Result<FileChunk, Status>> + Send>>;
 
 fn transfer_stream(dir: &std::path::Path) -> std::result::Result<ChunkStream, Status> {
-    let chunks = file_chunks(dir).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
+    use tokio_stream::StreamExt;
+    let chunks = file_stream(dir).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Box::pin(
+        chunks.map(|c| c.map_err(|e| Status::internal(e.to_string()))),
+    ))
 }
 
 #[tonic::async_trait]
@@ -477,46 +480,12 @@ impl CoordinatorRpc for Service {
         receive_files(request.into_inner(), &received)
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let uploaded =
-            checkpoint::verify(&received).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if uploaded.step != asked
-            || uploaded.data_fingerprint != c.data_fingerprint
-            || uploaded.config_fingerprint != checkpoint::config_fingerprint(&c.cfg)
-        {
-            return Err(Status::failed_precondition(format!(
-                "the upload is a checkpoint of step {} of {} data and config; step {asked} of this run was asked for",
-                uploaded.step,
-                if uploaded.data_fingerprint == c.data_fingerprint {
-                    "this run's"
-                } else {
-                    "other"
-                }
-            )));
-        }
-        let metrics = c
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contents()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        checkpoint::annotate(
-            &received,
-            |state| (state.epoch, state.batch) = c.plan.cursor(state.step),
-            &[("metrics.jsonl", &metrics)],
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let keep = checkpoint::Keep {
-            newest: c.cfg.output.keep_checkpoints,
-            best: Coordinator::best_step(&c.lock()),
-        };
-        let (path, state) = checkpoint::adopt(&dir, &received, keep)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if keep.best == Some(state.step) {
-            let best = c.cfg.output.dir.join("model-best");
-            crate::io::atomic::copy_dir(&path.join("model"), &best)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            tracing::info!(step = state.step, model = %best.display(), "best model so far saved");
-        }
+        // Hashing and moving a checkpoint of hundreds of MB is blocking work: off the async threads.
+        let me = c.clone();
+        let (path, state) = tokio::task::spawn_blocking(move || me.adopt_upload(&received, asked))
+            .await
+            .map_err(|e| Status::internal(format!("adopting the checkpoint: {e}")))??;
+        drop(incoming);
         let seconds = start.elapsed().as_secs_f64();
         tracing::info!(checkpoint = %path.display(), step = state.step, seconds = format!("{seconds:.2}"), "checkpoint written");
         c.write_log(
