@@ -266,6 +266,31 @@ fn start_coordinator(
     (child, addr)
 }
 
+/// Two workers (ranks 0 and 1, one thread each, the local model) of the coordinator at `addr`.
+fn start_workers(addr: &str, token: &str, model: &Path) -> Vec<std::process::Child> {
+    (0..2)
+        .map(|rank| {
+            Command::new(bin())
+                .args(["worker", "--coordinator", addr, "--device", "cpu"])
+                .args(["--threads", "1", "--rank", &rank.to_string(), "--model"])
+                .arg(model)
+                .env("MULTIPOS_CLUSTER_TOKEN", token)
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Waits for every process and asserts each succeeded.
+fn wait_ok(children: Vec<std::process::Child>) {
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
 #[test]
 fn calls_without_the_right_token_are_refused() {
     let _serial = serial();
@@ -341,23 +366,8 @@ fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
         assert!(client.join(req).await.is_err());
     });
     // The two real workers then form the ring by themselves and finish the run.
-    let workers: Vec<_> = (0..2)
-        .map(|rank| {
-            Command::new(bin())
-                .args(["worker", "--coordinator", &addr, "--device", "cpu"])
-                .args(["--threads", "1", "--rank", &rank.to_string(), "--model"])
-                .arg(&model)
-                .env("MULTIPOS_CLUSTER_TOKEN", token)
-                .env("RUST_LOG", "warn")
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for w in workers {
-        let o = w.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    let workers = start_workers(&addr, token, &model);
+    wait_ok(workers);
     assert!(coordinator.wait().unwrap().success());
     assert_eq!(losses(&out).len(), 3);
     assert!(
@@ -419,19 +429,7 @@ fn checkpoint_uploads_are_taken_only_from_rank_0_and_only_as_asked() {
         tonic::Code::PermissionDenied,
         "no ring yet"
     );
-    let workers: Vec<_> = (0..2)
-        .map(|rank| {
-            Command::new(bin())
-                .args(["worker", "--coordinator", &addr, "--device", "cpu"])
-                .args(["--threads", "1", "--rank", &rank.to_string(), "--model"])
-                .arg(&model)
-                .env("MULTIPOS_CLUSTER_TOKEN", token)
-                .env("RUST_LOG", "warn")
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let workers = start_workers(&addr, token, &model);
     // While the run goes on, try every member id (rank 0's among them) again and again.
     let mut refused = Vec::new();
     while losses(&hit).len() < 10 && refused.len() < 400 {
@@ -447,10 +445,7 @@ fn checkpoint_uploads_are_taken_only_from_rank_0_and_only_as_asked() {
         refused.contains(&tonic::Code::PermissionDenied),
         "{refused:?}"
     );
-    for w in workers {
-        let o = w.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    wait_ok(workers);
     assert!(coordinator.wait().unwrap().success());
     assert!(
         !hit.join("checkpoints")

@@ -260,22 +260,8 @@ fn early_stopping_stops_at_the_right_step_and_keeps_the_best_model() {
     let stopped_at = stops[0]["step"].as_u64().unwrap();
     assert!(stopped_at < 80 && summary.steps == stopped_at);
     // Replay the rule on the logged evaluations.
-    let (mut best, mut since, mut expected) = ((0u64, f64::INFINITY), 0, None);
-    for e in &evals {
-        let (step, v) = (
-            e["step"].as_u64().unwrap(),
-            e["metrics"]["ndcg@10"].as_f64().unwrap(),
-        );
-        if v < best.1 {
-            (best, since) = ((step, v), 0);
-        } else {
-            since += 1;
-            if since == 2 && expected.is_none() {
-                expected = Some((step, best));
-            }
-        }
-    }
-    let (step, (best_step, best_value)) = expected.expect("two evaluations without a new best");
+    let (step, (best_step, best_value)) =
+        common::first_stop_lower_is_better(&evals, 2).expect("two evaluations without a new best");
     assert_eq!(
         stopped_at, step,
         "stopped at the first evaluation the rule names"

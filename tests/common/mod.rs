@@ -188,3 +188,28 @@ pub fn tensor_f64_rows(rows: &[Vec<f64>]) -> tch::Tensor {
         .view([rows.len() as i64, rows[0].len() as i64])
         .to_kind(tch::Kind::Float)
 }
+
+/// Replays the early-stopping rule on logged `eval` events with lower NDCG@10 counted as better:
+/// the step where `patience` evaluations in a row brought no new best, and the best (step, value)
+/// then.
+pub fn first_stop_lower_is_better(
+    evals: &[serde_json::Value],
+    patience: u64,
+) -> Option<(u64, (u64, f64))> {
+    let (mut best, mut since) = ((0u64, f64::INFINITY), 0);
+    for e in evals {
+        let (step, v) = (
+            e["step"].as_u64().unwrap(),
+            e["metrics"]["ndcg@10"].as_f64().unwrap(),
+        );
+        if v < best.1 {
+            (best, since) = ((step, v), 0);
+        } else {
+            since += 1;
+            if since == patience {
+                return Some((step, best));
+            }
+        }
+    }
+    None
+}
