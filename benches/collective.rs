@@ -3,6 +3,7 @@
 //! sockets all sending at once (the traffic pattern of the all-reduce, without gRPC). busbw =
 //! algbw · 2(W−1)/W, as nccl-tests report it, is the per-link rate, comparable to the raw ring's.
 //! All ranks share this process's two runtime threads, as W workers share the machine's cores.
+//! The same rings over mutual TLS (`cluster.tls`) give TLS's cost as a ratio to plaintext.
 //!
 //!     cargo bench --bench collective
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::Instant;
 use multipos::auth::Token;
 use multipos::cluster::peer::loopback_rings;
 use multipos::collective::{Ring, ring};
+use multipos::tls::{Tls, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -78,15 +80,41 @@ async fn raw_ring_bytes_per_s(world: usize, bytes: usize) -> f64 {
     bytes as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn rings(world: usize, token: &Token, chunk: usize) -> Vec<Arc<Ring>> {
+async fn rings(world: usize, token: &Token, tls: Option<&Tls>, chunk: usize) -> Vec<Arc<Ring>> {
     loopback_rings(
         world,
         token,
         token,
+        tls,
         chunk,
         std::time::Duration::from_secs(60),
     )
     .await
+}
+
+/// The fastest of three all-reduces of `len` floats over `rings`, in seconds.
+async fn best_all_reduce(rings: &[Arc<Ring>], len: usize) -> f64 {
+    let mut best = f64::INFINITY;
+    for rep in 0..3u64 {
+        let bufs: Vec<Vec<f32>> = (0..rings.len()).map(|_| vec![1.0f32; len]).collect();
+        let start = Instant::now();
+        let tasks: Vec<_> = rings
+            .iter()
+            .zip(bufs)
+            .map(|(r, mut buf)| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    r.all_reduce_sum(rep, &mut buf).await.unwrap();
+                    assert_eq!(buf[len / 2], r.world as f32);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    best
 }
 
 fn main() {
@@ -95,46 +123,49 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let issued = multipos::certs::issue(certs.path(), &["127.0.0.1".into()], 1).unwrap();
+    let (cert, key) = issued.hosts[0].clone();
+    let tls = Tls::load(&TlsConfig {
+        ca: certs.path().join(multipos::certs::CA_CERT),
+        cert,
+        key,
+        client_auth: true,
+    })
+    .unwrap();
     rt.block_on(async {
         let token = Token::new("benchmark-token").unwrap();
         let raw = raw_tcp_bytes_per_s(1 << 30).await;
         println!("raw TCP loopback, one stream: {:.0} MB/s", raw / 1e6);
         println!(
-            "{:>3} {:>8} {:>10} {:>10} {:>14} {:>12}",
-            "W", "MB", "algbw MB/s", "busbw MB/s", "raw ring MB/s", "vs raw ring"
+            "{:>3} {:>6} {:>10} {:>10} {:>10} {:>10} {:>14} {:>12}",
+            "W",
+            "MB",
+            "algbw MB/s",
+            "busbw MB/s",
+            "TLS busbw",
+            "TLS/plain",
+            "raw ring MB/s",
+            "vs raw ring"
         );
         for world in [2usize, 4] {
             let raw_ring = raw_ring_bytes_per_s(world, 400 << 20).await;
-            let rings = rings(world, &token, 4 << 20).await;
+            let plain = rings(world, &token, None, 4 << 20).await;
+            let secure = rings(world, &token, Some(&tls), 4 << 20).await;
             for mb in [10usize, 50, 100] {
                 let len = mb * 1_000_000 / 4;
-                let mut best = f64::INFINITY;
-                for rep in 0..3u64 {
-                    let bufs: Vec<Vec<f32>> = (0..world).map(|_| vec![1.0f32; len]).collect();
-                    let start = Instant::now();
-                    let tasks: Vec<_> = rings
-                        .iter()
-                        .zip(bufs)
-                        .map(|(r, mut buf)| {
-                            let r = r.clone();
-                            tokio::spawn(async move {
-                                r.all_reduce_sum(rep, &mut buf).await.unwrap();
-                                assert_eq!(buf[len / 2], r.world as f32);
-                            })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap();
-                    }
-                    best = best.min(start.elapsed().as_secs_f64());
-                }
+                let best = best_all_reduce(&plain, len).await;
+                let best_tls = best_all_reduce(&secure, len).await;
                 let bytes = (len * 4) as f64;
-                let algbw = bytes / best;
-                let busbw = ring::all_reduce_bytes_per_rank(len * 4, world) / best;
+                let per_rank = ring::all_reduce_bytes_per_rank(len * 4, world);
+                let busbw = per_rank / best;
+                let busbw_tls = per_rank / best_tls;
                 println!(
-                    "{world:>3} {mb:>8} {:>10.0} {:>10.0} {:>14.0} {:>11.0}%",
-                    algbw / 1e6,
+                    "{world:>3} {mb:>6} {:>10.0} {:>10.0} {:>10.0} {:>9.0}% {:>14.0} {:>11.0}%",
+                    bytes / best / 1e6,
                     busbw / 1e6,
+                    busbw_tls / 1e6,
+                    100.0 * busbw_tls / busbw,
                     raw_ring / 1e6,
                     100.0 * busbw / raw_ring
                 );

@@ -75,6 +75,8 @@ pub struct ClusterConfig {
     pub rejoin_grace_ms: u64,
     /// How long a worker keeps re-joining (with backoff) while the coordinator is unreachable.
     pub rejoin_timeout_ms: u64,
+    /// TLS for every connection of the run (coordinator and peer ring); plaintext without it.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for ClusterConfig {
@@ -95,6 +97,7 @@ impl Default for ClusterConfig {
             min_workers: 0,
             rejoin_grace_ms: 3000,
             rejoin_timeout_ms: 120_000,
+            tls: None,
         }
     }
 }
@@ -575,6 +578,9 @@ impl RunConfig {
                     ));
                 }
             }
+        }
+        if let Some(tls) = &self.cluster.tls {
+            crate::tls::Tls::load(tls).map_err(|e| e.to_string())?;
         }
         if let Some(e) = &self.eval {
             for (key, p) in [

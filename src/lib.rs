@@ -7,8 +7,11 @@
 //! - [`device`]: device selection and CPU threads.
 //! - [`io`]: atomic files and directories, JSON helpers.
 //! - [`cli`]: the command line (the binary in `main.rs` only parses and dispatches).
+//! - [`auth`], [`tls`], [`certs`]: the cluster token, TLS for its connections, and making
+//!   certificates.
 //! - [`pb`]: the gRPC protocol generated from `proto/multipos.proto`.
 pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod collective;
@@ -23,6 +26,7 @@ pub mod io;
 pub mod loss;
 pub mod mine;
 pub mod model;
+pub mod tls;
 pub mod train;
 
 pub use error::{Error, Result};

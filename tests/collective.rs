@@ -12,6 +12,7 @@ async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<
         world,
         server_token,
         client_token,
+        None,
         1 << 20,
         Duration::from_secs(5),
     )
@@ -109,7 +110,8 @@ async fn streams_are_bound_to_the_left_neighbour_and_its_key() {
         let (svc, rx) = peer_service(&token, 1 << 20, slot());
         incomings.push(rx);
         tokio::spawn(
-            peer_server_builder()
+            peer_server_builder(None)
+                .unwrap()
                 .add_service(svc)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
@@ -126,6 +128,7 @@ async fn streams_are_bound_to_the_left_neighbour_and_its_key() {
             &peers,
             5,
             &token,
+            None,
             &own,
             rx,
             1 << 20,

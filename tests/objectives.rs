@@ -137,6 +137,7 @@ fn gradcache_gives_the_loss_and_gradients_of_the_plain_step() {
             2,
             &token,
             &token,
+            None,
             1 << 20,
             Duration::from_secs(60),
         ));

@@ -14,6 +14,7 @@ use crate::cluster::signals::Signals;
 use crate::cluster::worker::{self, WorkerOptions};
 use crate::config::{ClusterConfig, RunConfig, TOKEN_ENV};
 use crate::device;
+use crate::tls::{Tls, TlsConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
@@ -47,6 +48,15 @@ pub struct WorkerArgs {
     /// File holding the cluster token (as `cluster.token_file`) [default: $MULTIPOS_CLUSTER_TOKEN].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// CA certificate of the run's TLS (as `cluster.tls.ca`); with --tls-cert and --tls-key.
+    #[arg(long, env = "MULTIPOS_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This host's TLS certificate (as `cluster.tls.cert`).
+    #[arg(long, env = "MULTIPOS_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This host's TLS private key (as `cluster.tls.key`).
+    #[arg(long, env = "MULTIPOS_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -150,6 +160,15 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         threads: args.threads,
         peer_host: args.peer_host,
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
+        tls: match (args.tls_ca, args.tls_cert, args.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(Tls::load(&TlsConfig {
+                ca,
+                cert,
+                key,
+                client_auth: true,
+            })?),
+            _ => None,
+        },
     };
     runtime()?.block_on(worker::run(opts))?;
     Ok(())

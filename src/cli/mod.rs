@@ -1,5 +1,6 @@
 //! The command line: argument definitions (clap derive, doc comments are the help) and dispatch.
 mod average;
+mod certs;
 mod cluster;
 mod convert;
 mod demo;
@@ -79,6 +80,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Rewrite a model directory in the canonical sentence-transformers layout (F32 safetensors).
     Convert(convert::ConvertArgs),
+    /// Make a private CA and per-host certificates for `cluster.tls`.
+    Certs(certs::CertsArgs),
 }
 
 /// Runs the parsed command.
@@ -87,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Launch(args) => cluster::run_launch(args),
+        Command::Certs(args) => certs::run(args),
         Command::Coordinator(args) => cluster::run_coordinator(args),
         Command::Worker(args) => cluster::run_worker(args),
         Command::Embed(args) => embed::run(args),

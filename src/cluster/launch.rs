@@ -163,6 +163,14 @@ impl Starter {
         if let Some(model) = &self.cfg.model.path {
             w.arg("--model").arg(model);
         }
+        if let Some(tls) = &self.cfg.cluster.tls {
+            w.arg("--tls-ca")
+                .arg(&tls.ca)
+                .arg("--tls-cert")
+                .arg(&tls.cert)
+                .arg("--tls-key")
+                .arg(&tls.key);
+        }
         spawn(Role::Worker(rank), w, self.events.clone())
     }
 }

@@ -10,6 +10,7 @@ use crate::auth::{Check, Token};
 use crate::collective::{Inbox, Incoming, Ring, RingKeys, inbox, peer_server_builder};
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{FetchStateRequest, FileChunk, RingAck, RingChunk};
+use crate::tls::Tls;
 
 /// The service behind a worker's peer address.
 pub struct PeerService {
@@ -83,6 +84,7 @@ pub async fn loopback_rings(
     world: usize,
     server_token: &Token,
     client_token: &Token,
+    tls: Option<&Tls>,
     chunk_bytes: usize,
     timeout: Duration,
 ) -> Vec<std::sync::Arc<Ring>> {
@@ -97,7 +99,8 @@ pub async fn loopback_rings(
         incomings.push(rx);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         tokio::spawn(
-            peer_server_builder()
+            peer_server_builder(tls)
+                .expect("TLS material loads")
                 .add_service(svc)
                 .serve_with_incoming(incoming),
         );
@@ -110,6 +113,7 @@ pub async fn loopback_rings(
             &peers,
             0,
             client_token,
+            tls,
             &RingKeys {
                 own: keys[rank].clone(),
                 left: keys[crate::collective::ring::left(rank, world)].clone(),

@@ -33,6 +33,7 @@ use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::*;
+use crate::tls::Tls;
 use crate::train::build::{configure_model, trainer_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::task::TaskSpec;
@@ -54,6 +55,8 @@ pub struct WorkerOptions {
     pub peer_host: String,
     /// How long to keep trying to reach the coordinator before the first join.
     pub connect_timeout: Duration,
+    /// TLS for the coordinator, the peer server and the ring.
+    pub tls: Option<Tls>,
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
@@ -140,7 +143,8 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
     let state = super::state::slot();
     let (peer_svc, incoming) = peer_service(&opts.token, 16 << 20, state.clone());
     tokio::spawn(
-        crate::collective::peer_server_builder()
+        crate::collective::peer_server_builder(opts.tls.as_ref())
+            .map_err(Error::Usage)?
             .add_service(peer_svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
@@ -222,14 +226,18 @@ async fn generation(
     replica: &mut Option<Replica>,
     reason: &str,
 ) -> Result<(), Interrupt> {
-    let channel = connect_with_retry(&node.opts.coordinator, Duration::from_secs(2))
-        .await
-        .map_err(|e| {
-            Interrupt::Rejoin(format!(
-                "cannot reach the coordinator at {}: {e}",
-                node.opts.coordinator
-            ))
-        })?;
+    let channel = connect_with_retry(
+        &node.opts.coordinator,
+        Duration::from_secs(2),
+        node.opts.tls.as_ref(),
+    )
+    .await
+    .map_err(|e| {
+        Interrupt::Rejoin(format!(
+            "cannot reach the coordinator at {}: {e}",
+            node.opts.coordinator
+        ))
+    })?;
     let mut client: Client = CoordinatorClient::with_interceptor(channel, node.opts.token.attach())
         .max_decoding_message_size(256 << 20);
     let joined = client
@@ -303,6 +311,7 @@ async fn generation(
         &joined.peers,
         joined.generation,
         &node.opts.token,
+        node.opts.tls.as_ref(),
         &RingKeys {
             own: joined.ring_key.clone(),
             left: joined.left_key.clone(),
@@ -455,7 +464,7 @@ async fn heal_from_peer(
 ) -> Result<(), Interrupt> {
     let started = Instant::now();
     let timeout = Duration::from_millis(replica.cfg.cluster.heartbeat_timeout_ms);
-    let channel = connect_with_retry(&joined.heal_from, timeout)
+    let channel = connect_with_retry(&joined.heal_from, timeout, node.opts.tls.as_ref())
         .await
         .map_err(|e| {
             Interrupt::Rejoin(format!("cannot reach the donor {}: {e}", joined.heal_from))

@@ -17,6 +17,7 @@ use tonic::{Status, Streaming};
 use crate::auth::Token;
 use crate::pb::RingChunk;
 use crate::pb::peer_client::PeerClient;
+use crate::tls::{self, Tls};
 
 #[cfg(target_endian = "big")]
 compile_error!("the wire format is little-endian f32; big-endian hosts are not supported");
@@ -284,12 +285,19 @@ fn same_key(a: &str, b: &str) -> bool {
 const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 
-/// A server builder tuned for ring traffic (large flow-control windows, no Nagle).
-pub fn peer_server_builder() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+/// A server builder tuned for ring traffic (large flow-control windows, no Nagle), with TLS that
+/// asks every client for a certificate of the run's CA when `tls` is given.
+pub fn peer_server_builder(tls: Option<&Tls>) -> Result<tonic::transport::Server, String> {
+    let builder = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    match tls {
+        Some(tls) => builder
+            .tls_config(tls.peer_server())
+            .map_err(|e| format!("TLS of the peer server: {e}")),
+        None => Ok(builder),
+    }
 }
 
 /// One rank's view of the ring of one membership generation.
@@ -314,6 +322,7 @@ impl Ring {
         peers: &[String],
         generation: u64,
         token: &Token,
+        tls: Option<&Tls>,
         keys: &RingKeys,
         incoming: Incoming,
         chunk_bytes: usize,
@@ -330,7 +339,7 @@ impl Ring {
         if world > 1 {
             let right = ring::right(rank, world);
             let address = peers[right].clone();
-            let channel = connect_with_retry(&address, connect_timeout)
+            let channel = connect_with_retry(&address, connect_timeout, tls)
                 .await
                 .map_err(|reason| CollectiveError::Connect {
                     rank: right,
@@ -563,10 +572,21 @@ fn disjoint(buf: &mut [f32], read: Range<usize>, write: Range<usize>) -> (&[f32]
     }
 }
 
-/// Dials `address` until it answers or `timeout` passes (exponential backoff from 50 ms to 1 s).
-pub async fn connect_with_retry(address: &str, timeout: Duration) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad address {address:?}: {e}"))?
+/// Dials `address` (over TLS when `tls` is given) until it answers or `timeout` passes
+/// (exponential backoff from 50 ms to 1 s).
+pub async fn connect_with_retry(
+    address: &str,
+    timeout: Duration,
+    tls: Option<&Tls>,
+) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(format!("{}://{address}", tls::scheme(tls)))
+        .map_err(|e| format!("bad address {address:?}: {e}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client())
+            .map_err(|e| format!("TLS for {address}: {e}"))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

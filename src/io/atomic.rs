@@ -28,8 +28,20 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Starts writing `target` (its directory must exist).
+    /// Starts writing `target` (its directory must exist), readable as the umask allows.
     pub fn create(target: impl Into<PathBuf>) -> Result<Self> {
+        let file = Self::create_private(target)?;
+        let mode = 0o666 & !umask();
+        std::fs::set_permissions(
+            file.writer.get_ref().path(),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .map_err(Error::io("set permissions of", &file.target))?;
+        Ok(file)
+    }
+
+    /// Starts writing `target` readable by its owner only (keys, secrets).
+    pub fn create_private(target: impl Into<PathBuf>) -> Result<Self> {
         let target = target.into();
         let dir = parent_of(&target);
         let tmp = tempfile::Builder::new()
@@ -65,11 +77,32 @@ impl AtomicFile {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = AtomicFile::create(path)?;
+    write_with(AtomicFile::create(path)?, path, bytes)
+}
+
+/// Writes `bytes` to `path` atomically, readable by its owner only.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(AtomicFile::create_private(path)?, path, bytes)
+}
+
+fn write_with(mut f: AtomicFile, path: &Path, bytes: &[u8]) -> Result<()> {
     f.writer()
         .write_all(bytes)
         .map_err(Error::io("write", path))?;
     f.commit()
+}
+
+/// The process's umask, read without changing it (`umask(2)` can only set it, racing other
+/// threads); 022 where /proc does not say.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 /// A directory being filled under a temporary name beside its final path.
@@ -148,9 +181,35 @@ fn fsync_tree(dir: &Path) -> Result<()> {
     fsync_dir(dir)
 }
 
+/// Copies the directory `src` to `dst` atomically (staged beside `dst`, then renamed into place).
+pub fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+    let staged = StagedDir::create(dst)?;
+    for rel in super::tree::relative_files(src)? {
+        let to = staged.path().join(&rel);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
+        }
+        fs::copy(src.join(&rel), &to).map_err(Error::io("copy", src.join(&rel)))?;
+    }
+    staged.commit()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_are_readable_as_the_umask_allows_and_secrets_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        write_file(&dir.path().join("out"), b"x").unwrap();
+        assert_eq!(mode(&dir.path().join("out")), 0o666 & !umask());
+        assert_ne!(umask() & 0o044, 0o044, "a umask this strict makes the check vacuous");
+        write_private_file(&dir.path().join("key"), b"x").unwrap();
+        assert_eq!(mode(&dir.path().join("key")), 0o600);
+    }
 
     #[test]
     fn uncommitted_file_leaves_nothing() {
@@ -177,18 +236,4 @@ mod tests {
         assert!(!target.join("stale").exists());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
-}
-
-/// Copies the directory `src` to `dst` atomically (staged beside `dst`, then renamed into place).
-pub fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
-    let staged = StagedDir::create(dst)?;
-    for rel in super::tree::relative_files(src)? {
-        let to = staged.path().join(&rel);
-        if let Some(parent) = to.parent() {
-            fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
-        }
-        fs::copy(src.join(&rel), &to).map_err(Error::io("copy", src.join(&rel)))?;
-    }
-    staged.commit()?;
-    Ok(())
 }

@@ -37,6 +37,7 @@ use crate::loss::Targets;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
+use crate::tls::Tls;
 use crate::train::build::{load_training_data, plan_for, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
@@ -540,7 +541,13 @@ impl Coordinator {
             });
         }
         tokio::spawn(self.clone().monitor());
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(files) = &self.cfg.cluster.tls {
+            builder = builder
+                .tls_config(Tls::load(files)?.coordinator_server())
+                .map_err(|e| Error::Usage(format!("cluster.tls: {e}")))?;
+        }
+        builder
             .timeout(
                 Duration::from_millis(
                     self.cfg
