@@ -5,9 +5,16 @@
 //! Prints the time from the kill to the first step of the re-formed ring against the step time of
 //! the same run, and the size and write time of a checkpoint.
 //!
+//! Then network partitions between hosts of their own (network namespaces; needs root): a
+//! worker's link, and the coordinator's, cut for the heartbeat timeout plus 2 s half a step after
+//! step 6, then restored: time to detect (cut → the generation ends) and to recover (link back →
+//! the first step of the re-formed ring), in steps.
+//!
 //!     cargo bench --bench recovery
-//! Env: BENCH_KILL_AT (step after which to kill, default 6).
+//! Env: BENCH_KILL_AT (step after which to kill or cut, default 6).
 mod common;
+#[path = "../tests/netns/mod.rs"]
+mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -107,6 +114,62 @@ fn scenario(victim: &str, at: usize, tmp: &Path) -> (f64, f64, PathBuf) {
     (recovery, step, out)
 }
 
+/// Half the mean step time of the steps logged so far (the first, with warm-up, left out).
+fn half_a_step(out: &Path) -> Duration {
+    let so_far = steps(out);
+    let mean = so_far[1..]
+        .iter()
+        .map(|v| v["seconds"].as_f64().unwrap())
+        .sum::<f64>()
+        / (so_far.len() - 1) as f64;
+    Duration::from_secs_f64(mean / 2.0)
+}
+
+/// Cuts `host`'s link (0: the coordinator, 2: worker 1) half a step after step `at` for the
+/// heartbeat timeout plus 2 s; returns (cut → generation end, link back → first step of the new
+/// ring, mean step) in seconds.
+fn partition(host: usize, at: usize, tmp: &Path) -> (f64, f64, f64) {
+    let net = netns::Network::new(40 + host as u8, 3);
+    let out = tmp.join(format!("partition-{host}"));
+    let logs = tmp.join(format!("logs-{host}"));
+    std::fs::create_dir_all(&logs).unwrap();
+    let sets = [
+        format!("output.dir=\"{}\"", out.display()),
+        "train.batch_size=16".into(),
+        "train.max_steps=24".into(),
+    ];
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/local-2workers.toml");
+    let cluster = netns::Cluster::start(&net, &config, &sets, None, &logs, "bench-partition-token");
+    while steps(&out).len() < at {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(half_a_step(&out));
+    let before = steps(&out).last().unwrap()["generation"].clone();
+    let cut = Instant::now();
+    net.link(host, false);
+    while common::events(&out, "generation_end").is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let detected = cut.elapsed().as_secs_f64();
+    // The default heartbeat timeout (5 s) plus 2 s, from the cut.
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(cut.elapsed()));
+    net.link(host, true);
+    let back = Instant::now();
+    while !steps(&out).iter().any(|s| s["generation"] != before) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let recovered = back.elapsed().as_secs_f64();
+    cluster.finish(&logs, Duration::from_secs(600));
+    let s = steps(&out);
+    assert_eq!(s.len(), 24, "every step logged once");
+    let step = s[1..]
+        .iter()
+        .map(|v| v["seconds"].as_f64().unwrap())
+        .sum::<f64>()
+        / 23.0;
+    (detected, recovered, step)
+}
+
 fn main() {
     let at = common::env_or("BENCH_KILL_AT", 6usize);
     let tmp = tempfile::tempdir().unwrap();
@@ -122,6 +185,22 @@ fn main() {
             recovery / step
         );
         dirs.push(out);
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        println!(
+            "\n| link cut after step {at} for 7 s | cut → detected | link back → first step | mean step | detected, recovered |"
+        );
+        println!("|---|---|---|---|---|");
+        for (host, who) in [(2, "worker 1"), (0, "coordinator")] {
+            let (detected, recovered, step) = partition(host, at, tmp.path());
+            println!(
+                "| {who} | {detected:.2} s | {recovered:.2} s | {step:.2} s | {:.1} steps, {:.1} steps |",
+                detected / step,
+                recovered / step
+            );
+        }
+    } else {
+        println!("(partitions skipped: network namespaces need root)");
     }
     for out in &dirs {
         for c in common::events(out, "checkpoint") {

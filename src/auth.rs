@@ -62,11 +62,64 @@ impl Token {
 
     /// Client-side interceptor: adds the token to every call.
     pub fn attach(&self) -> Attach {
-        Attach(
-            format!("Bearer {}", self.0)
+        Attach {
+            token: format!("Bearer {}", self.0)
                 .parse()
                 .expect("validated ASCII token"),
-        )
+            member: None,
+        }
+    }
+
+    /// Adds the token and the caller's ring membership (`MEMBER_HEADER`: its member id and the
+    /// secret ring key the coordinator gave it for this generation) to every call.
+    pub fn attach_member(&self, member: u64, key: &str) -> Result<Attach, String> {
+        Ok(Attach {
+            member: Some(
+                format!("{member}:{key}")
+                    .parse()
+                    .map_err(|_| "the ring key is not valid metadata".to_string())?,
+            ),
+            ..self.attach()
+        })
+    }
+}
+
+/// The metadata key with which a ring member proves who it is: `ID:RING_KEY`.
+pub const MEMBER_HEADER: &str = "x-multipos-member";
+
+/// A caller's claim to be a ring member, read from `MEMBER_HEADER`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberClaim {
+    pub id: u64,
+    pub key: String,
+}
+
+impl MemberClaim {
+    /// The claim a request carries, if it carries a well-formed one.
+    pub fn of<T>(request: &Request<T>) -> Option<Self> {
+        let (id, key) = request
+            .metadata()
+            .get(MEMBER_HEADER)?
+            .to_str()
+            .ok()?
+            .split_once(':')?;
+        Some(Self {
+            id: id.parse().ok()?,
+            key: key.to_string(),
+        })
+    }
+
+    /// True when the claim names member `id` and presents `key`, compared in time independent of
+    /// where they differ.
+    pub fn proves(&self, id: u64, key: &str) -> bool {
+        self.id == id
+            && self.key.len() == key.len()
+            && self
+                .key
+                .bytes()
+                .zip(key.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 }
 
@@ -84,13 +137,20 @@ impl Interceptor for Check {
     }
 }
 
-/// Adds the token to outgoing requests.
+/// Adds the token (and a ring member's claim, once it has one) to outgoing requests.
 #[derive(Clone)]
-pub struct Attach(MetadataValue<tonic::metadata::Ascii>);
+pub struct Attach {
+    token: MetadataValue<tonic::metadata::Ascii>,
+    member: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
 
 impl Interceptor for Attach {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        req.metadata_mut()
+            .insert("authorization", self.token.clone());
+        if let Some(m) = &self.member {
+            req.metadata_mut().insert(MEMBER_HEADER, m.clone());
+        }
         Ok(req)
     }
 }

@@ -377,85 +377,6 @@ fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
 }
 
 #[test]
-fn checkpoint_uploads_are_taken_only_from_rank_0_and_only_as_asked() {
-    let _serial = serial();
-    use multipos::auth::Token;
-    use multipos::pb::coordinator_client::CoordinatorClient;
-    use multipos::train::checkpoint;
-
-    let extra = ["output.checkpoint_every_steps=4"];
-    let (dir, model, _cfg, clean) = reference_run(&extra, "2");
-    // The attacker holds the token and a real checkpoint of this run, edited to claim step 1000.
-    let (newest, _) = checkpoint::latest_valid(&clean.join("checkpoints"))
-        .unwrap()
-        .unwrap();
-    let forged = dir.path().join("forged");
-    copy_dir(&newest, &forged);
-    let state = checkpoint::verify(&forged).unwrap();
-    checkpoint::annotate(&forged, state, |s| s.step = 1000, &[]).unwrap();
-    let hit = dir.path().join("attacked");
-    let token = "upload-test-token";
-    let (mut coordinator, addr) = start_coordinator(&model, &hit, token, &extra);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        CoordinatorClient::with_interceptor(channel, Token::new(token).unwrap().attach())
-    });
-    let upload = |member: Option<u64>| {
-        let mut client = client.clone();
-        let forged = forged.clone();
-        rt.block_on(async move {
-            let chunks = multipos::cluster::files::upload_stream(&forged).unwrap();
-            let mut req = tonic::Request::new(chunks);
-            if let Some(m) = member {
-                req.metadata_mut().insert(
-                    multipos::cluster::coordinator::MEMBER_HEADER,
-                    m.to_string().parse().unwrap(),
-                );
-            }
-            client.upload_checkpoint(req).await.map(|_| ())
-        })
-    };
-    assert_eq!(
-        upload(None).unwrap_err().code(),
-        tonic::Code::InvalidArgument
-    );
-    assert_eq!(
-        upload(Some(1)).unwrap_err().code(),
-        tonic::Code::PermissionDenied,
-        "no ring yet"
-    );
-    let workers = start_workers(&addr, token, &model);
-    // While the run goes on, try every member id (rank 0's among them) again and again.
-    let mut refused = Vec::new();
-    while losses(&hit).len() < 10 && refused.len() < 400 {
-        for member in 1..=3 {
-            match upload(Some(member)) {
-                Ok(()) => panic!("a forged checkpoint was accepted from member {member}"),
-                Err(s) if s.code() == tonic::Code::Unavailable => break,
-                Err(s) => refused.push(s.code()),
-            }
-        }
-    }
-    assert!(
-        refused.contains(&tonic::Code::PermissionDenied),
-        "{refused:?}"
-    );
-    wait_ok(workers);
-    assert!(coordinator.wait().unwrap().success());
-    assert!(
-        !hit.join("checkpoints")
-            .join(checkpoint::name(1000))
-            .exists()
-    );
-    common::assert_same_run(&clean, &hit, "under attack", &[]);
-}
-
-#[test]
 fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec::default());
@@ -537,18 +458,6 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     coordinator.wait().unwrap();
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let dst = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &dst);
-        } else {
-            std::fs::copy(entry.path(), dst).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
     let _serial = serial();
@@ -582,7 +491,7 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
         unsafe { libc_kill(pid, 9) };
     }
     let on_two = dir.path().join("on-two");
-    copy_dir(&killed, &on_two);
+    common::copy_dir(&killed, &on_two);
 
     // Resume on the same number of workers: bit-identical to the run that never died.
     launch_ok(

@@ -14,13 +14,6 @@ fn tensors(dir: &Path) -> Vec<(String, tch::Tensor)> {
     t
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    for rel in multipos::io::tree::relative_files(from).unwrap() {
-        let dst = to.join(&rel);
-        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        std::fs::copy(from.join(&rel), dst).unwrap();
-    }
-}
 
 #[test]
 fn two_copies_average_to_the_same_model_and_weights_are_honoured() {
@@ -30,7 +23,7 @@ fn two_copies_average_to_the_same_model_and_weights_are_honoured() {
         ..TinySpec::default()
     });
     let copy = dir.path().join("copy");
-    copy_dir(&a, &copy);
+    common::copy_dir(&a, &copy);
     let out = dir.path().join("avg");
     average(
         &[a.clone(), copy],
@@ -90,7 +83,7 @@ fn mismatched_models_are_refused_naming_what_differs() {
     );
 
     let retok: PathBuf = dir.path().join("retokenized");
-    copy_dir(&a, &retok);
+    common::copy_dir(&a, &retok);
     let tok = retok.join("tokenizer.json");
     let text = std::fs::read_to_string(&tok)
         .unwrap()

@@ -238,8 +238,9 @@ async fn generation(
             node.opts.coordinator
         ))
     })?;
-    let mut client: Client = CoordinatorClient::with_interceptor(channel, node.opts.token.attach())
-        .max_decoding_message_size(256 << 20);
+    let mut client: Client =
+        CoordinatorClient::with_interceptor(channel.clone(), node.opts.token.attach())
+            .max_decoding_message_size(256 << 20);
     let joined = client
         .join(with_deadline(
             JoinRequest {
@@ -265,6 +266,14 @@ async fn generation(
             "the coordinator's answer to join is unusable: {e}"
         )))
     })?;
+    // From now on every call proves this worker's membership with its ring key.
+    let attach = node
+        .opts
+        .token
+        .attach_member(joined.member, &joined.ring_key)
+        .map_err(|e| Interrupt::Fatal(Error::Usage(e)))?;
+    let mut client: Client =
+        CoordinatorClient::with_interceptor(channel, attach).max_decoding_message_size(256 << 20);
     let (rank, world) = (joined.rank as usize, joined.world_size as usize);
     tracing::info!(rank, world, generation = joined.generation, start_step = joined.start_step, heal = joined.heal, worker = %node.worker_id, "joined");
 
@@ -327,7 +336,6 @@ async fn generation(
         &mut client,
         &ring,
         replica,
-        joined.member,
         broken,
         step_timeout,
         &node.state,
@@ -609,7 +617,6 @@ async fn train_loop(
     client: &mut Client,
     ring: &Ring,
     replica: &mut Replica,
-    member: u64,
     broken: watch::Receiver<Option<String>>,
     step_timeout: Duration,
     node_state: &StateSlot,
@@ -633,7 +640,7 @@ async fn train_loop(
             Ok(StepStatus::Step) => {}
             Ok(StepStatus::Done) => {
                 if next.checkpoint {
-                    upload_checkpoint(client, replica, member).await?;
+                    upload_checkpoint(client, replica).await?;
                 }
                 break;
             }
@@ -644,7 +651,7 @@ async fn train_loop(
             Ok(StepStatus::Rejoin) => return Err(Interrupt::Rejoin(next.reason)),
             Ok(StepStatus::Stop) => {
                 if next.checkpoint {
-                    upload_checkpoint(client, replica, member).await?;
+                    upload_checkpoint(client, replica).await?;
                 }
                 tracing::info!(rank, step, "stopping as the coordinator asked");
                 return Ok(());
@@ -663,7 +670,7 @@ async fn train_loop(
             }
         }
         if next.checkpoint {
-            upload_checkpoint(client, replica, member).await?;
+            upload_checkpoint(client, replica).await?;
         }
         let input = step_input(&next, &replica.tasks, ring.world)?;
         let trainer = &mut replica.trainer;
@@ -765,11 +772,7 @@ async fn report_eval(
 }
 
 /// Writes the replica's state as a checkpoint and streams it to the coordinator.
-async fn upload_checkpoint(
-    client: &mut Client,
-    replica: &Replica,
-    member: u64,
-) -> Result<(), Interrupt> {
+async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(), Interrupt> {
     let dir = scratch_dir()?;
     let state = CheckpointState {
         step: replica.applied,
@@ -797,16 +800,8 @@ async fn upload_checkpoint(
         )
     })?;
     let chunks = super::files::upload_stream(&path)?;
-    let mut request = with_deadline(chunks, TRANSFER_DEADLINE);
-    request.metadata_mut().insert(
-        super::coordinator::MEMBER_HEADER,
-        member
-            .to_string()
-            .parse()
-            .expect("digits are valid metadata"),
-    );
     client
-        .upload_checkpoint(request)
+        .upload_checkpoint(with_deadline(chunks, TRANSFER_DEADLINE))
         .await
         .map_err(rpc_err("upload checkpoint"))?;
     Ok(())

@@ -285,6 +285,11 @@ fn same_key(a: &str, b: &str) -> bool {
 const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 
+/// How often a client pings an open connection, and how long it waits for the answer (as long as
+/// the default heartbeat timeout: a busy peer on a loaded machine is not a dead one).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A server builder tuned for ring traffic (large flow-control windows, no Nagle), with TLS that
 /// asks every client for a certificate of the run's CA when `tls` is given.
 pub fn peer_server_builder(tls: Option<&Tls>) -> Result<tonic::transport::Server, String> {
@@ -586,8 +591,14 @@ pub async fn connect_with_retry(
             .tls_config(tls.client())
             .map_err(|e| format!("TLS for {address}: {e}"))?;
     }
+    // A connection whose peer stops answering pings is dropped and dialled afresh: after a
+    // partition heals, a fresh connection gets through at once, while the old one would wait out
+    // TCP's retransmission backoff (seconds).
     let endpoint = endpoint
         .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .tcp_nodelay(true);

@@ -206,7 +206,11 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         write_file(&dir.path().join("out"), b"x").unwrap();
         assert_eq!(mode(&dir.path().join("out")), 0o666 & !umask());
-        assert_ne!(umask() & 0o044, 0o044, "a umask this strict makes the check vacuous");
+        assert_ne!(
+            umask() & 0o044,
+            0o044,
+            "a umask this strict makes the check vacuous"
+        );
         write_private_file(&dir.path().join("key"), b"x").unwrap();
         assert_eq!(mode(&dir.path().join("key")), 0o600);
     }

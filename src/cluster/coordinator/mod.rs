@@ -23,8 +23,6 @@ use tonic::Status;
 
 mod service;
 
-pub use service::MEMBER_HEADER;
-
 use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};

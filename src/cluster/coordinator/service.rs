@@ -7,6 +7,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, EvalWork, Member, Next, Shared, State, Stop};
+use crate::auth::{MEMBER_HEADER, MemberClaim};
 use crate::cluster::files::{file_stream, receive_files};
 use crate::pb::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::pb::next_step_response::Status as StepStatus;
@@ -14,22 +15,63 @@ use crate::pb::*;
 use crate::train::checkpoint;
 use crate::train::nonfinite::{Fate, verdict};
 
-/// The metadata key with which a worker names itself (its member id) on uploads.
-pub const MEMBER_HEADER: &str = "x-multipos-member";
-
 /// The gRPC face of the coordinator.
 pub(super) struct Service(pub(super) Shared);
 
-/// The rank `rank` of generation `generation`, checked against the current ring.
-fn check_rank(st: &State, generation: u64, rank: u32) -> std::result::Result<usize, Status> {
+/// The rank `rank` of the live generation `generation`, which the caller must prove to hold: its
+/// claim names the member at that rank and presents that member's ring key. A token alone lets a
+/// caller join; only a member speaks for a rank.
+fn check_member(
+    st: &State,
+    generation: u64,
+    rank: u32,
+    claim: Option<&MemberClaim>,
+) -> std::result::Result<usize, Status> {
     let r = rank as usize;
-    if !st.ended(generation) && r >= st.ring.len() {
-        return Err(Status::invalid_argument(format!(
+    let member = st.ring.get(r).ok_or_else(|| {
+        Status::invalid_argument(format!(
             "rank {rank} is outside a ring of {}",
             st.ring.len()
-        )));
+        ))
+    })?;
+    let key = st
+        .formation
+        .as_ref()
+        .filter(|f| f.generation == generation)
+        .and_then(|f| f.keys.get(r));
+    match (claim, key) {
+        (Some(claim), Some(key)) if claim.proves(member.id, key) => Ok(r),
+        (None, _) => Err(refused(format!(
+            "{MEMBER_HEADER} is missing: not a member of the ring"
+        ))),
+        _ => Err(refused(format!(
+            "the caller is not rank {rank} of generation {generation}"
+        ))),
     }
-    Ok(r)
+}
+
+/// Some member of the ring being formed or live, as its claim proves (fetches of the model and of
+/// checkpoints come between `Join` and the first step).
+fn check_any_member(st: &State, claim: Option<&MemberClaim>) -> std::result::Result<(), Status> {
+    let claim =
+        claim.ok_or_else(|| refused(format!("{MEMBER_HEADER} is missing: not a member")))?;
+    let proven = st.formation.as_ref().is_some_and(|f| {
+        st.ring
+            .iter()
+            .zip(&f.keys)
+            .any(|(m, key)| claim.proves(m.id, key))
+    });
+    if proven {
+        Ok(())
+    } else {
+        Err(refused(format!("member {} is not in the ring", claim.id)))
+    }
+}
+
+/// A refusal, logged: a caller with the token that speaks for someone else is hostile or lost.
+fn refused(reason: String) -> Status {
+    tracing::warn!(%reason, "refused a call");
+    Status::permission_denied(reason)
 }
 
 /// A worker waiting in `Join`; when the call ends without a ring (dropped, timed out), the
@@ -190,14 +232,20 @@ impl CoordinatorRpc for Service {
         request: Request<HeartbeatRequest>,
     ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
         let c = &self.0;
+        let claim = MemberClaim::of(&request);
         let id = request.into_inner().member;
         let mut st = c.lock();
-        let in_ring = st
-            .ring
-            .iter_mut()
-            .find(|m| m.id == id)
-            .map(|m| m.last_seen = Instant::now())
-            .is_some();
+        // Only the member itself keeps itself alive: a forged heartbeat must not hide a dead one.
+        let rank = st.ring.iter().position(|m| m.id == id);
+        let in_ring = match rank {
+            Some(r) if !st.forming => {
+                let generation = st.generation;
+                check_member(&st, generation, r as u32, claim.as_ref())?;
+                st.ring[r].last_seen = Instant::now();
+                true
+            }
+            _ => false,
+        };
         Ok(Response::new(HeartbeatResponse {
             keep_going: st.aborted.is_none() && !st.model_saved && st.stop != Stop::Done,
             reason: st.aborted.clone().unwrap_or_default(),
@@ -211,6 +259,7 @@ impl CoordinatorRpc for Service {
         request: Request<NextStepRequest>,
     ) -> std::result::Result<Response<NextStepResponse>, Status> {
         let c = self.0.clone();
+        let claim = MemberClaim::of(&request);
         let req = request.into_inner();
         let answer = |status: StepStatus, reason: String| NextStepResponse {
             status: status as i32,
@@ -248,7 +297,7 @@ impl CoordinatorRpc for Service {
                 if st.ended(req.generation) {
                     break;
                 }
-                let rank = check_rank(&st, req.generation, req.rank)?;
+                let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
                 // A stop skips validation (a resumed run makes it up); a wrong step is answered below.
                 if (st.stop != Stop::Running && req.step < st.end) || committed != req.step {
                     break;
@@ -276,7 +325,7 @@ impl CoordinatorRpc for Service {
                 format!("generation {} ended", req.generation),
             )));
         }
-        let rank = check_rank(&st, req.generation, req.rank)?;
+        let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
         if committed != req.step {
             return Ok(Response::new(answer(
                 StepStatus::Rejoin,
@@ -342,6 +391,7 @@ impl CoordinatorRpc for Service {
         request: Request<CommitRequest>,
     ) -> std::result::Result<Response<CommitResponse>, Status> {
         let c = self.0.clone();
+        let claim = MemberClaim::of(&request);
         let req = request.into_inner();
         let (step, generation) = (req.step, req.generation);
         let discard = |reason: String| {
@@ -359,7 +409,7 @@ impl CoordinatorRpc for Service {
             if st.ended(generation) {
                 return discard(format!("generation {generation} ended"));
             }
-            let rank = check_rank(&st, generation, req.rank)?;
+            let rank = check_member(&st, generation, req.rank, claim.as_ref())?;
             if step != st.committed {
                 return discard(format!(
                     "commit for step {}, but step {} is open",
@@ -451,18 +501,15 @@ impl CoordinatorRpc for Service {
     ) -> std::result::Result<Response<UploadCheckpointResponse>, Status> {
         let c = self.0.clone();
         // Only rank 0 of the live ring, and only the checkpoint it was asked for.
-        let member = request
-            .metadata()
-            .get(MEMBER_HEADER)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .ok_or_else(|| Status::invalid_argument(format!("{MEMBER_HEADER} is missing")))?;
+        let claim = MemberClaim::of(&request);
         let asked = {
             let st = c.lock();
-            if st.forming || st.ring.first().is_none_or(|m| m.id != member) {
-                return Err(Status::permission_denied(
-                    "only rank 0 of the live ring uploads checkpoints",
+            if st.forming {
+                return Err(refused(
+                    "no live ring: checkpoints come from its rank 0".into(),
                 ));
             }
+            check_member(&st, st.generation, 0, claim.as_ref())?;
             st.checkpoint_asked
                 .ok_or_else(|| Status::failed_precondition("no checkpoint was asked for"))?
         };
@@ -510,6 +557,7 @@ impl CoordinatorRpc for Service {
         request: Request<EvalReport>,
     ) -> std::result::Result<Response<EvalReportResponse>, Status> {
         let c = self.0.clone();
+        let claim = MemberClaim::of(&request);
         let req = request.into_inner();
         if !req.embeddings.len().is_multiple_of(4) {
             return Err(Status::invalid_argument(
@@ -527,7 +575,7 @@ impl CoordinatorRpc for Service {
                 // The page goes out again in the next generation; this worker learns to re-join.
                 return Ok(Response::new(EvalReportResponse {}));
             }
-            let rank = check_rank(&st, req.generation, req.rank)?;
+            let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
             let round = st
                 .eval
                 .as_mut()
@@ -570,6 +618,7 @@ impl CoordinatorRpc for Service {
         request: Request<FetchCheckpointRequest>,
     ) -> std::result::Result<Response<Self::FetchCheckpointStream>, Status> {
         let c = self.0.clone();
+        check_any_member(&c.lock(), MemberClaim::of(&request).as_ref())?;
         let step = request.into_inner().step;
         let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
         let path = c
@@ -592,8 +641,9 @@ impl CoordinatorRpc for Service {
 
     async fn fetch_model(
         &self,
-        _request: Request<FetchModelRequest>,
+        request: Request<FetchModelRequest>,
     ) -> std::result::Result<Response<Self::FetchModelStream>, Status> {
+        check_any_member(&self.0.lock(), MemberClaim::of(&request).as_ref())?;
         Ok(Response::new(transfer_stream(&self.0.model_dir)?))
     }
 
@@ -602,8 +652,10 @@ impl CoordinatorRpc for Service {
         request: Request<Streaming<FileChunk>>,
     ) -> std::result::Result<Response<UploadModelResponse>, Status> {
         let c = self.0.clone();
+        let claim = MemberClaim::of(&request);
         {
             let st = c.lock();
+            check_member(&st, st.generation, 0, claim.as_ref())?;
             if st.committed < st.end {
                 return Err(Status::failed_precondition("the run is not finished"));
             }
