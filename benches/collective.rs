@@ -134,7 +134,7 @@ fn main() {
     })
     .unwrap();
     rt.block_on(async {
-        let token = Token::new("benchmark-token").unwrap();
+        let token = Token::new("benchmark-token-16").unwrap();
         let raw = raw_tcp_bytes_per_s(1 << 30).await;
         println!("raw TCP loopback, one stream: {:.0} MB/s", raw / 1e6);
         println!(

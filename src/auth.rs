@@ -5,6 +5,9 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+/// The fewest characters a cluster token may have.
+pub const MIN_TOKEN_LEN: usize = 16;
+
 /// A shared secret of the run.
 #[derive(Clone)]
 pub struct Token(Arc<str>);
@@ -16,14 +19,16 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
-    /// Wraps a token; it must be non-empty and printable ASCII (it travels as an HTTP header).
+    /// Wraps a token of at least [`MIN_TOKEN_LEN`] printable ASCII characters (it travels as an
+    /// HTTP header). Guessing is hopeless at that length: 16 random hex digits are 64 bits.
     pub fn new(token: &str) -> Result<Self, String> {
         let token = token.trim();
-        if token.len() < 8 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(
-                "the cluster token must be at least 8 printable ASCII characters without spaces"
-                    .into(),
-            );
+        if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "the cluster token must be at least {MIN_TOKEN_LEN} printable ASCII characters \
+                 without spaces (got {}); make one with `openssl rand -hex 16`",
+                token.len()
+            ));
         }
         Ok(Self(token.into()))
     }
@@ -152,5 +157,26 @@ impl Interceptor for Attach {
             req.metadata_mut().insert(MEMBER_HEADER, m.clone());
         }
         Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_or_unprintable_tokens_are_refused_and_claims_prove_only_their_own_key() {
+        assert!(Token::new("fifteen-chars-x").is_err());
+        assert!(Token::new("sixteen-chars-xx").is_ok());
+        assert!(Token::new("sixteen chars xx").is_err());
+        assert!(Token::new(&Token::random().expose().to_string()).is_ok());
+        let claim = MemberClaim {
+            id: 3,
+            key: "abc".into(),
+        };
+        assert!(claim.proves(3, "abc"));
+        assert!(!claim.proves(3, "abd"));
+        assert!(!claim.proves(4, "abc"));
+        assert!(!claim.proves(3, "abcd"));
     }
 }

@@ -273,6 +273,10 @@ pub struct TrainConfig {
     /// A step whose loss or gradient is not finite: `abort` (stop with a clear error; the last
     /// checkpoint stays the last good one) or `skip` (discard it and go on; repeated skips abort).
     pub on_nonfinite: NonFinite,
+    /// Mine hard negatives for every MNRL task with the base model before training
+    /// (`multipos mine`'s options); the mined data is recorded in `output.dir/mined/` and a resumed
+    /// run reads it back.
+    pub mine: Option<crate::mine::MineOptions>,
 }
 
 /// What a run does with a step whose loss or gradient is NaN or infinite.
@@ -306,6 +310,7 @@ impl Default for TrainConfig {
             sampler: Sampler::Proportional,
             ema_decay: None,
             on_nonfinite: NonFinite::Abort,
+            mine: None,
         }
     }
 }
@@ -563,6 +568,17 @@ impl RunConfig {
                 ));
             }
         }
+        if self.train.mine.is_some()
+            && !tasks
+                .iter()
+                .any(|t| t.loss.in_batch_negatives() && t.negatives_per_row > 0)
+        {
+            return Err(
+                "train.mine mines negatives, but no MNRL task uses any: set negatives_per_row \
+                 (data.negatives_per_row) to at least 1"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -578,6 +594,11 @@ impl RunConfig {
                     ));
                 }
             }
+        }
+        if let Some(p) = self.train.mine.as_ref().and_then(|m| m.corpus.as_ref())
+            && !p.is_file()
+        {
+            return Err(format!("train.mine.corpus: {} does not exist", p.display()));
         }
         if let Some(tls) = &self.cluster.tls {
             crate::tls::Tls::load(tls).map_err(|e| e.to_string())?;

@@ -300,7 +300,7 @@ fn calls_without_the_right_token_are_refused() {
 
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let (mut child, addr) =
-        start_coordinator(&model, &dir.path().join("out"), "the-right-token", &[]);
+        start_coordinator(&model, &dir.path().join("out"), "the-right-token-16", &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -314,14 +314,14 @@ fn calls_without_the_right_token_are_refused() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
-        let wrong = Token::new("a-wrong-token").unwrap();
+        let wrong = Token::new("a-wrong-token-of-16").unwrap();
         let mut client = CoordinatorClient::with_interceptor(channel.clone(), wrong.attach());
         let err = client
             .heartbeat(HeartbeatRequest { member: 0 })
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
-        let right = Token::new("the-right-token").unwrap();
+        let right = Token::new("the-right-token-16").unwrap();
         let mut client = CoordinatorClient::with_interceptor(channel, right.attach());
         assert!(
             client
@@ -343,7 +343,7 @@ fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
 
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().join("out");
-    let token = "ghost-test-token";
+    let token = "ghost-test-token-16";
     let (mut coordinator, addr) = start_coordinator(&model, &out, token, &["train.max_steps=3"]);
     // A worker asks for rank 0, then gives up waiting for the ring (its deadline passes).
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -381,7 +381,7 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     let _serial = serial();
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().join("fetched");
-    let token = "fetch-test-token";
+    let token = "fetch-test-token-16";
     let in_config = format!("cluster.token=\"{token}\"");
     let (mut coordinator, addr) = start_coordinator(
         &model,

@@ -21,7 +21,7 @@ async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_reduce_and_all_gather_are_exact_for_large_buffers() {
-    let token = Token::new("collective-test").unwrap();
+    let token = Token::new("collective-test-token").unwrap();
     for world in [1usize, 2, 3] {
         let rings = rings(world, &token, &token).await;
         // 3M floats = 12 MB per rank; values chosen so every partial sum is exact in f32.
@@ -64,8 +64,8 @@ async fn all_reduce_and_all_gather_are_exact_for_large_buffers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_the_wrong_token_cannot_feed_the_ring() {
-    let right = Token::new("the-right-one").unwrap();
-    let wrong = Token::new("not-the-right-one").unwrap();
+    let right = Token::new("the-right-one-of-16").unwrap();
+    let wrong = Token::new("not-the-right-one-16").unwrap();
     let gather_all = |rings: Vec<Arc<Ring>>| async move {
         let tasks: Vec<_> = rings
             .into_iter()

@@ -14,7 +14,6 @@ fn tensors(dir: &Path) -> Vec<(String, tch::Tensor)> {
     t
 }
 
-
 #[test]
 fn two_copies_average_to_the_same_model_and_weights_are_honoured() {
     let (dir, a) = common::tiny_model(&TinySpec::default());

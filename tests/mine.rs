@@ -374,3 +374,95 @@ fn queries_that_found_too_few_negatives_still_train_with_fill_negatives_random()
     let leftovers = pairs as u64 - trained;
     assert!(leftovers < 8, "{pairs} pairs, {trained} trained");
 }
+
+#[test]
+fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_the_cluster_agrees()
+{
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let cache = dir.path().join("cache");
+    let data = repo("deploy/data/bible_paraphrase_tiny/train.jsonl");
+    let corpus = repo("deploy/data/bible_paraphrase_tiny/corpus.jsonl");
+    let mined = dir.path().join("mined.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .args([
+            "mine",
+            "--device",
+            "cpu",
+            "--num-negatives",
+            "2",
+            "--no-cache",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--output")
+        .arg(&mined)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = |cmd: &str, name: &str, train_file: &Path, extra: &[String]| {
+        let out = dir.path().join(name);
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"));
+        c.args([cmd, "--config"])
+            .arg(repo("configs/local-2workers.toml"))
+            .args(["--set", &format!("model.path=\"{}\"", model.display())])
+            .args(["--set", &format!("data.train=\"{}\"", train_file.display())])
+            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+            .args([
+                "--set",
+                "data.negatives_per_row=2",
+                "--set",
+                "data.fill_negatives=\"random\"",
+            ])
+            .args(["--set", "train.max_steps=6", "--set", "train.batch_size=8"])
+            .env("MULTIPOS_CACHE", &cache)
+            .env_remove("MULTIPOS_CLUSTER_TOKEN")
+            .current_dir(repo(""));
+        for s in extra {
+            c.arg("--set").arg(s);
+        }
+        let o = c.output().unwrap();
+        (out, o)
+    };
+    let mine_sets = vec![
+        "train.mine.num_negatives=2".to_string(),
+        format!("train.mine.corpus=\"{}\"", corpus.display()),
+    ];
+    let (inline, o) = run("train", "inline", &data, &mine_sets);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(inline.join("mined/default.jsonl")).unwrap(),
+        std::fs::read(&mined).unwrap(),
+        "train.mine records what multipos mine writes"
+    );
+    assert_eq!(common::events(&inline, "mine").len(), 1);
+    let (from_file, o) = run("train", "from-file", &mined, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_same_run(&from_file, &inline, "train.mine vs. mine then train", &[]);
+
+    // Interrupted after 3 steps and resumed: the record is read back, not mined again.
+    let mut stop = mine_sets.clone();
+    stop.push("train.stop_after_steps=3".into());
+    let (resumed, _) = run("train", "resumed", &data, &stop);
+    assert_eq!(common::step_losses(&resumed.join("metrics.jsonl")).len(), 3);
+    let mut again = mine_sets.clone();
+    again.push("train.resume=\"latest\"".into());
+    let (_, o) = run("train", "resumed", &data, &again);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let events = common::events(&resumed, "mine");
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events[1]["recorded"].is_string(), "{events:?}");
+    common::assert_same_run(&inline, &resumed, "resumed on the recorded mined data", &[]);
+
+    // The cluster's coordinator mines the same rows; two workers train as one process does.
+    let (cluster, o) = run("launch", "cluster", &data, &mine_sets);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(cluster.join("mined/default.jsonl")).unwrap(),
+        std::fs::read(&mined).unwrap()
+    );
+    common::assert_same_run(&inline, &cluster, "train.mine in the cluster", &[]);
+}

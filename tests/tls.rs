@@ -103,7 +103,7 @@ fn a_cluster_over_mutual_tls_trains_exactly_as_over_plaintext() {
 /// Starts a TLS coordinator and returns it with its address.
 fn tls_coordinator(model: &Path, out: &Path, tls: &TlsConfig) -> (std::process::Child, String) {
     let mut child = command("coordinator", &sets(model, out, &tls_sets(tls)))
-        .env("MULTIPOS_CLUSTER_TOKEN", "the-right-token")
+        .env("MULTIPOS_CLUSTER_TOKEN", "the-right-token-16")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -121,7 +121,7 @@ fn tls_coordinator(model: &Path, out: &Path, tls: &TlsConfig) -> (std::process::
 
 /// A heartbeat with the right token over `channel`: the call's status code, Ok when answered.
 async fn heartbeat(channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
-    let token = Token::new("the-right-token").unwrap();
+    let token = Token::new("the-right-token-16").unwrap();
     CoordinatorClient::with_interceptor(channel, token.attach())
         .heartbeat(HeartbeatRequest { member: 0 })
         .await
@@ -185,7 +185,7 @@ fn a_coordinator_without_client_auth_takes_clients_without_a_certificate_of_its_
         "coordinator",
         &sets(&model, &dir.path().join("out"), &extra),
     )
-    .env("MULTIPOS_CLUSTER_TOKEN", "the-right-token")
+    .env("MULTIPOS_CLUSTER_TOKEN", "the-right-token-16")
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
     .spawn()
@@ -220,7 +220,7 @@ async fn the_peer_ring_runs_over_tls_and_refuses_other_cas_and_plaintext() {
     let files = make_certs(&dir.path().join("certs"), "127.0.0.1");
     let other = make_certs(&dir.path().join("other-ca"), "127.0.0.1");
     let tls = Tls::load(&files).unwrap();
-    let token = Token::new("tls-ring-test").unwrap();
+    let token = Token::new("tls-ring-test-token").unwrap();
     let rings = loopback_rings(
         3,
         &token,
@@ -256,7 +256,7 @@ async fn the_peer_ring_runs_over_tls_and_refuses_other_cas_and_plaintext() {
     );
     let quick = Duration::from_secs(2);
     let fetch = |channel| async move {
-        PeerClient::with_interceptor(channel, Token::new("tls-ring-test").unwrap().attach())
+        PeerClient::with_interceptor(channel, Token::new("tls-ring-test-token").unwrap().attach())
             .fetch_state(multipos::pb::FetchStateRequest { generation: 1 })
             .await
             .map(drop)

@@ -102,18 +102,10 @@ pub fn run(args: MineArgs) -> anyhow::Result<()> {
         sampling_strategy: args.sampling_strategy,
         seed: args.seed,
         batch_size: args.batch_size as usize,
+        corpus: None,
     };
-    let cache_dir = (!args.no_cache).then(|| {
-        args.cache_dir.clone().unwrap_or_else(|| {
-            std::env::var_os("MULTIPOS_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                        .join(".cache/multipos")
-                })
-                .join("embeddings")
-        })
-    });
+    let cache_dir =
+        (!args.no_cache).then(|| args.cache_dir.clone().unwrap_or_else(cache::default_dir));
     let key = cache::model_key(&model_dir, model.max_seq_length())?;
     let start = std::time::Instant::now();
     let show = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -27,6 +27,16 @@ pub fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
     Ok(h.digest())
 }
 
+/// The default cache directory: `$MULTIPOS_CACHE/embeddings`, else `~/.cache/multipos/embeddings`.
+pub fn default_dir() -> PathBuf {
+    std::env::var_os("MULTIPOS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/multipos")
+        })
+        .join("embeddings")
+}
+
 fn file(dir: &Path, model_key: u64, corpus_key: u64) -> PathBuf {
     dir.join(format!(
         "corpus-{model_key:016x}-{corpus_key:016x}.safetensors"

@@ -57,6 +57,9 @@ pub struct MineOptions {
     pub seed: u64,
     /// Texts per forward pass when embedding.
     pub batch_size: usize,
+    /// More texts to mine from, beside every positive (`train.mine` only; the command takes
+    /// `--corpus`): .txt, one per line, or .jsonl with a "text" field.
+    pub corpus: Option<std::path::PathBuf>,
 }
 
 impl Default for MineOptions {
@@ -72,6 +75,7 @@ impl Default for MineOptions {
             sampling_strategy: Sampling::Top,
             seed: 42,
             batch_size: 32,
+            corpus: None,
         }
     }
 }

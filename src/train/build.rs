@@ -122,9 +122,11 @@ pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
     Ok(text)
 }
 
-/// Loads the tasks a config names, and records what loading did in `log`.
+/// Loads the tasks a config names (with mined negatives under `train.mine`), and records what
+/// loading did in `log`.
 pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<Vec<Task>> {
-    let tasks = load_tasks(&cfg.tasks())?;
+    let mut tasks = load_tasks(&cfg.tasks())?;
+    super::mining::apply(cfg, &mut tasks, log)?;
     for t in &tasks {
         log.write(&json!({"event": "data", "task": t.name, "description": t.describe(), "fingerprint": format!("{:016x}", t.fingerprint())}))?;
     }

@@ -3,6 +3,7 @@
 pub mod build;
 pub mod checkpoint;
 pub mod metrics;
+pub mod mining;
 pub mod nonfinite;
 pub mod optim;
 pub mod plan;
