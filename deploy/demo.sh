@@ -14,6 +14,7 @@ METRICS='^(ndcg@10|mrr@10|map@100|recall@10|accuracy@1) '
 echo "== before fine-tuning (all-MiniLM-L6-v2 as shipped)"
 "$BIN" eval "${EVAL[@]}" | grep -E "$METRICS"
 echo "== fine-tuning with 2 local workers"
-"$BIN" launch --config configs/local-2workers.toml "$@"
+# The demo replaces its own earlier run; `multipos train`/`launch` refuse that unless told to.
+"$BIN" launch --config configs/local-2workers.toml --set output.overwrite=true "$@"
 echo "== after fine-tuning (runs/local-2workers/model)"
 "$BIN" eval --model runs/local-2workers/model "${EVAL[@]}" | grep -E "$METRICS"

@@ -365,6 +365,10 @@ pub struct OutputConfig {
     /// How many checkpoints to keep (oldest removed first).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Start afresh in a `dir` that holds an earlier run (its `model/` or checkpoints), replacing
+    /// it; without this a run refuses such a `dir` unless it resumes.
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 fn default_keep() -> usize {
@@ -393,10 +397,18 @@ impl RunConfig {
                 .set_override(key.trim(), parse_override(value.trim()))
                 .map_err(|e| Error::Usage(format!("--set {set}: {e}")))?;
         }
-        let cfg: RunConfig = builder
+        let merged: toml::Value = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| Error::invalid(file, e.to_string()))?;
+        // Deserialised from TOML values, a float never becomes an integer and a number never a
+        // boolean (the config crate would round 8.6 to 9 and call 1.5 true).
+        let cfg: RunConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
+            let key = e.path().to_string();
+            let why = e.inner().to_string();
+            let why = why.lines().next().unwrap_or_default();
+            Error::Usage(format!("{}: {key}: {why}", source_of(&key, file, sets)))
+        })?;
         cfg.validate()
             .and_then(|()| cfg.validate_files())
             .map_err(|reason| Error::invalid(file, reason))?;
@@ -586,19 +598,15 @@ impl RunConfig {
     pub fn validate_files(&self) -> std::result::Result<(), String> {
         for t in self.tasks() {
             for p in t.train.to_vec() {
-                if !p.is_file() {
-                    return Err(format!(
-                        "task {:?}: train file {} does not exist",
-                        t.name,
-                        p.display()
-                    ));
+                if let Some(why) = not_a_file(&p) {
+                    return Err(format!("task {:?}: train file {}", t.name, why));
                 }
             }
         }
         if let Some(p) = self.train.mine.as_ref().and_then(|m| m.corpus.as_ref())
-            && !p.is_file()
+            && let Some(why) = not_a_file(p)
         {
-            return Err(format!("train.mine.corpus: {} does not exist", p.display()));
+            return Err(format!("train.mine.corpus: {why}"));
         }
         if let Some(tls) = &self.cluster.tls {
             crate::tls::Tls::load(tls).map_err(|e| e.to_string())?;
@@ -609,8 +617,8 @@ impl RunConfig {
                 ("eval.corpus", &e.corpus),
                 ("eval.qrels", &e.qrels),
             ] {
-                if !p.is_file() {
-                    return Err(format!("{key}: {} does not exist", p.display()));
+                if let Some(why) = not_a_file(p) {
+                    return Err(format!("{key}: {why}"));
                 }
             }
         }
@@ -628,6 +636,33 @@ impl RunConfig {
 }
 
 /// `--set` values: TOML scalars and arrays when they parse as such, otherwise plain strings.
+/// Why `p` cannot be read as a file, if it cannot.
+fn not_a_file(p: &Path) -> Option<String> {
+    if p.is_dir() {
+        Some(format!("{} is a directory; give a file", p.display()))
+    } else if !p.is_file() {
+        Some(format!("{} does not exist", p.display()))
+    } else {
+        None
+    }
+}
+
+/// Where the value of `key` came from (a later source wins): a `--set`, an environment variable,
+/// or the file.
+fn source_of(key: &str, file: &Path, sets: &[String]) -> String {
+    if let Some(set) = sets.iter().rev().find(|s| {
+        s.split_once('=')
+            .is_some_and(|(k, _)| key.starts_with(k.trim()))
+    }) {
+        return format!("--set {set}");
+    }
+    let var = format!("MULTIPOS__{}", key.to_uppercase().replace('.', "__"));
+    if std::env::var_os(&var).is_some() {
+        return format!("environment variable {var}");
+    }
+    file.display().to_string()
+}
+
 fn parse_override(value: &str) -> config::Value {
     let parsed: std::result::Result<toml::Value, _> = toml::from_str(&format!("v = {value}"))
         .map(|mut t: toml::Table| t.remove("v").expect("key v present"));

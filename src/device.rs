@@ -35,11 +35,21 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 }
 
 /// Sets libtorch's intra-op thread count; 0 keeps libtorch's default (one per core).
-pub fn set_threads(threads: usize) {
+pub fn set_threads(threads: usize) -> Result<()> {
+    if threads > MAX_THREADS {
+        return Err(Error::Usage(format!(
+            "--threads {threads} is more than {MAX_THREADS}; this machine has {} cores",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        )));
+    }
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
+    Ok(())
 }
+
+/// The most CPU threads a process may ask libtorch for (each is an OS thread with its own stack).
+pub const MAX_THREADS: usize = 1024;
 
 #[cfg(test)]
 mod tests {

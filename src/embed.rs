@@ -52,6 +52,10 @@ pub fn read_inputs(path: &Path) -> Result<Vec<InputText>> {
         let line = std::str::from_utf8(&buf).map_err(|e| bad(format!("not valid UTF-8 ({e})")))?;
         let line = line.strip_suffix('\n').unwrap_or(line);
         let line = line.strip_suffix('\r').unwrap_or(line);
+        let line = match line_no {
+            1 => line.strip_prefix('\u{feff}').unwrap_or(line),
+            _ => line,
+        };
         if jsonl {
             if line.trim().is_empty() {
                 continue;

@@ -4,13 +4,13 @@ use std::path::PathBuf;
 /// Errors from loading, running and saving models and from reading user data.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O operation on `path` failed.
-    #[error("{action} {path}: {source}")]
+    /// An I/O operation on `path` failed. The OS error is part of the message, not a separate
+    /// cause: printed once.
+    #[error("{action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file exists but its content is not what multipos expects.
     #[error("{path}: {reason}")]
@@ -56,10 +56,10 @@ impl Error {
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io {
+        move |error| Error::Io {
             action,
             path,
-            source,
+            error,
         }
     }
 

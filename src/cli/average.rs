@@ -58,7 +58,7 @@ pub fn run(args: AverageArgs) -> anyhow::Result<()> {
         tracing::info!(models = args.models.len(), ?weights, output = %args.output.display(), "averaged");
         return Ok(());
     }
-    device::set_threads(args.runtime.threads);
+    device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let (q, c, r) = (
         args.queries.as_ref(),

@@ -139,6 +139,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             ),
         },
     };
+    device::set_threads(args.threads)?;
     let rank = args.rank.or_else(|| env_usize(&["RANK", "SLURM_PROCID"]));
     let device_spec = if args.device == "cuda" {
         format!(

@@ -11,14 +11,29 @@ pub struct ConvertArgs {
     /// Source model directory (sentence-transformers, or a plain BERT checkpoint with tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Where to write the converted directory (replaced atomically if it exists).
+    /// Where to write the converted directory.
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace an existing `--output` directory (atomically; it is kept if converting fails).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Loads and re-saves: F16/BF16 weights become F32, a `bert.` prefix is dropped, the metadata files
 /// are written in the legacy spelling that sentence-transformers 5.x and 6.x both load.
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    if args.output.is_file() {
+        anyhow::bail!(
+            "--output {} is a file; give a directory",
+            args.output.display()
+        );
+    }
+    if args.output.exists() && !args.overwrite {
+        anyhow::bail!(
+            "--output {} exists; pass --overwrite to replace it",
+            args.output.display()
+        );
+    }
     let model = SentenceModel::load(&args.model, Device::Cpu)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     model.save(&args.output)?;

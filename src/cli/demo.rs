@@ -35,7 +35,7 @@ fn clip(s: &str, n: usize) -> String {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    device::set_threads(args.runtime.threads);
+    device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let model_dir = args.model.unwrap_or_else(crate::model::default_dir);
     let model = SentenceModel::load(&model_dir, device)

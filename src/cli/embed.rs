@@ -27,9 +27,16 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
-    device::set_threads(args.runtime.threads);
+    device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let model_dir = args.model.unwrap_or_else(crate::model::default_dir);
+    let real = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    if real(&args.output).is_some() && real(&args.output) == real(&args.input) {
+        anyhow::bail!(
+            "--output {} is the input file; it would be overwritten",
+            args.output.display()
+        );
+    }
     let inputs = read_inputs(&args.input)?;
     let model = SentenceModel::load(&model_dir, device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;

@@ -34,7 +34,7 @@ pub struct EvalArgs {
 
 /// Prints the metrics, then (last line of stdout) all of them as one JSON object.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    device::set_threads(args.runtime.threads);
+    device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let set = IrDataset::load(&args.queries, &args.corpus, &args.qrels)?;
     let model_dir = args.model.unwrap_or_else(crate::model::default_dir);

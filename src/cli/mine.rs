@@ -71,7 +71,7 @@ pub struct MineArgs {
 }
 
 pub fn run(args: MineArgs) -> anyhow::Result<()> {
-    device::set_threads(args.runtime.threads);
+    device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let model_dir = args.model.clone().unwrap_or_else(crate::model::default_dir);
     let mut model = SentenceModel::load(&model_dir, device)

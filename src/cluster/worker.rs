@@ -81,7 +81,8 @@ fn rpc_err(what: &str) -> impl FnOnce(tonic::Status) -> Interrupt + '_ {
         let text = format!("{what}: {} ({:?})", s.message(), s.code());
         use tonic::Code::*;
         match s.code() {
-            Unavailable | DeadlineExceeded | Cancelled | Unknown | Internal => {
+            // A rank still held by a member that has not been declared dead yet is free later.
+            Unavailable | DeadlineExceeded | Cancelled | Unknown | Internal | ResourceExhausted => {
                 Interrupt::Rejoin(text)
             }
             _ => Interrupt::Fatal(Error::Usage(text)),
@@ -191,7 +192,13 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
                         "gave up after {window:?} without a working ring: {why}"
                     )));
                 }
-                tracing::warn!(reason = %why, "leaving the ring; joining again");
+                if replica.is_some() {
+                    tracing::warn!(reason = %why, "leaving the ring; joining again");
+                } else {
+                    let left = window
+                        .saturating_sub(failing_since.map_or(Duration::ZERO, |t| t.elapsed()));
+                    tracing::warn!(reason = %why, "not joined yet; retrying for {}s more", left.as_secs());
+                }
                 if let Some(r) = replica.as_mut() {
                     r.trainer.optim.zero_grad();
                 }
@@ -416,7 +423,7 @@ async fn load_replica(
             target
         }
     };
-    crate::device::set_threads(node.opts.threads);
+    crate::device::set_threads(node.opts.threads)?;
     let mut model = SentenceModel::load(&model_dir, node.opts.device)?;
     configure_model(&cfg, &mut model)?;
     let labels: Vec<(String, Vec<String>)> = joined

@@ -148,7 +148,12 @@ pub(crate) fn each_jsonl_line(
     let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
     for (i, line) in reader.split(b'\n').enumerate() {
         let bytes = line.map_err(Error::io("read", path))?;
-        match std::str::from_utf8(&bytes) {
+        // A byte-order mark (editors on Windows write one) is not part of the first record.
+        let bytes = match i {
+            0 => bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes),
+            _ => &bytes,
+        };
+        match std::str::from_utf8(bytes) {
             Ok(text) if text.trim().is_empty() => {}
             Ok(text) => each(i + 1, Ok(text))?,
             Err(_) => each(i + 1, Err("not valid UTF-8".into()))?,

@@ -46,6 +46,10 @@ fn read_entries(path: &Path) -> Result<Vec<(String, String)>> {
             reason,
         };
         let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
+        let line = match i {
+            0 => line.strip_prefix('\u{feff}').unwrap_or(&line),
+            _ => &line,
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -88,6 +92,10 @@ impl IrDataset {
                 reason,
             };
             let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
+            let line = match i {
+                0 => line.strip_prefix('\u{feff}').unwrap_or(&line),
+                _ => &line,
+            };
             let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
             if line.trim().is_empty() || (i == 0 && fields.first() == Some(&"query-id")) {
                 continue;
@@ -111,6 +119,7 @@ impl IrDataset {
                 relevant[q].insert(c);
             }
         }
+        let total_queries = queries_all.len();
         let mut set = IrDataset {
             query_ids: Vec::new(),
             queries: Vec::new(),
@@ -127,6 +136,14 @@ impl IrDataset {
         }
         if set.queries.is_empty() {
             return Err(Error::invalid(qrels, "no query has a relevant document"));
+        }
+        let dropped = total_queries - set.query_ids.len();
+        if dropped > 0 {
+            tracing::warn!(
+                "{dropped} of {total_queries} queries of {} have no relevant document in {} and are not scored (as sentence-transformers does)",
+                queries.display(),
+                qrels.display()
+            );
         }
         Ok(set)
     }

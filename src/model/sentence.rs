@@ -233,7 +233,13 @@ impl SentenceModel {
 
     /// Overrides `max_seq_length` (clamped to the position table), e.g. for faster training.
     pub fn set_max_seq_length(&mut self, n: usize) -> Result<()> {
-        let n = n.clamp(1, self.config.max_position_embeddings as usize);
+        let most = self.config.max_position_embeddings as usize;
+        if !(2..=most).contains(&n) {
+            return Err(Error::Usage(format!(
+                "max_seq_length must be within 2..={most} for this model ([CLS] and [SEP] take \
+                 two tokens; its position embeddings end at {most}), got {n}"
+            )));
+        }
         self.tokenizer.set_max_length(n)?;
         self.sbert.max_seq_length = n;
         Ok(())

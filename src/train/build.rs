@@ -81,7 +81,7 @@ pub fn plan_for(cfg: &RunConfig, tasks: &[Task]) -> Result<RunPlan> {
 
 /// Loads the model a config names onto its device.
 pub fn load_model(cfg: &RunConfig) -> Result<SentenceModel> {
-    device::set_threads(cfg.model.threads);
+    device::set_threads(cfg.model.threads)?;
     let dev = device::parse_device(cfg.model.device.as_deref().unwrap_or("auto"))?;
     let dir = cfg
         .model
@@ -113,6 +113,25 @@ pub fn configure_model(cfg: &RunConfig, model: &mut SentenceModel) -> Result<()>
 /// `cluster.token` is left out: the file and the copies workers receive carry no secret.
 pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
     let out_dir = &cfg.output.dir;
+    let earlier = [out_dir.join("model"), out_dir.join("checkpoints")]
+        .into_iter()
+        .find(|p| p.exists());
+    if let Some(earlier) = earlier
+        && cfg.train.resume.is_none()
+        && !cfg.output.overwrite
+    {
+        return Err(Error::Usage(format!(
+            "output.dir {} holds an earlier run ({} exists): continue it with --resume, replace it \
+             with --set output.overwrite=true, or choose another output.dir",
+            out_dir.display(),
+            earlier.display()
+        )));
+    }
+    // A fresh run over an earlier one: its checkpoints would be taken for this run's on --resume.
+    let stale = out_dir.join("checkpoints");
+    if cfg.train.resume.is_none() && stale.exists() {
+        fs::remove_dir_all(&stale).map_err(Error::io("remove the earlier run's", &stale))?;
+    }
     fs::create_dir_all(out_dir).map_err(Error::io("create directory", out_dir))?;
     let mut shown = cfg.clone();
     shown.cluster.token = None;

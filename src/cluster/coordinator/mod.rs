@@ -861,6 +861,12 @@ impl Coordinator {
                 self.model_dir.display()
             )));
         }
+        if req.rank >= 0 && req.rank as usize >= self.cfg.cluster.workers {
+            return Err(Status::failed_precondition(format!(
+                "rank {} asked for, but cluster.workers = {}: ranks are 0..{}",
+                req.rank, self.cfg.cluster.workers, self.cfg.cluster.workers
+            )));
+        }
         if req.state_step > 0 && req.run_fingerprint != self.run_fingerprint {
             return Err(Status::failed_precondition(
                 "the worker holds the state of another run (other data or settings): restart it",
