@@ -163,6 +163,8 @@ fn cli_trains_and_rejects_bad_configs_and_data_clearly() {
         let mut v = vec![
             format!("model.path=\"{}\"", model.display()),
             format!("output.dir=\"{}\"", dir.path().join("out").display()),
+            // Every bad run below must fail for its own reason, not for the good run's output.
+            "output.overwrite=true".to_string(),
         ];
         v.extend(extra.iter().map(|s| s.to_string()));
         v
