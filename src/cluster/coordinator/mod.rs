@@ -470,9 +470,12 @@ impl Coordinator {
                 continue;
             }
             let now = Instant::now();
+            // Once every step is applied the others are done and may exit; only rank 0, which
+            // still uploads the final checkpoint and model, must stay alive.
+            let finished = st.committed >= st.end;
             let dead = st.ring.iter().enumerate().find_map(|(rank, m)| {
                 let silent = now.duration_since(m.last_seen);
-                (silent > timeout).then(|| {
+                (silent > timeout && (rank == 0 || !finished)).then(|| {
                     format!(
                         "worker {rank} ({}) sent no heartbeat for {:.1} s: it died or stalled",
                         m.worker_id,
