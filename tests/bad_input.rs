@@ -115,10 +115,7 @@ fn a_max_seq_length_the_model_cannot_take_is_refused_in_train_and_eval() {
             &model,
             &[&format!("model.max_seq_length={n}")],
         ));
-        assert!(
-            err.contains("max_seq_length must be"),
-            "{n}: {err}"
-        );
+        assert!(err.contains("max_seq_length must be"), "{n}: {err}");
         let mut eval = multipos(&["eval", "--device", "cpu", "--max-seq-length", n, "--model"]);
         eval.arg(&model).args([
             "--queries",
@@ -396,4 +393,77 @@ fn a_worker_asking_for_a_rank_beyond_the_ring_is_refused_and_one_that_never_join
         err.contains("not joined yet") && !err.contains("leaving the ring"),
         "{err}"
     );
+}
+
+/// `multipos ARGS` started the way a shell starts a background job (SIGINT ignored), interrupted
+/// with SIGINT after `after`; returns its exit code.
+fn interrupted(args: &[String], after: std::time::Duration) -> Option<i32> {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let script = format!(
+        "trap '' INT; exec '{}' {}",
+        env!("CARGO_BIN_EXE_multipos"),
+        quoted.join(" ")
+    );
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(repo(""))
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    o.status.code()
+}
+
+#[test]
+fn ctrl_c_stops_embed_with_no_output_even_when_sigint_was_ignored() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let input = dir.path().join("in.txt");
+    std::fs::write(
+        &input,
+        "a long enough line of text to embed\n".repeat(200_000),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let args: Vec<String> = [
+        "embed",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--model",
+        &model.display().to_string(),
+        "--input",
+        &input.display().to_string(),
+        "--output",
+        &out.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let code = interrupted(&args, std::time::Duration::from_millis(1500));
+    assert_eq!(code, Some(130));
+    assert!(!out.exists(), "no output after Ctrl-C");
+}
+
+#[test]
+fn ctrl_c_during_train_start_up_stops_it_without_a_model() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let run = dir.path().join("run");
+    let args: Vec<String> = [
+        "train".to_string(),
+        "--config".into(),
+        "configs/tiny.toml".into(),
+        "--set".into(),
+        format!("model.path=\"{}\"", model.display()),
+        "--set".into(),
+        format!("output.dir=\"{}\"", run.display()),
+        "--set".into(),
+        "train.epochs=50".into(),
+    ]
+    .to_vec();
+    let code = interrupted(&args, std::time::Duration::from_millis(300));
+    assert_ne!(code, Some(0), "an interrupted run must not report success");
+    assert!(!run.join("model").exists(), "no model after Ctrl-C");
 }

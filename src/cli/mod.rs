@@ -6,6 +6,7 @@ mod convert;
 mod demo;
 mod embed;
 mod eval;
+mod interrupt;
 mod mine;
 mod train;
 
@@ -86,6 +87,13 @@ pub enum Command {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // train, launch, coordinator and worker stop at a step boundary with a checkpoint instead.
+    if !matches!(
+        cli.command,
+        Command::Train(_) | Command::Launch(_) | Command::Coordinator(_) | Command::Worker(_)
+    ) {
+        interrupt::exit_on_signal()?;
+    }
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),

@@ -241,6 +241,8 @@ fn best_step(tracker: &Option<Tracker>) -> Option<u64> {
 
 /// Runs training as the config says; `show_progress` draws a bar on stderr.
 pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
+    // First of all: a signal during start-up (loading, mining, planning) must not be lost.
+    let stop = stop_flag()?;
     let out_dir = &cfg.output.dir;
     prepare_output(cfg)?;
     let metrics_path = out_dir.join("metrics.jsonl");
@@ -275,7 +277,11 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
         None => 0,
     };
     tracing::info!(steps = total, start_step, warmup = trainer.schedule.warmup, batch_size = cfg.train.batch_size, device = ?trainer.state.model.device(), "training");
-    let stop = stop_flag()?;
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::Usage(
+            "interrupted before the first step: nothing was trained or saved".into(),
+        ));
+    }
     let mut tracker = cfg.eval.as_ref().map(Tracker::new);
     if let Some(t) = tracker.as_mut()
         && start_step > 0
