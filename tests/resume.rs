@@ -240,3 +240,47 @@ fn resuming_on_changed_data_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_resume_refused_for_changed_settings_names_them() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("run");
+    run(
+        &model,
+        &out,
+        &["train.epochs=1", "train.stop_after_steps=4"],
+    );
+    let resumed = command(
+        &model,
+        &out,
+        &["train.epochs=1", "train.lr=0.5", "data.mode=\"all\""],
+    )
+    .arg("--resume")
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(!resumed.status.success(), "{err}");
+    assert!(
+        err.contains("train.lr: 0.001 → 0.5")
+            && err.contains("tasks[0].mode: \"sample\" → \"all\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn resuming_a_finished_run_reports_its_last_loss_not_nan() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("run");
+    run(&model, &out, &["train.max_steps=4"]);
+    let again = command(&model, &out, &["train.max_steps=4"])
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&again.stdout).into_owned()
+        + &String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{text}");
+    assert!(
+        !text.contains("final loss NaN") && text.contains("final loss "),
+        "{text}"
+    );
+}

@@ -787,6 +787,7 @@ async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(),
         seed: replica.cfg.train.seed,
         data_fingerprint: replica.data_fingerprint.clone(),
         config_fingerprint: checkpoint::config_fingerprint(&replica.cfg),
+        settings: checkpoint::resume_settings(&replica.cfg),
         multipos_version: env!("CARGO_PKG_VERSION").into(),
         // The coordinator, which holds the plan, fills in the cursor.
         epoch: 0,

@@ -40,6 +40,10 @@ pub struct CheckpointState {
     pub epoch: u64,
     #[serde(default)]
     pub batch: u64,
+    /// The settings `config_fingerprint` covers, so a refused resume can name what changed
+    /// (absent in checkpoints of older versions).
+    #[serde(default)]
+    pub settings: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,9 +204,16 @@ pub fn check_compatible(
         ));
     }
     if state.config_fingerprint != config_fingerprint(cfg) {
+        let mut changed = Vec::new();
+        differences(&state.settings, &resume_settings(cfg), "", &mut changed);
+        let what = if state.settings.is_null() || changed.is_empty() {
+            "other model/data/train settings".to_string()
+        } else {
+            changed.join(", ")
+        };
         return Err(Error::invalid(
             path,
-            "was made with other model/data/train settings: resume with the same configuration",
+            format!("was made with other settings ({what}): resume with the same configuration"),
         ));
     }
     Ok(())
@@ -352,13 +363,55 @@ pub fn run_fingerprint(cfg: &crate::config::RunConfig, data_fingerprint: &str) -
 
 /// A fingerprint of the settings that must not change across a resume (model, data, training).
 pub fn config_fingerprint(cfg: &crate::config::RunConfig) -> String {
-    let relevant = serde_json::json!({"model": cfg.model.max_seq_length, "tasks": cfg.tasks(), "train": {
+    checksum(resume_settings(cfg).to_string().as_bytes())
+}
+
+/// Every `path (was → now)` where two settings trees differ.
+fn differences(
+    was: &serde_json::Value,
+    now: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match (was, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let null = Value::Null;
+                differences(
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    &join(k),
+                    out,
+                );
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                differences(x, y, &format!("{path}[{i}]"), out);
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {a} → {b}")),
+        _ => {}
+    }
+}
+
+/// The settings that must not change across a resume (model, data, training).
+pub fn resume_settings(cfg: &crate::config::RunConfig) -> serde_json::Value {
+    serde_json::json!({"model": cfg.model.max_seq_length, "tasks": cfg.tasks(), "train": {
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "sampler": cfg.train.sampler, "ema_decay": cfg.train.ema_decay,
         "seed": cfg.train.seed, "dropout": cfg.train.dropout, "weight_decay": cfg.train.weight_decay,
         "max_grad_norm": cfg.train.max_grad_norm, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
         "warmup_steps": cfg.train.warmup_steps, "warmup_ratio": cfg.train.warmup_ratio,
-    }});
-    checksum(relevant.to_string().as_bytes())
+    }})
 }
 
 #[cfg(test)]

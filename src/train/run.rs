@@ -79,6 +79,16 @@ fn resume(
     Ok(state.step)
 }
 
+/// The loss of the newest step record of a `metrics.jsonl`, NaN without one.
+fn last_logged_loss(log: &str) -> f64 {
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("event").and_then(|e| e.as_str()) == Some("step"))
+        .and_then(|v| v.get("loss").and_then(serde_json::Value::as_f64))
+        .unwrap_or(f64::NAN)
+}
+
 /// Set when SIGINT or SIGTERM arrives: the loop checkpoints at the next step boundary and stops.
 fn stop_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
@@ -115,6 +125,7 @@ impl Run<'_> {
             seed: self.cfg.train.seed,
             data_fingerprint: self.fingerprint.clone(),
             config_fingerprint: checkpoint::config_fingerprint(self.cfg),
+            settings: checkpoint::resume_settings(self.cfg),
             multipos_version: env!("CARGO_PKG_VERSION").into(),
             epoch,
             batch,
@@ -304,7 +315,18 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     bar.set_position(start_step);
     let start = Instant::now();
     let mut pairs = 0u64;
-    let mut last_loss = f64::NAN;
+    // A resumed run reports its newest loss even when no step is left to run.
+    let mut last_loss = if start_step > 0 {
+        last_logged_loss(&String::from_utf8_lossy(&log.contents()?))
+    } else {
+        f64::NAN
+    };
+    if start_step >= total {
+        tracing::info!(
+            steps = total,
+            "the run was already finished: nothing left to train"
+        );
+    }
     // The step the run ends at (earlier than `total` when it stops early), and whether it was
     // evaluated there already.
     let mut last = total;
