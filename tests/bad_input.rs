@@ -467,3 +467,11 @@ fn ctrl_c_during_train_start_up_stops_it_without_a_model() {
     assert_ne!(code, Some(0), "an interrupted run must not report success");
     assert!(!run.join("model").exists(), "no model after Ctrl-C");
 }
+
+#[test]
+fn a_run_refused_before_its_first_step_leaves_no_output_dir_behind() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let err = refused(train(dir.path(), &model, &["train.batch_size=100"]));
+    assert!(err.contains("larger than"), "{err}");
+    assert!(!dir.path().join("run").exists(), "the refused run left its output dir");
+}

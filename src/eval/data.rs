@@ -53,7 +53,7 @@ fn read_entries(path: &Path) -> Result<Vec<(String, String)>> {
         if line.trim().is_empty() {
             continue;
         }
-        let e: Entry = serde_json::from_str(&line)
+        let e: Entry = serde_json::from_str(line)
             .map_err(|e| bad(format!("expected {{\"id\", \"text\"}}: {e}")))?;
         let id = id_string(&e.id)
             .ok_or_else(|| bad("field \"id\" must be a string or a number".into()))?;

@@ -135,7 +135,7 @@ pub fn mnrl_loss(
     let mut scores = &cos * cfg.scale;
     if let Some(mask) = hardness_mask(cfg, b, c, queries.device()) {
         let penalty = cos.detach() * cfg.hardness_strength;
-        scores = scores + penalty.masked_fill(&mask.logical_not(), 0.0);
+        scores += penalty.masked_fill(&mask.logical_not(), 0.0);
     }
     let mask = groups.and_then(|g| same_group_mask(g, queries.device()));
     if let Some(mask) = &mask {

@@ -250,10 +250,8 @@ fn best_step(tracker: &Option<Tracker>) -> Option<u64> {
     tracker.as_ref().and_then(|t| t.best).map(|b| b.0)
 }
 
-/// Runs training as the config says; `show_progress` draws a bar on stderr.
-pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
-    // First of all: a signal during start-up (loading, mining, planning) must not be lost.
-    let stop = stop_flag()?;
+/// Everything before the first step: output directory, log, model, data, plan, resume.
+fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer, MetricsLog, u64)> {
     let out_dir = &cfg.output.dir;
     prepare_output(cfg)?;
     let metrics_path = out_dir.join("metrics.jsonl");
@@ -293,6 +291,26 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
             "interrupted before the first step: nothing was trained or saved".into(),
         ));
     }
+    Ok((run, trainer, log, start_step))
+}
+
+/// Runs training as the config says; `show_progress` draws a bar on stderr.
+pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
+    // First of all: a signal during start-up (loading, mining, planning) must not be lost.
+    let stop = stop_flag()?;
+    let out_dir = &cfg.output.dir;
+    // A run refused before its first step leaves no output directory it created.
+    let fresh = !out_dir.exists();
+    let (run, mut trainer, mut log, start_step) = match start(cfg, &stop) {
+        Ok(started) => started,
+        Err(e) => {
+            if fresh {
+                let _ = std::fs::remove_dir_all(out_dir);
+            }
+            return Err(e);
+        }
+    };
+    let total = run.plan.total_steps;
     let mut tracker = cfg.eval.as_ref().map(Tracker::new);
     if let Some(t) = tracker.as_mut()
         && start_step > 0
