@@ -351,14 +351,7 @@ fn a_worker_asking_for_a_rank_beyond_the_ring_is_refused_and_one_that_never_join
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
     let mut coordinator = c.spawn().unwrap();
-    let mut lines =
-        std::io::BufRead::lines(std::io::BufReader::new(coordinator.stdout.take().unwrap()));
-    let addr = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(a) = line.strip_prefix("MULTIPOS_COORDINATOR=") {
-            break a.trim().to_string();
-        }
-    };
+    let addr = common::announced_address(&mut coordinator);
     let mut w = multipos(&[
         "worker",
         "--device",
@@ -473,5 +466,8 @@ fn a_run_refused_before_its_first_step_leaves_no_output_dir_behind() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let err = refused(train(dir.path(), &model, &["train.batch_size=100"]));
     assert!(err.contains("larger than"), "{err}");
-    assert!(!dir.path().join("run").exists(), "the refused run left its output dir");
+    assert!(
+        !dir.path().join("run").exists(),
+        "the refused run left its output dir"
+    );
 }

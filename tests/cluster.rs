@@ -251,18 +251,7 @@ fn start_coordinator(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("coordinator announces its address")
-            .unwrap();
-        if let Some(a) = line.strip_prefix("MULTIPOS_COORDINATOR=") {
-            break a.trim().to_string();
-        }
-    };
-    // Keep draining stdout: a closed pipe would kill the coordinator at its next print.
-    std::thread::spawn(move || lines.for_each(drop));
+    let addr = common::announced_address(&mut child);
     (child, addr)
 }
 

@@ -6,7 +6,6 @@
 //! Forged ring traffic between workers is refused in `tests/collective.rs`.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -259,14 +258,7 @@ fn every_attack_of_a_token_holder_is_refused_and_the_run_ends_as_if_none_happene
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(coordinator.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the coordinator announces").unwrap();
-        if let Some(a) = line.strip_prefix("MULTIPOS_COORDINATOR=") {
-            break a.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let addr = common::announced_address(&mut coordinator);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let channel = rt.block_on(async {
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

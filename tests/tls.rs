@@ -3,7 +3,6 @@
 //! another CA and clients without a certificate; `certs` re-uses its CA and never overwrites.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -100,22 +99,22 @@ fn a_cluster_over_mutual_tls_trains_exactly_as_over_plaintext() {
     common::assert_same_run(&plain, &secure, "mutual TLS", &[]);
 }
 
-/// Starts a TLS coordinator and returns it with its address.
-fn tls_coordinator(model: &Path, out: &Path, tls: &TlsConfig) -> (std::process::Child, String) {
-    let mut child = command("coordinator", &sets(model, out, &tls_sets(tls)))
+/// Starts a TLS coordinator (with `extra` settings) and returns it with its address.
+fn tls_coordinator(
+    model: &Path,
+    out: &Path,
+    tls: &TlsConfig,
+    extra: &[&str],
+) -> (std::process::Child, String) {
+    let mut all = tls_sets(tls);
+    all.extend(extra.iter().map(|s| s.to_string()));
+    let mut child = command("coordinator", &sets(model, out, &all))
         .env("MULTIPOS_CLUSTER_TOKEN", "the-right-token-16")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the coordinator announces").unwrap();
-        if let Some(a) = line.strip_prefix("MULTIPOS_COORDINATOR=") {
-            break a.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let addr = common::announced_address(&mut child);
     (child, addr)
 }
 
@@ -133,7 +132,7 @@ fn the_coordinator_refuses_plaintext_other_cas_and_clients_without_a_certificate
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let tls = make_certs(&dir.path().join("certs"), "127.0.0.1");
     let other = make_certs(&dir.path().join("other-ca"), "127.0.0.1");
-    let (mut child, addr) = tls_coordinator(&model, &dir.path().join("out"), &tls);
+    let (mut child, addr) = tls_coordinator(&model, &dir.path().join("out"), &tls, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let quick = Duration::from_millis(500);
@@ -179,25 +178,12 @@ fn a_coordinator_without_client_auth_takes_clients_without_a_certificate_of_its_
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let tls = make_certs(&dir.path().join("certs"), "127.0.0.1");
     let other = make_certs(&dir.path().join("other-ca"), "127.0.0.1");
-    let mut extra = tls_sets(&tls);
-    extra.push("cluster.tls.client_auth=false".into());
-    let mut child = command(
-        "coordinator",
-        &sets(&model, &dir.path().join("out"), &extra),
-    )
-    .env("MULTIPOS_CLUSTER_TOKEN", "the-right-token-16")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(a) = line.strip_prefix("MULTIPOS_COORDINATOR=") {
-            break a.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let (mut child, addr) = tls_coordinator(
+        &model,
+        &dir.path().join("out"),
+        &tls,
+        &["cluster.tls.client_auth=false"],
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mixed = Tls::load(&TlsConfig {

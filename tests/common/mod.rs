@@ -226,3 +226,25 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The address a coordinator started with piped stdout announces; its stdout is drained from then
+/// on, since a closed pipe would kill it at its next print.
+pub fn announced_address(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let stdout = child
+        .stdout
+        .take()
+        .expect("the coordinator's stdout is piped");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the coordinator announces its address")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("MULTIPOS_COORDINATOR=") {
+            break a.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    addr
+}
