@@ -49,15 +49,7 @@ impl Token {
     }
 
     fn matches(&self, presented: &[u8]) -> bool {
-        let want = format!("Bearer {}", self.0);
-        let want = want.as_bytes();
-        // Compare every byte regardless of where they differ, so timing says nothing.
-        want.len() == presented.len()
-            && want
-                .iter()
-                .zip(presented)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        same_bytes(format!("Bearer {}", self.0).as_bytes(), presented)
     }
 
     /// Server-side interceptor: refuses calls without the right token.
@@ -117,15 +109,13 @@ impl MemberClaim {
     /// True when the claim names member `id` and presents `key`, compared in time independent of
     /// where they differ.
     pub fn proves(&self, id: u64, key: &str) -> bool {
-        self.id == id
-            && self.key.len() == key.len()
-            && self
-                .key
-                .bytes()
-                .zip(key.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        self.id == id && same_bytes(self.key.as_bytes(), key.as_bytes())
     }
+}
+
+/// Compares secrets byte by byte regardless of where they differ, so timing says nothing.
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Refuses requests that do not carry the token.

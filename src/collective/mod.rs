@@ -231,7 +231,9 @@ impl Inbox {
         .map_err(|_| Status::unavailable("this worker is shutting down"))?
         .clone()
         .expect("waited for Some");
-        if reached.generation != generation || !same_key(&reached.key, &key) {
+        if reached.generation != generation
+            || !crate::auth::same_bytes(reached.key.as_bytes(), key.as_bytes())
+        {
             return Err(Status::permission_denied(
                 "not the left neighbour of this ring",
             ));
@@ -269,15 +271,6 @@ impl Inbox {
             }
         }
     }
-}
-
-/// Compares keys in time independent of where they differ.
-fn same_key(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 /// HTTP/2 flow-control windows for the data plane. The defaults (64 KiB per stream) cap a ring
