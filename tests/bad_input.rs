@@ -438,6 +438,12 @@ fn ctrl_c_stops_embed_with_no_output_even_when_sigint_was_ignored() {
     let code = interrupted(&args, std::time::Duration::from_millis(1500));
     assert_eq!(code, Some(130));
     assert!(!out.exists(), "no output after Ctrl-C");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".multipos-"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
 
 #[test]
@@ -470,4 +476,28 @@ fn a_run_refused_before_its_first_step_leaves_no_output_dir_behind() {
         !dir.path().join("run").exists(),
         "the refused run left its output dir"
     );
+}
+
+#[test]
+fn a_coordinator_refused_at_start_up_leaves_no_output_dir_behind() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let run = dir.path().join("run");
+    let coordinator = || {
+        let mut c = multipos(&["coordinator", "--config", "configs/tiny.toml"]);
+        c.arg("--set")
+            .arg(format!("model.path=\"{}\"", model.display()))
+            .arg("--set")
+            .arg(format!("output.dir=\"{}\"", run.display()))
+            .args(["--set", "train.batch_size=100"])
+            .env("MULTIPOS_CLUSTER_TOKEN", "0123456789abcdef");
+        c
+    };
+    let err = refused(coordinator());
+    assert!(err.contains("larger than"), "{err}");
+    assert!(!run.exists(), "the refused coordinator left its output dir");
+    // An output dir that existed before is the user's: it stays.
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("notes.txt"), b"mine").unwrap();
+    refused(coordinator());
+    assert_eq!(std::fs::read(run.join("notes.txt")).unwrap(), b"mine");
 }

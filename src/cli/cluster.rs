@@ -15,6 +15,7 @@ use crate::cluster::worker::{self, WorkerOptions};
 use crate::config::{ClusterConfig, RunConfig, TOKEN_ENV};
 use crate::device;
 use crate::tls::{Tls, TlsConfig};
+use crate::train::build::FreshOutput;
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
@@ -104,8 +105,10 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .expect("valid template"),
     );
     runtime()?.block_on(async move {
+        let fresh = FreshOutput::watch(&cfg);
         let coord = Coordinator::new(cfg.clone(), bar)?;
         let listener = coordinator::bind(&cfg).await?;
+        fresh.keep();
         let addr = listener.local_addr().context("reading the bound address")?;
         tracing::info!(%addr, workers = cfg.cluster.workers, steps = coord.total_steps(), "coordinator listening");
         println!("{ANNOUNCE}{addr}");

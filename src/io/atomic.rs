@@ -3,8 +3,52 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+
+/// Temporary files and staging directories being written, for [`remove_unfinished`].
+static UNFINISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Keeps a temporary path listed in [`UNFINISHED`] while it lives.
+struct Listed(PathBuf);
+
+impl Listed {
+    fn new(path: &Path) -> Self {
+        lock_unfinished().push(path.to_path_buf());
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut list = lock_unfinished();
+        if let Some(i) = list.iter().position(|p| *p == self.0) {
+            list.swap_remove(i);
+        }
+    }
+}
+
+fn lock_unfinished() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    // The list stays valid whatever a panicking holder was doing.
+    UNFINISHED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes every temporary file and staging directory still being written: for a process about to
+/// end on a signal, which runs no destructors (docs/design.md, "Interrupts").
+pub fn remove_unfinished() {
+    remove_unfinished_where(|_| true);
+}
+
+fn remove_unfinished_where(which: impl Fn(&Path) -> bool) {
+    lock_unfinished().retain(|path| {
+        if !which(path) {
+            return true;
+        }
+        let _ = fs::remove_dir_all(path).or_else(|_| fs::remove_file(path));
+        false
+    });
+}
 
 fn parent_of(path: &Path) -> &Path {
     match path.parent() {
@@ -25,6 +69,7 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 pub struct AtomicFile {
     target: PathBuf,
     writer: BufWriter<tempfile::NamedTempFile>,
+    _listed: Listed,
 }
 
 impl AtomicFile {
@@ -50,8 +95,14 @@ impl AtomicFile {
             .map_err(Error::io("create a temporary file in", dir))?;
         Ok(Self {
             target,
+            _listed: Listed::new(tmp.path()),
             writer: BufWriter::with_capacity(1 << 20, tmp),
         })
+    }
+
+    /// The temporary file's path, for writers that take a path instead of [`AtomicFile::writer`].
+    pub fn temp_path(&self) -> &Path {
+        self.writer.get_ref().path()
     }
 
     /// The buffered writer for the content.
@@ -109,6 +160,7 @@ fn umask() -> u32 {
 pub struct StagedDir {
     target: PathBuf,
     staging: Option<tempfile::TempDir>,
+    _listed: Listed,
 }
 
 impl StagedDir {
@@ -123,6 +175,7 @@ impl StagedDir {
             .map_err(Error::io("create a staging directory in", &parent))?;
         Ok(Self {
             target,
+            _listed: Listed::new(staging.path()),
             staging: Some(staging),
         })
     }
@@ -225,6 +278,29 @@ mod tests {
         }
         assert!(!target.exists());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn unfinished_files_and_staging_dirs_are_removed_on_demand_and_finished_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done.txt");
+        write_file(&done, b"whole").unwrap();
+        let mut file = AtomicFile::create(dir.path().join("out.jsonl")).unwrap();
+        file.writer().write_all(b"partial").unwrap();
+        file.writer().flush().unwrap();
+        let staged = StagedDir::create(dir.path().join("model")).unwrap();
+        fs::write(staged.path().join("weights"), b"partial").unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
+        // What a signal handler does before `_exit` (destructors never run), limited to this
+        // test's directory: other tests write files at the same time.
+        remove_unfinished_where(|p| p.starts_with(dir.path()));
+        std::mem::forget(file);
+        std::mem::forget(staged);
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(left, vec![done]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::io::atomic::AtomicFile;
 
 /// A key for a model directory: its weights, configuration and tokenizer files, by content.
 pub fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
@@ -76,17 +77,8 @@ pub fn load(
 /// Stores embeddings for later runs.
 pub fn store(dir: &Path, model_key: u64, corpus_key: u64, embeddings: &Tensor) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".multipos-")
-        .tempfile_in(dir)
-        .map_err(Error::io("create a temporary file in", dir))?;
+    let out = AtomicFile::create(file(dir, model_key, corpus_key))?;
     let cpu = embeddings.to_device(Device::Cpu);
-    Tensor::write_safetensors(&[("embeddings", &cpu)], tmp.path()).map_err(Error::Torch)?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(Error::io("fsync", tmp.path()))?;
-    let path = file(dir, model_key, corpus_key);
-    tmp.persist(&path)
-        .map_err(|e| Error::io("rename into place", &path)(e.error))?;
-    crate::io::atomic::fsync_dir(dir)
+    Tensor::write_safetensors(&[("embeddings", &cpu)], out.temp_path()).map_err(Error::Torch)?;
+    out.commit()
 }

@@ -2,6 +2,7 @@
 //! step options, schedule and trainer. The same builders serve `multipos train`, the coordinator,
 //! every cluster worker and the benchmarks.
 use std::fs;
+use std::path::PathBuf;
 
 use serde_json::json;
 
@@ -111,6 +112,31 @@ pub fn configure_model(cfg: &RunConfig, model: &mut SentenceModel) -> Result<()>
 
 /// Creates the run directory and records the resolved configuration in it; returns that TOML. A
 /// `cluster.token` is left out: the file and the copies workers receive carry no secret.
+/// An output directory this run created, removed again unless the run gets as far as
+/// [`FreshOutput::keep`]: a run refused at start-up leaves nothing behind (docs/design.md §13).
+pub struct FreshOutput(Option<PathBuf>);
+
+impl FreshOutput {
+    /// Watches `cfg.output.dir` if it does not exist yet.
+    pub fn watch(cfg: &RunConfig) -> Self {
+        let dir = &cfg.output.dir;
+        Self((!dir.exists()).then(|| dir.clone()))
+    }
+
+    /// The run started: the directory is its output now.
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FreshOutput {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
 pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
     let out_dir = &cfg.output.dir;
     let earlier = [out_dir.join("model"), out_dir.join("checkpoints")]

@@ -9,7 +9,9 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::build::{load_model, load_training_data, plan_for, prepare_output, trainer_for};
+use super::build::{
+    FreshOutput, load_model, load_training_data, plan_for, prepare_output, trainer_for,
+};
 use super::checkpoint::{self, CheckpointState};
 use super::metrics::MetricsLog;
 use super::nonfinite::{Fate, verdict};
@@ -299,17 +301,9 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
     // First of all: a signal during start-up (loading, mining, planning) must not be lost.
     let stop = stop_flag()?;
     let out_dir = &cfg.output.dir;
-    // A run refused before its first step leaves no output directory it created.
-    let fresh = !out_dir.exists();
-    let (run, mut trainer, mut log, start_step) = match start(cfg, &stop) {
-        Ok(started) => started,
-        Err(e) => {
-            if fresh {
-                let _ = std::fs::remove_dir_all(out_dir);
-            }
-            return Err(e);
-        }
-    };
+    let fresh = FreshOutput::watch(cfg);
+    let (run, mut trainer, mut log, start_step) = start(cfg, &stop)?;
+    fresh.keep();
     let total = run.plan.total_steps;
     let mut tracker = cfg.eval.as_ref().map(Tracker::new);
     if let Some(t) = tracker.as_mut()
