@@ -353,3 +353,54 @@ fn every_attack_of_a_token_holder_is_refused_and_the_run_ends_as_if_none_happene
     );
     common::assert_same_run(&clean, &hit, "under attack", &[]);
 }
+
+/// A heartbeat from `source` (a loopback address of its own) to `addr` with `token`.
+async fn heartbeat_from(source: &str, addr: &str, token: &str) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .local_address(Some(source.parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    CoordinatorClient::with_interceptor(channel, Token::new(token).unwrap().attach())
+        .heartbeat(HeartbeatRequest { member: 0 })
+        .await
+        .map(drop)
+}
+
+#[test]
+fn an_address_that_guesses_the_token_too_often_is_refused_and_the_others_are_not() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let mut child = command("coordinator", &model, &dir.path().join("run"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = common::announced_address(&mut child);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let guesser = "127.0.0.2";
+        for guess in 0..multipos::auth::MAX_FAILURES {
+            let e = heartbeat_from(guesser, &addr, &format!("guess-{guess:011}"))
+                .await
+                .unwrap_err();
+            assert_eq!(e.message(), "wrong cluster token", "guess {guess}");
+        }
+        // Locked out: even the right token is refused from that address now...
+        let e = heartbeat_from(guesser, &addr, TOKEN).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(
+            e.message().contains("too many failed token attempts"),
+            "{e:?}"
+        );
+        // ... while the cluster's own addresses are answered.
+        heartbeat_from("127.0.0.1", &addr, TOKEN).await.unwrap();
+    });
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("too many failed token attempts") && log.contains("127.0.0.2"),
+        "{log}"
+    );
+}

@@ -1,5 +1,6 @@
 //! Every objective trains the same on W = 1, 2 and 4 workers (real processes over loopback gRPC) as in
-//! one process: SoftmaxLoss (classifier included), CoSENT, hardness-weighted MNRL, a two-task run
+//! one process: SoftmaxLoss (classifier included), CoSENT, hardness-weighted MNRL, MNRL with hard
+//! negatives and the symmetric term, a two-task run
 //! (MNRL + CosineSimilarityLoss), GradCache and the weights' moving average (EMA) in the cluster.
 mod common;
 
@@ -54,6 +55,42 @@ fn multipos(cmd: &str, config: &Path, out: &Path, extra: &[&str]) {
 /// noise of either sign into steps of size lr. It is compared by nothing but noise.
 const NOISE_ONLY: &[&str] = &["attention.self.key.bias"];
 
+/// The tiny training data with two hard negatives per query, texts of the dev and test splits that
+/// appear nowhere else, so the planner never has to keep two rows apart for them.
+fn with_negatives(dir: &Path) -> PathBuf {
+    let read = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(repo(&format!("deploy/data/bible_paraphrase_tiny/{name}")))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let mut pool: Vec<String> = Vec::new();
+    for g in read("test.jsonl").iter().chain(&read("dev.jsonl")) {
+        let texts = std::iter::once(&g["query"]).chain(g["positives"].as_array().unwrap());
+        for t in texts {
+            let t = t
+                .as_str()
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            if !pool.contains(&t) {
+                pool.push(t);
+            }
+        }
+    }
+    let mut groups = read("train.jsonl");
+    assert!(pool.len() >= 2 * groups.len(), "{} negatives", pool.len());
+    for (i, g) in groups.iter_mut().enumerate() {
+        g["negatives"] = serde_json::json!([pool[2 * i], pool[2 * i + 1]]);
+    }
+    let path = dir.join("train-negatives.jsonl");
+    let lines: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
 #[test]
 fn every_objective_trains_the_same_on_one_two_and_four_workers() {
     let (dir, model) = common::tiny_model(&TinySpec {
@@ -82,6 +119,16 @@ fn every_objective_trains_the_same_on_one_two_and_four_workers() {
             "sampler = \"round_robin\"",
         ),
     ];
+    let negatives = with_negatives(dir.path());
+    let hard_symmetric = format!(
+        "[data]\ntrain = {:?}\nnegatives_per_row = 2\n[loss]\ntype = \"mnrl\"\nsymmetric = true\n",
+        negatives.display().to_string()
+    );
+    let cases =
+        cases
+            .iter()
+            .copied()
+            .chain([("hard-negatives-symmetric", hard_symmetric.as_str(), "")]);
     for (name, body, train) in cases {
         let cfg = write_config(dir.path(), name, &model, body, train);
         let single = dir.path().join(format!("{name}-single"));

@@ -1,5 +1,6 @@
-//! Planner properties on random, heavily duplicated data over many seeds: no conflict inside any
-//! global batch, every pair of an epoch placed exactly once or reported, same seed -> same plan.
+//! Planner properties on random, heavily duplicated data over many seeds and every mode (sample,
+//! all, pairs): no conflict inside any global batch, every pair of an epoch placed exactly once or
+//! reported, same seed -> same plan.
 use std::collections::{BTreeMap, HashMap};
 
 use multipos::data::{
@@ -107,6 +108,7 @@ fn check_filled_rows(data: &Dataset, rows: &[Row], negs: &[u32], k: usize, what:
 fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
     let mut checked_batches = 0;
     let mut filled_batches = 0;
+    let mut by_mode: HashMap<String, usize> = HashMap::new();
     for seed in 0..60u64 {
         let with_negatives = seed % 4 == 0;
         let data = random_data(
@@ -115,15 +117,11 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
             120 + (seed as usize % 5) * 60,
             with_negatives,
         );
-        let mode = if seed % 2 == 0 {
-            Mode::Sample
-        } else {
-            Mode::All
-        };
+        let mode = [Mode::Sample, Mode::All, Mode::Pairs][seed as usize % 3];
         // Every other seed with negatives asks for more than most groups list, and fills.
         let fill = seed % 8 == 0;
         let spec = PlanSpec {
-            batch_size: [4, 8, 16][seed as usize % 3],
+            batch_size: [4, 8, 16][(seed / 3) as usize % 3],
             mode,
             negatives_per_row: match (with_negatives, fill) {
                 (false, _) => 0,
@@ -166,6 +164,7 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
                     *placed.entry((r.group, r.positive)).or_default() += 1;
                 }
                 checked_batches += 1;
+                *by_mode.entry(format!("{mode:?}")).or_default() += 1;
             }
             for r in &plan.leftovers {
                 *placed.entry((r.group, r.positive)).or_default() += 1;
@@ -207,6 +206,10 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
         checked_batches > 1000,
         "too few batches checked: {checked_batches}"
     );
+    for mode in ["Sample", "All", "Pairs"] {
+        let n = by_mode.get(mode).copied().unwrap_or(0);
+        assert!(n > 200, "too few {mode} batches checked: {n}");
+    }
     assert!(
         filled_batches > 50,
         "too few filled batches checked: {filled_batches}"

@@ -1,6 +1,6 @@
 //! The run's machine-readable log: one JSON object per line (`metrics.jsonl`), flushed as it comes.
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -34,27 +34,80 @@ impl MetricsLog {
         })
     }
 
-    /// Drops the records `drop` selects, rewriting the file atomically (a run that rolls back to a
-    /// checkpoint removes the steps it will run again, so every step stays logged once).
-    pub fn remove(&mut self, drop: impl Fn(&serde_json::Value) -> bool) -> Result<usize> {
+    /// Drops the step records (event `step`, or no event: the batch log) after `step`, which a run
+    /// rolled back to a checkpoint runs again, so every step stays logged once. Step records are
+    /// appended in increasing order, so only the file's tail after the last kept step is read and
+    /// rewritten: the cost is that of the steps since the checkpoint, not of the whole run
+    /// (docs/design.md §9).
+    pub fn remove_steps_after(&mut self, step: u64) -> Result<usize> {
         self.out.flush().map_err(Error::io("write", &self.path))?;
-        let text = fs::read_to_string(&self.path).map_err(Error::io("read", &self.path))?;
-        let mut kept = String::with_capacity(text.len());
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(Error::io("open", &self.path))?;
+        let Some((cut, tail)) = self.tail_after(&mut file, step)? else {
+            return Ok(0);
+        };
+        let mut kept = Vec::with_capacity(tail.len());
         let mut removed = 0;
-        for line in text.lines() {
-            match serde_json::from_str::<serde_json::Value>(line) {
-                Ok(v) if drop(&v) => removed += 1,
-                _ => {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
+        for line in tail.split_inclusive(|b| *b == b'\n') {
+            if step_after(line, step) == Some(true) {
+                removed += 1;
+            } else {
+                kept.extend_from_slice(line);
             }
         }
-        if removed > 0 {
-            crate::io::atomic::write_file(&self.path, kept.as_bytes())?;
-            *self = Self::append(&self.path)?;
-        }
+        file.set_len(cut)
+            .and_then(|_| file.seek(SeekFrom::Start(cut)))
+            .and_then(|_| file.write_all(&kept))
+            .and_then(|_| file.sync_data())
+            .map_err(Error::io("rewrite", &self.path))?;
+        *self = Self::append(&self.path)?;
         Ok(removed)
+    }
+
+    /// The file's bytes from the first step record after `step` on, and their offset; `None` when
+    /// there is none. Reads backwards in growing windows until a step record at or before `step`.
+    fn tail_after(&self, file: &mut File, step: u64) -> Result<Option<(u64, Vec<u8>)>> {
+        let len = file
+            .metadata()
+            .map_err(Error::io("stat", &self.path))?
+            .len();
+        let mut window = 64 * 1024u64;
+        loop {
+            let start = len.saturating_sub(window);
+            let mut bytes = vec![0; (len - start) as usize];
+            file.seek(SeekFrom::Start(start))
+                .and_then(|_| file.read_exact(&mut bytes))
+                .map_err(Error::io("read", &self.path))?;
+            // The first line of a window that does not start the file may be cut: skip it.
+            let skip = if start == 0 {
+                0
+            } else {
+                bytes
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(bytes.len(), |i| i + 1)
+            };
+            let mut first_dropped = None;
+            let mut offset = bytes.len();
+            let lines: Vec<&[u8]> = bytes[skip..].split_inclusive(|b| *b == b'\n').collect();
+            for line in lines.iter().rev() {
+                offset -= line.len();
+                match step_after(line, step) {
+                    Some(true) => first_dropped = Some(offset),
+                    Some(false) => {
+                        return Ok(first_dropped.map(|o| (start + o as u64, bytes[o..].to_vec())));
+                    }
+                    None => {}
+                }
+            }
+            if start == 0 {
+                return Ok(first_dropped.map(|o| (o as u64, bytes[o..].to_vec())));
+            }
+            window *= 4;
+        }
     }
 
     /// Everything logged so far.
@@ -74,49 +127,64 @@ impl MetricsLog {
     }
 }
 
+/// Whether a record is a step record after `step`; `None` for a record that is not a step's.
+fn step_after(line: &[u8], step: u64) -> Option<bool> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    if v.get("event").is_some_and(|e| e != "step") {
+        return None;
+    }
+    Some(v.get("step")?.as_u64()? > step)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    /// A rollback trims the steps that will run again and keeps everything else, in order.
+    fn records(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// A rollback trims the steps that will run again and keeps everything else, in order, also
+    /// when the steps to trim reach back past the first window read.
     #[test]
-    fn removing_records_rewrites_the_log_and_appending_goes_on() {
+    fn removing_steps_rewrites_the_tail_and_appending_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
         let mut log = MetricsLog::create(&path).unwrap();
-        for step in 1..=5u64 {
-            log.write(&json!({"event": "step", "step": step})).unwrap();
+        log.write(&json!({"event": "data", "fingerprint": "x"}))
+            .unwrap();
+        for step in 1..=3000u64 {
+            log.write(&json!({"event": "step", "step": step, "loss": 0.5}))
+                .unwrap();
+            log.write(&json!({"step": step, "rank": 0})).unwrap();
+            if step % 700 == 0 {
+                log.write(&json!({"event": "checkpoint", "step": step}))
+                    .unwrap();
+            }
         }
-        log.write(&json!({"event": "checkpoint", "step": 4}))
-            .unwrap();
-        let removed = log
-            .remove(|v| v["event"] == "step" && v["step"].as_u64().is_some_and(|s| s > 3))
-            .unwrap();
-        assert_eq!(removed, 2);
-        log.write(&json!({"event": "step", "step": 4})).unwrap();
-        let kinds: Vec<(String, u64)> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .map(|v| {
-                (
-                    v["event"].as_str().unwrap().to_string(),
-                    v["step"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        let want: Vec<(String, u64)> = [
-            ("step", 1),
-            ("step", 2),
-            ("step", 3),
-            ("checkpoint", 4),
-            ("step", 4),
-        ]
-        .iter()
-        .map(|(k, s)| (k.to_string(), *s))
-        .collect();
-        assert_eq!(kinds, want);
-        assert_eq!(log.remove(|_| false).unwrap(), 0);
+        let before = records(&path);
+        let mut removed = 0;
+        for cut in [2990, 2100, 5] {
+            removed += log.remove_steps_after(cut).unwrap();
+            let is_step_after = |v: &serde_json::Value| {
+                v.get("event").is_none_or(|e| e == "step") && v["step"].as_u64().unwrap() > cut
+            };
+            let want: Vec<_> = before
+                .iter()
+                .filter(|v| !is_step_after(v))
+                .cloned()
+                .collect();
+            assert_eq!(records(&path), want, "cut at {cut}");
+            assert_eq!(removed, before.len() - want.len());
+        }
+        log.write(&json!({"event": "step", "step": 6})).unwrap();
+        let last = records(&path).pop().unwrap();
+        assert_eq!(last, json!({"event": "step", "step": 6}));
+        assert_eq!(log.remove_steps_after(6).unwrap(), 0);
     }
 }

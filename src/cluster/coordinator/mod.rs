@@ -390,15 +390,9 @@ impl Coordinator {
     /// Removes logged steps after `step`: they will run (again) in this generation, and the logs
     /// must show every global batch applied once.
     fn forget_steps_after(&self, step: u64) {
-        let after = |v: &serde_json::Value| {
-            v.get("step")
-                .and_then(serde_json::Value::as_u64)
-                .is_some_and(|s| s > step)
-                && v.get("event").is_none_or(|e| e == "step")
-        };
         for log in [&self.log, &self.batches_log] {
             let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = log.remove(after) {
+            if let Err(e) = log.remove_steps_after(step) {
                 tracing::error!(error = %e, "cannot rewrite a log");
             }
         }
