@@ -23,9 +23,11 @@ pub mod error;
 pub mod eval;
 pub mod fusion;
 pub mod io;
+pub mod logging;
 pub mod loss;
 pub mod mine;
 pub mod model;
+pub mod progress;
 pub mod tls;
 pub mod train;
 

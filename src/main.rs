@@ -1,20 +1,18 @@
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use multipos::cli::Cli;
+use multipos::logging::{self, LogFormat};
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: logs piped to files and tools stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = multipos::cli::Cli::parse();
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let format = cli.log_format;
     match multipos::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            match format {
+                LogFormat::Json => tracing::error!(error = format!("{err:#}"), "failed"),
+                LogFormat::Text => eprintln!("error: {err:#}"),
+            }
             std::process::ExitCode::FAILURE
         }
     }

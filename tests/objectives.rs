@@ -183,7 +183,7 @@ fn a_two_task_run_with_a_classifier_stops_and_resumes_bit_for_bit() {
     });
     let whole = dir.path().join("whole");
     let cfg = config(&model, &whole, MNRL_AND_SOFTMAX, "epochs = 2");
-    let summary = multipos::train::run(&cfg, false).unwrap();
+    let summary = multipos::train::run(&cfg, multipos::progress::Show::OFF).unwrap();
     let tasks = load_tasks(&cfg.tasks()).unwrap();
     let plan = plan_for(&cfg, &tasks).unwrap();
     assert_eq!(
@@ -208,7 +208,7 @@ fn a_two_task_run_with_a_classifier_stops_and_resumes_bit_for_bit() {
         MNRL_AND_SOFTMAX,
         "epochs = 2\nstop_after_steps = 23",
     );
-    let err = multipos::train::run(&cfg2, false).unwrap_err();
+    let err = multipos::train::run(&cfg2, multipos::progress::Show::OFF).unwrap_err();
     assert!(err.to_string().contains("stopped after 23"), "{err}");
     let resumed_cfg = config(
         &model,
@@ -216,7 +216,7 @@ fn a_two_task_run_with_a_classifier_stops_and_resumes_bit_for_bit() {
         MNRL_AND_SOFTMAX,
         "epochs = 2\nresume = \"latest\"",
     );
-    multipos::train::run(&resumed_cfg, false).unwrap();
+    multipos::train::run(&resumed_cfg, multipos::progress::Show::OFF).unwrap();
     assert_eq!(common::resumed_from(&stopped), vec![23]);
     assert_eq!(
         common::losses_by_step(&whole),
@@ -249,7 +249,7 @@ fn the_saved_classifier_loads_and_predicts() {
         tasks,
         "epochs = 8\nlr = 3e-3\ndropout = false",
     );
-    multipos::train::run(&cfg, false).unwrap();
+    multipos::train::run(&cfg, multipos::progress::Show::OFF).unwrap();
 
     let encoder = multipos::SentenceModel::load(&out.join("model"), tch::Device::Cpu).unwrap();
     let head = SoftmaxHead::read(&out.join("model"), "nli", tch::Device::Cpu).unwrap();
@@ -305,7 +305,7 @@ fn ema_with_decay_zero_is_the_model_and_ema_survives_a_resume() {
             MNRL_AND_SOFTMAX,
             "max_steps = 6\nema_decay = 0.0",
         ),
-        false,
+        multipos::progress::Show::OFF,
     )
     .unwrap();
     for ((n, a), (_, b)) in tensors(&zero.join("model"))
@@ -325,7 +325,7 @@ fn ema_with_decay_zero_is_the_model_and_ema_survives_a_resume() {
     let plain = dir.path().join("plain");
     multipos::train::run(
         &config(&model, &plain, MNRL_AND_SOFTMAX, "max_steps = 6"),
-        false,
+        multipos::progress::Show::OFF,
     )
     .unwrap();
     assert_eq!(
@@ -342,7 +342,7 @@ fn ema_with_decay_zero_is_the_model_and_ema_survives_a_resume() {
             MNRL_AND_SOFTMAX,
             "max_steps = 12\nema_decay = 0.9",
         ),
-        false,
+        multipos::progress::Show::OFF,
     )
     .unwrap();
     let averaged = tensors(&whole.join("model-ema"));
@@ -360,14 +360,14 @@ fn ema_with_decay_zero_is_the_model_and_ema_survives_a_resume() {
         MNRL_AND_SOFTMAX,
         "max_steps = 12\nema_decay = 0.9\nstop_after_steps = 5",
     );
-    assert!(multipos::train::run(&stop, false).is_err());
+    assert!(multipos::train::run(&stop, multipos::progress::Show::OFF).is_err());
     let resume = config(
         &model,
         &parted,
         MNRL_AND_SOFTMAX,
         "max_steps = 12\nema_decay = 0.9\nresume = \"latest\"",
     );
-    multipos::train::run(&resume, false).unwrap();
+    multipos::train::run(&resume, multipos::progress::Show::OFF).unwrap();
     for ((n, a), (_, b)) in averaged.iter().zip(tensors(&parted.join("model-ema"))) {
         assert!(a.equal(&b), "{n}: the EMA after stop + resume differs");
     }

@@ -48,8 +48,11 @@ fn a_run_writes_a_loadable_model_metrics_and_is_repeatable() {
     let runs: Vec<_> = (0..2)
         .map(|i| {
             let out = dir.path().join(format!("run{i}"));
-            let summary =
-                multipos::train::run(&config(&model, &out, &["train.epochs=2"]), false).unwrap();
+            let summary = multipos::train::run(
+                &config(&model, &out, &["train.epochs=2"]),
+                multipos::progress::Show::OFF,
+            )
+            .unwrap();
             (out, summary)
         })
         .collect();
@@ -95,7 +98,7 @@ fn loss_falls_when_training_on_the_same_data() {
             "train.dropout=false",
         ],
     );
-    multipos::train::run(&cfg, false).unwrap();
+    multipos::train::run(&cfg, multipos::progress::Show::OFF).unwrap();
     let losses = common::step_losses(&out.join("metrics.jsonl"));
     let first: f64 = losses[..8].iter().sum::<f64>() / 8.0;
     let last: f64 = losses[losses.len() - 8..].iter().sum::<f64>() / 8.0;
@@ -255,7 +258,7 @@ fn early_stopping_stops_at_the_right_step_and_keeps_the_best_model() {
             "output.keep_checkpoints=1",
         ],
     );
-    let summary = multipos::train::run(&cfg, false).unwrap();
+    let summary = multipos::train::run(&cfg, multipos::progress::Show::OFF).unwrap();
     let evals = common::events(&out, "eval");
     let stops = common::events(&out, "early_stop");
     assert_eq!(stops.len(), 1, "the run stopped early");

@@ -1,12 +1,11 @@
 //! `multipos coordinator`, `multipos worker`, `multipos launch`.
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::ConfigArgs;
+use super::{ConfigArgs, ProgressArgs};
 use crate::auth::Token;
 use crate::cluster::coordinator::{self, Coordinator, Outcome};
 use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
@@ -21,13 +20,69 @@ use crate::train::build::FreshOutput;
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// How to reach a running coordinator: address, token, TLS.
+#[derive(clap::Args, Debug)]
+pub struct ConnectArgs {
+    /// Coordinator address host:port [default: $MASTER_ADDR:$MASTER_PORT].
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// File holding the cluster token (as `cluster.token_file`) [default: $MULTIPOS_CLUSTER_TOKEN].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate of the run's TLS (as `cluster.tls.ca`); with --tls-cert and --tls-key.
+    #[arg(long, env = "MULTIPOS_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This host's TLS certificate (as `cluster.tls.cert`).
+    #[arg(long, env = "MULTIPOS_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This host's TLS private key (as `cluster.tls.key`).
+    #[arg(long, env = "MULTIPOS_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    pub(super) fn address(&self) -> anyhow::Result<String> {
+        match (
+            &self.coordinator,
+            std::env::var("MASTER_ADDR"),
+            std::env::var("MASTER_PORT"),
+        ) {
+            (Some(c), _, _) => Ok(c.clone()),
+            (None, Ok(a), Ok(p)) => Ok(format!("{a}:{p}")),
+            _ => bail!(
+                "no coordinator address: pass --coordinator HOST:PORT or set MASTER_ADDR and MASTER_PORT"
+            ),
+        }
+    }
+
+    pub(super) fn token(&self) -> anyhow::Result<Token> {
+        token(&ClusterConfig {
+            token_file: self.token_file.clone(),
+            ..ClusterConfig::default()
+        })
+    }
+
+    pub(super) fn tls(&self) -> anyhow::Result<Option<Tls>> {
+        Ok(match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(Tls::load(&TlsConfig {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                client_auth: true,
+            })?),
+            _ => None,
+        })
+    }
 }
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
-    /// Coordinator address host:port [default: $MASTER_ADDR:$MASTER_PORT].
-    #[arg(long)]
-    pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Rank to take [default: $RANK, $SLURM_PROCID, or any free rank].
     #[arg(long)]
     pub rank: Option<usize>,
@@ -46,30 +101,20 @@ pub struct WorkerArgs {
     /// How long to keep trying to reach the coordinator, in seconds.
     #[arg(long, default_value_t = 120)]
     pub connect_timeout_s: u64,
-    /// File holding the cluster token (as `cluster.token_file`) [default: $MULTIPOS_CLUSTER_TOKEN].
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// CA certificate of the run's TLS (as `cluster.tls.ca`); with --tls-cert and --tls-key.
-    #[arg(long, env = "MULTIPOS_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
-    pub tls_ca: Option<PathBuf>,
-    /// This host's TLS certificate (as `cluster.tls.cert`).
-    #[arg(long, env = "MULTIPOS_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
-    pub tls_cert: Option<PathBuf>,
-    /// This host's TLS private key (as `cluster.tls.key`).
-    #[arg(long, env = "MULTIPOS_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
-    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct LaunchArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     /// Number of local workers [default: cluster.workers].
     #[arg(long)]
     pub workers: Option<usize>,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -93,20 +138,9 @@ fn env_usize(keys: &[&str]) -> Option<usize> {
 pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.overrides())?;
     let token = token(&cfg.cluster)?;
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(0)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
-        )
-        .expect("valid template"),
-    );
     runtime()?.block_on(async move {
         let fresh = FreshOutput::watch(&cfg);
-        let coord = Coordinator::new(cfg.clone(), bar)?;
+        let coord = Coordinator::new(cfg.clone(), args.progress.show())?;
         let listener = coordinator::bind(&cfg).await?;
         fresh.keep();
         let addr = listener.local_addr().context("reading the bound address")?;
@@ -133,15 +167,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let coordinator = match args.coordinator {
-        Some(c) => c,
-        None => match (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT")) {
-            (Ok(a), Ok(p)) => format!("{a}:{p}"),
-            _ => bail!(
-                "no coordinator address: pass --coordinator HOST:PORT or set MASTER_ADDR and MASTER_PORT"
-            ),
-        },
-    };
+    let coordinator = args.connect.address()?;
     device::set_threads(args.threads)?;
     let rank = args.rank.or_else(|| env_usize(&["RANK", "SLURM_PROCID"]));
     let device_spec = if args.device == "cuda" {
@@ -155,24 +181,13 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let opts = WorkerOptions {
         coordinator,
         rank,
-        token: token(&ClusterConfig {
-            token_file: args.token_file.clone(),
-            ..ClusterConfig::default()
-        })?,
+        token: args.connect.token()?,
         model: args.model,
         device: device::parse_device(&device_spec)?,
         threads: args.threads,
         peer_host: args.peer_host,
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
-        tls: match (args.tls_ca, args.tls_cert, args.tls_key) {
-            (Some(ca), Some(cert), Some(key)) => Some(Tls::load(&TlsConfig {
-                ca,
-                cert,
-                key,
-                client_auth: true,
-            })?),
-            _ => None,
-        },
+        tls: args.connect.tls()?,
     };
     runtime()?.block_on(worker::run(opts))?;
     Ok(())
@@ -183,6 +198,7 @@ pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
         sets: args.config.overrides(),
         config: args.config.config,
         workers: args.workers,
+        progress: args.progress.show(),
     }))?;
     Ok(())
 }

@@ -8,11 +8,15 @@ mod embed;
 mod eval;
 mod interrupt;
 mod mine;
+mod status;
 mod train;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use crate::logging::{LOG_FORMAT_ENV, LogFormat};
+use crate::progress::{Display, Show};
 
 /// Fine-tune sentence-embedding models on multi-positive data, on one CPU, one GPU or a cluster.
 #[derive(Parser, Debug)]
@@ -20,6 +24,9 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text (colours on a terminal only) or as one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value = "text", env = LOG_FORMAT_ENV)]
+    pub log_format: LogFormat,
 }
 
 /// The run configuration and its overrides, shared by `train`, `launch` and `coordinator`.
@@ -45,6 +52,27 @@ impl ConfigArgs {
             sets.push("train.resume=\"latest\"".into());
         }
         sets
+    }
+}
+
+/// How a long command shows its progress.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProgressArgs {
+    /// auto (a bar on a terminal, lines otherwise), bar, lines or off.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: Display,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub progress_every_s: u64,
+}
+
+impl ProgressArgs {
+    /// As the library takes it.
+    pub fn show(&self) -> Show {
+        Show {
+            display: self.progress,
+            every: std::time::Duration::from_secs(self.progress_every_s),
+        }
     }
 }
 
@@ -81,6 +109,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Rewrite a model directory in the canonical sentence-transformers layout (F32 safetensors).
     Convert(convert::ConvertArgs),
+    /// How a running cluster goes: members, generation, step, loss, rates (`--json` for tools).
+    Status(status::StatusArgs),
     /// Make a private CA and per-host certificates for `cluster.tls`.
     Certs(certs::CertsArgs),
 }
@@ -99,6 +129,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Launch(args) => cluster::run_launch(args),
         Command::Certs(args) => certs::run(args),
+        Command::Status(args) => status::run(args),
         Command::Coordinator(args) => cluster::run_coordinator(args),
         Command::Worker(args) => cluster::run_worker(args),
         Command::Embed(args) => embed::run(args),

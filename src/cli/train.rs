@@ -1,7 +1,5 @@
 //! `multipos train`.
-use std::io::IsTerminal;
-
-use super::ConfigArgs;
+use super::{ConfigArgs, ProgressArgs};
 use crate::config::RunConfig;
 use crate::train;
 
@@ -9,11 +7,13 @@ use crate::train;
 pub struct TrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.overrides())?;
-    let summary = match train::run(&cfg, std::io::stderr().is_terminal()) {
+    let summary = match train::run(&cfg, args.progress.show()) {
         Ok(s) => s,
         // A stop the user asked for (stop_after_steps) is a success: the checkpoint is written.
         Err(e @ crate::Error::Stopped { .. }) => {

@@ -12,8 +12,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::auth::Token;
+use crate::cluster::status::StatusClient;
 use crate::config::{RunConfig, TOKEN_ENV};
 use crate::error::{Error, Result};
+use crate::logging;
+use crate::progress::{self, Display, Show};
+use crate::tls::Tls;
+use indicatif::ProgressBar;
 
 /// The line a coordinator prints on stdout once it listens.
 pub const ANNOUNCE: &str = "MULTIPOS_COORDINATOR=";
@@ -25,6 +31,86 @@ pub struct LaunchOptions {
     pub sets: Vec<String>,
     /// Overrides `cluster.workers`.
     pub workers: Option<usize>,
+    /// How progress is shown: a bar drawn from the coordinator's `Status`, or its progress lines.
+    pub progress: Show,
+}
+
+/// The launch's stderr: the processes' lines, and the progress bar below them on a terminal.
+struct Console {
+    bar: Option<ProgressBar>,
+    /// Log lines as JSON (`--log-format json`).
+    json: bool,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Console {
+    /// A line of the launch's own.
+    fn note(&self, note: impl std::fmt::Display) {
+        if self.json {
+            self.show(|| tracing::info!(process = "launch", "{note}"));
+        } else {
+            self.show(|| eprintln!("[launch] {note}"));
+        }
+    }
+
+    /// A line a process wrote: prefixed with its name, or, as JSON, with a `process` field.
+    fn child(&self, role: Role, line: &str) {
+        if !self.json {
+            return self.show(|| eprintln!("[{role}] {line}"));
+        }
+        let record = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(mut fields)) => {
+                fields.insert("process".into(), role.to_string().into());
+                serde_json::Value::Object(fields)
+            }
+            _ => serde_json::json!({"process": role.to_string(), "message": line}),
+        };
+        self.show(|| eprintln!("{record}"));
+    }
+
+    fn show(&self, print: impl FnOnce()) {
+        match &self.bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        }
+    }
+}
+
+/// Keeps `bar` up to date from the coordinator's `Status` once a second, reconnecting as needed
+/// (a restarted coordinator comes back on the same address).
+async fn watch(address: String, token: Token, tls: Option<Tls>, bar: ProgressBar) {
+    loop {
+        let Ok(mut client) =
+            StatusClient::connect(&address, &token, tls.as_ref(), Duration::from_secs(5)).await
+        else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        while let Ok(s) = client.get().await {
+            bar.set_length(s.total_steps);
+            bar.set_position(s.step);
+            let loss = if s.loss.is_finite() {
+                format!("loss {:.4}  ", s.loss)
+            } else {
+                String::new()
+            };
+            bar.set_message(format!(
+                "{loss}{:.1} pairs/s  {} of {} workers  {}",
+                s.pairs_per_s,
+                s.members.len(),
+                s.workers_wanted,
+                s.phase
+            ));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
 }
 
 /// Which local process.
@@ -122,6 +208,8 @@ struct Starter {
     config: PathBuf,
     sets: Vec<String>,
     token: String,
+    /// `--progress` and `--progress-every-s` for the coordinator.
+    progress_args: Vec<String>,
     cfg: RunConfig,
     threads: usize,
     gpus: usize,
@@ -134,6 +222,7 @@ impl Starter {
         c.arg("coordinator")
             .arg("--config")
             .arg(&self.config)
+            .args(&self.progress_args)
             .env(TOKEN_ENV, &self.token);
         for s in self.sets.iter().chain(extra_sets) {
             c.arg("--set").arg(s);
@@ -195,6 +284,23 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
         Some(t) => t,
         None => crate::auth::Token::random().expose().to_string(),
     };
+    let display = opts.progress.resolved();
+    let console = Console {
+        bar: (display == Display::Bar).then(|| progress::bar(0)),
+        json: logging::json(),
+    };
+    // The launch draws the bar itself; the coordinator shows nothing then, or its lines.
+    let progress_args = vec![
+        "--progress".to_string(),
+        if display == Display::Lines {
+            "lines"
+        } else {
+            "off"
+        }
+        .into(),
+        "--progress-every-s".into(),
+        opts.progress.every.as_secs().max(1).to_string(),
+    ];
     let workers = cfg.cluster.workers;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let starter = Starter {
@@ -202,6 +308,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
         config: opts.config.clone(),
         sets,
         token,
+        progress_args,
         threads: if cfg.cluster.threads_per_worker > 0 {
             cfg.cluster.threads_per_worker
         } else {
@@ -224,13 +331,13 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
             e = rx.recv() => e,
             _ = signals.recv() => {
                 if signalled {
-                    eprintln!("[launch] second signal: killing every process");
+                    console.note("second signal: killing every process");
                     coordinator.kill();
                     for h in handles.iter_mut().flatten() {
                         h.kill();
                     }
                 } else {
-                    eprintln!("[launch] stopping: the coordinator checkpoints and stops the workers");
+                    console.note("stopping: the coordinator checkpoints and stops the workers");
                     coordinator.terminate();
                 }
                 signalled = true;
@@ -247,10 +354,21 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
                         *h = Some(starter.worker(rank, &addr)?);
                         running += 1;
                     }
+                    if let Some(bar) = &console.bar {
+                        let token = Token::new(&starter.token).map_err(Error::Usage)?;
+                        let tls = starter
+                            .cfg
+                            .cluster
+                            .tls
+                            .as_ref()
+                            .map(Tls::load)
+                            .transpose()?;
+                        tokio::spawn(watch(addr.clone(), token, tls, bar.clone()));
+                    }
                     address = Some(addr);
                 }
             }
-            Event::Line(role, line) => eprintln!("[{role}] {line}"),
+            Event::Line(role, line) => console.child(role, &line),
             Event::Exited(role, status) => {
                 running -= 1;
                 let ok = matches!(&status, Ok(s) if s.success());
@@ -277,10 +395,10 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
                             && let Some(addr) = &address
                         {
                             restarts += 1;
-                            eprintln!(
-                                "[launch] the coordinator failed ({how}): restarting it with --resume on {addr} (restart {restarts} of {})",
+                            console.note(format!(
+                                "the coordinator failed ({how}): restarting it with --resume on {addr} (restart {restarts} of {})",
                                 starter.cfg.cluster.max_restarts
-                            );
+                            ));
                             coordinator = starter.coordinator(&[
                                 "train.resume=\"latest\"".into(),
                                 format!("cluster.bind=\"{addr}\""),
@@ -289,9 +407,9 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
                             continue;
                         }
                         if ending.is_none() {
-                            eprintln!(
-                                "[launch] the coordinator failed ({how}): stopping the workers"
-                            );
+                            console.note(format!(
+                                "the coordinator failed ({how}): stopping the workers"
+                            ));
                             ending =
                                 Some(Ending::Failed(format!("the coordinator failed ({how})")));
                         }
@@ -307,20 +425,20 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
                             && let Some(addr) = &address
                         {
                             restarts += 1;
-                            eprintln!(
-                                "[launch] worker {rank} failed ({how}): starting a replacement (restart {restarts} of {})",
+                            console.note(format!(
+                                "worker {rank} failed ({how}): starting a replacement (restart {restarts} of {})",
                                 starter.cfg.cluster.max_restarts
-                            );
+                            ));
                             handles[rank] = Some(starter.worker(rank, addr)?);
                             running += 1;
                         } else if starter.cfg.cluster.min_workers() < workers {
-                            eprintln!(
-                                "[launch] worker {rank} failed ({how}): the run goes on with fewer workers"
-                            );
+                            console.note(format!(
+                                "worker {rank} failed ({how}): the run goes on with fewer workers"
+                            ));
                         } else {
-                            eprintln!(
-                                "[launch] worker {rank} failed ({how}): stopping the other processes"
-                            );
+                            console.note(format!(
+                                "worker {rank} failed ({how}): stopping the other processes"
+                            ));
                             ending = Some(Ending::Failed(format!("worker {rank} failed ({how})")));
                             coordinator.kill();
                             for h in handles.iter_mut().flatten() {

@@ -8,4 +8,5 @@ pub mod membership;
 pub mod peer;
 pub mod signals;
 pub mod state;
+pub mod status;
 pub mod worker;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::progress::{Progress, Show};
 use serde_json::json;
 
 use super::build::{
@@ -35,20 +35,6 @@ pub struct RunSummary {
     pub eval_before: Option<BTreeMap<String, f64>>,
     pub eval_after: Option<BTreeMap<String, f64>>,
     pub model_dir: PathBuf,
-}
-
-fn progress(total: u64, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar
 }
 
 fn print_metrics(label: &str, m: &BTreeMap<String, f64>) {
@@ -296,8 +282,8 @@ fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer,
     Ok((run, trainer, log, start_step))
 }
 
-/// Runs training as the config says; `show_progress` draws a bar on stderr.
-pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
+/// Runs training as the config says, showing progress as `show` says.
+pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
     // First of all: a signal during start-up (loading, mining, planning) must not be lost.
     let stop = stop_flag()?;
     let out_dir = &cfg.output.dir;
@@ -323,8 +309,7 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
         _ => None,
     };
 
-    let bar = progress(total, show_progress);
-    bar.set_position(start_step);
+    let bar = Progress::new(show, total, start_step, cfg.train.batch_size);
     let start = Instant::now();
     let mut pairs = 0u64;
     // A resumed run reports its newest loss even when no step is left to run.
@@ -348,15 +333,9 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
         if let Some(stats) = run.step(&mut trainer, step, &mut skipped, &mut log)? {
             pairs += stats.pairs as u64;
             last_loss = stats.loss;
-            bar.set_message(format!(
-                "loss {:.4}  {:.1} pairs/s  lr {:.2e}",
-                stats.loss,
-                stats.pairs as f64 / stats.seconds(),
-                stats.lr
-            ));
         }
-        bar.inc(1);
         let done = step + 1;
+        bar.step(done, last_loss);
         let every = cfg.output.checkpoint_every_steps;
         let budget_spent =
             cfg.train.stop_after_steps > 0 && done - start_step >= cfg.train.stop_after_steps;
@@ -367,13 +346,13 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
             bar.suspend(|| run.save_checkpoint(&trainer, done, best, &mut log))?;
         }
         if unfinished && signalled {
-            bar.finish_and_clear();
+            bar.finish();
             return Err(Error::Usage(format!(
                 "stopped by a signal after step {done}; continue with --resume"
             )));
         }
         if unfinished && budget_spent {
-            bar.finish_and_clear();
+            bar.finish();
             return Err(Error::Stopped {
                 steps_done: done,
                 total,
@@ -399,7 +378,7 @@ pub fn run(cfg: &RunConfig, show_progress: bool) -> Result<RunSummary> {
             }
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     let seconds = start.elapsed().as_secs_f64();
     let eval_after = if evaluated_last {
         None

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::ProgressBar;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,6 +34,7 @@ use crate::loss::Targets;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
+use crate::progress::{Progress, Show};
 use crate::tls::Tls;
 use crate::train::build::{load_training_data, plan_for, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
@@ -93,6 +93,21 @@ struct State {
     last_skipped: Option<u64>,
 }
 
+/// What the run is doing, in one word.
+fn phase(st: &State) -> &'static str {
+    if st.aborted.is_some() {
+        "aborted"
+    } else if st.model_saved || st.stop == Stop::Done {
+        "finished"
+    } else if st.stop == Stop::Requested {
+        "stopping"
+    } else if st.forming {
+        "forming"
+    } else {
+        "training"
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -124,7 +139,7 @@ pub struct Coordinator {
     log: Mutex<MetricsLog>,
     batches_log: Mutex<MetricsLog>,
     started: Instant,
-    bar: ProgressBar,
+    progress: Progress,
     eval_set: Option<IrDataset>,
 }
 
@@ -146,7 +161,7 @@ enum EvalWork {
 
 impl Coordinator {
     /// Loads data and model metadata and plans the run (no network yet).
-    pub fn new(cfg: RunConfig, bar: ProgressBar) -> Result<Shared> {
+    pub fn new(cfg: RunConfig, show: Show) -> Result<Shared> {
         let out = &cfg.output.dir;
         let config_toml = prepare_output(&cfg)?;
         // Uploads a previous coordinator was receiving when it died: nothing refers to them.
@@ -201,8 +216,7 @@ impl Coordinator {
         if resuming {
             log.write(&json!({"event": "resume", "step": start_step}))?;
         }
-        bar.set_length(plan.total_steps);
-        bar.set_position(start_step);
+        let progress = Progress::new(show, plan.total_steps, start_step, cfg.train.batch_size);
         let state = State {
             generation: first_generation(),
             ring: Vec::new(),
@@ -245,7 +259,7 @@ impl Coordinator {
             data_fingerprint,
             eval_set,
             started: Instant::now(),
-            bar,
+            progress,
             cfg,
         }))
     }
@@ -384,7 +398,7 @@ impl Coordinator {
             .collect();
         st.formation = Some(Arc::new(formation));
         st.ring = ring;
-        self.bar.set_position(start);
+        self.progress.jump(start);
     }
 
     /// Removes logged steps after `step`: they will run (again) in this generation, and the logs
@@ -558,7 +572,7 @@ impl Coordinator {
             )
             .await
             .map_err(|e| Error::Usage(format!("coordinator server failed: {e}")))?;
-        self.bar.finish_and_clear();
+        self.progress.finish();
         let st = self.lock();
         Ok(match (&st.aborted, st.model_saved) {
             (Some(reason), _) => Outcome::Aborted(reason.clone()),
@@ -728,6 +742,7 @@ impl Coordinator {
                     json!({"event": "early_stop", "step": step, "best_step": best.map(|b| b.0)}),
                 );
                 st.end = step;
+                self.progress.set_total(step);
             }
             Ok(Verdict::NotBetter { stop: false }) => {}
             Err(reason) => {
@@ -832,13 +847,55 @@ impl Coordinator {
         }));
         self.record_batch(step, commits.len())
             .map_err(|e| e.to_string())?;
-        self.bar.set_message(format!(
-            "loss {loss:.4}  {:.1} pairs/s  comm {:.0}%",
-            pairs as f64 / seconds.max(1e-9),
-            100.0 * comm / seconds.max(1e-9)
-        ));
-        self.bar.set_position(step + 1);
+        self.progress.step(step + 1, loss);
         Ok(())
+    }
+
+    /// The run as it stands, for the `Status` RPC.
+    fn status(&self) -> StatusResponse {
+        let st = self.lock();
+        let p = self.progress.snapshot();
+        let now = Instant::now();
+        let (checkpoint_step, checkpoint_age_s) = match &st.latest {
+            Some((path, state)) => (
+                state.step,
+                std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .map_or(-1.0, |d| d.as_secs_f64()),
+            ),
+            None => (0, -1.0),
+        };
+        let members = if st.forming { &[][..] } else { &st.ring[..] };
+        StatusResponse {
+            phase: phase(&st).into(),
+            generation: st.generation,
+            step: st.committed,
+            total_steps: st.end,
+            workers_wanted: self.cfg.cluster.workers as u32,
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(rank, m)| MemberStatus {
+                    rank: rank as u32,
+                    member: m.id,
+                    worker_id: m.worker_id.clone(),
+                    peer_address: m.peer_address.clone(),
+                    state_step: m.state_step,
+                    seconds_since_heard: now.duration_since(m.last_seen).as_secs_f64(),
+                })
+                .collect(),
+            waiting: st.candidates.len() as u32,
+            loss: p.loss,
+            steps_per_s: p.steps_per_s,
+            pairs_per_s: p.pairs_per_s,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            eta_s: p.eta.map_or(-1.0, |d| d.as_secs_f64()),
+            checkpoint_step,
+            checkpoint_age_s,
+            aborted: st.aborted.clone().unwrap_or_default(),
+        }
     }
 
     /// Checks a joining worker against the run; returns its usable state step.

@@ -227,6 +227,13 @@ impl CoordinatorRpc for Service {
         }))
     }
 
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> std::result::Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.0.status()))
+    }
+
     async fn heartbeat(
         &self,
         request: Request<HeartbeatRequest>,

@@ -1,0 +1,48 @@
+//! Asking a running coordinator how the run goes (`multipos status`, `launch`'s progress bar).
+use std::time::Duration;
+
+use crate::auth::Token;
+use crate::collective::connect_with_retry;
+use crate::error::{Error, Result};
+use crate::pb::coordinator_client::CoordinatorClient;
+use crate::pb::{StatusRequest, StatusResponse};
+use crate::tls::Tls;
+
+/// A client of one coordinator's `Status`.
+pub struct StatusClient {
+    client: CoordinatorClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            crate::auth::Attach,
+        >,
+    >,
+}
+
+impl StatusClient {
+    /// Connects to `address`, trying for at most `timeout`.
+    pub async fn connect(
+        address: &str,
+        token: &Token,
+        tls: Option<&Tls>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let channel = connect_with_retry(address, timeout, tls)
+            .await
+            .map_err(|e| Error::Usage(format!("cannot reach the coordinator at {address}: {e}")))?;
+        Ok(Self {
+            client: CoordinatorClient::with_interceptor(channel, token.attach()),
+        })
+    }
+
+    /// The run as the coordinator sees it now.
+    pub async fn get(&mut self) -> Result<StatusResponse> {
+        let mut request = tonic::Request::new(StatusRequest {});
+        request.set_timeout(Duration::from_secs(10));
+        let reply = self
+            .client
+            .status(request)
+            .await
+            .map_err(|s| Error::Usage(format!("the coordinator refused: {}", s.message())))?;
+        Ok(reply.into_inner())
+    }
+}
