@@ -4,5 +4,17 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/deploy/setup.sh" "$@"
+# Real servers some tests run: Prometheus (tests/prometheus.rs) and iproute2 (network namespaces).
+need=()
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v ip >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: tests need ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
 cd "$ROOT"
 cargo test --release --locked

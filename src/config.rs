@@ -77,6 +77,8 @@ pub struct ClusterConfig {
     pub rejoin_timeout_ms: u64,
     /// TLS for every connection of the run (coordinator and peer ring); plaintext without it.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Address the coordinator serves Prometheus metrics on (`/metrics`); none when unset.
+    pub metrics_bind: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -98,6 +100,7 @@ impl Default for ClusterConfig {
             rejoin_grace_ms: 3000,
             rejoin_timeout_ms: 120_000,
             tls: None,
+            metrics_bind: None,
         }
     }
 }

@@ -120,13 +120,14 @@ impl Progress {
         self.bar.set_length(total);
     }
 
-    /// Step `step` finished with `loss`.
-    pub fn step(&self, step: u64, loss: f64) {
-        self.step_at(step, loss, Instant::now());
+    /// Step `step` finished with `loss`; returns the time since the step before it, when known.
+    pub fn step(&self, step: u64, loss: f64) -> Option<Duration> {
+        self.step_at(step, loss, Instant::now())
     }
 
-    fn step_at(&self, step: u64, loss: f64, now: Instant) {
+    fn step_at(&self, step: u64, loss: f64, now: Instant) -> Option<Duration> {
         let mut p = self.lock();
+        let interval = p.recent.back().map(|(t, _)| now.duration_since(*t));
         p.step = step;
         p.loss = loss;
         p.recent.push_back((now, step));
@@ -149,6 +150,7 @@ impl Progress {
                 "progress"
             );
         }
+        interval
     }
 
     /// Where the run is and how fast it goes.

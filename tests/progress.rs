@@ -219,12 +219,21 @@ fn status_reports_the_live_run_as_text_and_json() {
 fn train_in_one_process_writes_the_same_progress_lines() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let o = Command::new(env!("CARGO_BIN_EXE_multipos"))
-        .args(["train", "--config", "configs/tiny.toml", "--progress", "lines"])
+        .args([
+            "train",
+            "--config",
+            "configs/tiny.toml",
+            "--progress",
+            "lines",
+        ])
         .args(["--progress-every-s", "1"])
         .arg("--set")
         .arg(format!("model.path=\"{}\"", model.display()))
         .arg("--set")
-        .arg(format!("output.dir=\"{}\"", dir.path().join("run").display()))
+        .arg(format!(
+            "output.dir=\"{}\"",
+            dir.path().join("run").display()
+        ))
         .args(["--set", "train.max_steps=5", "--set", "eval.at_start=false"])
         .current_dir(repo(""))
         .output()

@@ -142,6 +142,11 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         let fresh = FreshOutput::watch(&cfg);
         let coord = Coordinator::new(cfg.clone(), args.progress.show())?;
         let listener = coordinator::bind(&cfg).await?;
+        if let Some(metrics) = coordinator::bind_metrics(&cfg).await? {
+            let addr = metrics.local_addr().context("reading the metrics address")?;
+            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+            coord.serve_metrics(metrics);
+        }
         fresh.keep();
         let addr = listener.local_addr().context("reading the bound address")?;
         tracing::info!(%addr, workers = cfg.cluster.workers, steps = coord.total_steps(), "coordinator listening");

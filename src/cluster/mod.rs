@@ -5,6 +5,7 @@ pub mod evaluation;
 pub mod files;
 pub mod launch;
 pub mod membership;
+pub mod metrics;
 pub mod peer;
 pub mod signals;
 pub mod state;

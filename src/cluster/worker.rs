@@ -697,6 +697,8 @@ async fn train_loop(
                     compute_seconds: stats.compute_seconds,
                     comm_seconds: stats.comm_seconds,
                     generation,
+                    gather_seconds: stats.gather_seconds,
+                    reduce_seconds: stats.reduce_seconds,
                 },
                 step_timeout,
             ))

@@ -67,7 +67,10 @@ pub struct StepStats {
     /// Real (non-padding) tokens this rank processed.
     pub tokens: usize,
     pub compute_seconds: f64,
+    /// In the collectives: all-gathers of embeddings plus the all-reduce of gradients.
     pub comm_seconds: f64,
+    pub gather_seconds: f64,
+    pub reduce_seconds: f64,
 }
 
 impl StepStats {
@@ -88,15 +91,27 @@ pub struct Trainer {
 /// Times what runs inside the collective calls apart from everything else.
 #[derive(Default)]
 struct Clock {
-    comm: f64,
+    gather: f64,
+    reduce: f64,
 }
 
 impl Clock {
-    fn comm<T>(&mut self, f: impl FnOnce() -> T) -> T {
+    fn gather<T>(&mut self, f: impl FnOnce() -> T) -> T {
         let start = Instant::now();
         let out = f();
-        self.comm += start.elapsed().as_secs_f64();
+        self.gather += start.elapsed().as_secs_f64();
         out
+    }
+
+    fn reduce<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        self.reduce += start.elapsed().as_secs_f64();
+        out
+    }
+
+    fn comm(&self) -> f64 {
+        self.gather + self.reduce
     }
 }
 
@@ -195,7 +210,7 @@ impl Trainer {
         }
         let (cols, n, dim) = (local.len() as i64, local[0].size()[0], local[0].size()[1]);
         let payload = tensor_to_le_bytes(&Tensor::cat(local, 0));
-        let blocks = clock.comm(|| coll.all_gather(step, payload))?;
+        let blocks = clock.gather(|| coll.all_gather(step, payload))?;
         let want = (cols * n * dim * 4) as usize;
         if let Some((r, b)) = blocks.iter().enumerate().find(|(_, b)| b.len() != want) {
             return Err(Error::Usage(format!(
@@ -299,7 +314,7 @@ impl Trainer {
             let mut grads = self
                 .optim
                 .flat_grads(|name| rank == 0 || !TrainState::is_head(name));
-            clock.comm(|| coll.all_reduce_sum(step, &mut grads))?;
+            clock.reduce(|| coll.all_reduce_sum(step, &mut grads))?;
             self.optim.set_flat_grads(&grads);
         }
         let grad_norm = self.optim.clip_grad_norm(self.opts.max_grad_norm);
@@ -310,8 +325,10 @@ impl Trainer {
             grad_norm,
             pairs: input.targets.len(),
             tokens,
-            compute_seconds: start.elapsed().as_secs_f64() - clock.comm,
-            comm_seconds: clock.comm,
+            compute_seconds: start.elapsed().as_secs_f64() - clock.comm(),
+            comm_seconds: clock.comm(),
+            gather_seconds: clock.gather,
+            reduce_seconds: clock.reduce,
         })
     }
 

@@ -11,7 +11,7 @@
 //! the newest state a joining worker reports, or the newest checkpoint. Workers behind it heal from
 //! a live member's Peer server (or, when the start is a checkpoint, from that checkpoint).
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};
 use crate::auth::Token;
+use crate::cluster::metrics::{Metrics, StepTimes};
 use crate::config::RunConfig;
 use crate::data::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
@@ -93,6 +94,12 @@ struct State {
     last_skipped: Option<u64>,
 }
 
+/// Seconds since the checkpoint at `path` was written.
+fn checkpoint_age(path: &Path) -> Option<f64> {
+    let written = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    Some(written.elapsed().ok()?.as_secs_f64())
+}
+
 /// What the run is doing, in one word.
 fn phase(st: &State) -> &'static str {
     if st.aborted.is_some() {
@@ -140,6 +147,7 @@ pub struct Coordinator {
     batches_log: Mutex<MetricsLog>,
     started: Instant,
     progress: Progress,
+    metrics: Metrics,
     eval_set: Option<IrDataset>,
 }
 
@@ -245,6 +253,7 @@ impl Coordinator {
             skipped_in_a_row: 0,
             last_skipped: None,
         };
+        let metrics = Metrics::new(cfg.cluster.workers, plan.total_steps);
         Ok(Arc::new(Self {
             state: Mutex::new(state),
             changed: watch::channel(0).0,
@@ -260,6 +269,7 @@ impl Coordinator {
             eval_set,
             started: Instant::now(),
             progress,
+            metrics,
             cfg,
         }))
     }
@@ -327,6 +337,7 @@ impl Coordinator {
         st.step_started = None;
         st.broken_since.get_or_insert_with(Instant::now);
         st.settle_stop();
+        self.metrics.ring_ended();
     }
 
     /// The largest ring of at most `n` workers the run may use.
@@ -393,6 +404,8 @@ impl Coordinator {
             "ring formed"
         );
         self.write_log(json!({"event": "generation", "generation": st.generation, "workers": ring.len(), "start_step": start, "healing": healing}));
+        self.metrics
+            .ring_formed(st.generation, ring.len(), healing, start);
         formation.keys = (0..ring.len())
             .map(|_| Token::random().expose().to_string())
             .collect();
@@ -725,6 +738,7 @@ impl Coordinator {
         self.write_log(
             json!({"event": "eval", "step": step, "seconds": seconds, "metrics": metrics}),
         );
+        self.metrics.eval(&metrics);
         let verdict = st
             .tracker
             .as_mut()
@@ -743,6 +757,7 @@ impl Coordinator {
                 );
                 st.end = step;
                 self.progress.set_total(step);
+                self.metrics.total_steps(step);
             }
             Ok(Verdict::NotBetter { stop: false }) => {}
             Err(reason) => {
@@ -847,8 +862,57 @@ impl Coordinator {
         }));
         self.record_batch(step, commits.len())
             .map_err(|e| e.to_string())?;
-        self.progress.step(step + 1, loss);
+        let interval = self.progress.step(step + 1, loss);
+        let gather = commits.iter().map(|c| c.gather_seconds).fold(0.0, f64::max);
+        let reduce = commits.iter().map(|c| c.reduce_seconds).fold(0.0, f64::max);
+        self.metrics.step(
+            step + 1,
+            loss,
+            commits[0].lr,
+            self.progress.snapshot().pairs_per_s,
+            StepTimes {
+                compute,
+                all_gather: gather,
+                all_reduce: reduce,
+                waiting: interval.map_or(0.0, |d| (d.as_secs_f64() - compute - comm).max(0.0)),
+            },
+        );
         Ok(())
+    }
+
+    /// The Prometheus exposition of the run now.
+    pub fn metrics_text(&self) -> String {
+        let checkpoint = self
+            .lock()
+            .latest
+            .as_ref()
+            .map(|(path, state)| (state.step, checkpoint_age(path).unwrap_or(-1.0)));
+        self.metrics.encode(checkpoint)
+    }
+
+    /// Serves `metrics_text` on `/metrics` over HTTP until the process ends.
+    pub fn serve_metrics(self: &Shared, listener: TcpListener) {
+        let me = self.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let me = me.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        me.metrics_text(),
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the metrics server failed");
+            }
+        });
     }
 
     /// The run as it stands, for the `Status` RPC.
@@ -857,14 +921,7 @@ impl Coordinator {
         let p = self.progress.snapshot();
         let now = Instant::now();
         let (checkpoint_step, checkpoint_age_s) = match &st.latest {
-            Some((path, state)) => (
-                state.step,
-                std::fs::metadata(path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .map_or(-1.0, |d| d.as_secs_f64()),
-            ),
+            Some((path, state)) => (state.step, checkpoint_age(path).unwrap_or(-1.0)),
             None => (0, -1.0),
         };
         let members = if st.forming { &[][..] } else { &st.ring[..] };
@@ -967,6 +1024,19 @@ impl State {
 }
 
 /// Binds the configured address (and nothing else).
+/// The listener of `cluster.metrics_bind`, when set.
+pub async fn bind_metrics(cfg: &RunConfig) -> Result<Option<TcpListener>> {
+    let Some(addr) = &cfg.cluster.metrics_bind else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        Error::Usage(format!(
+            "cannot listen on cluster.metrics_bind = {addr}: {e}"
+        ))
+    })?;
+    Ok(Some(listener))
+}
+
 pub async fn bind(cfg: &RunConfig) -> Result<TcpListener> {
     TcpListener::bind(&cfg.cluster.bind).await.map_err(|e| {
         Error::Usage(format!(
