@@ -27,6 +27,7 @@ pub mod logging;
 pub mod loss;
 pub mod mine;
 pub mod model;
+pub mod plot;
 pub mod progress;
 pub mod tls;
 pub mod train;

@@ -83,7 +83,8 @@ impl ConnectArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
-    /// Rank to take [default: $RANK, $SLURM_PROCID, or any free rank].
+    /// Rank to take [default: $RANK, $SLURM_PROCID, $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job),
+    /// or any free rank].
     #[arg(long)]
     pub rank: Option<usize>,
     /// Local copy of the model; without it the worker fetches the coordinator's.
@@ -174,7 +175,9 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let coordinator = args.connect.address()?;
     device::set_threads(args.threads)?;
-    let rank = args.rank.or_else(|| env_usize(&["RANK", "SLURM_PROCID"]));
+    let rank = args
+        .rank
+        .or_else(|| env_usize(&["RANK", "SLURM_PROCID", "JOB_COMPLETION_INDEX"]));
     let device_spec = if args.device == "cuda" {
         format!(
             "cuda:{}",

@@ -8,6 +8,7 @@ mod embed;
 mod eval;
 mod interrupt;
 mod mine;
+mod plot;
 mod status;
 mod train;
 
@@ -109,6 +110,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Rewrite a model directory in the canonical sentence-transformers layout (F32 safetensors).
     Convert(convert::ConvertArgs),
+    /// Draw runs' loss, learning rate, throughput, step time and validation metrics (PNG + SVG).
+    Plot(plot::PlotArgs),
     /// How a running cluster goes: members, generation, step, loss, rates (`--json` for tools).
     Status(status::StatusArgs),
     /// Make a private CA and per-host certificates for `cluster.tls`.
@@ -130,6 +133,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Launch(args) => cluster::run_launch(args),
         Command::Certs(args) => certs::run(args),
         Command::Status(args) => status::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Coordinator(args) => cluster::run_coordinator(args),
         Command::Worker(args) => cluster::run_worker(args),
         Command::Embed(args) => embed::run(args),

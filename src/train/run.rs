@@ -228,7 +228,7 @@ impl Run<'_> {
             "event": "step", "step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name,
             "batch": batch.index, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
             "pairs": stats.pairs, "tokens": stats.tokens, "seconds": seconds,
-            "pairs_per_s": stats.pairs as f64 / seconds,
+            "pairs_per_s": stats.pairs as f64 / seconds, "compute_seconds": stats.compute_seconds,
         }))?;
         Ok(Some(stats))
     }

@@ -851,20 +851,20 @@ impl Coordinator {
             .map(|c| c.compute_seconds)
             .fold(0.0, f64::max);
         let comm = commits.iter().map(|c| c.comm_seconds).fold(0.0, f64::max);
+        let gather = commits.iter().map(|c| c.gather_seconds).fold(0.0, f64::max);
+        let reduce = commits.iter().map(|c| c.reduce_seconds).fold(0.0, f64::max);
         let seconds = compute + comm;
         let pairs = self.cfg.train.batch_size;
         let (task, epoch, batch) = self.plan.position(step);
         self.write_log(json!({
             "event": "step", "step": step + 1, "epoch": epoch, "task": self.tasks[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
             "pairs": pairs, "tokens": commits.iter().map(|c| c.tokens).sum::<u64>(), "seconds": seconds,
-            "compute_seconds": compute, "comm_seconds": comm, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
+            "compute_seconds": compute, "comm_seconds": comm, "gather_seconds": gather, "reduce_seconds": reduce, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
             "workers": commits.len(), "generation": generation, "elapsed": self.started.elapsed().as_secs_f64(),
         }));
         self.record_batch(step, commits.len())
             .map_err(|e| e.to_string())?;
         let interval = self.progress.step(step + 1, loss);
-        let gather = commits.iter().map(|c| c.gather_seconds).fold(0.0, f64::max);
-        let reduce = commits.iter().map(|c| c.reduce_seconds).fold(0.0, f64::max);
         self.metrics.step(
             step + 1,
             loss,
