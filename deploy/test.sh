@@ -4,10 +4,12 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/deploy/setup.sh" "$@"
-# Real servers some tests run: Prometheus (tests/prometheus.rs) and iproute2 (network namespaces).
+# What some tests run for real: Prometheus (tests/prometheus.rs), iproute2 (network namespaces),
+# kubectl (tests/k8s.rs builds the manifests with `kubectl kustomize`).
 need=()
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v ip >/dev/null || need+=(iproute2)
+command -v kubectl >/dev/null || need+=(kubernetes-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: tests need ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2

@@ -107,26 +107,6 @@ fn load_yaml(path: &str) -> Yaml {
     YamlLoader::load_from_str(&text).unwrap().remove(0)
 }
 
-/// The variables `entrypoint.sh` and `multipos worker` read.
-const KNOWN_ENV: &[&str] = &[
-    "MULTIPOS_ROLE",
-    "MULTIPOS_CONFIG",
-    "MULTIPOS_COORDINATOR",
-    "MULTIPOS_PEER_HOST",
-    "MULTIPOS_TOKEN_FILE",
-    "MULTIPOS_CLUSTER_TOKEN",
-    "RANK",
-];
-
-/// Whether `multipos SUBCOMMAND --help` lists `flag`.
-fn has_flag(subcommand: &str, flag: &str) -> bool {
-    let o = Command::new(env!("CARGO_BIN_EXE_multipos"))
-        .args([subcommand, "--help"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).contains(&format!("{flag} "))
-}
-
 #[test]
 fn the_compose_file_uses_only_what_the_image_understands() {
     let doc = load_yaml("deploy/docker/compose.yaml");
@@ -136,15 +116,21 @@ fn the_compose_file_uses_only_what_the_image_understands() {
     for (name, service) in services {
         let name = name.as_str().unwrap();
         let env = service["environment"].as_hash().expect("environment");
+        let role = env[&Yaml::from_str("MULTIPOS_ROLE")].as_str().unwrap();
         for key in env.keys() {
             let key = key.as_str().unwrap();
-            assert!(KNOWN_ENV.contains(&key), "{name}: {key} is read by nothing");
+            assert!(
+                common::env_understood(role, key),
+                "{name}: {key} is read by nothing"
+            );
         }
-        let role = env[&Yaml::from_str("MULTIPOS_ROLE")].as_str().unwrap();
         for arg in service["command"].as_vec().expect("command") {
             let arg = arg.as_str().unwrap();
             if arg.starts_with("--") {
-                assert!(has_flag(role, arg), "{name}: multipos {role} has no {arg}");
+                assert!(
+                    common::has_flag(role, arg),
+                    "{name}: multipos {role} has no {arg}"
+                );
             }
         }
         assert_eq!(

@@ -248,3 +248,32 @@ pub fn announced_address(child: &mut std::process::Child) -> String {
     std::thread::spawn(move || lines.for_each(drop));
     addr
 }
+
+/// Whether the container entry point or `multipos ROLE` reads the environment variable `name`
+/// (the entry point names it in its script, the binary in `--help`).
+pub fn env_understood(role: &str, name: &str) -> bool {
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/docker/entrypoint.sh"),
+    )
+    .unwrap();
+    script.contains(&format!("${{{name}"))
+        || subcommand_help(role).contains(&format!("${name}"))
+        || subcommand_help(role).contains(&format!("[env: {name}="))
+}
+
+/// Whether `multipos ROLE` takes the flag `flag` (`--name`).
+pub fn has_flag(role: &str, flag: &str) -> bool {
+    subcommand_help(role).lines().any(|l| {
+        l.split_whitespace()
+            .take(2)
+            .any(|w| w.trim_end_matches(',') == flag)
+    })
+}
+
+fn subcommand_help(role: &str) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .args([role, "--help"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
