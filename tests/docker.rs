@@ -47,11 +47,7 @@ fn the_entrypoint_runs_the_compose_cluster_with_a_token_file() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let token = dir.path().join("token");
     std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let out = dir.path().join("run");
     let token_file = token.to_str().unwrap();
     let config = repo("deploy/docker/cluster.toml");

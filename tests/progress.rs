@@ -149,14 +149,6 @@ fn launch_without_a_terminal_writes_plain_progress_lines_and_json_logs_on_reques
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn status(address: &str, token: &str, json: bool) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_multipos"));
     c.args(["status", "--coordinator", address, "--timeout-s", "2"])
@@ -170,7 +162,7 @@ fn status(address: &str, token: &str, json: bool) -> Output {
 #[test]
 fn status_reports_the_live_run_as_text_and_json() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = format!("127.0.0.1:{}", common::free_port());
     let bind = format!("cluster.bind=\"{address}\"");
     let mut run = launch(&model, &dir.path().join("run"), 400, &["--set", &bind])
         .stderr(Stdio::null())

@@ -14,14 +14,6 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The body of `GET path` on `127.0.0.1:port`, when it answers 200.
 fn get(port: u16, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -61,7 +53,7 @@ fn prometheus_scrapes_the_coordinator_of_a_running_cluster() {
         "this test runs a real Prometheus server: deploy/test.sh installs it (apt-get install prometheus)"
     );
     let (dir, model) = common::tiny_model(&TinySpec::default());
-    let (metrics, web) = (free_port(), free_port());
+    let (metrics, web) = (common::free_port(), common::free_port());
     let run = Command::new(env!("CARGO_BIN_EXE_multipos"))
         .arg("launch")
         .arg("--config")
