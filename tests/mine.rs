@@ -267,7 +267,7 @@ fn the_cli_writes_every_group_reuses_its_cache_and_train_reads_the_result() {
         LoadOptions::default(),
     )
     .unwrap();
-    let mined = load_files(&[out.clone()], LoadOptions::default()).unwrap();
+    let mined = load_files(std::slice::from_ref(&out), LoadOptions::default()).unwrap();
     assert_eq!(
         (mined.len(), mined.pair_count()),
         (input.len(), input.pair_count()),
@@ -364,7 +364,7 @@ fn queries_that_found_too_few_negatives_still_train_with_fill_negatives_random()
         "the short groups are reported: {log}"
     );
     // Every pair of the data trained (mode all: one row per pair), none lost to the missing negatives.
-    let pairs = load_files(&[out.clone()], LoadOptions::default())
+    let pairs = load_files(std::slice::from_ref(&out), LoadOptions::default())
         .unwrap()
         .pair_count();
     let trained: u64 = common::events(&dir.path().join("run-random"), "step")

@@ -90,7 +90,7 @@ fn objective(case: &Case) -> (Objective, Targets) {
                 let value = if name.ends_with("weight") {
                     tensor(&case.weight)
                 } else {
-                    tensor(&[case.bias.clone()]).view([-1])
+                    tensor(std::slice::from_ref(&case.bias)).view([-1])
                 };
                 tch::no_grad(|| var.copy_(&value));
             }

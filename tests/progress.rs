@@ -80,16 +80,16 @@ fn launch_on_a_terminal_draws_a_bar() {
     });
     assert!(child.wait().unwrap().success());
     let screen = reader.join().unwrap();
-    let bar = regex_like_bar(&screen);
+    let bar = shows_a_bar(&screen);
     assert!(bar, "no progress bar on the terminal:\n{screen}");
     assert!(screen.contains("pairs/s"), "{screen}");
     assert!(screen.contains('\x1b'), "a bar redraws with escape codes");
 }
 
 /// A bar line: `N/60 steps` with N counting up.
-fn regex_like_bar(screen: &str) -> bool {
+fn shows_a_bar(screen: &str) -> bool {
     screen
-        .split(|c: char| c == '\r' || c == '\n' || c == '\x1b')
+        .split(['\r', '\n', '\x1b'])
         .filter_map(|l| l.find("/60 steps").map(|i| &l[..i]))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u32>().ok())
         .any(|n| n > 0)
