@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use indicatif::ProgressBar;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -19,7 +20,6 @@ use crate::error::{Error, Result};
 use crate::logging;
 use crate::progress::{self, Display, Show};
 use crate::tls::Tls;
-use indicatif::ProgressBar;
 
 /// The line a coordinator prints on stdout once it listens.
 pub const ANNOUNCE: &str = "MULTIPOS_COORDINATOR=";

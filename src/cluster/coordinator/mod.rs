@@ -882,12 +882,18 @@ impl Coordinator {
 
     /// The Prometheus exposition of the run now.
     pub fn metrics_text(&self) -> String {
-        let checkpoint = self
+        self.metrics.encode(self.newest_checkpoint())
+    }
+
+    /// The newest checkpoint's step and age in seconds (-1 when unknown); the file system is read
+    /// outside the state lock.
+    fn newest_checkpoint(&self) -> Option<(u64, f64)> {
+        let latest = self
             .lock()
             .latest
             .as_ref()
-            .map(|(path, state)| (state.step, checkpoint_age(path).unwrap_or(-1.0)));
-        self.metrics.encode(checkpoint)
+            .map(|(path, state)| (path.clone(), state.step));
+        latest.map(|(path, step)| (step, checkpoint_age(&path).unwrap_or(-1.0)))
     }
 
     /// Serves `metrics_text` on `/metrics` over HTTP until the process ends.
@@ -917,13 +923,10 @@ impl Coordinator {
 
     /// The run as it stands, for the `Status` RPC.
     fn status(&self) -> StatusResponse {
-        let st = self.lock();
+        let (checkpoint_step, checkpoint_age_s) = self.newest_checkpoint().unwrap_or((0, -1.0));
         let p = self.progress.snapshot();
+        let st = self.lock();
         let now = Instant::now();
-        let (checkpoint_step, checkpoint_age_s) = match &st.latest {
-            Some((path, state)) => (state.step, checkpoint_age(path).unwrap_or(-1.0)),
-            None => (0, -1.0),
-        };
         let members = if st.forming { &[][..] } else { &st.ring[..] };
         StatusResponse {
             phase: phase(&st).into(),
