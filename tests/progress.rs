@@ -26,20 +26,8 @@ fn launch(model: &Path, out: &Path, steps: u32, extra: &[&str]) -> Command {
         .args(extra)
         .env("MULTIPOS_CLUSTER_TOKEN", TOKEN)
         .env("RUST_LOG", "info")
-        .current_dir(repo(""));
-    for s in [
-        format!("model.path=\"{}\"", model.display()),
-        format!("output.dir=\"{}\"", out.display()),
-        format!(
-            "data.train=\"{}\"",
-            repo("deploy/data/bible_paraphrase_tiny/train.jsonl").display()
-        ),
-        format!("train.max_steps={steps}"),
-        "train.batch_size=6".into(),
-        "cluster.threads_per_worker=1".into(),
-    ] {
-        c.arg("--set").arg(s);
-    }
+        .current_dir(repo(""))
+        .args(common::tiny_run_args(model, out, steps));
     c
 }
 

@@ -59,25 +59,7 @@ fn prometheus_scrapes_the_coordinator_of_a_running_cluster() {
         .arg("--config")
         .arg(repo("configs/local-2workers.toml"))
         .env("RUST_LOG", "warn")
-        .args(["--set", &format!("model.path=\"{}\"", model.display())])
-        .args([
-            "--set",
-            &format!("output.dir=\"{}\"", dir.path().join("run").display()),
-        ])
-        .args([
-            "--set",
-            &format!(
-                "data.train=\"{}\"",
-                repo("deploy/data/bible_paraphrase_tiny/train.jsonl").display()
-            ),
-        ])
-        .args([
-            "--set",
-            "train.max_steps=2000",
-            "--set",
-            "train.batch_size=6",
-        ])
-        .args(["--set", "cluster.threads_per_worker=1"])
+        .args(common::tiny_run_args(&model, &dir.path().join("run"), 2000))
         .args([
             "--set",
             &format!("cluster.metrics_bind=\"127.0.0.1:{metrics}\""),

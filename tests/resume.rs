@@ -50,6 +50,20 @@ fn run(model: &Path, out: &Path, extra: &[&str]) -> Output {
     out
 }
 
+/// Trains 4 steps of one epoch into `dir/run`, then resumes with `changed`; expects a refusal and
+/// returns its stderr.
+fn refused_resume(dir: &Path, model: &Path, changed: &[&str]) -> String {
+    let out = dir.join("run");
+    run(model, &out, &["train.epochs=1", "train.stop_after_steps=4"]);
+    let resumed = command(model, &out, changed)
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&resumed.stderr).into_owned();
+    assert!(!resumed.status.success(), "resumed: {err}");
+    err
+}
+
 fn weights(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("model/model.safetensors")).unwrap()
 }
@@ -213,53 +227,29 @@ fn damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
 #[test]
 fn resuming_on_changed_data_is_refused() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
-    let out = dir.path().join("run");
-    run(
-        &model,
-        &out,
-        &["train.epochs=1", "train.stop_after_steps=4"],
-    );
     let other = dir.path().join("other.jsonl");
     let text =
         std::fs::read_to_string(repo("deploy/data/bible_paraphrase_tiny/train.jsonl")).unwrap();
     std::fs::write(&other, text.lines().skip(1).collect::<Vec<_>>().join("\n")).unwrap();
-    let resumed = command(
+    let err = refused_resume(
+        dir.path(),
         &model,
-        &out,
         &[
             "train.epochs=1",
             &format!("data.train=\"{}\"", other.display()),
         ],
-    )
-    .arg("--resume")
-    .output()
-    .unwrap();
-    let err = String::from_utf8_lossy(&resumed.stderr);
-    assert!(
-        !resumed.status.success() && err.contains("was made on other data"),
-        "{err}"
     );
+    assert!(err.contains("was made on other data"), "{err}");
 }
 
 #[test]
 fn a_resume_refused_for_changed_settings_names_them() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
-    let out = dir.path().join("run");
-    run(
+    let err = refused_resume(
+        dir.path(),
         &model,
-        &out,
-        &["train.epochs=1", "train.stop_after_steps=4"],
-    );
-    let resumed = command(
-        &model,
-        &out,
         &["train.epochs=1", "train.lr=0.5", "data.mode=\"all\""],
-    )
-    .arg("--resume")
-    .output()
-    .unwrap();
-    let err = String::from_utf8_lossy(&resumed.stderr);
-    assert!(!resumed.status.success(), "{err}");
+    );
     assert!(
         err.contains("train.lr: 0.001 → 0.5")
             && err.contains("tasks[0].mode: \"sample\" → \"all\""),

@@ -57,24 +57,6 @@ fn slurm(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
-/// The run's `--set`s: the tiny model and data, `steps` steps, output in `out`.
-fn sets(model: &Path, out: &Path, steps: u32) -> Vec<String> {
-    [
-        format!("model.path=\"{}\"", model.display()),
-        format!(
-            "data.train=\"{}\"",
-            repo("deploy/data/bible_paraphrase_tiny/train.jsonl").display()
-        ),
-        format!("output.dir=\"{}\"", out.display()),
-        format!("train.max_steps={steps}"),
-        "train.batch_size=6".into(),
-        "cluster.threads_per_worker=1".into(),
-    ]
-    .into_iter()
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect()
-}
-
 /// Submits the sbatch script with 2 workers; returns the job id.
 fn submit(dir: &Path, model: &Path, out: &Path, steps: u32) -> String {
     let bin = env!("CARGO_BIN_EXE_multipos");
@@ -92,7 +74,7 @@ fn submit(dir: &Path, model: &Path, out: &Path, steps: u32) -> String {
         repo("deploy/slurm/multipos.sbatch").display().to_string(),
         config.display().to_string(),
     ];
-    args.extend(sets(model, out, steps));
+    args.extend(common::tiny_run_args(model, out, steps));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     slurm("sbatch", &refs)
 }
@@ -137,7 +119,7 @@ fn a_requeued_run_resumes_and_ends_as_an_uninterrupted_one() {
     let o = Command::new(env!("CARGO_BIN_EXE_multipos"))
         .args(["launch", "--config"])
         .arg(repo("configs/local-2workers.toml"))
-        .args(sets(&model, &reference, steps))
+        .args(common::tiny_run_args(&model, &reference, steps))
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();

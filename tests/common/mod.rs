@@ -286,3 +286,21 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// `--set` arguments of a short cluster run of the tiny model on the bundled tiny data: `steps`
+/// steps of batch 6, one thread per worker, output in `out`.
+pub fn tiny_run_args(model: &Path, out: &Path, steps: u32) -> Vec<String> {
+    let data =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/data/bible_paraphrase_tiny/train.jsonl");
+    [
+        format!("model.path=\"{}\"", model.display()),
+        format!("data.train=\"{}\"", data.display()),
+        format!("output.dir=\"{}\"", out.display()),
+        format!("train.max_steps={steps}"),
+        "train.batch_size=6".into(),
+        "cluster.threads_per_worker=1".into(),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
