@@ -777,7 +777,7 @@ fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
     assert!(steps < 40, "stopped early");
     let (_, state) = multipos::train::checkpoint::latest_valid(&stopped.join("checkpoints"))
         .unwrap()
-        .expect("the stop wrote a checkpoint");
+        .unwrap_or_else(|| panic!("the stop wrote no checkpoint; the launch said:\n{text}"));
     assert_eq!(state.step, steps, "checkpoint of the last committed step");
     // The coordinator records the data cursor and the metrics so far in the checkpoint.
     let config = multipos::config::RunConfig::load(&cfg, &s).unwrap();
