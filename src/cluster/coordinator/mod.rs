@@ -1026,7 +1026,6 @@ impl State {
     }
 }
 
-/// Binds the configured address (and nothing else).
 /// The listener of `cluster.metrics_bind`, when set.
 pub async fn bind_metrics(cfg: &RunConfig) -> Result<Option<TcpListener>> {
     let Some(addr) = &cfg.cluster.metrics_bind else {
@@ -1040,6 +1039,7 @@ pub async fn bind_metrics(cfg: &RunConfig) -> Result<Option<TcpListener>> {
     Ok(Some(listener))
 }
 
+/// Binds the configured address (and nothing else).
 pub async fn bind(cfg: &RunConfig) -> Result<TcpListener> {
     TcpListener::bind(&cfg.cluster.bind).await.map_err(|e| {
         Error::Usage(format!(
