@@ -769,18 +769,61 @@ fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
     for child in all {
         unsafe { libc_kill(child, 15) };
     }
+    assert_stop_checkpointed_and_resumes_exactly(launch, &cfg, &s, &clean, &stopped);
+
+    // The stop arrives while the ring re-forms (a worker stalled past the heartbeat timeout): the
+    // stop waits for the ring to form again, and its rank 0 writes the checkpoint.
+    let reforming = dir.path().join("reforming");
+    let mut s = sets(&model, &reforming, &extra);
+    s.extend([
+        "cluster.heartbeat_timeout_ms=1500".to_string(),
+        "cluster.rejoin_grace_ms=20000".to_string(),
+    ]);
+    let launch = Background::launch(&cfg, &s, &["--workers", "2"]);
+    wait_for_steps(&reforming, 4);
+    let pid = launch.child.id();
+    let all = children(pid, "multipos");
+    let stalled = launch.child("--rank 1");
+    unsafe { libc_kill(stalled, 19) };
+    let started = Instant::now();
+    while common::events(&reforming, "generation_end").is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the stall did not end the ring"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc_kill(pid as i32, 15) };
+    for child in all {
+        unsafe { libc_kill(child, 15) };
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc_kill(stalled, 18) };
+    assert_stop_checkpointed_and_resumes_exactly(launch, &cfg, &s, &clean, &reforming);
+}
+
+/// A launch that was signalled stops with a checkpoint of its last committed step (cursor and
+/// metrics recorded), and `--resume` ends it equal to the uninterrupted run.
+fn assert_stop_checkpointed_and_resumes_exactly(
+    launch: Background,
+    cfg: &Path,
+    s: &[String],
+    clean: &Path,
+    stopped: &Path,
+) {
+    let pid = launch.child.id();
     let (status, text) = launch.finish();
     assert!(!status.success(), "a stopped run is not finished: {text}");
     assert!(text.contains("stopped by a signal"), "{text}");
     assert!(children(pid, "multipos").is_empty());
-    let steps = losses(&stopped).len() as u64;
+    let steps = losses(stopped).len() as u64;
     assert!(steps < 40, "stopped early");
     let (_, state) = multipos::train::checkpoint::latest_valid(&stopped.join("checkpoints"))
         .unwrap()
         .unwrap_or_else(|| panic!("the stop wrote no checkpoint; the launch said:\n{text}"));
     assert_eq!(state.step, steps, "checkpoint of the last committed step");
     // The coordinator records the data cursor and the metrics so far in the checkpoint.
-    let config = multipos::config::RunConfig::load(&cfg, &s).unwrap();
+    let config = multipos::config::RunConfig::load(cfg, s).unwrap();
     let tasks = multipos::train::task::load_tasks(&config.tasks()).unwrap();
     let plan = multipos::train::build::plan_for(&config, &tasks).unwrap();
     assert_eq!((state.epoch, state.batch), plan.cursor(steps));
@@ -796,14 +839,14 @@ fn sigterm_checkpoints_stops_every_process_and_the_run_resumes_exactly() {
         steps
     );
 
-    launch_ok(&cfg, &s, &["--workers", "2", "--resume"]);
-    assert_eq!(common::resumed_from(&stopped), vec![steps]);
-    assert_eq!(batch_steps(&stopped), (1..=40).collect::<Vec<_>>());
+    launch_ok(cfg, s, &["--workers", "2", "--resume"]);
+    assert_eq!(common::resumed_from(stopped), vec![steps]);
+    assert_eq!(batch_steps(stopped), (1..=40).collect::<Vec<_>>());
     assert_eq!(
-        common::losses_by_step(&clean),
-        common::losses_by_step(&stopped)
+        common::losses_by_step(clean),
+        common::losses_by_step(stopped)
     );
-    assert!(same_bytes(&clean, &stopped));
+    assert!(same_bytes(clean, stopped));
 }
 
 /// Pids of processes whose parent is `parent` and whose command line contains `needle`.

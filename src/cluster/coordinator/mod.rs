@@ -20,8 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
 
+mod journal;
 mod service;
 
+use self::journal::{Journal, Log};
 use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};
@@ -40,6 +42,7 @@ use crate::tls::Tls;
 use crate::train::build::{load_training_data, plan_for, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
+use crate::train::nonfinite::Fate;
 use crate::train::plan::RunPlan;
 use crate::train::task::{Task, data_fingerprint};
 use crate::train::validation::{Tracker, Verdict};
@@ -69,6 +72,8 @@ struct State {
     grow: bool,
     next_member: u64,
     committed: u64,
+    /// Steps whose records the logs hold; a commit is answered only once its step is logged.
+    logged: u64,
     commits: Vec<Option<CommitRequest>>,
     /// The newest checkpoint on disk (the one healing workers fetch).
     latest: Option<(PathBuf, CheckpointState)>,
@@ -77,6 +82,8 @@ struct State {
     stop: Stop,
     /// Ranks told to stop.
     stop_told: Vec<bool>,
+    /// When the stop was asked for.
+    stop_asked: Option<Instant>,
     step_started: Option<Instant>,
     /// When the last generation ended, until the first step after it commits.
     broken_since: Option<Instant>,
@@ -143,8 +150,8 @@ pub struct Coordinator {
     data_fingerprint: String,
     /// Config and data fingerprints: the identity of the run a worker's state must belong to.
     run_fingerprint: String,
-    log: Mutex<MetricsLog>,
-    batches_log: Mutex<MetricsLog>,
+    /// `metrics.jsonl` and `batches.jsonl`, written by their own thread.
+    journal: Journal,
     started: Instant,
     progress: Progress,
     metrics: Metrics,
@@ -237,12 +244,14 @@ impl Coordinator {
             grow: false,
             next_member: 1,
             committed: start_step,
+            logged: start_step,
             commits: Vec::new(),
             latest,
             aborted: None,
             model_saved: false,
             stop: Stop::Running,
             stop_told: Vec::new(),
+            stop_asked: None,
             step_started: None,
             broken_since: None,
             eval: None,
@@ -258,8 +267,7 @@ impl Coordinator {
             state: Mutex::new(state),
             changed: watch::channel(0).0,
             config_toml,
-            batches_log: Mutex::new(open(out.join("batches.jsonl"))?),
-            log: Mutex::new(log),
+            journal: Journal::start(log, open(out.join("batches.jsonl"))?)?,
             tasks,
             plan,
             fingerprint,
@@ -287,11 +295,9 @@ impl Coordinator {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Queues a record for `metrics.jsonl` (no I/O here: safe under the state lock).
     fn write_log(&self, record: serde_json::Value) {
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = log.write(&record) {
-            tracing::error!(error = %e, "cannot write the metrics log");
-        }
+        self.journal.write(Log::Metrics, record);
     }
 
     fn abort(&self, reason: String) {
@@ -314,7 +320,8 @@ impl Coordinator {
             );
             st.stop = Stop::Requested;
             st.stop_told = vec![false; st.ring.len()];
-            st.settle_stop();
+            st.stop_asked = Some(Instant::now());
+            self.settle_stop(&mut st);
         }
         drop(st);
         self.notify();
@@ -336,8 +343,39 @@ impl Coordinator {
         st.checkpoint_asked = None;
         st.step_started = None;
         st.broken_since.get_or_insert_with(Instant::now);
-        st.settle_stop();
+        self.settle_stop(st);
         self.metrics.ring_ended();
+    }
+
+    /// Ends a requested stop when it is complete (`stop_end`), saying so when it loses steps.
+    fn settle_stop(&self, st: &mut State) {
+        if st.stop != Stop::Requested {
+            return;
+        }
+        let waited = st
+            .stop_asked
+            .map_or(Duration::ZERO, |t| t.elapsed())
+            .min(st.forming_since.elapsed());
+        let end = stop_end(
+            st.forming,
+            st.stop_told.iter().all(|t| *t),
+            st.latest_is(st.committed),
+            waited,
+            Duration::from_millis(self.cfg.cluster.rejoin_grace_ms),
+        );
+        match end {
+            None => {}
+            Some(StopEnd::Checkpointed) => st.stop = Stop::Done,
+            Some(StopEnd::Lost) => {
+                let newest = st.latest.as_ref().map(|(_, s)| s.step);
+                tracing::error!(
+                    step = st.committed,
+                    newest_checkpoint = ?newest,
+                    "stopping without a checkpoint of the last step: no ring formed within cluster.rejoin_grace_ms to write it"
+                );
+                st.stop = Stop::Done;
+            }
+        }
     }
 
     /// The largest ring of at most `n` workers the run may use.
@@ -386,9 +424,12 @@ impl Coordinator {
                     "no live worker holds the newest state: rolling back to the newest checkpoint"
                 );
             }
-            self.forget_steps_after(start);
+            // Removes logged steps after `start`: they run (again) in this generation, and the
+            // logs must show every global batch applied once.
+            self.journal.forget_steps_after(start);
         }
         st.committed = start;
+        st.logged = start;
         st.generation += 1;
         st.forming = false;
         st.grow = false;
@@ -410,19 +451,12 @@ impl Coordinator {
             .map(|_| Token::random().expose().to_string())
             .collect();
         st.formation = Some(Arc::new(formation));
+        if st.stop == Stop::Requested {
+            // This ring's only work is the stop's checkpoint.
+            st.stop_told = vec![false; ring.len()];
+        }
         st.ring = ring;
         self.progress.jump(start);
-    }
-
-    /// Removes logged steps after `step`: they will run (again) in this generation, and the logs
-    /// must show every global batch applied once.
-    fn forget_steps_after(&self, step: u64) {
-        for log in [&self.log, &self.batches_log] {
-            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = log.remove_steps_after(step) {
-                tracing::error!(error = %e, "cannot rewrite a log");
-            }
-        }
     }
 
     /// Waits until `ready` yields a value, the run aborts, or `timeout` passes.
@@ -473,6 +507,12 @@ impl Coordinator {
             }
             if st.forming {
                 self.try_form(&mut st);
+                self.settle_stop(&mut st);
+                if st.stop == Stop::Done {
+                    drop(st);
+                    self.notify();
+                    return;
+                }
                 if st.forming && st.forming_since.elapsed() > join_timeout {
                     let reason = format!(
                         "no ring of at least {} workers formed within cluster.join_timeout_ms ({} joined)",
@@ -586,6 +626,9 @@ impl Coordinator {
             .await
             .map_err(|e| Error::Usage(format!("coordinator server failed: {e}")))?;
         self.progress.finish();
+        if let Err(e) = self.journal.flushed().await {
+            tracing::error!(error = %e, "the metrics log is incomplete");
+        }
         let st = self.lock();
         Ok(match (&st.aborted, st.model_saved) {
             (Some(reason), _) => Outcome::Aborted(reason.clone()),
@@ -636,7 +679,7 @@ impl Coordinator {
         }
     }
 
-    fn record_batch(&self, step: u64, world: usize) -> Result<()> {
+    fn record_batch(&self, step: u64, world: usize) {
         let batch = self.plan.batch(&self.tasks, step);
         let hash = |t: &str| format!("{:016x}", hash_normalized(&normalize(t)));
         let shards: Vec<Vec<Vec<String>>> = (0..world)
@@ -647,8 +690,7 @@ impl Coordinator {
                     .collect()
             })
             .collect();
-        let mut log = self.batches_log.lock().unwrap_or_else(|e| e.into_inner());
-        log.write(&json!({"step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}))
+        self.journal.write(Log::Batches, json!({"step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}));
     }
 
     /// Validation work for `rank` before step `step`, when an evaluation is due there and not yet
@@ -796,12 +838,7 @@ impl Coordinator {
             )));
         }
         let internal = |e: Error| Status::internal(e.to_string());
-        let metrics = self
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contents()
-            .map_err(internal)?;
+        let metrics = self.journal.metrics_contents().map_err(internal)?;
         let state = checkpoint::annotate(
             received,
             uploaded,
@@ -823,9 +860,60 @@ impl Coordinator {
         Ok((path, state))
     }
 
+    /// Beside the uploaded final model: `model-ema/` from the final checkpoint, and the best
+    /// model in place of the final one when `eval.keep_best` asks for it.
+    fn install_extra_models(&self, ema: Option<PathBuf>, model: &Path) -> Result<()> {
+        let out = &self.cfg.output.dir;
+        if let Some(ema) = ema {
+            crate::io::atomic::copy_dir(&ema, &out.join("model-ema"))?;
+        }
+        let best = out.join("model-best");
+        if self.cfg.eval.as_ref().is_some_and(|e| e.keep_best) && best.is_dir() {
+            crate::io::atomic::copy_dir(&best, model)?;
+        }
+        Ok(())
+    }
+
     /// The step of the best evaluation so far.
     fn best_step(st: &State) -> Option<u64> {
         st.tracker.as_ref().and_then(|t| t.best).map(|b| b.0)
+    }
+
+    /// Logs a step every worker committed, waits until its records are written, and only then
+    /// lets the workers apply it: a coordinator killed now never leaves an applied step unlogged.
+    async fn log_step(
+        self: Shared,
+        step: u64,
+        generation: u64,
+        commits: Vec<CommitRequest>,
+        broken_since: Option<Instant>,
+        fate: Fate,
+    ) {
+        if let Fate::Skip(reason) = &fate {
+            tracing::warn!(%reason, "skipping the step on every worker");
+            self.write_log(json!({"event": "skip", "step": step + 1, "reason": reason}));
+        } else if let Err(reason) = self.finish_step(step, commits, generation) {
+            return self.abort(reason);
+        }
+        if let Some(t) = broken_since {
+            let seconds = t.elapsed().as_secs_f64();
+            tracing::info!(
+                seconds = format!("{seconds:.2}"),
+                step = step + 1,
+                "recovered: first step after the ring broke up"
+            );
+            self.write_log(json!({"event": "recovered", "step": step + 1, "generation": generation, "seconds": seconds}));
+        }
+        if let Err(e) = self.journal.flushed().await {
+            return self.abort(format!("step {}: {e}", step + 1));
+        }
+        let mut st = self.lock();
+        // A rollback in the meantime (a new ring from an older state) re-runs the step instead.
+        if st.committed > step {
+            st.logged = st.logged.max(step + 1);
+        }
+        drop(st);
+        self.notify();
     }
 
     fn finish_step(
@@ -862,8 +950,7 @@ impl Coordinator {
             "compute_seconds": compute, "comm_seconds": comm, "gather_seconds": gather, "reduce_seconds": reduce, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
             "workers": commits.len(), "generation": generation, "elapsed": self.started.elapsed().as_secs_f64(),
         }));
-        self.record_batch(step, commits.len())
-            .map_err(|e| e.to_string())?;
+        self.record_batch(step, commits.len());
         let interval = self.progress.step(step + 1, loss);
         self.metrics.step(
             step + 1,
@@ -1004,18 +1091,36 @@ fn first_generation() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl State {
-    /// A requested stop is done once every member was told and the state is checkpointed (or no
-    /// ring is left to tell).
-    fn settle_stop(&mut self) {
-        if self.stop == Stop::Requested
-            && (self.forming
-                || (self.stop_told.iter().all(|t| *t) && self.latest_is(self.committed)))
-        {
-            self.stop = Stop::Done;
-        }
-    }
+/// How a requested stop ends.
+#[derive(Debug, PartialEq)]
+enum StopEnd {
+    /// The committed state is in the newest checkpoint.
+    Checkpointed,
+    /// No ring formed to write it: the steps since the newest checkpoint are lost.
+    Lost,
+}
 
+/// Whether a requested stop is over (docs/design.md §9): once every member of the live ring was
+/// told and the committed state is checkpointed. While a ring forms, the stop waits for it (its
+/// rank 0 writes the checkpoint), unless that state is checkpointed already, or `grace` passed
+/// since the stop or the ring's end without a ring forming.
+fn stop_end(
+    forming: bool,
+    told_all: bool,
+    checkpointed: bool,
+    waited: Duration,
+    grace: Duration,
+) -> Option<StopEnd> {
+    if checkpointed && (forming || told_all) {
+        Some(StopEnd::Checkpointed)
+    } else if forming && waited >= grace {
+        Some(StopEnd::Lost)
+    } else {
+        None
+    }
+}
+
+impl State {
     fn latest_is(&self, step: u64) -> bool {
         self.latest.as_ref().is_some_and(|(_, s)| s.step == step)
     }
@@ -1047,4 +1152,41 @@ pub async fn bind(cfg: &RunConfig) -> Result<TcpListener> {
             cfg.cluster.bind
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn a_stop_on_a_live_ring_waits_for_every_member_and_the_checkpoint() {
+        let early = Duration::ZERO;
+        assert_eq!(stop_end(false, false, true, early, GRACE), None);
+        assert_eq!(stop_end(false, true, false, early, GRACE), None);
+        // However long it takes: the step timeout, not the stop, ends a stalled ring.
+        assert_eq!(stop_end(false, true, false, GRACE * 10, GRACE), None);
+        assert_eq!(
+            stop_end(false, true, true, early, GRACE),
+            Some(StopEnd::Checkpointed)
+        );
+    }
+
+    #[test]
+    fn a_stop_while_the_ring_forms_waits_for_the_ring_within_the_grace() {
+        let early = GRACE / 2;
+        // Steps since the newest checkpoint: wait for a ring to write them.
+        assert_eq!(stop_end(true, false, false, early, GRACE), None);
+        assert_eq!(stop_end(true, true, false, early, GRACE), None);
+        assert_eq!(
+            stop_end(true, false, false, GRACE, GRACE),
+            Some(StopEnd::Lost)
+        );
+        // Nothing to lose: end at once.
+        assert_eq!(
+            stop_end(true, false, true, early, GRACE),
+            Some(StopEnd::Checkpointed)
+        );
+    }
 }

@@ -123,7 +123,11 @@ impl CoordinatorRpc for Service {
             if let Some(reason) = &st.aborted {
                 return Err(Status::aborted(reason.clone()));
             }
-            if st.stop != Stop::Running || st.model_saved {
+            // While a stop waits for a ring to write its checkpoint, workers may still join it.
+            if st.stop == Stop::Done
+                || (st.stop == Stop::Requested && !st.forming)
+                || st.model_saved
+            {
                 return Err(Status::aborted("the run is ending"));
             }
             // A member of the running ring joining again has left its step: the ring is broken.
@@ -367,7 +371,7 @@ impl CoordinatorRpc for Service {
             if let Some(told) = st.stop_told.get_mut(rank) {
                 *told = true;
             }
-            st.settle_stop();
+            c.settle_stop(&mut st);
             drop(st);
             c.notify();
             return Ok(Response::new(reply));
@@ -458,33 +462,20 @@ impl CoordinatorRpc for Service {
                 None
             }
         };
-        if let Some((_, _, Fate::Skip(reason))) = &decided {
-            tracing::warn!(%reason, "skipping the step on every worker");
-            c.write_log(json!({"event": "skip", "step": step + 1, "reason": reason}));
-            c.notify();
-        } else if let Some((commits, broken_since, _)) = decided {
-            if let Err(reason) = c.finish_step(step, commits, generation) {
-                c.abort(reason.clone());
-                return Err(Status::aborted(reason));
-            }
-            if let Some(t) = broken_since {
-                let seconds = t.elapsed().as_secs_f64();
-                tracing::info!(
-                    seconds = format!("{seconds:.2}"),
-                    step = step + 1,
-                    "recovered: first step after the ring broke up"
-                );
-                c.write_log(json!({"event": "recovered", "step": step + 1, "generation": generation, "seconds": seconds}));
-            }
-            c.notify();
+        if let Some((commits, broken_since, fate)) = decided {
+            // Its own task: a cancelled call must not leave the step committed but never logged.
+            tokio::spawn(
+                c.clone()
+                    .log_step(step, generation, commits, broken_since, fate),
+            );
         }
         let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
         let decided = c
             .wait_for(timeout, "every worker to report the step", |st| {
-                if st.committed > step {
+                if st.logged > step {
                     Some(Some(st.last_skipped == Some(step)))
                 } else {
-                    st.ended(generation).then_some(None)
+                    (st.committed <= step && st.ended(generation)).then_some(None)
                 }
             })
             .await?;
@@ -551,7 +542,7 @@ impl CoordinatorRpc for Service {
                 st.checkpoint_asked = None;
             }
             st.latest = Some((path.clone(), state));
-            st.settle_stop();
+            c.settle_stop(&mut st);
         }
         c.notify();
         Ok(Response::new(UploadCheckpointResponse {
@@ -674,28 +665,35 @@ impl CoordinatorRpc for Service {
         receive_files(request.into_inner(), &target)
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if c.cfg.train.ema_decay.is_some() {
-            let (latest, steps) = {
-                let st = c.lock();
-                (st.latest.clone(), st.committed)
-            };
-            let ema = latest
-                .filter(|(_, s)| s.step == steps)
-                .map(|(p, _)| p.join("model-ema"))
-                .ok_or_else(|| {
-                    Status::failed_precondition("the final checkpoint (with model-ema/) is missing")
-                })?;
-            crate::io::atomic::copy_dir(&ema, &c.cfg.output.dir.join("model-ema"))
-                .map_err(|e| Status::internal(e.to_string()))?;
-        }
-        let best = c.cfg.output.dir.join("model-best");
-        if c.cfg.eval.as_ref().is_some_and(|e| e.keep_best) && best.is_dir() {
-            crate::io::atomic::copy_dir(&best, &target)
-                .map_err(|e| Status::internal(e.to_string()))?;
-        }
-        let steps = c.lock().committed;
+        let (latest, steps) = {
+            let st = c.lock();
+            (st.latest.clone(), st.committed)
+        };
+        let ema = match c.cfg.train.ema_decay {
+            Some(_) => Some(
+                latest
+                    .filter(|(_, s)| s.step == steps)
+                    .map(|(p, _)| p.join("model-ema"))
+                    .ok_or_else(|| {
+                        Status::failed_precondition(
+                            "the final checkpoint (with model-ema/) is missing",
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        // Copying model directories is blocking work: off the async threads.
+        let me = c.clone();
+        let model = target.clone();
+        tokio::task::spawn_blocking(move || me.install_extra_models(ema, &model))
+            .await
+            .map_err(|e| Status::internal(format!("saving the model: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(model = %target.display(), steps, "run finished; model saved");
         c.write_log(json!({"event": "done", "steps": steps, "seconds": c.started.elapsed().as_secs_f64(), "model_dir": target}));
+        if let Err(e) = c.journal.flushed().await {
+            tracing::error!(error = %e, "the run's end is missing from the metrics log");
+        }
         c.lock().model_saved = true;
         c.notify();
         Ok(Response::new(UploadModelResponse {
