@@ -79,6 +79,19 @@ pub struct ClusterConfig {
     pub tls: Option<crate::tls::TlsConfig>,
     /// Address the coordinator serves Prometheus metrics on (`/metrics`); none when unset.
     pub metrics_bind: Option<String>,
+    /// Who embeds the texts `train.mine` searches: the workers, in pages, or the coordinator alone.
+    pub mine_on: MineOn,
+}
+
+/// Where a cluster embeds the texts of `train.mine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MineOn {
+    /// The ring's workers, each a share of the pages, on their devices.
+    #[default]
+    Workers,
+    /// The coordinator, alone, before any worker joins.
+    Coordinator,
 }
 
 impl Default for ClusterConfig {
@@ -101,6 +114,7 @@ impl Default for ClusterConfig {
             rejoin_timeout_ms: 120_000,
             tls: None,
             metrics_bind: None,
+            mine_on: MineOn::Workers,
         }
     }
 }

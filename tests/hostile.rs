@@ -171,6 +171,7 @@ async fn attack(
                     count: 1,
                     dim: 1,
                     embeddings: 1f32.to_le_bytes().to_vec().into(),
+                    mine: false,
                 };
                 if let Err(s) = c.report_eval(claimed(page, claim)).await {
                     seen.push((label("validation page for another rank"), s.code()));

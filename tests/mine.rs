@@ -457,12 +457,30 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
     assert!(events[1]["recorded"].is_string(), "{events:?}");
     common::assert_same_run(&inline, &resumed, "resumed on the recorded mined data", &[]);
 
-    // The cluster's coordinator mines the same rows; two workers train as one process does.
-    let (cluster, o) = run("launch", "cluster", &data, &mine_sets);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        std::fs::read(cluster.join("mined/default.jsonl")).unwrap(),
-        std::fs::read(&mined).unwrap()
-    );
-    common::assert_same_run(&inline, &cluster, "train.mine in the cluster", &[]);
+    // In a cluster the two workers embed the texts in pages (the default) or the coordinator
+    // mines alone: either way the same rows are mined, and the workers train as one process does.
+    for (name, on) in [("cluster", "workers"), ("cluster-coordinator", "coordinator")] {
+        let mut sets = mine_sets.clone();
+        sets.push(format!("cluster.mine_on=\"{on}\""));
+        let (cluster, o) = run("launch", name, &data, &sets);
+        let log = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{log}");
+        assert_eq!(
+            std::fs::read(cluster.join("mined/default.jsonl")).unwrap(),
+            std::fs::read(&mined).unwrap(),
+            "mined on the {on}"
+        );
+        common::assert_same_run(&inline, &cluster, "train.mine in the cluster", &[]);
+        // Mining on the workers takes a ring of its own; the run's ring forms on the mined data.
+        let rings = common::events(&cluster, "generation").len();
+        assert_eq!(rings, if on == "workers" { 2 } else { 1 }, "{log}");
+        let mine = common::events(&cluster, "mine");
+        assert_eq!(mine.len(), 1, "{mine:?}");
+        assert_eq!(mine[0]["report"]["corpus"], events_corpus(&inline));
+    }
+}
+
+/// The corpus size a run's `mine` event reports.
+fn events_corpus(out: &Path) -> serde_json::Value {
+    common::events(out, "mine")[0]["report"]["corpus"].clone()
 }

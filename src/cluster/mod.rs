@@ -6,6 +6,7 @@ pub mod files;
 pub mod launch;
 pub mod membership;
 pub mod metrics;
+pub mod mining;
 pub mod peer;
 pub mod signals;
 pub mod state;

@@ -112,6 +112,8 @@ struct Replica {
     applied: u64,
     tasks: Vec<TaskSpec>,
     data_fingerprint: String,
+    /// The run's steps when this replica was built (its learning-rate schedule's length).
+    total_steps: u64,
     /// Keeps a fetched model directory alive.
     _fetched: Option<tempfile::TempDir>,
 }
@@ -294,6 +296,14 @@ async fn generation(
         broken_tx,
     )));
 
+    // The data changed before the first step (`train.mine` on the workers): build the replica
+    // again for the run's real length and data.
+    if replica.as_ref().is_some_and(|r| {
+        r.applied == 0
+            && (r.total_steps != joined.total_steps || r.data_fingerprint != joined.data_fingerprint)
+    }) {
+        *replica = None;
+    }
     if replica.is_none() {
         *replica = Some(load_replica(node, &mut client, &joined).await?);
     }
@@ -435,6 +445,7 @@ async fn load_replica(
     let trainer = trainer_for(&cfg, model, &tasks, joined.total_steps)?;
     Ok(Replica {
         data_fingerprint: joined.data_fingerprint.clone(),
+        total_steps: joined.total_steps,
         cfg,
         trainer,
         applied: 0,
@@ -757,7 +768,11 @@ async fn report_eval(
             super::evaluation::MAX_PAGE
         ))));
     }
-    let batch_size = replica.cfg.eval.as_ref().map_or(64, |e| e.batch_size);
+    let batch_size = if next.mine {
+        replica.cfg.train.mine.as_ref().map_or(32, |m| m.batch_size)
+    } else {
+        replica.cfg.eval.as_ref().map_or(64, |e| e.batch_size)
+    };
     let texts: Vec<&str> = next.eval_texts.iter().map(String::as_str).collect();
     let model = &replica.trainer.state.model;
     let embeddings = tokio::task::block_in_place(|| model.embed(&texts, batch_size))
@@ -772,6 +787,7 @@ async fn report_eval(
                 count: n as u32,
                 dim: embeddings.size()[1] as u32,
                 embeddings: tensor_to_le_bytes(&embeddings).into(),
+                mine: next.mine,
             },
             timeout,
         ))

@@ -234,19 +234,7 @@ pub fn mine(
     cache: Option<&Path>,
     show_progress: bool,
 ) -> Result<(Vec<Vec<String>>, MineReport)> {
-    let max_positives = (0..data.len())
-        .map(|g| data.positives(g).len())
-        .max()
-        .unwrap_or(0);
-    opts.validate(max_positives).map_err(Error::Usage)?;
-    let range_max = opts.range_max(max_positives);
-    let mut report = MineReport {
-        queries: data.len() as u64,
-        positives: data.pair_count() as u64,
-        corpus: corpus.texts.len() as u64,
-        range_max: range_max as u64,
-        ..Default::default()
-    };
+    opts.validate(max_positives(data)).map_err(Error::Usage)?;
     let cached = match cache {
         Some(dir) => cache::load(
             dir,
@@ -257,7 +245,7 @@ pub fn mine(
         )?,
         None => None,
     };
-    report.corpus_cached = cached.is_some();
+    let corpus_cached = cached.is_some();
     let corpus_emb = match cached {
         Some(t) => t,
         None => {
@@ -274,14 +262,59 @@ pub fn mine(
             t
         }
     };
-    let queries: Vec<&str> = (0..data.len()).map(|g| data.text(data.query(g))).collect();
-    let query_emb = embed_all(model, &queries, opts.batch_size, "queries", show_progress)?;
+    let query_emb = embed_all(
+        model,
+        &query_texts(data),
+        opts.batch_size,
+        "queries",
+        show_progress,
+    )?;
+    let (mined, mut report) =
+        mine_embedded(data, corpus, &query_emb, &corpus_emb, opts, show_progress)?;
+    report.corpus_cached = corpus_cached;
+    Ok((mined, report))
+}
 
+/// The query of every group of `data`, in group order: the texts whose embeddings `mine_embedded`
+/// takes as `query_emb`.
+pub fn query_texts(data: &Dataset) -> Vec<&str> {
+    (0..data.len()).map(|g| data.text(data.query(g))).collect()
+}
+
+/// The most positives a group of `data` has.
+pub fn max_positives(data: &Dataset) -> usize {
+    (0..data.len())
+        .map(|g| data.positives(g).len())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Mines every group of `data` from embeddings already made: `query_emb` of `query_texts(data)`
+/// and `corpus_emb` of `corpus.texts`, unit rows on one device (in a cluster the workers embed
+/// them; `mine` embeds them itself).
+pub fn mine_embedded(
+    data: &Dataset,
+    corpus: &Corpus<'_>,
+    query_emb: &Tensor,
+    corpus_emb: &Tensor,
+    opts: &MineOptions,
+    show_progress: bool,
+) -> Result<(Vec<Vec<String>>, MineReport)> {
+    let max_positives = max_positives(data);
+    opts.validate(max_positives).map_err(Error::Usage)?;
+    let range_max = opts.range_max(max_positives);
+    let mut report = MineReport {
+        queries: data.len() as u64,
+        positives: data.pair_count() as u64,
+        corpus: corpus.texts.len() as u64,
+        range_max: range_max as u64,
+        ..Default::default()
+    };
     // A query's own text and its positives can be anywhere among its best candidates: look that
     // much further.
     let k = range_max + max_positives + 1;
-    let progress = bar(queries.len() as u64, "search", show_progress);
-    let ranked = search::top_k(&query_emb, &corpus_emb, k, |n| progress.inc(n));
+    let progress = bar(data.len() as u64, "search", show_progress);
+    let ranked = search::top_k(query_emb, corpus_emb, k, |n| progress.inc(n));
     progress.finish_and_clear();
 
     let mut mined = Vec::with_capacity(data.len());

@@ -172,9 +172,17 @@ pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
 pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<Vec<Task>> {
     let mut tasks = load_tasks(&cfg.tasks())?;
     super::mining::apply(cfg, &mut tasks, log)?;
-    for t in &tasks {
-        log.write(&json!({"event": "data", "task": t.name, "description": t.describe(), "fingerprint": format!("{:016x}", t.fingerprint())}))?;
+    for event in data_events(&tasks) {
+        log.write(&event)?;
     }
-    log.write(&json!({"event": "data", "fingerprint": data_fingerprint(&tasks)}))?;
     Ok(tasks)
+}
+
+/// The `data` events of the tasks a run trains on: each task, then their joint fingerprint.
+pub fn data_events(tasks: &[Task]) -> Vec<serde_json::Value> {
+    tasks
+        .iter()
+        .map(|t| json!({"event": "data", "task": t.name, "description": t.describe(), "fingerprint": format!("{:016x}", t.fingerprint())}))
+        .chain(std::iter::once(json!({"event": "data", "fingerprint": data_fingerprint(&tasks)})))
+        .collect()
 }

@@ -1,7 +1,9 @@
 //! `train.mine`: hard negatives mined with the base model before training (docs/design.md §11).
 //! The mined data of each MNRL task is recorded as `output.dir/mined/<task>.jsonl`; a resumed run
-//! trains on that record rather than mining again, so resume stays exact.
+//! trains on that record rather than mining again, so resume stays exact. A cluster has its workers
+//! embed the texts and records the result through the same `record`.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -9,10 +11,10 @@ use super::build::load_model;
 use super::metrics::MetricsLog;
 use super::task::{Task, TaskData};
 use crate::config::RunConfig;
-use crate::data::{LoadOptions, load_files};
+use crate::data::{Dataset, LoadOptions, load_files};
 use crate::embed::read_inputs;
 use crate::error::{Error, Result};
-use crate::mine::{Corpus, cache, mine, write_groups};
+use crate::mine::{Corpus, MineOptions, MineReport, cache, mine, write_groups};
 use crate::model::SentenceModel;
 
 /// Where a task's mined data is recorded.
@@ -26,61 +28,111 @@ pub fn apply(cfg: &RunConfig, tasks: &mut [Task], log: &mut MetricsLog) -> Resul
     let Some(opts) = &cfg.train.mine else {
         return Ok(());
     };
-    let extra: Vec<String> = match &opts.corpus {
-        Some(p) => read_inputs(p)?.into_iter().map(|t| t.text).collect(),
-        None => Vec::new(),
-    };
-    let mut model: Option<SentenceModel> = None;
-    for task in tasks.iter_mut() {
-        let TaskData::Groups(data) = &task.data else {
+    let todo = use_records(cfg, tasks, log)?;
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let extra = extra_corpus(opts)?;
+    let model = load_model(cfg)?;
+    let model_dir = cfg
+        .model
+        .path
+        .clone()
+        .unwrap_or_else(crate::model::default_dir);
+    let key = cache::model_key(&model_dir, model.max_seq_length())?;
+    for i in todo {
+        let started = std::time::Instant::now();
+        let TaskData::Groups(data) = &tasks[i].data else {
             continue;
         };
+        let (mined, report) = mine_task(&model, key, data, &extra, opts)?;
+        let event = record(cfg, &mut tasks[i], &mined, &report, started.elapsed())?;
+        log.write(&event)?;
+    }
+    Ok(())
+}
+
+fn mine_task(
+    model: &SentenceModel,
+    key: u64,
+    data: &Dataset,
+    extra: &[String],
+    opts: &MineOptions,
+) -> Result<(Vec<Vec<String>>, MineReport)> {
+    let corpus = Corpus::new(data, extra);
+    mine(
+        model,
+        key,
+        data,
+        &corpus,
+        opts,
+        Some(&cache::default_dir()),
+        false,
+    )
+    .map_err(|e| match e {
+        Error::Usage(m) => Error::Usage(format!("train.mine: {m}")),
+        other => other,
+    })
+}
+
+/// Puts recorded mined data in place when resuming; returns the indices of the query-grouped
+/// tasks that still need mining (every one, for a fresh run).
+pub fn use_records(cfg: &RunConfig, tasks: &mut [Task], log: &mut MetricsLog) -> Result<Vec<usize>> {
+    let mut todo = Vec::new();
+    for (i, task) in tasks.iter_mut().enumerate() {
+        if !matches!(task.data, TaskData::Groups(_)) {
+            continue;
+        }
         let path = record_path(cfg, &task.name);
         if cfg.train.resume.is_some() && path.is_file() {
             log.write(&json!({"event": "mine", "task": task.name, "recorded": path.display().to_string()}))?;
+            task.data = TaskData::Groups(load_files(&[path], LoadOptions::default())?);
         } else {
-            let model = match &mut model {
-                Some(m) => m,
-                None => model.insert(load_model(cfg)?),
-            };
-            let model_dir = cfg
-                .model
-                .path
-                .clone()
-                .unwrap_or_else(crate::model::default_dir);
-            let key = cache::model_key(&model_dir, model.max_seq_length())?;
-            let corpus = Corpus::new(data, &extra);
-            let started = std::time::Instant::now();
-            let (mined, report) = mine(
-                model,
-                key,
-                data,
-                &corpus,
-                opts,
-                Some(&cache::default_dir()),
-                false,
-            )
-            .map_err(|e| match e {
-                Error::Usage(m) => Error::Usage(format!("train.mine: {m}")),
-                other => other,
-            })?;
-            let dir = path.parent().expect("a file in mined/");
-            std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-            write_groups(&path, data, &mined)?;
-            tracing::info!(task = %task.name, queries = report.queries, negatives = report.negatives_mined, short = report.queries_short, without = report.queries_without, seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "mined hard negatives with the base model");
-            if report.queries_short > 0 {
-                tracing::warn!(
-                    "task {}: {} of {} queries found fewer than {} qualifying negatives ({} found none); they keep what they found",
-                    task.name,
-                    report.queries_short,
-                    report.queries,
-                    opts.num_negatives,
-                    report.queries_without
-                );
-            }
-            log.write(&json!({"event": "mine", "task": task.name, "report": report, "path": path.display().to_string()}))?;
+            todo.push(i);
         }
-        task.data = TaskData::Groups(load_files(&[path], LoadOptions::default())?);
     }
-    Ok(())
+    Ok(todo)
+}
+
+/// The texts of `train.mine.corpus`, which join every task's positives in its corpus.
+pub fn extra_corpus(opts: &MineOptions) -> Result<Vec<String>> {
+    Ok(match &opts.corpus {
+        Some(p) => read_inputs(p)?.into_iter().map(|t| t.text).collect(),
+        None => Vec::new(),
+    })
+}
+
+/// Records what mining found for `task` (its whole data with the mined negatives, written
+/// atomically), says what was short, and makes the task train on the record — the very file a
+/// resumed run reads. Returns the `mine` event for the metrics log.
+pub fn record(
+    cfg: &RunConfig,
+    task: &mut Task,
+    mined: &[Vec<String>],
+    report: &MineReport,
+    took: Duration,
+) -> Result<serde_json::Value> {
+    let TaskData::Groups(data) = &task.data else {
+        return Err(Error::Usage(format!(
+            "task {:?}: only query-grouped data is mined",
+            task.name
+        )));
+    };
+    let path = record_path(cfg, &task.name);
+    let dir = path.parent().expect("a file in mined/");
+    std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+    write_groups(&path, data, mined)?;
+    tracing::info!(task = %task.name, queries = report.queries, negatives = report.negatives_mined, short = report.queries_short, without = report.queries_without, seconds = format!("{:.1}", took.as_secs_f64()), "mined hard negatives with the base model");
+    if report.queries_short > 0 {
+        let wanted = cfg.train.mine.as_ref().map_or(0, |o| o.num_negatives);
+        tracing::warn!(
+            "task {}: {} of {} queries found fewer than {wanted} qualifying negatives ({} found none); they keep what they found",
+            task.name,
+            report.queries_short,
+            report.queries,
+            report.queries_without
+        );
+    }
+    task.data = TaskData::Groups(load_files(&[path.clone()], LoadOptions::default())?);
+    Ok(json!({"event": "mine", "task": task.name, "report": report, "path": path.display().to_string()}))
 }

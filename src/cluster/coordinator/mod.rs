@@ -12,7 +12,7 @@
 //! a live member's Peer server (or, when the start is a checkpoint, from that checkpoint).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -39,12 +39,14 @@ use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::progress::{Progress, Show};
 use crate::tls::Tls;
-use crate::train::build::{load_training_data, plan_for, prepare_output, schedule_for};
+use super::mining::MineJob;
+use crate::config::MineOn;
+use crate::train::build::{data_events, plan_for, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
 use crate::train::nonfinite::Fate;
 use crate::train::plan::RunPlan;
-use crate::train::task::{Task, data_fingerprint};
+use crate::train::task::{Task, data_fingerprint, load_tasks};
 use crate::train::validation::{Tracker, Verdict};
 
 /// A graceful stop in progress.
@@ -90,6 +92,13 @@ struct State {
     /// The evaluation being embedded by the workers, and whether its scores are being computed.
     eval: Option<Round>,
     scoring: bool,
+    /// `train.mine` still to be done by the ring (before step 0), its pages, and whether the
+    /// coordinator is mining from them.
+    mine_pending: bool,
+    mine_round: Option<Round>,
+    mining: bool,
+    /// When the ring was handed the first mining page.
+    mine_started: Option<Instant>,
     /// The run's evaluations so far (`eval.metric`, patience); `None` without an eval set.
     tracker: Option<Tracker>,
     /// The step the run ends at: the last, or where `eval.patience` stopped it.
@@ -117,6 +126,8 @@ fn phase(st: &State) -> &'static str {
         "stopping"
     } else if st.forming {
         "forming"
+    } else if st.mine_pending {
+        "mining"
     } else {
         "training"
     }
@@ -143,13 +154,12 @@ pub struct Coordinator {
     changed: watch::Sender<u64>,
     cfg: RunConfig,
     config_toml: String,
-    tasks: Vec<Task>,
-    plan: RunPlan,
+    /// The data the run trains on and its plan; replaced once, when the workers' mining is done.
+    data: RwLock<Arc<RunData>>,
+    /// `train.mine` for the workers to embed before the first step, when its records are missing.
+    mine_job: Option<MineJob>,
     fingerprint: String,
     model_dir: PathBuf,
-    data_fingerprint: String,
-    /// Config and data fingerprints: the identity of the run a worker's state must belong to.
-    run_fingerprint: String,
     /// `metrics.jsonl` and `batches.jsonl`, written by their own thread.
     journal: Journal,
     started: Instant,
@@ -159,6 +169,30 @@ pub struct Coordinator {
 }
 
 type Shared = Arc<Coordinator>;
+
+/// What the run trains on.
+struct RunData {
+    tasks: Vec<Task>,
+    plan: RunPlan,
+    data_fingerprint: String,
+    /// Config and data fingerprints: the identity of the run a worker's state must belong to.
+    run_fingerprint: String,
+}
+
+impl RunData {
+    fn new(cfg: &RunConfig, tasks: Vec<Task>) -> Result<Self> {
+        let plan = plan_for(cfg, &tasks)?;
+        // Refuse an impossible schedule here, before any step runs.
+        schedule_for(cfg, plan.total_steps)?;
+        let data_fingerprint = data_fingerprint(&tasks);
+        Ok(Self {
+            run_fingerprint: checkpoint::run_fingerprint(cfg, &data_fingerprint),
+            data_fingerprint,
+            tasks,
+            plan,
+        })
+    }
+}
 
 /// What a blocked `NextStep` learned.
 enum Next {
@@ -170,8 +204,12 @@ enum Next {
 enum EvalWork {
     /// Embed the texts of this range.
     Page(std::ops::Range<usize>),
+    /// Embed this range of the `train.mine` texts.
+    MinePage(std::ops::Range<usize>),
     /// Wait: the other workers' pages, or the scores, are still to come.
     Wait,
+    /// Wait: the other workers' mining pages, or the mining itself, are still to come.
+    MineWait,
 }
 
 impl Coordinator {
@@ -190,13 +228,13 @@ impl Coordinator {
             }
         };
         let mut log = open(out.join("metrics.jsonl"))?;
-        let tasks = load_training_data(&cfg, &mut log)?;
-        let data_fingerprint = data_fingerprint(&tasks);
+        let (tasks, mine_job) = load_data(&cfg, &mut log)?;
+        let data = RunData::new(&cfg, tasks)?;
         let latest = match &cfg.train.resume {
             Some(which) => {
                 let found = checkpoint::find(&out.join("checkpoints"), which)?;
                 if let Some((path, state)) = &found {
-                    checkpoint::check_compatible(path, state, &data_fingerprint, &cfg)?;
+                    checkpoint::check_compatible(path, state, &data.data_fingerprint, &cfg)?;
                     tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
                 } else {
                     tracing::warn!(
@@ -218,9 +256,7 @@ impl Coordinator {
             let text = String::from_utf8_lossy(&log.contents()?).into_owned();
             t.replay(&text, s.step).map_err(Error::Usage)?;
         }
-        let plan = plan_for(&cfg, &tasks)?;
-        // Refuse an impossible schedule here, before any worker starts.
-        schedule_for(&cfg, plan.total_steps)?;
+        let total_steps = data.plan.total_steps;
         let model_dir = cfg
             .model
             .path
@@ -231,7 +267,7 @@ impl Coordinator {
         if resuming {
             log.write(&json!({"event": "resume", "step": start_step}))?;
         }
-        let progress = Progress::new(show, plan.total_steps, start_step, cfg.train.batch_size);
+        let progress = Progress::new(show, total_steps, start_step, cfg.train.batch_size);
         let state = State {
             generation: first_generation(),
             ring: Vec::new(),
@@ -256,24 +292,26 @@ impl Coordinator {
             broken_since: None,
             eval: None,
             scoring: false,
+            mine_pending: mine_job.is_some(),
+            mine_round: None,
+            mining: false,
+            mine_started: None,
             tracker,
-            end: plan.total_steps,
+            end: total_steps,
             checkpoint_asked: None,
             skipped_in_a_row: 0,
             last_skipped: None,
         };
-        let metrics = Metrics::new(cfg.cluster.workers, plan.total_steps);
+        let metrics = Metrics::new(cfg.cluster.workers, total_steps);
         Ok(Arc::new(Self {
             state: Mutex::new(state),
             changed: watch::channel(0).0,
             config_toml,
             journal: Journal::start(log, open(out.join("batches.jsonl"))?)?,
-            tasks,
-            plan,
+            data: RwLock::new(Arc::new(data)),
+            mine_job,
             fingerprint,
             model_dir,
-            run_fingerprint: checkpoint::run_fingerprint(&cfg, &data_fingerprint),
-            data_fingerprint,
             eval_set,
             started: Instant::now(),
             progress,
@@ -284,7 +322,12 @@ impl Coordinator {
 
     /// Total steps of the run.
     pub fn total_steps(&self) -> u64 {
-        self.plan.total_steps
+        self.data().plan.total_steps
+    }
+
+    /// What the run trains on now.
+    fn data(&self) -> Arc<RunData> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn notify(&self) {
@@ -359,7 +402,8 @@ impl Coordinator {
         let end = stop_end(
             st.forming,
             st.stop_told.iter().all(|t| *t),
-            st.latest_is(st.committed),
+            // Before `train.mine` is done no step ran: a resumed run mines again.
+            st.latest_is(st.committed) || st.mine_pending,
             waited,
             Duration::from_millis(self.cfg.cluster.rejoin_grace_ms),
         );
@@ -648,7 +692,8 @@ impl Coordinator {
     }
 
     fn shard(&self, rank: usize, world: usize, step: u64, checkpoint: bool) -> NextStepResponse {
-        let batch = self.plan.batch(&self.tasks, step);
+        let data = self.data();
+        let batch = data.plan.batch(&data.tasks, step);
         let (columns, first_row) = batch.shard(rank, world);
         let rows = (0..columns[0].len())
             .map(|i| ShardRow {
@@ -676,11 +721,13 @@ impl Coordinator {
             labels,
             eval_offset: 0,
             eval_texts: Vec::new(),
+            mine: false,
         }
     }
 
     fn record_batch(&self, step: u64, world: usize) {
-        let batch = self.plan.batch(&self.tasks, step);
+        let data = self.data();
+        let batch = data.plan.batch(&data.tasks, step);
         let hash = |t: &str| format!("{:016x}", hash_normalized(&normalize(t)));
         let shards: Vec<Vec<Vec<String>>> = (0..world)
             .map(|r| {
@@ -690,7 +737,7 @@ impl Coordinator {
                     .collect()
             })
             .collect();
-        self.journal.write(Log::Batches, json!({"step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}));
+        self.journal.write(Log::Batches, json!({"step": step + 1, "epoch": batch.epoch, "task": data.tasks[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}));
     }
 
     /// Validation work for `rank` before step `step`, when an evaluation is due there and not yet
@@ -723,6 +770,81 @@ impl Coordinator {
             }
             None => Some(EvalWork::Wait),
         }
+    }
+
+    /// The `train.mine` work for `rank` before the first step, while the ring still has to embed.
+    fn mine_work(&self, st: &mut State, rank: usize, generation: u64) -> Option<EvalWork> {
+        let job = self.mine_job.as_ref().filter(|_| st.mine_pending)?;
+        let texts = job.texts().len();
+        let page = evaluation::page_size(texts, st.ring.len());
+        st.mine_started.get_or_insert_with(Instant::now);
+        let round = st
+            .mine_round
+            .get_or_insert_with(|| Round::new(0, texts, page));
+        match round.assign(rank, generation) {
+            Some(range) => {
+                // A worker stuck embedding ends its ring, as during a step.
+                st.step_started.get_or_insert_with(Instant::now);
+                Some(EvalWork::MinePage(range))
+            }
+            None => Some(EvalWork::MineWait),
+        }
+    }
+
+    /// The reply that hands out a page of the `train.mine` texts.
+    fn mine_page(&self, range: std::ops::Range<usize>) -> NextStepResponse {
+        let texts = self.mine_job.as_ref().map_or(&[][..], |j| j.texts());
+        NextStepResponse {
+            status: StepStatus::Eval as i32,
+            step: 0,
+            eval_offset: range.start as u64,
+            eval_texts: texts[range].to_vec(),
+            mine: true,
+            ..Default::default()
+        }
+    }
+
+    /// Mines from the ring's embeddings off the async threads, records the mined data, and puts
+    /// it in place: the run's plan and length change, so the ring re-forms to train on it.
+    async fn finish_mining(self: Shared, values: Vec<f32>, dim: usize, started: Instant) {
+        let me = self.clone();
+        let mined = tokio::task::spawn_blocking(move || {
+            let job = me
+                .mine_job
+                .as_ref()
+                .expect("mining rounds exist only with a job");
+            let placeholder = me.data();
+            let (tasks, events) =
+                job.finish(&me.cfg, &placeholder.tasks, &values, dim, started.elapsed())?;
+            let data = RunData::new(&me.cfg, tasks)?;
+            Ok::<_, Error>((data, events))
+        })
+        .await;
+        let (data, events) = match mined {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return self.abort(format!("mining hard negatives failed: {e}")),
+            Err(e) => return self.abort(format!("mining hard negatives failed: {e}")),
+        };
+        for event in events.into_iter().chain(data_events(&data.tasks)) {
+            self.write_log(event);
+        }
+        let total = data.plan.total_steps;
+        *self.data.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(data);
+        let mut st = self.lock();
+        st.mine_pending = false;
+        st.mine_round = None;
+        st.mining = false;
+        st.end = total;
+        self.progress.set_total(total);
+        self.metrics.total_steps(total);
+        self.end_generation(
+            &mut st,
+            "hard negatives mined: the ring re-forms to train on the mined data".into(),
+        );
+        // Not a failure: no recovery to time.
+        st.broken_since = None;
+        drop(st);
+        self.notify();
     }
 
     /// The reply that hands out a page of validation texts.
@@ -823,14 +945,15 @@ impl Coordinator {
     ) -> std::result::Result<(PathBuf, CheckpointState), Status> {
         let uploaded =
             checkpoint::verify(received).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let data = self.data();
         if uploaded.step != asked
-            || uploaded.data_fingerprint != self.data_fingerprint
+            || uploaded.data_fingerprint != data.data_fingerprint
             || uploaded.config_fingerprint != checkpoint::config_fingerprint(&self.cfg)
         {
             return Err(Status::failed_precondition(format!(
                 "the upload is a checkpoint of step {} of {} data and config; step {asked} of this run was asked for",
                 uploaded.step,
-                if uploaded.data_fingerprint == self.data_fingerprint {
+                if uploaded.data_fingerprint == data.data_fingerprint {
                     "this run's"
                 } else {
                     "other"
@@ -842,7 +965,7 @@ impl Coordinator {
         let state = checkpoint::annotate(
             received,
             uploaded,
-            |state| (state.epoch, state.batch) = self.plan.cursor(state.step),
+            |state| (state.epoch, state.batch) = data.plan.cursor(state.step),
             &[("metrics.jsonl", &metrics)],
         )
         .map_err(internal)?;
@@ -943,9 +1066,10 @@ impl Coordinator {
         let reduce = commits.iter().map(|c| c.reduce_seconds).fold(0.0, f64::max);
         let seconds = compute + comm;
         let pairs = self.cfg.train.batch_size;
-        let (task, epoch, batch) = self.plan.position(step);
+        let data = self.data();
+        let (task, epoch, batch) = data.plan.position(step);
         self.write_log(json!({
-            "event": "step", "step": step + 1, "epoch": epoch, "task": self.tasks[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
+            "event": "step", "step": step + 1, "epoch": epoch, "task": data.tasks[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
             "pairs": pairs, "tokens": commits.iter().map(|c| c.tokens).sum::<u64>(), "seconds": seconds,
             "compute_seconds": compute, "comm_seconds": comm, "gather_seconds": gather, "reduce_seconds": reduce, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
             "workers": commits.len(), "generation": generation, "elapsed": self.started.elapsed().as_secs_f64(),
@@ -1068,19 +1192,45 @@ impl Coordinator {
                 req.rank, self.cfg.cluster.workers, self.cfg.cluster.workers
             )));
         }
-        if req.state_step > 0 && req.run_fingerprint != self.run_fingerprint {
+        let data = self.data();
+        if req.state_step > 0 && req.run_fingerprint != data.run_fingerprint {
             return Err(Status::failed_precondition(
                 "the worker holds the state of another run (other data or settings): restart it",
             ));
         }
-        if req.state_step > self.plan.total_steps {
+        if req.state_step > data.plan.total_steps {
             return Err(Status::failed_precondition(format!(
                 "the worker reports {} steps applied, but the run has {}",
-                req.state_step, self.plan.total_steps
+                req.state_step, data.plan.total_steps
             )));
         }
         Ok(req.state_step)
     }
+}
+
+/// Loads the tasks a config names, and what `train.mine` makes of them: mined by the coordinator
+/// alone as one process mines, or (`cluster.mine_on = "workers"`) left for the ring to embed — the
+/// job, with placeholder tasks until it is done. Recorded mined data is used when resuming.
+fn load_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<(Vec<Task>, Option<MineJob>)> {
+    let mut tasks = load_tasks(&cfg.tasks())?;
+    let job = if cfg.train.mine.is_some() && cfg.cluster.mine_on == MineOn::Workers {
+        let todo = crate::train::mining::use_records(cfg, &mut tasks, log)?;
+        if todo.is_empty() {
+            None
+        } else {
+            Some(MineJob::new(cfg, &mut tasks, &todo)?)
+        }
+    } else {
+        crate::train::mining::apply(cfg, &mut tasks, log)?;
+        None
+    };
+    // The data events of a job's tasks are logged when it is done.
+    if job.is_none() {
+        for event in data_events(&tasks) {
+            log.write(&event)?;
+        }
+    }
+    Ok((tasks, job))
 }
 
 /// Generation numbers start from the clock, so a restarted coordinator never reuses one its

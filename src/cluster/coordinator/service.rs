@@ -199,17 +199,18 @@ impl CoordinatorRpc for Service {
             .iter()
             .position(|m| *m == id)
             .expect("member of the formation");
+        let data = c.data();
         Ok(Response::new(JoinResponse {
             rank: rank as u32,
             world_size: formation.members.len() as u32,
             peers: formation.peers.clone(),
             config_toml: c.config_toml.clone(),
             model_fingerprint: c.fingerprint.clone(),
-            total_steps: c.plan.total_steps,
+            total_steps: data.plan.total_steps,
             heartbeat_interval_ms: c.cfg.cluster.heartbeat_interval_ms,
             start_step: formation.start_step,
             heal: formation.heal[rank],
-            data_fingerprint: c.data_fingerprint.clone(),
+            data_fingerprint: data.data_fingerprint.clone(),
             generation: formation.generation,
             member: id,
             serve_state: formation.donor == Some(rank),
@@ -217,7 +218,7 @@ impl CoordinatorRpc for Service {
                 Some(donor) if formation.heal[rank] => formation.peers[donor].clone(),
                 _ => String::new(),
             },
-            tasks: c
+            tasks: data
                 .tasks
                 .iter()
                 .map(|t| TaskInfo {
@@ -313,19 +314,35 @@ impl CoordinatorRpc for Service {
                 if (st.stop != Stop::Running && req.step < st.end) || committed != req.step {
                     break;
                 }
-                match c.eval_work(&mut st, rank, req.generation, req.step) {
+                let work = c
+                    .mine_work(&mut st, rank, req.generation)
+                    .or_else(|| c.eval_work(&mut st, rank, req.generation, req.step));
+                match work {
                     None => break,
                     Some(EvalWork::Page(range)) => {
                         return Ok(Response::new(c.eval_page(req.step, range)));
                     }
-                    Some(EvalWork::Wait) => (req.step, req.generation),
+                    Some(EvalWork::MinePage(range)) => {
+                        return Ok(Response::new(c.mine_page(range)));
+                    }
+                    Some(EvalWork::Wait) => (req.step, req.generation, false),
+                    Some(EvalWork::MineWait) => (req.step, req.generation, true),
                 }
             };
-            let (step, generation) = wait;
-            c.wait_for(timeout, "the validation to finish", |st| {
-                let open = st.eval.as_ref().is_some_and(|r| r.has_open(generation));
-                let scored = st.tracker.as_ref().and_then(|t| t.last) >= Some(step);
-                (st.ended(generation) || open || scored).then_some(())
+            let (step, generation, mining) = wait;
+            let what = if mining {
+                "the hard-negative mining to finish"
+            } else {
+                "the validation to finish"
+            };
+            c.wait_for(timeout, what, |st| {
+                let done = if mining {
+                    !st.mine_pending || st.mine_round.as_ref().is_some_and(|r| r.has_open(generation))
+                } else {
+                    st.eval.as_ref().is_some_and(|r| r.has_open(generation))
+                        || st.tracker.as_ref().and_then(|t| t.last) >= Some(step)
+                };
+                (st.ended(generation) || done).then_some(())
             })
             .await?;
         }
@@ -350,8 +367,10 @@ impl CoordinatorRpc for Service {
         let every = c.cfg.output.checkpoint_every_steps;
         // So does the step of a new best evaluation: pruning spares it, and it becomes model-best/.
         let best_here = Coordinator::best_step(&st) == Some(req.step);
-        let checkpoint =
-            |st: &State, due: bool| rank == 0 && (due || best_here) && !st.latest_is(req.step);
+        // Before `train.mine` is done no step ran on the run's data: nothing to checkpoint.
+        let checkpoint = |st: &State, due: bool| {
+            rank == 0 && (due || best_here) && !st.latest_is(req.step) && !st.mine_pending
+        };
         if req.step >= st.end {
             let mut reply = answer(StepStatus::Done, String::new());
             // The end of a checkpointed run gets a checkpoint too (as a single process does); so
@@ -574,16 +593,18 @@ impl CoordinatorRpc for Service {
                 return Ok(Response::new(EvalReportResponse {}));
             }
             let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
-            let round = st
-                .eval
-                .as_mut()
-                .filter(|r| r.step == req.step)
-                .ok_or_else(|| {
-                    Status::failed_precondition(format!(
-                        "no validation is open before step {}",
-                        req.step + 1
-                    ))
-                })?;
+            let round = if req.mine {
+                st.mine_round.as_mut().filter(|_| req.step == 0)
+            } else {
+                st.eval.as_mut().filter(|r| r.step == req.step)
+            };
+            let round = round.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "no {} is open before step {}",
+                    if req.mine { "mining" } else { "validation" },
+                    req.step + 1
+                ))
+            })?;
             round
                 .deliver(
                     rank,
@@ -595,15 +616,23 @@ impl CoordinatorRpc for Service {
                 )
                 .map_err(Status::invalid_argument)?;
             let all = round.embeddings();
-            if all.is_some() && !st.scoring {
-                st.scoring = true;
-                all
+            let started = st.mine_started.unwrap_or_else(Instant::now);
+            let busy = if req.mine { &mut st.mining } else { &mut st.scoring };
+            if all.is_some() && !*busy {
+                *busy = true;
+                // Scoring or mining is the coordinator's work, not a stalled worker's.
+                st.step_started = None;
+                all.map(|(values, dim)| (values, dim, started))
             } else {
                 None
             }
         };
-        if let Some((values, dim)) = complete {
-            tokio::spawn(c.clone().score(req.step, values, dim));
+        if let Some((values, dim, started)) = complete {
+            if req.mine {
+                tokio::spawn(c.clone().finish_mining(values, dim, started));
+            } else {
+                tokio::spawn(c.clone().score(req.step, values, dim));
+            }
         }
         c.notify();
         Ok(Response::new(EvalReportResponse {}))
