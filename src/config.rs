@@ -294,6 +294,9 @@ pub struct TrainConfig {
     /// (`multipos mine`'s options); the mined data is recorded in `output.dir/mined/` and a resumed
     /// run reads it back.
     pub mine: Option<crate::mine::MineOptions>,
+    /// Mine again, with the model as trained so far, before every N-th epoch (`train.mine`'s
+    /// options); each re-mined version is recorded in `output.dir/mined/` for exact resume.
+    pub remine_every_epochs: Option<u64>,
 }
 
 /// What a run does with a step whose loss or gradient is NaN or infinite.
@@ -328,6 +331,7 @@ impl Default for TrainConfig {
             ema_decay: None,
             on_nonfinite: NonFinite::Abort,
             mine: None,
+            remine_every_epochs: None,
         }
     }
 }
@@ -607,6 +611,16 @@ impl RunConfig {
                  (data.negatives_per_row) to at least 1"
                     .into(),
             );
+        }
+        match self.train.remine_every_epochs {
+            Some(0) => return Err("train.remine_every_epochs must be at least 1".into()),
+            Some(_) if self.train.mine.is_none() => {
+                return Err(
+                    "train.remine_every_epochs re-mines with train.mine's options: add a [train.mine] table"
+                        .into(),
+                );
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -459,7 +459,10 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
 
     // In a cluster the two workers embed the texts in pages (the default) or the coordinator
     // mines alone: either way the same rows are mined, and the workers train as one process does.
-    for (name, on) in [("cluster", "workers"), ("cluster-coordinator", "coordinator")] {
+    for (name, on) in [
+        ("cluster", "workers"),
+        ("cluster-coordinator", "coordinator"),
+    ] {
         let mut sets = mine_sets.clone();
         sets.push(format!("cluster.mine_on=\"{on}\""));
         let (cluster, o) = run("launch", name, &data, &sets);
@@ -483,4 +486,124 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
 /// The corpus size a run's `mine` event reports.
 fn events_corpus(out: &Path) -> serde_json::Value {
     common::events(out, "mine")[0]["report"]["corpus"].clone()
+}
+
+#[test]
+fn remining_every_epoch_is_recorded_resumes_exactly_and_the_cluster_agrees() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let data = repo("deploy/data/bible_paraphrase_tiny/train.jsonl");
+    let run = |cmd: &str, name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"));
+        c.args([cmd, "--config"])
+            .arg(repo("configs/local-2workers.toml"))
+            .args(["--set", &format!("model.path=\"{}\"", model.display())])
+            .args(["--set", &format!("data.train=\"{}\"", data.display())])
+            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+            .env("MULTIPOS_CACHE", dir.path().join("cache"))
+            .env_remove("MULTIPOS_CLUSTER_TOKEN")
+            .current_dir(repo(""));
+        for s in [
+            "data.negatives_per_row=2",
+            "data.fill_negatives=\"random\"",
+            "train.max_steps=0",
+            "train.epochs=3",
+            "train.batch_size=8",
+            "train.lr=2e-4",
+            "train.mine.num_negatives=2",
+            "train.remine_every_epochs=1",
+        ]
+        .iter()
+        .chain(extra)
+        {
+            c.arg("--set").arg(s);
+        }
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success() || extra.iter().any(|e| e.contains("stop_after")),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let whole = run("train", "whole", &[]);
+    let mine = common::events(&whole, "mine");
+    let epochs: Vec<_> = mine.iter().map(|e| e["epoch"].clone()).collect();
+    assert_eq!(
+        epochs,
+        [serde_json::Value::Null, 2.into(), 3.into()],
+        "{mine:?}"
+    );
+    let first = std::fs::read(whole.join("mined/default.jsonl")).unwrap();
+    let second = std::fs::read(whole.join("mined/default.epoch-2.jsonl")).unwrap();
+    assert_ne!(
+        first, second,
+        "the trained model mines other negatives than the base model"
+    );
+    assert!(whole.join("mined/default.epoch-3.jsonl").is_file());
+    // Each re-mining comes right before the first step of its epoch.
+    let log = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["event"] == "step" || v["event"] == "mine")
+        .collect();
+    for (i, r) in records.iter().enumerate() {
+        if r["event"] == "mine" && r["epoch"].is_u64() {
+            let next = &records[i + 1];
+            assert_eq!(
+                next["epoch"].as_u64().unwrap() + 1,
+                r["epoch"].as_u64().unwrap()
+            );
+            assert_eq!(next["batch"], 0, "{next}");
+        }
+    }
+    let first_epoch = records
+        .iter()
+        .filter(|r| r["event"] == "step" && r["epoch"] == 0)
+        .count();
+
+    // Stopped in the second epoch (after its re-mining) and resumed: the versions are read back.
+    let stop = format!("train.stop_after_steps={}", first_epoch + 3);
+    let resumed = run("train", "resumed", &[stop.as_str()]);
+    assert_eq!(
+        common::step_losses(&resumed.join("metrics.jsonl")).len(),
+        first_epoch + 3
+    );
+    run("train", "resumed", &["train.resume=\"latest\""]);
+    // Mined: the base model's and epoch 2's before the stop, epoch 3's after; the resume read
+    // the base model's record back.
+    let epochs: Vec<_> = common::events(&resumed, "mine")
+        .iter()
+        .filter(|e| e["report"].is_object())
+        .map(|e| e["epoch"].clone())
+        .collect();
+    assert_eq!(
+        epochs,
+        [serde_json::Value::Null, 2.into(), 3.into()],
+        "epoch 2 not mined again"
+    );
+    common::assert_same_run(&whole, &resumed, "resumed across a re-mining", &[]);
+
+    // Two workers embed each re-mining in pages; the coordinator records the same versions.
+    let cluster = run("launch", "cluster", &[]);
+    for name in [
+        "default.jsonl",
+        "default.epoch-2.jsonl",
+        "default.epoch-3.jsonl",
+    ] {
+        assert_eq!(
+            std::fs::read(cluster.join("mined").join(name)).unwrap(),
+            std::fs::read(whole.join("mined").join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    // A key bias shifts a whole attention row, which the softmax ignores: its gradient is
+    // rounding noise, which AdamW scales up to steps of the learning rate's size.
+    common::assert_same_run(
+        &whole,
+        &cluster,
+        "re-mining in the cluster",
+        &["attention.self.key.bias"],
+    );
 }

@@ -30,10 +30,9 @@ pub struct MineJob {
 }
 
 impl MineJob {
-    /// The job for the tasks `todo` of `tasks`: their queries, then their corpora, task by task.
-    /// Those tasks are planned without hard negatives until the mined data replaces them (the
-    /// placeholder plan only lets the ring form; no step runs on it).
-    pub fn new(cfg: &RunConfig, tasks: &mut [Task], todo: &[usize]) -> Result<Self> {
+    /// The job for every query-grouped task of `tasks` (as loaded, before mining): their queries,
+    /// then their corpora, task by task.
+    pub fn new(cfg: &RunConfig, tasks: &[Task]) -> Result<Self> {
         let opts = cfg
             .train
             .mine
@@ -41,8 +40,7 @@ impl MineJob {
             .ok_or_else(|| Error::Usage("train.mine is not set".into()))?;
         let extra = extra_corpus(&opts)?;
         let (mut texts, mut parts) = (Vec::new(), Vec::new());
-        for &i in todo {
-            let task = &mut tasks[i];
+        for (i, task) in tasks.iter().enumerate() {
             let TaskData::Groups(data) = &task.data else {
                 continue;
             };
@@ -57,7 +55,6 @@ impl MineJob {
                 negatives_per_row: task.negatives_per_row,
             });
             texts.extend(queries.iter().chain(&corpus.texts).map(|t| t.to_string()));
-            task.negatives_per_row = 0;
         }
         Ok(Self {
             texts,
@@ -73,8 +70,9 @@ impl MineJob {
     }
 
     /// Mines from the workers' embeddings (`values`: `dim` floats per text of `texts`), records
-    /// every mined task as one process does, and returns the tasks to train on with the `mine`
-    /// events for the metrics log. `tasks` are the placeholder tasks `new` left.
+    /// every mined task as one process does (`epoch`: re-mined before that epoch), and returns the
+    /// tasks to train on with the `mine` events for the metrics log. `tasks` are those `new` took,
+    /// or `placeholder`s of them.
     pub fn finish(
         &self,
         cfg: &RunConfig,
@@ -82,6 +80,7 @@ impl MineJob {
         values: &[f32],
         dim: usize,
         took: Duration,
+        epoch: Option<usize>,
     ) -> Result<(Vec<Task>, Vec<serde_json::Value>)> {
         if dim == 0 || values.len() != self.texts.len() * dim {
             return Err(Error::Usage(format!(
@@ -107,8 +106,20 @@ impl MineJob {
             let (mined, report) =
                 mine_embedded(data, &corpus, &query_emb, &corpus_emb, &self.opts, false)?;
             task.negatives_per_row = part.negatives_per_row;
-            events.push(record(cfg, task, &mined, &report, took)?);
+            events.push(record(cfg, task, epoch, &mined, &report, took)?);
         }
         Ok((out, events))
     }
+}
+
+/// `tasks` planned without hard negatives, until the mined data replaces them: the placeholder
+/// plan only lets the ring form; no step runs on it.
+pub fn placeholder(tasks: &[Task]) -> Vec<Task> {
+    let mut out = tasks.to_vec();
+    for t in out.iter_mut() {
+        if matches!(t.data, TaskData::Groups(_)) {
+            t.negatives_per_row = 0;
+        }
+    }
+    out
 }

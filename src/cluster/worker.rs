@@ -300,9 +300,18 @@ async fn generation(
     // again for the run's real length and data.
     if replica.as_ref().is_some_and(|r| {
         r.applied == 0
-            && (r.total_steps != joined.total_steps || r.data_fingerprint != joined.data_fingerprint)
+            && (r.total_steps != joined.total_steps
+                || r.data_fingerprint != joined.data_fingerprint)
     }) {
         *replica = None;
+    }
+    // Re-mined data planned anew (`train.remine_every_epochs`) can change the run's length: the
+    // learning-rate schedule follows, as in one process.
+    if let Some(r) = replica.as_mut()
+        && r.total_steps != joined.total_steps
+    {
+        r.trainer.schedule.total = joined.total_steps;
+        r.total_steps = joined.total_steps;
     }
     if replica.is_none() {
         *replica = Some(load_replica(node, &mut client, &joined).await?);

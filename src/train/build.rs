@@ -167,15 +167,16 @@ pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
     Ok(text)
 }
 
-/// Loads the tasks a config names (with mined negatives under `train.mine`), and records what
-/// loading did in `log`.
-pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<Vec<Task>> {
-    let mut tasks = load_tasks(&cfg.tasks())?;
+/// Loads the tasks a config names and records what loading did in `log`: the tasks as loaded
+/// (what re-mining starts from) and as trained on (with mined negatives under `train.mine`).
+pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<(Vec<Task>, Vec<Task>)> {
+    let source = load_tasks(&cfg.tasks())?;
+    let mut tasks = source.clone();
     super::mining::apply(cfg, &mut tasks, log)?;
     for event in data_events(&tasks) {
         log.write(&event)?;
     }
-    Ok(tasks)
+    Ok((source, tasks))
 }
 
 /// The `data` events of the tasks a run trains on: each task, then their joint fingerprint.
@@ -183,6 +184,6 @@ pub fn data_events(tasks: &[Task]) -> Vec<serde_json::Value> {
     tasks
         .iter()
         .map(|t| json!({"event": "data", "task": t.name, "description": t.describe(), "fingerprint": format!("{:016x}", t.fingerprint())}))
-        .chain(std::iter::once(json!({"event": "data", "fingerprint": data_fingerprint(&tasks)})))
+        .chain(std::iter::once(json!({"event": "data", "fingerprint": data_fingerprint(tasks)})))
         .collect()
 }

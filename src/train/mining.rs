@@ -17,9 +17,14 @@ use crate::error::{Error, Result};
 use crate::mine::{Corpus, MineOptions, MineReport, cache, mine, write_groups};
 use crate::model::SentenceModel;
 
-/// Where a task's mined data is recorded.
-pub fn record_path(cfg: &RunConfig, task: &str) -> PathBuf {
-    cfg.output.dir.join("mined").join(format!("{task}.jsonl"))
+/// Where a task's mined data is recorded: mined with the base model, or (`epoch`) again before
+/// that epoch (0-based; the file names it 1-based, as logs do).
+pub fn record_path(cfg: &RunConfig, task: &str, epoch: Option<usize>) -> PathBuf {
+    let name = match epoch {
+        None => format!("{task}.jsonl"),
+        Some(e) => format!("{task}.epoch-{}.jsonl", e + 1),
+    };
+    cfg.output.dir.join("mined").join(name)
 }
 
 /// Replaces the data of every MNRL task with its mined version: read back from the record when
@@ -46,7 +51,7 @@ pub fn apply(cfg: &RunConfig, tasks: &mut [Task], log: &mut MetricsLog) -> Resul
             continue;
         };
         let (mined, report) = mine_task(&model, key, data, &extra, opts)?;
-        let event = record(cfg, &mut tasks[i], &mined, &report, started.elapsed())?;
+        let event = record(cfg, &mut tasks[i], None, &mined, &report, started.elapsed())?;
         log.write(&event)?;
     }
     Ok(())
@@ -77,19 +82,33 @@ fn mine_task(
 
 /// Puts recorded mined data in place when resuming; returns the indices of the query-grouped
 /// tasks that still need mining (every one, for a fresh run).
-pub fn use_records(cfg: &RunConfig, tasks: &mut [Task], log: &mut MetricsLog) -> Result<Vec<usize>> {
+pub fn use_records(
+    cfg: &RunConfig,
+    tasks: &mut [Task],
+    log: &mut MetricsLog,
+) -> Result<Vec<usize>> {
     let mut todo = Vec::new();
     for (i, task) in tasks.iter_mut().enumerate() {
         if !matches!(task.data, TaskData::Groups(_)) {
             continue;
         }
-        let path = record_path(cfg, &task.name);
+        let path = record_path(cfg, &task.name, None);
         if cfg.train.resume.is_some() && path.is_file() {
             log.write(&json!({"event": "mine", "task": task.name, "recorded": path.display().to_string()}))?;
             task.data = TaskData::Groups(load_files(&[path], LoadOptions::default())?);
         } else {
             todo.push(i);
         }
+    }
+    let grouped = tasks
+        .iter()
+        .filter(|t| matches!(t.data, TaskData::Groups(_)))
+        .count();
+    if !todo.is_empty() && todo.len() < grouped {
+        return Err(Error::Usage(format!(
+            "cannot resume exactly: {} is missing beside the other tasks' mined data",
+            record_path(cfg, &tasks[todo[0]].name, None).display()
+        )));
     }
     Ok(todo)
 }
@@ -108,6 +127,7 @@ pub fn extra_corpus(opts: &MineOptions) -> Result<Vec<String>> {
 pub fn record(
     cfg: &RunConfig,
     task: &mut Task,
+    epoch: Option<usize>,
     mined: &[Vec<String>],
     report: &MineReport,
     took: Duration,
@@ -118,11 +138,11 @@ pub fn record(
             task.name
         )));
     };
-    let path = record_path(cfg, &task.name);
+    let path = record_path(cfg, &task.name, epoch);
     let dir = path.parent().expect("a file in mined/");
     std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
     write_groups(&path, data, mined)?;
-    tracing::info!(task = %task.name, queries = report.queries, negatives = report.negatives_mined, short = report.queries_short, without = report.queries_without, seconds = format!("{:.1}", took.as_secs_f64()), "mined hard negatives with the base model");
+    tracing::info!(task = %task.name, queries = report.queries, negatives = report.negatives_mined, short = report.queries_short, without = report.queries_without, epoch = epoch.map(|e| e + 1), seconds = format!("{:.1}", took.as_secs_f64()), "mined hard negatives");
     if report.queries_short > 0 {
         let wanted = cfg.train.mine.as_ref().map_or(0, |o| o.num_negatives);
         tracing::warn!(
@@ -133,6 +153,47 @@ pub fn record(
             report.queries_without
         );
     }
-    task.data = TaskData::Groups(load_files(&[path.clone()], LoadOptions::default())?);
-    Ok(json!({"event": "mine", "task": task.name, "report": report, "path": path.display().to_string()}))
+    task.data = TaskData::Groups(load_files(
+        std::slice::from_ref(&path),
+        LoadOptions::default(),
+    )?);
+    Ok(
+        json!({"event": "mine", "task": task.name, "epoch": epoch.map(|e| e + 1), "report": report, "path": path.display().to_string()}),
+    )
+}
+
+/// Mines every query-grouped task of `source` (the data as loaded) again with `model` — the
+/// weights as trained so far — before epoch `epoch`, and records each; returns the tasks to train
+/// on from that epoch and the `mine` events. No embedding cache: the weights changed.
+pub fn remine(
+    cfg: &RunConfig,
+    model: &SentenceModel,
+    source: &[Task],
+    epoch: usize,
+) -> Result<(Vec<Task>, Vec<serde_json::Value>)> {
+    let opts = cfg
+        .train
+        .mine
+        .as_ref()
+        .ok_or_else(|| Error::Usage("train.remine_every_epochs needs train.mine".into()))?;
+    let extra = extra_corpus(opts)?;
+    let mut tasks = source.to_vec();
+    let mut events = Vec::new();
+    for task in tasks.iter_mut() {
+        let TaskData::Groups(data) = &task.data else {
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let corpus = Corpus::new(data, &extra);
+        let (mined, report) = mine(model, 0, data, &corpus, opts, None, false)?;
+        events.push(record(
+            cfg,
+            task,
+            Some(epoch),
+            &mined,
+            &report,
+            started.elapsed(),
+        )?);
+    }
+    Ok((tasks, events))
 }

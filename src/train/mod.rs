@@ -12,6 +12,7 @@ pub mod state;
 pub mod task;
 pub mod trainer;
 pub mod validation;
+pub mod versions;
 
 pub use run::{RunSummary, run};
 pub use state::TrainState;

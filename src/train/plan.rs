@@ -35,6 +35,8 @@ impl TaskEpoch {
 pub struct Epoch {
     pub tasks: Vec<TaskEpoch>,
     pub order: Vec<(usize, usize)>,
+    /// The data version the batches index (0 unless `train.remine_every_epochs` re-mined).
+    pub version: usize,
 }
 
 /// What one step trains on: a whole global batch of one task.
@@ -75,9 +77,21 @@ impl<'a> GlobalBatch<'a> {
 }
 
 /// The plan of a run.
+#[derive(Debug, Clone)]
 pub struct RunPlan {
     epochs: Vec<Epoch>,
     pub total_steps: u64,
+    sizing: Sizing,
+}
+
+/// What fixes a plan's batches and length besides the data.
+#[derive(Debug, Clone, Copy)]
+struct Sizing {
+    batch_size: usize,
+    seed: u64,
+    sampler: Sampler,
+    epochs: u64,
+    max_steps: u64,
 }
 
 impl RunPlan {
@@ -90,35 +104,54 @@ impl RunPlan {
         epochs: u64,
         max_steps: u64,
     ) -> Result<Self> {
-        for t in tasks {
-            if let TaskData::Groups(d) = &t.data {
-                planner::validate(d, &spec(t, batch_size, seed))
-                    .map_err(|e| Error::Usage(format!("task {:?}: {e}", t.name)))?;
-                let short = planner::short_of_negatives(d, t.negatives_per_row);
-                if short > 0 {
-                    tracing::warn!(
-                        task = %t.name,
-                        short,
-                        groups = d.len(),
-                        "query groups with fewer than {} hard negatives: their rows get random texts of other groups in the missing places",
-                        t.negatives_per_row
-                    );
-                }
-            }
-        }
-        let want_epochs = if max_steps > 0 { u64::MAX } else { epochs };
         let mut plan = RunPlan {
             epochs: Vec::new(),
             total_steps: 0,
+            sizing: Sizing {
+                batch_size,
+                seed,
+                sampler,
+                epochs,
+                max_steps,
+            },
         };
-        let mut total = 0u64;
-        while (plan.epochs.len() as u64) < want_epochs && (max_steps == 0 || total < max_steps) {
-            let e = plan_run_epoch(tasks, batch_size, seed, sampler, plan.epochs.len() as u64)?;
-            total += e.order.len() as u64;
-            plan.epochs.push(e);
-        }
-        plan.total_steps = if max_steps > 0 { max_steps } else { total };
+        plan.extend(tasks, 0)?;
         Ok(plan)
+    }
+
+    /// Plans the epochs from `epoch` on anew, on `tasks` (data version `version`); the epochs
+    /// before keep their batches. The step count follows (unless `max_steps` fixes it).
+    pub fn replan_from(&mut self, epoch: usize, tasks: &[Task], version: usize) -> Result<()> {
+        self.epochs.truncate(epoch);
+        self.extend(tasks, version)
+    }
+
+    /// Plans epochs on `tasks` until the run has enough.
+    fn extend(&mut self, tasks: &[Task], version: usize) -> Result<()> {
+        let z = self.sizing;
+        check(tasks, z.batch_size, z.seed)?;
+        let want_epochs = if z.max_steps > 0 { u64::MAX } else { z.epochs };
+        let mut total: u64 = self.epochs.iter().map(|e| e.order.len() as u64).sum();
+        while (self.epochs.len() as u64) < want_epochs && (z.max_steps == 0 || total < z.max_steps)
+        {
+            let mut e = plan_run_epoch(
+                tasks,
+                z.batch_size,
+                z.seed,
+                z.sampler,
+                self.epochs.len() as u64,
+            )?;
+            e.version = version;
+            total += e.order.len() as u64;
+            self.epochs.push(e);
+        }
+        self.total_steps = if z.max_steps > 0 { z.max_steps } else { total };
+        Ok(())
+    }
+
+    /// The step epoch `e` starts at, while it is planned.
+    pub fn epoch_start(&self, e: usize) -> Option<u64> {
+        (e < self.epochs.len()).then(|| self.epochs[..e].iter().map(|x| x.order.len() as u64).sum())
     }
 
     /// (epoch, position in that epoch's order) of global step `step` (0-based).
@@ -227,6 +260,27 @@ pub fn spec(task: &Task, batch_size: usize, seed: u64) -> PlanSpec {
     }
 }
 
+/// Refuses data the planner cannot plan; warns of groups short of hard negatives.
+fn check(tasks: &[Task], batch_size: usize, seed: u64) -> Result<()> {
+    for t in tasks {
+        if let TaskData::Groups(d) = &t.data {
+            planner::validate(d, &spec(t, batch_size, seed))
+                .map_err(|e| Error::Usage(format!("task {:?}: {e}", t.name)))?;
+            let short = planner::short_of_negatives(d, t.negatives_per_row);
+            if short > 0 {
+                tracing::warn!(
+                    task = %t.name,
+                    short,
+                    groups = d.len(),
+                    "query groups with fewer than {} hard negatives: their rows get random texts of other groups in the missing places",
+                    t.negatives_per_row
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn plan_run_epoch(
     tasks: &[Task],
     batch_size: usize,
@@ -261,6 +315,7 @@ fn plan_run_epoch(
     Ok(Epoch {
         tasks: plans,
         order,
+        version: 0,
     })
 }
 

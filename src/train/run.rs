@@ -9,16 +9,14 @@ use std::time::Instant;
 use crate::progress::{Progress, Show};
 use serde_json::json;
 
-use super::build::{
-    FreshOutput, load_model, load_training_data, plan_for, prepare_output, trainer_for,
-};
+use super::build::{FreshOutput, load_model, load_training_data, prepare_output, trainer_for};
 use super::checkpoint::{self, CheckpointState};
 use super::metrics::MetricsLog;
 use super::nonfinite::{Fate, verdict};
-use super::plan::RunPlan;
-use super::task::{Task, data_fingerprint};
+use super::task::Task;
 use super::trainer::{StepInput, Trainer};
 use super::validation::{Tracker, Verdict};
+use super::versions::TrainingData;
 use crate::collective::Solo;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
@@ -90,9 +88,7 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
 /// A run's fixed parts, shared by the loop's helpers.
 struct Run<'a> {
     cfg: &'a RunConfig,
-    plan: RunPlan,
-    tasks: Vec<Task>,
-    fingerprint: String,
+    data: TrainingData,
     ckpt_dir: PathBuf,
     eval_set: Option<IrDataset>,
 }
@@ -106,12 +102,12 @@ impl Run<'_> {
         best: Option<u64>,
         log: &mut MetricsLog,
     ) -> Result<()> {
-        let (epoch, batch) = self.plan.cursor(steps_done);
+        let (epoch, batch) = self.data.plan.cursor(steps_done);
         let state = CheckpointState {
             step: steps_done,
             optimizer_steps: trainer.optim.steps_taken(),
             seed: self.cfg.train.seed,
-            data_fingerprint: self.fingerprint.clone(),
+            data_fingerprint: self.data.fingerprint.clone(),
             config_fingerprint: checkpoint::config_fingerprint(self.cfg),
             settings: checkpoint::resume_settings(self.cfg),
             multipos_version: env!("CARGO_PKG_VERSION").into(),
@@ -201,7 +197,7 @@ impl Run<'_> {
         skipped: &mut u64,
         log: &mut MetricsLog,
     ) -> Result<Option<super::trainer::StepStats>> {
-        let batch = self.plan.batch(&self.tasks, step);
+        let batch = self.data.batch(step);
         let stats = trainer.forward_backward(&StepInput::whole(&batch), step, &mut Solo)?;
         match verdict(
             self.cfg.train.on_nonfinite,
@@ -225,12 +221,34 @@ impl Run<'_> {
         }
         let seconds = stats.seconds();
         log.write(&json!({
-            "event": "step", "step": step + 1, "epoch": batch.epoch, "task": self.tasks[batch.task].name,
+            "event": "step", "step": step + 1, "epoch": batch.epoch, "task": self.data.tasks()[batch.task].name,
             "batch": batch.index, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
             "pairs": stats.pairs, "tokens": stats.tokens, "seconds": seconds,
             "pairs_per_s": stats.pairs as f64 / seconds, "compute_seconds": stats.compute_seconds,
         }))?;
         Ok(Some(stats))
+    }
+}
+
+impl Run<'_> {
+    /// Mines the hard negatives again with the model as trained so far, before epoch `epoch`
+    /// (`train.remine_every_epochs`); the epochs from there on train on the new version.
+    fn remine(&mut self, trainer: &mut Trainer, epoch: usize, log: &mut MetricsLog) -> Result<()> {
+        let source = self
+            .data
+            .source()
+            .ok_or_else(|| Error::Usage("re-mining needs the data as loaded".into()))?;
+        tracing::info!(
+            epoch = epoch + 1,
+            "mining hard negatives again with the model trained so far"
+        );
+        let (tasks, events) = super::mining::remine(self.cfg, &trainer.state.model, source, epoch)?;
+        for event in &events {
+            log.write(event)?;
+        }
+        self.data.remined(epoch, tasks)?;
+        trainer.schedule.total = self.data.plan.total_steps;
+        Ok(())
     }
 }
 
@@ -249,30 +267,37 @@ fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer,
         MetricsLog::create(&metrics_path)?
     };
     let model = load_model(cfg)?;
-    let tasks = load_training_data(cfg, &mut log)?;
-    let plan = plan_for(cfg, &tasks)?;
-    let specs: Vec<_> = tasks.iter().map(Task::spec).collect();
-    let mut trainer = trainer_for(cfg, model, &specs, plan.total_steps)?;
-    let run = Run {
+    let (source, tasks) = load_training_data(cfg, &mut log)?;
+    let data = TrainingData::new(cfg, Some(source), tasks)?;
+    let specs: Vec<_> = data.tasks().iter().map(Task::spec).collect();
+    let mut trainer = trainer_for(cfg, model, &specs, data.plan.total_steps)?;
+    let mut run = Run {
         cfg,
-        fingerprint: data_fingerprint(&tasks),
-        tasks,
+        data,
         ckpt_dir: out_dir.join("checkpoints"),
         eval_set: match &cfg.eval {
             Some(e) => Some(IrDataset::load(&e.queries, &e.corpus, &e.qrels)?),
             None => None,
         },
-        plan,
     };
-    let total = run.plan.total_steps;
     let start_step = match &cfg.train.resume {
         Some(which) => {
-            let s = resume(&run.ckpt_dir, which, cfg, &run.fingerprint, &mut trainer)?;
+            let s = resume(
+                &run.ckpt_dir,
+                which,
+                cfg,
+                &run.data.fingerprint,
+                &mut trainer,
+            )?;
             log.write(&json!({"event": "resume", "step": s}))?;
+            // The data versions re-mined before the checkpoint, from their records.
+            run.data.restore_versions(cfg, s)?;
+            trainer.schedule.total = run.data.plan.total_steps;
             s
         }
         None => 0,
     };
+    let total = run.data.plan.total_steps;
     tracing::info!(steps = total, start_step, warmup = trainer.schedule.warmup, batch_size = cfg.train.batch_size, device = ?trainer.state.model.device(), "training");
     if stop.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(Error::Usage(
@@ -288,9 +313,8 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
     let stop = stop_flag()?;
     let out_dir = &cfg.output.dir;
     let fresh = FreshOutput::watch(cfg);
-    let (run, mut trainer, mut log, start_step) = start(cfg, &stop)?;
+    let (mut run, mut trainer, mut log, start_step) = start(cfg, &stop)?;
     fresh.keep();
-    let total = run.plan.total_steps;
     let mut tracker = cfg.eval.as_ref().map(Tracker::new);
     if let Some(t) = tracker.as_mut()
         && start_step > 0
@@ -309,7 +333,12 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
         _ => None,
     };
 
-    let bar = Progress::new(show, total, start_step, cfg.train.batch_size);
+    let bar = Progress::new(
+        show,
+        run.data.plan.total_steps,
+        start_step,
+        cfg.train.batch_size,
+    );
     let start = Instant::now();
     let mut pairs = 0u64;
     // A resumed run reports its newest loss even when no step is left to run.
@@ -318,18 +347,24 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
     } else {
         f64::NAN
     };
-    if start_step >= total {
+    if start_step >= run.data.plan.total_steps {
         tracing::info!(
-            steps = total,
+            steps = run.data.plan.total_steps,
             "the run was already finished: nothing left to train"
         );
     }
-    // The step the run ends at (earlier than `total` when it stops early), and whether it was
-    // evaluated there already.
-    let mut last = total;
+    // Whether the run stopped early, and whether it was evaluated at its last step already.
+    let mut stopped_at = None;
     let mut evaluated_last = false;
     let mut skipped = 0u64;
-    for step in start_step..total {
+    let mut step = start_step;
+    // The step count can change while training: re-mined data is planned anew.
+    while step < run.data.plan.total_steps {
+        if let Some(epoch) = run.data.remine_due(cfg, step) {
+            bar.suspend(|| run.remine(&mut trainer, epoch, &mut log))?;
+            bar.set_total(run.data.plan.total_steps);
+        }
+        let total = run.data.plan.total_steps;
         if let Some(stats) = run.step(&mut trainer, step, &mut skipped, &mut log)? {
             pairs += stats.pairs as u64;
             last_loss = stats.loss;
@@ -372,12 +407,15 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
                 let best = tracker.as_ref().and_then(|t| t.best).map(|b| b.0);
                 tracing::warn!(step = done, best_step = ?best, "stopping early: eval.patience evaluations without a new best");
                 log.write(&json!({"event": "early_stop", "step": done, "best_step": best}))?;
-                last = done;
+                stopped_at = Some(done);
                 evaluated_last = true;
                 break;
             }
         }
+        step += 1;
     }
+    // The step the run ends at: the last, or where it stopped early.
+    let last = stopped_at.unwrap_or(run.data.plan.total_steps);
     bar.finish();
     let seconds = start.elapsed().as_secs_f64();
     let eval_after = if evaluated_last {

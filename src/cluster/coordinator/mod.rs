@@ -27,8 +27,10 @@ use self::journal::{Journal, Log};
 use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};
+use super::mining::{MineJob, placeholder};
 use crate::auth::Token;
 use crate::cluster::metrics::{Metrics, StepTimes};
+use crate::config::MineOn;
 use crate::config::RunConfig;
 use crate::data::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
@@ -39,15 +41,13 @@ use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::progress::{Progress, Show};
 use crate::tls::Tls;
-use super::mining::MineJob;
-use crate::config::MineOn;
-use crate::train::build::{data_events, plan_for, prepare_output, schedule_for};
+use crate::train::build::{data_events, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
 use crate::train::nonfinite::Fate;
-use crate::train::plan::RunPlan;
-use crate::train::task::{Task, data_fingerprint, load_tasks};
+use crate::train::task::load_tasks;
 use crate::train::validation::{Tracker, Verdict};
+use crate::train::versions::TrainingData;
 
 /// A graceful stop in progress.
 #[derive(Clone, Copy, PartialEq)]
@@ -172,24 +172,18 @@ type Shared = Arc<Coordinator>;
 
 /// What the run trains on.
 struct RunData {
-    tasks: Vec<Task>,
-    plan: RunPlan,
-    data_fingerprint: String,
+    training: TrainingData,
     /// Config and data fingerprints: the identity of the run a worker's state must belong to.
     run_fingerprint: String,
 }
 
 impl RunData {
-    fn new(cfg: &RunConfig, tasks: Vec<Task>) -> Result<Self> {
-        let plan = plan_for(cfg, &tasks)?;
+    fn new(cfg: &RunConfig, training: TrainingData) -> Result<Self> {
         // Refuse an impossible schedule here, before any step runs.
-        schedule_for(cfg, plan.total_steps)?;
-        let data_fingerprint = data_fingerprint(&tasks);
+        schedule_for(cfg, training.plan.total_steps)?;
         Ok(Self {
-            run_fingerprint: checkpoint::run_fingerprint(cfg, &data_fingerprint),
-            data_fingerprint,
-            tasks,
-            plan,
+            run_fingerprint: checkpoint::run_fingerprint(cfg, &training.fingerprint),
+            training,
         })
     }
 }
@@ -228,13 +222,12 @@ impl Coordinator {
             }
         };
         let mut log = open(out.join("metrics.jsonl"))?;
-        let (tasks, mine_job) = load_data(&cfg, &mut log)?;
-        let data = RunData::new(&cfg, tasks)?;
+        let (mut training, mine_job, mine_pending) = load_data(&cfg, &mut log)?;
         let latest = match &cfg.train.resume {
             Some(which) => {
                 let found = checkpoint::find(&out.join("checkpoints"), which)?;
                 if let Some((path, state)) = &found {
-                    checkpoint::check_compatible(path, state, &data.data_fingerprint, &cfg)?;
+                    checkpoint::check_compatible(path, state, &training.fingerprint, &cfg)?;
                     tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
                 } else {
                     tracing::warn!(
@@ -256,7 +249,12 @@ impl Coordinator {
             let text = String::from_utf8_lossy(&log.contents()?).into_owned();
             t.replay(&text, s.step).map_err(Error::Usage)?;
         }
-        let total_steps = data.plan.total_steps;
+        if let Some((_, state)) = &latest {
+            // The data versions re-mined before the checkpoint, from their records.
+            training.restore_versions(&cfg, state.step)?;
+        }
+        let data = RunData::new(&cfg, training)?;
+        let total_steps = data.training.plan.total_steps;
         let model_dir = cfg
             .model
             .path
@@ -292,7 +290,7 @@ impl Coordinator {
             broken_since: None,
             eval: None,
             scoring: false,
-            mine_pending: mine_job.is_some(),
+            mine_pending,
             mine_round: None,
             mining: false,
             mine_started: None,
@@ -322,7 +320,7 @@ impl Coordinator {
 
     /// Total steps of the run.
     pub fn total_steps(&self) -> u64 {
-        self.data().plan.total_steps
+        self.data().training.plan.total_steps
     }
 
     /// What the run trains on now.
@@ -460,6 +458,11 @@ impl Coordinator {
             m.last_seen = Instant::now();
         }
         let start = formation.start_step;
+        if let Err(e) = self.restore_versions(st, start) {
+            tracing::error!(error = %e, "aborting the run");
+            st.aborted = Some(e.to_string());
+            return;
+        }
         if start != st.committed || !st.ever_formed {
             if start < st.committed {
                 tracing::warn!(
@@ -693,7 +696,7 @@ impl Coordinator {
 
     fn shard(&self, rank: usize, world: usize, step: u64, checkpoint: bool) -> NextStepResponse {
         let data = self.data();
-        let batch = data.plan.batch(&data.tasks, step);
+        let batch = data.training.batch(step);
         let (columns, first_row) = batch.shard(rank, world);
         let rows = (0..columns[0].len())
             .map(|i| ShardRow {
@@ -727,7 +730,7 @@ impl Coordinator {
 
     fn record_batch(&self, step: u64, world: usize) {
         let data = self.data();
-        let batch = data.plan.batch(&data.tasks, step);
+        let batch = data.training.batch(step);
         let hash = |t: &str| format!("{:016x}", hash_normalized(&normalize(t)));
         let shards: Vec<Vec<Vec<String>>> = (0..world)
             .map(|r| {
@@ -737,7 +740,7 @@ impl Coordinator {
                     .collect()
             })
             .collect();
-        self.journal.write(Log::Batches, json!({"step": step + 1, "epoch": batch.epoch, "task": data.tasks[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}));
+        self.journal.write(Log::Batches, json!({"step": step + 1, "epoch": batch.epoch, "task": data.training.tasks()[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}));
     }
 
     /// Validation work for `rank` before step `step`, when an evaluation is due there and not yet
@@ -772,15 +775,31 @@ impl Coordinator {
         }
     }
 
-    /// The `train.mine` work for `rank` before the first step, while the ring still has to embed.
-    fn mine_work(&self, st: &mut State, rank: usize, generation: u64) -> Option<EvalWork> {
-        let job = self.mine_job.as_ref().filter(|_| st.mine_pending)?;
+    /// The `train.mine` work for `rank` before step `step`: the first mining (before step 0) or
+    /// a re-mining (before an epoch `train.remine_every_epochs` names), while the ring embeds.
+    fn mine_work(
+        &self,
+        st: &mut State,
+        rank: usize,
+        generation: u64,
+        step: u64,
+    ) -> Option<EvalWork> {
+        let job = self.mine_job.as_ref()?;
+        let due = if st.mine_pending {
+            step == 0
+        } else {
+            self.data().training.remine_due(&self.cfg, step).is_some()
+        };
+        if !due {
+            return None;
+        }
         let texts = job.texts().len();
         let page = evaluation::page_size(texts, st.ring.len());
-        st.mine_started.get_or_insert_with(Instant::now);
-        let round = st
-            .mine_round
-            .get_or_insert_with(|| Round::new(0, texts, page));
+        if st.mine_round.as_ref().is_none_or(|r| r.step != step) {
+            st.mine_round = Some(Round::new(step, texts, page));
+            st.mine_started = Some(Instant::now());
+        }
+        let round = st.mine_round.as_mut()?;
         match round.assign(rank, generation) {
             Some(range) => {
                 // A worker stuck embedding ends its ring, as during a step.
@@ -792,11 +811,11 @@ impl Coordinator {
     }
 
     /// The reply that hands out a page of the `train.mine` texts.
-    fn mine_page(&self, range: std::ops::Range<usize>) -> NextStepResponse {
+    fn mine_page(&self, step: u64, range: std::ops::Range<usize>) -> NextStepResponse {
         let texts = self.mine_job.as_ref().map_or(&[][..], |j| j.texts());
         NextStepResponse {
             status: StepStatus::Eval as i32,
-            step: 0,
+            step,
             eval_offset: range.start as u64,
             eval_texts: texts[range].to_vec(),
             mine: true,
@@ -805,46 +824,110 @@ impl Coordinator {
     }
 
     /// Mines from the ring's embeddings off the async threads, records the mined data, and puts
-    /// it in place: the run's plan and length change, so the ring re-forms to train on it.
-    async fn finish_mining(self: Shared, values: Vec<f32>, dim: usize, started: Instant) {
+    /// it in place: from the start (the first mining) or from the epoch that begins at `step` (a
+    /// re-mining). When the run's length changes the ring re-forms, so every worker learns it.
+    async fn finish_mining(
+        self: Shared,
+        step: u64,
+        values: Vec<f32>,
+        dim: usize,
+        started: Instant,
+    ) {
         let me = self.clone();
         let mined = tokio::task::spawn_blocking(move || {
             let job = me
                 .mine_job
                 .as_ref()
-                .expect("mining rounds exist only with a job");
-            let placeholder = me.data();
-            let (tasks, events) =
-                job.finish(&me.cfg, &placeholder.tasks, &values, dim, started.elapsed())?;
-            let data = RunData::new(&me.cfg, tasks)?;
-            Ok::<_, Error>((data, events))
+                .ok_or_else(|| Error::Usage("no mining job".into()))?;
+            let now = me.data();
+            let training = &now.training;
+            let first = me.lock().mine_pending;
+            let took = started.elapsed();
+            if first {
+                let (tasks, events) =
+                    job.finish(&me.cfg, training.tasks(), &values, dim, took, None)?;
+                let source = training.source().map(<[_]>::to_vec);
+                let fresh = TrainingData::new(&me.cfg, source, tasks)?;
+                let mut events = events;
+                events.extend(data_events(fresh.tasks()));
+                Ok::<_, Error>((fresh, events))
+            } else {
+                let epoch = training
+                    .remine_due(&me.cfg, step)
+                    .ok_or_else(|| Error::Usage(format!("no re-mining is due at step {step}")))?;
+                let source = training
+                    .source()
+                    .ok_or_else(|| Error::Usage("re-mining needs the data as loaded".into()))?;
+                let (tasks, events) =
+                    job.finish(&me.cfg, source, &values, dim, took, Some(epoch))?;
+                let mut next = training.clone();
+                next.remined(epoch, tasks)?;
+                Ok((next, events))
+            }
         })
         .await;
-        let (data, events) = match mined {
+        let (training, events) = match mined {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => return self.abort(format!("mining hard negatives failed: {e}")),
             Err(e) => return self.abort(format!("mining hard negatives failed: {e}")),
         };
-        for event in events.into_iter().chain(data_events(&data.tasks)) {
+        for event in events {
             self.write_log(event);
         }
-        let total = data.plan.total_steps;
-        *self.data.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(data);
         let mut st = self.lock();
-        st.mine_pending = false;
+        let first = std::mem::replace(&mut st.mine_pending, false);
         st.mine_round = None;
         st.mining = false;
-        st.end = total;
-        self.progress.set_total(total);
-        self.metrics.total_steps(total);
-        self.end_generation(
-            &mut st,
-            "hard negatives mined: the ring re-forms to train on the mined data".into(),
-        );
-        // Not a failure: no recovery to time.
-        st.broken_since = None;
+        let changed = match self.install(&mut st, training) {
+            Ok(changed) => changed,
+            Err(e) => {
+                drop(st);
+                return self.abort(format!("planning the mined data failed: {e}"));
+            }
+        };
+        if first || changed {
+            self.end_generation(
+                &mut st,
+                "hard negatives mined: the ring re-forms to train on the mined data".into(),
+            );
+            // Not a failure: no recovery to time.
+            st.broken_since = None;
+        }
         drop(st);
         self.notify();
+    }
+
+    /// Puts in place the data versions re-mined before `start` (workers may hold a newer state
+    /// than the checkpoint a restarted coordinator resumed from), from their records.
+    fn restore_versions(&self, st: &mut State, start: u64) -> Result<()> {
+        let now = self.data();
+        if !now.training.lacks_versions(&self.cfg, start) {
+            return Ok(());
+        }
+        let mut training = now.training.clone();
+        training.restore_versions(&self.cfg, start)?;
+        self.install(st, training).map(drop)
+    }
+
+    /// Makes `training` what the run trains on; whether the run's length changed (the end, the
+    /// progress and the metrics follow it).
+    fn install(&self, st: &mut State, training: TrainingData) -> Result<bool> {
+        let data = RunData::new(&self.cfg, training)?;
+        let total = data.training.plan.total_steps;
+        let mut slot = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let before = slot.training.plan.total_steps;
+        *slot = Arc::new(data);
+        drop(slot);
+        if total == before {
+            return Ok(false);
+        }
+        // An early stop keeps its end.
+        if st.end == before {
+            st.end = total;
+        }
+        self.progress.set_total(total);
+        self.metrics.total_steps(total);
+        Ok(true)
     }
 
     /// The reply that hands out a page of validation texts.
@@ -947,13 +1030,13 @@ impl Coordinator {
             checkpoint::verify(received).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let data = self.data();
         if uploaded.step != asked
-            || uploaded.data_fingerprint != data.data_fingerprint
+            || uploaded.data_fingerprint != data.training.fingerprint
             || uploaded.config_fingerprint != checkpoint::config_fingerprint(&self.cfg)
         {
             return Err(Status::failed_precondition(format!(
                 "the upload is a checkpoint of step {} of {} data and config; step {asked} of this run was asked for",
                 uploaded.step,
-                if uploaded.data_fingerprint == data.data_fingerprint {
+                if uploaded.data_fingerprint == data.training.fingerprint {
                     "this run's"
                 } else {
                     "other"
@@ -965,7 +1048,7 @@ impl Coordinator {
         let state = checkpoint::annotate(
             received,
             uploaded,
-            |state| (state.epoch, state.batch) = data.plan.cursor(state.step),
+            |state| (state.epoch, state.batch) = data.training.plan.cursor(state.step),
             &[("metrics.jsonl", &metrics)],
         )
         .map_err(internal)?;
@@ -1067,9 +1150,9 @@ impl Coordinator {
         let seconds = compute + comm;
         let pairs = self.cfg.train.batch_size;
         let data = self.data();
-        let (task, epoch, batch) = data.plan.position(step);
+        let (task, epoch, batch) = data.training.plan.position(step);
         self.write_log(json!({
-            "event": "step", "step": step + 1, "epoch": epoch, "task": data.tasks[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
+            "event": "step", "step": step + 1, "epoch": epoch, "task": data.training.tasks()[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
             "pairs": pairs, "tokens": commits.iter().map(|c| c.tokens).sum::<u64>(), "seconds": seconds,
             "compute_seconds": compute, "comm_seconds": comm, "gather_seconds": gather, "reduce_seconds": reduce, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
             "workers": commits.len(), "generation": generation, "elapsed": self.started.elapsed().as_secs_f64(),
@@ -1198,10 +1281,10 @@ impl Coordinator {
                 "the worker holds the state of another run (other data or settings): restart it",
             ));
         }
-        if req.state_step > data.plan.total_steps {
+        if req.state_step > data.training.plan.total_steps {
             return Err(Status::failed_precondition(format!(
                 "the worker reports {} steps applied, but the run has {}",
-                req.state_step, data.plan.total_steps
+                req.state_step, data.training.plan.total_steps
             )));
         }
         Ok(req.state_step)
@@ -1209,28 +1292,42 @@ impl Coordinator {
 }
 
 /// Loads the tasks a config names, and what `train.mine` makes of them: mined by the coordinator
-/// alone as one process mines, or (`cluster.mine_on = "workers"`) left for the ring to embed — the
-/// job, with placeholder tasks until it is done. Recorded mined data is used when resuming.
-fn load_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<(Vec<Task>, Option<MineJob>)> {
-    let mut tasks = load_tasks(&cfg.tasks())?;
-    let job = if cfg.train.mine.is_some() && cfg.cluster.mine_on == MineOn::Workers {
-        let todo = crate::train::mining::use_records(cfg, &mut tasks, log)?;
-        if todo.is_empty() {
-            None
-        } else {
-            Some(MineJob::new(cfg, &mut tasks, &todo)?)
-        }
+/// alone as one process mines, or (`cluster.mine_on = "workers"`) by the ring — then the job, and
+/// whether the first mining is still to come (placeholder tasks until then). Recorded mined data
+/// is used when resuming.
+fn load_data(
+    cfg: &RunConfig,
+    log: &mut MetricsLog,
+) -> Result<(TrainingData, Option<MineJob>, bool)> {
+    let source = load_tasks(&cfg.tasks())?;
+    let mut tasks = source.clone();
+    let on_workers = cfg.train.mine.is_some() && cfg.cluster.mine_on == MineOn::Workers;
+    if cfg.train.remine_every_epochs.is_some() && !on_workers {
+        return Err(Error::Usage(
+            "train.remine_every_epochs in a cluster needs cluster.mine_on = \"workers\": only the workers hold the weights trained so far".into(),
+        ));
+    }
+    let pending = if on_workers {
+        !crate::train::mining::use_records(cfg, &mut tasks, log)?.is_empty()
     } else {
         crate::train::mining::apply(cfg, &mut tasks, log)?;
+        false
+    };
+    let job = if on_workers && (pending || cfg.train.remine_every_epochs.is_some()) {
+        Some(MineJob::new(cfg, &source)?)
+    } else {
         None
     };
-    // The data events of a job's tasks are logged when it is done.
-    if job.is_none() {
+    let tasks = if pending {
+        placeholder(&source)
+    } else {
+        // The data events of mined tasks are logged when the mining is done.
         for event in data_events(&tasks) {
             log.write(&event)?;
         }
-    }
-    Ok((tasks, job))
+        tasks
+    };
+    Ok((TrainingData::new(cfg, Some(source), tasks)?, job, pending))
 }
 
 /// Generation numbers start from the clock, so a restarted coordinator never reuses one its

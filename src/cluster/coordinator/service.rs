@@ -206,11 +206,11 @@ impl CoordinatorRpc for Service {
             peers: formation.peers.clone(),
             config_toml: c.config_toml.clone(),
             model_fingerprint: c.fingerprint.clone(),
-            total_steps: data.plan.total_steps,
+            total_steps: data.training.plan.total_steps,
             heartbeat_interval_ms: c.cfg.cluster.heartbeat_interval_ms,
             start_step: formation.start_step,
             heal: formation.heal[rank],
-            data_fingerprint: data.data_fingerprint.clone(),
+            data_fingerprint: data.training.fingerprint.clone(),
             generation: formation.generation,
             member: id,
             serve_state: formation.donor == Some(rank),
@@ -219,7 +219,8 @@ impl CoordinatorRpc for Service {
                 _ => String::new(),
             },
             tasks: data
-                .tasks
+                .training
+                .tasks()
                 .iter()
                 .map(|t| TaskInfo {
                     name: t.name.clone(),
@@ -315,7 +316,7 @@ impl CoordinatorRpc for Service {
                     break;
                 }
                 let work = c
-                    .mine_work(&mut st, rank, req.generation)
+                    .mine_work(&mut st, rank, req.generation, req.step)
                     .or_else(|| c.eval_work(&mut st, rank, req.generation, req.step));
                 match work {
                     None => break,
@@ -323,7 +324,7 @@ impl CoordinatorRpc for Service {
                         return Ok(Response::new(c.eval_page(req.step, range)));
                     }
                     Some(EvalWork::MinePage(range)) => {
-                        return Ok(Response::new(c.mine_page(range)));
+                        return Ok(Response::new(c.mine_page(req.step, range)));
                     }
                     Some(EvalWork::Wait) => (req.step, req.generation, false),
                     Some(EvalWork::MineWait) => (req.step, req.generation, true),
@@ -337,12 +338,33 @@ impl CoordinatorRpc for Service {
             };
             c.wait_for(timeout, what, |st| {
                 let done = if mining {
-                    !st.mine_pending || st.mine_round.as_ref().is_some_and(|r| r.has_open(generation))
+                    st.mine_round
+                        .as_ref()
+                        .is_none_or(|r| r.step != step || r.has_open(generation))
                 } else {
                     st.eval.as_ref().is_some_and(|r| r.has_open(generation))
                         || st.tracker.as_ref().and_then(|t| t.last) >= Some(step)
                 };
                 (st.ended(generation) || done).then_some(())
+            })
+            .await?;
+        }
+        // Rank 0 checkpoints a stop before the others are told: a member told to stop leaves, and
+        // a rank 0 of a new ring still connecting to it would fail.
+        let wait_for_rank_0 = {
+            let st = c.lock();
+            st.stop != Stop::Running
+                && committed == req.step
+                && !st.ended(req.generation)
+                && !st.latest_is(req.step)
+                && !st.mine_pending
+                && check_member(&st, req.generation, req.rank, claim.as_ref())
+                    .is_ok_and(|rank| rank != 0)
+        };
+        if wait_for_rank_0 {
+            let (step, generation) = (req.step, req.generation);
+            c.wait_for(timeout, "rank 0 to checkpoint the stop", |st| {
+                (st.latest_is(step) || st.ended(generation) || st.stop == Stop::Done).then_some(())
             })
             .await?;
         }
@@ -594,7 +616,7 @@ impl CoordinatorRpc for Service {
             }
             let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
             let round = if req.mine {
-                st.mine_round.as_mut().filter(|_| req.step == 0)
+                st.mine_round.as_mut().filter(|r| r.step == req.step)
             } else {
                 st.eval.as_mut().filter(|r| r.step == req.step)
             };
@@ -617,7 +639,11 @@ impl CoordinatorRpc for Service {
                 .map_err(Status::invalid_argument)?;
             let all = round.embeddings();
             let started = st.mine_started.unwrap_or_else(Instant::now);
-            let busy = if req.mine { &mut st.mining } else { &mut st.scoring };
+            let busy = if req.mine {
+                &mut st.mining
+            } else {
+                &mut st.scoring
+            };
             if all.is_some() && !*busy {
                 *busy = true;
                 // Scoring or mining is the coordinator's work, not a stalled worker's.
@@ -629,7 +655,7 @@ impl CoordinatorRpc for Service {
         };
         if let Some((values, dim, started)) = complete {
             if req.mine {
-                tokio::spawn(c.clone().finish_mining(values, dim, started));
+                tokio::spawn(c.clone().finish_mining(req.step, values, dim, started));
             } else {
                 tokio::spawn(c.clone().score(req.step, values, dim));
             }
