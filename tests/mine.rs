@@ -405,22 +405,8 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let run = |cmd: &str, name: &str, train_file: &Path, extra: &[String]| {
         let out = dir.path().join(name);
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"));
-        c.args([cmd, "--config"])
-            .arg(repo("configs/local-2workers.toml"))
-            .args(["--set", &format!("model.path=\"{}\"", model.display())])
-            .args(["--set", &format!("data.train=\"{}\"", train_file.display())])
-            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
-            .args([
-                "--set",
-                "data.negatives_per_row=2",
-                "--set",
-                "data.fill_negatives=\"random\"",
-            ])
-            .args(["--set", "train.max_steps=6", "--set", "train.batch_size=8"])
-            .env("MULTIPOS_CACHE", &cache)
-            .env_remove("MULTIPOS_CLUSTER_TOKEN")
-            .current_dir(repo(""));
+        let mut c = tiny_run(cmd, &model, train_file, &out, &cache);
+        c.args(["--set", "train.max_steps=6"]);
         for s in extra {
             c.arg("--set").arg(s);
         }
@@ -494,21 +480,10 @@ fn remining_every_epoch_is_recorded_resumes_exactly_and_the_cluster_agrees() {
     let data = repo("deploy/data/bible_paraphrase_tiny/train.jsonl");
     let run = |cmd: &str, name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"));
-        c.args([cmd, "--config"])
-            .arg(repo("configs/local-2workers.toml"))
-            .args(["--set", &format!("model.path=\"{}\"", model.display())])
-            .args(["--set", &format!("data.train=\"{}\"", data.display())])
-            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
-            .env("MULTIPOS_CACHE", dir.path().join("cache"))
-            .env_remove("MULTIPOS_CLUSTER_TOKEN")
-            .current_dir(repo(""));
+        let mut c = tiny_run(cmd, &model, &data, &out, &dir.path().join("cache"));
         for s in [
-            "data.negatives_per_row=2",
-            "data.fill_negatives=\"random\"",
             "train.max_steps=0",
             "train.epochs=3",
-            "train.batch_size=8",
             "train.lr=2e-4",
             "train.mine.num_negatives=2",
             "train.remine_every_epochs=1",
@@ -606,4 +581,33 @@ fn remining_every_epoch_is_recorded_resumes_exactly_and_the_cluster_agrees() {
         "re-mining in the cluster",
         &["attention.self.key.bias"],
     );
+}
+
+/// `multipos CMD` with the 2-worker config on the tiny model: `data` with two negatives per row
+/// (filled at random where short), batches of 8, into `out`.
+fn tiny_run(
+    cmd: &str,
+    model: &Path,
+    data: &Path,
+    out: &Path,
+    cache: &Path,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"));
+    c.args([cmd, "--config"])
+        .arg(repo("configs/local-2workers.toml"))
+        .args(["--set", &format!("model.path=\"{}\"", model.display())])
+        .args(["--set", &format!("data.train=\"{}\"", data.display())])
+        .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+        .args([
+            "--set",
+            "data.negatives_per_row=2",
+            "--set",
+            "data.fill_negatives=\"random\"",
+            "--set",
+            "train.batch_size=8",
+        ])
+        .env("MULTIPOS_CACHE", cache)
+        .env_remove("MULTIPOS_CLUSTER_TOKEN")
+        .current_dir(repo(""));
+    c
 }

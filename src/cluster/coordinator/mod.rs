@@ -765,14 +765,12 @@ impl Coordinator {
             Some(r) if r.step == step => r,
             slot => slot.insert(Round::new(step, texts, page)),
         };
-        match round.assign(rank, generation) {
-            Some(range) => {
-                // The step clock covers validation too: a worker stuck embedding ends its ring.
-                st.step_started.get_or_insert_with(Instant::now);
-                Some(EvalWork::Page(range))
-            }
-            None => Some(EvalWork::Wait),
-        }
+        Some(
+            match hand_out(round, &mut st.step_started, rank, generation) {
+                Some(range) => EvalWork::Page(range),
+                None => EvalWork::Wait,
+            },
+        )
     }
 
     /// The `train.mine` work for `rank` before step `step`: the first mining (before step 0) or
@@ -800,14 +798,12 @@ impl Coordinator {
             st.mine_started = Some(Instant::now());
         }
         let round = st.mine_round.as_mut()?;
-        match round.assign(rank, generation) {
-            Some(range) => {
-                // A worker stuck embedding ends its ring, as during a step.
-                st.step_started.get_or_insert_with(Instant::now);
-                Some(EvalWork::MinePage(range))
-            }
-            None => Some(EvalWork::MineWait),
-        }
+        Some(
+            match hand_out(round, &mut st.step_started, rank, generation) {
+                Some(range) => EvalWork::MinePage(range),
+                None => EvalWork::MineWait,
+            },
+        )
     }
 
     /// The reply that hands out a page of the `train.mine` texts.
@@ -1289,6 +1285,19 @@ impl Coordinator {
         }
         Ok(req.state_step)
     }
+}
+
+/// Hands `rank` the next open page of `round`, if any. The step clock covers embedding too: a
+/// worker stuck on a page ends its ring.
+fn hand_out(
+    round: &mut Round,
+    step_started: &mut Option<Instant>,
+    rank: usize,
+    generation: u64,
+) -> Option<std::ops::Range<usize>> {
+    let range = round.assign(rank, generation)?;
+    step_started.get_or_insert_with(Instant::now);
+    Some(range)
 }
 
 /// Loads the tasks a config names, and what `train.mine` makes of them: mined by the coordinator
