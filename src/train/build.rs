@@ -168,10 +168,14 @@ pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
 }
 
 /// Loads the tasks a config names and records what loading did in `log`: the tasks as loaded
-/// (what re-mining starts from) and as trained on (with mined negatives under `train.mine`).
-pub fn load_training_data(cfg: &RunConfig, log: &mut MetricsLog) -> Result<(Vec<Task>, Vec<Task>)> {
-    let source = load_tasks(&cfg.tasks())?;
-    let mut tasks = source.clone();
+/// (what re-mining starts from; kept only when the run re-mines) and as trained on (with mined
+/// negatives under `train.mine`).
+pub fn load_training_data(
+    cfg: &RunConfig,
+    log: &mut MetricsLog,
+) -> Result<(Option<Vec<Task>>, Vec<Task>)> {
+    let mut tasks = load_tasks(&cfg.tasks())?;
+    let source = cfg.train.remine_every_epochs.map(|_| tasks.clone());
     super::mining::apply(cfg, &mut tasks, log)?;
     for event in data_events(&tasks) {
         log.write(&event)?;

@@ -268,7 +268,7 @@ fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer,
     };
     let model = load_model(cfg)?;
     let (source, tasks) = load_training_data(cfg, &mut log)?;
-    let data = TrainingData::new(cfg, Some(source), tasks)?;
+    let data = TrainingData::new(cfg, source, tasks)?;
     let specs: Vec<_> = data.tasks().iter().map(Task::spec).collect();
     let mut trainer = trainer_for(cfg, model, &specs, data.plan.total_steps)?;
     let mut run = Run {

@@ -26,7 +26,8 @@ pub struct TrainingData {
 }
 
 impl TrainingData {
-    /// Plans the run on `tasks`; `source` are the tasks before mining, kept for re-mining.
+    /// Plans the run on `tasks`; `source` are the tasks before mining, kept for re-mining (needed
+    /// only when the run re-mines).
     pub fn new(cfg: &RunConfig, source: Option<Vec<Task>>, tasks: Vec<Task>) -> Result<Self> {
         let plan = plan_for(cfg, &tasks)?;
         Ok(Self {

@@ -1308,9 +1308,10 @@ fn load_data(
     cfg: &RunConfig,
     log: &mut MetricsLog,
 ) -> Result<(TrainingData, Option<MineJob>, bool)> {
-    let source = load_tasks(&cfg.tasks())?;
-    let mut tasks = source.clone();
+    let mut tasks = load_tasks(&cfg.tasks())?;
     let on_workers = cfg.train.mine.is_some() && cfg.cluster.mine_on == MineOn::Workers;
+    // The tasks as loaded: what the workers' mining and re-mining start from.
+    let source = on_workers.then(|| tasks.clone());
     if cfg.train.remine_every_epochs.is_some() && !on_workers {
         return Err(Error::Usage(
             "train.remine_every_epochs in a cluster needs cluster.mine_on = \"workers\": only the workers hold the weights trained so far".into(),
@@ -1322,13 +1323,14 @@ fn load_data(
         crate::train::mining::apply(cfg, &mut tasks, log)?;
         false
     };
-    let job = if on_workers && (pending || cfg.train.remine_every_epochs.is_some()) {
-        Some(MineJob::new(cfg, &source)?)
-    } else {
-        None
+    let job = match &source {
+        Some(source) if pending || cfg.train.remine_every_epochs.is_some() => {
+            Some(MineJob::new(cfg, source)?)
+        }
+        _ => None,
     };
     let tasks = if pending {
-        placeholder(&source)
+        placeholder(&tasks)
     } else {
         // The data events of mined tasks are logged when the mining is done.
         for event in data_events(&tasks) {
@@ -1336,7 +1338,7 @@ fn load_data(
         }
         tasks
     };
-    Ok((TrainingData::new(cfg, Some(source), tasks)?, job, pending))
+    Ok((TrainingData::new(cfg, source, tasks)?, job, pending))
 }
 
 /// Generation numbers start from the clock, so a restarted coordinator never reuses one its
