@@ -87,6 +87,9 @@ struct State {
     /// When the stop was asked for.
     stop_asked: Option<Instant>,
     step_started: Option<Instant>,
+    /// A shard of the open step went out: a stop waits for the step to finish, so every member
+    /// runs it (one already in its collectives would wait for the others forever otherwise).
+    shards_out: bool,
     /// When the last generation ended, until the first step after it commits.
     broken_since: Option<Instant>,
     /// The evaluation being embedded by the workers, and whether its scores are being computed.
@@ -287,6 +290,7 @@ impl Coordinator {
             stop_told: Vec::new(),
             stop_asked: None,
             step_started: None,
+            shards_out: false,
             broken_since: None,
             eval: None,
             scoring: false,
@@ -383,6 +387,7 @@ impl Coordinator {
         // The next ring's rank 0 is asked again if the checkpoint is still missing.
         st.checkpoint_asked = None;
         st.step_started = None;
+        st.shards_out = false;
         st.broken_since.get_or_insert_with(Instant::now);
         self.settle_stop(st);
         self.metrics.ring_ended();
@@ -483,6 +488,7 @@ impl Coordinator {
         st.ever_formed = true;
         st.commits = vec![None; ring.len()];
         st.step_started = None;
+        st.shards_out = false;
         let healing = formation.heal.iter().filter(|h| **h).count();
         tracing::info!(
             generation = st.generation,

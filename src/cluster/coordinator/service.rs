@@ -354,6 +354,7 @@ impl CoordinatorRpc for Service {
         let wait_for_rank_0 = {
             let st = c.lock();
             st.stop != Stop::Running
+                && !st.shards_out
                 && committed == req.step
                 && !st.ended(req.generation)
                 && !st.latest_is(req.step)
@@ -403,7 +404,8 @@ impl CoordinatorRpc for Service {
             }
             return Ok(Response::new(reply));
         }
-        if st.stop != Stop::Running {
+        // A stop takes effect at the first step no member was handed yet.
+        if st.stop != Stop::Running && !st.shards_out {
             let mut reply = answer(StepStatus::Stop, "the coordinator was asked to stop".into());
             reply.checkpoint = checkpoint(&st, true);
             if reply.checkpoint {
@@ -433,6 +435,7 @@ impl CoordinatorRpc for Service {
             st.checkpoint_asked = Some(req.step);
         }
         st.step_started.get_or_insert_with(Instant::now);
+        st.shards_out = true;
         let world = st.ring.len();
         drop(st);
         Ok(Response::new(c.shard(rank, world, req.step, checkpoint)))
@@ -492,6 +495,7 @@ impl CoordinatorRpc for Service {
                 }
                 st.committed += 1;
                 st.step_started = None;
+                st.shards_out = false;
                 if let Fate::Skip(_) = fate {
                     st.skipped_in_a_row += 1;
                     st.last_skipped = Some(step);
