@@ -54,6 +54,11 @@ fn embeddings_match_sentence_transformers_and_survive_save_reload() {
 
     let first = common::rows(&model.embed(&texts, 8).unwrap());
     assert_matches(&first, &fx, "loaded");
+    // Two threads embed in two single-threaded streams; one thread in one stream, the same bits.
+    tch::set_num_threads(1);
+    let one_stream = common::rows(&model.embed(&texts, 8).unwrap());
+    tch::set_num_threads(2);
+    assert_eq!(first, one_stream, "streams changed the embeddings");
 
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("saved");

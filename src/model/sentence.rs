@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tch::{Device, Tensor, nn::VarStore};
+use tokenizers::Encoding;
 
 use super::bert::{BertModel, Init};
 use super::config::{BertConfig, ModuleEntry, PoolingConfig, PoolingMode, SentenceBertConfig};
@@ -77,6 +79,33 @@ fn read_pipeline(dir: &Path) -> Result<Pipeline> {
         ));
     }
     Ok(pipeline)
+}
+
+/// What turns token states into sentence vectors, and how the encoder runs.
+struct Head<'a> {
+    modes: &'a [PoolingMode],
+    normalize: bool,
+    compute: Option<tch::Kind>,
+    device: Device,
+}
+
+impl Head<'_> {
+    fn forward_t(&self, bert: &BertModel, batch: &TokenBatch, seeds: Option<&RowSeeds>) -> Tensor {
+        let batch = batch.to(self.device);
+        let states = bert.forward_t(
+            &batch.input_ids,
+            &batch.token_type_ids,
+            &batch.attention_mask,
+            seeds,
+            self.compute,
+        );
+        let pooled = pool(&states, &batch.attention_mask, self.modes);
+        if self.normalize {
+            normalize_l2(&pooled)
+        } else {
+            pooled
+        }
+    }
 }
 
 /// An encoder with its tokenizer and pooling, on one device.
@@ -254,20 +283,28 @@ impl SentenceModel {
     /// Sentence vectors for an already tokenized batch (autograd on unless the caller disables it);
     /// `seeds`, one per row, turns dropout on (see [`super::dropout`]).
     pub fn forward_t(&self, batch: &TokenBatch, seeds: Option<&RowSeeds>) -> Tensor {
-        let batch = batch.to(self.device());
-        let states = self.bert.forward_t(
-            &batch.input_ids,
-            &batch.token_type_ids,
-            &batch.attention_mask,
-            seeds,
-            self.compute,
-        );
-        let pooled = pool(&states, &batch.attention_mask, &self.pooling.modes);
-        if self.normalize {
-            normalize_l2(&pooled)
-        } else {
-            pooled
+        self.head().forward_t(&self.bert, batch, seeds)
+    }
+
+    fn head(&self) -> Head<'_> {
+        Head {
+            modes: &self.pooling.modes,
+            normalize: self.normalize,
+            compute: self.compute,
+            device: self.device(),
         }
+    }
+
+    /// A second encoder whose parameters share this one's storage (no copy), for another thread:
+    /// tensors are `Send` but not `Sync`, so each thread needs tensor handles of its own.
+    fn replica(&self) -> (VarStore, BertModel) {
+        let vs = VarStore::new(self.device());
+        let bert = BertModel::load(vs.root(), &self.config, Init::Zeros);
+        let source = self.vs.variables();
+        for (name, mut var) in vs.variables() {
+            var.set_data(&source[&name]);
+        }
+        (vs, bert)
     }
 
     /// Embeds `texts` in inference mode, `batch_size` at a time; returns (n, dimension) f32 on the
@@ -277,20 +314,72 @@ impl SentenceModel {
         let encodings = self.tokenizer.encode_each(texts)?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].len()));
+        let batches: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
+        let (head, tokenizer) = (self.head(), &self.tokenizer);
+        let encode = |bert: &BertModel, b: usize| {
+            let rows: Vec<&Encoding> = batches[b].iter().map(|&i| &encodings[i]).collect();
+            head.forward_t(bert, &tokenizer.pad(&rows), None)
+                .to_device(Device::Cpu)
+        };
+        let vectors = self.in_streams(batches.len(), encode);
         let mut out = Tensor::zeros(
             [texts.len() as i64, self.dimension()],
             (tch::Kind::Float, Device::Cpu),
         );
-        let _guard = tch::no_grad_guard();
-        for chunk in order.chunks(batch_size.max(1)) {
-            let batch = self
-                .tokenizer
-                .pad(&chunk.iter().map(|&i| &encodings[i]).collect::<Vec<_>>());
-            let vectors = self.forward_t(&batch, None).to_device(Device::Cpu);
-            let index = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
-            out = out.index_copy(0, &index, &vectors);
+        for (batch, v) in batches.iter().zip(vectors) {
+            let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let _ = out.index_copy_(0, &index, &v);
         }
         Ok(out)
+    }
+
+    /// Runs `encode` on batches `0..n` without autograd and returns the results in batch order: on
+    /// the CPU with T libtorch threads in T single-threaded streams side by side, since an
+    /// encoder's small operators split badly over threads (docs/design.md §10); one stream
+    /// elsewhere.
+    fn in_streams<F>(&self, n: usize, encode: F) -> Vec<Tensor>
+    where
+        F: Fn(&BertModel, usize) -> Tensor + Sync,
+    {
+        let threads = tch::get_num_threads().max(1) as usize;
+        let streams = if self.device() == Device::Cpu {
+            threads.min(n)
+        } else {
+            1
+        };
+        if streams <= 1 {
+            let _guard = tch::no_grad_guard();
+            return (0..n).map(|b| encode(&self.bert, b)).collect();
+        }
+        let next = AtomicUsize::new(0);
+        let work = |bert: &BertModel| {
+            tch::set_num_threads(1);
+            let _guard = tch::no_grad_guard();
+            let mut done = Vec::new();
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= n {
+                    return done;
+                }
+                done.push((b, encode(bert, b)));
+            }
+        };
+        let work = &work;
+        let replicas: Vec<_> = (1..streams).map(|_| self.replica()).collect();
+        let mut done = std::thread::scope(|scope| {
+            let helpers: Vec<_> = replicas
+                .into_iter()
+                .map(|(_vs, bert)| scope.spawn(move || work(&bert)))
+                .collect();
+            let mut done = work(&self.bert);
+            for helper in helpers {
+                done.extend(helper.join().expect("an embedding stream panicked"));
+            }
+            done
+        });
+        tch::set_num_threads(threads as i32);
+        done.sort_by_key(|(b, _)| *b);
+        done.into_iter().map(|(_, t)| t).collect()
     }
 
     /// Writes a complete sentence-transformers directory at `dir`, atomically (staged beside it and
