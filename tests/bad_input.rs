@@ -390,6 +390,15 @@ fn a_worker_asking_for_a_rank_beyond_the_ring_is_refused_and_one_that_never_join
 
 /// `multipos ARGS` started the way a shell starts a background job (SIGINT ignored), interrupted
 /// with SIGINT after `after`; returns its exit code.
+/// Whether a `/proc/PID/status` text shows SIGINT caught (bit 2 of the `SigCgt` mask).
+fn catches_sigint(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+}
+
 fn interrupted(args: &[String], after: std::time::Duration) -> Option<i32> {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
@@ -404,6 +413,17 @@ fn interrupted(args: &[String], after: std::time::Duration) -> Option<i32> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Counted from the handler's installation, not the spawn: on a loaded machine loading the
+    // binary alone can outlast `after`, and a SIGINT before the handler is ignored as inherited.
+    let status = format!("/proc/{}/status", child.id());
+    let started = std::time::Instant::now();
+    while !catches_sigint(&std::fs::read_to_string(&status).unwrap_or_default()) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "multipos never installed its SIGINT handler"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     std::thread::sleep(after);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
