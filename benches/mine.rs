@@ -3,7 +3,8 @@
 //!
 //! 1. Speed: the same model (all-MiniLM-L6-v2), data (InsuranceQA small: 2,000 queries, 3,201
 //!    positives as the corpus), threads and max_seq_length, 3 negatives, top; multipos without its
-//!    embedding cache. Target: >= 1.2x.
+//!    embedding cache. Both timed with the model loaded (multipos: its logged mining time; the
+//!    whole process is printed too). Target: >= 1.2x.
 //! 2. Memory: exact top-10 search of 10,000 random unit queries in 100,000 corpus vectors (d = 384, a
 //!    corpus 10x the query count), chunked as `mine` does vs the full score matrix, each in its own
 //!    process (peak RSS).
@@ -71,7 +72,7 @@ fn main() {
     let model = multipos::model::default_dir();
     let tmp = tempfile::tempdir().unwrap();
     let start = Instant::now();
-    let status = Command::new(env!("CARGO_BIN_EXE_multipos"))
+    let run = Command::new(env!("CARGO_BIN_EXE_multipos"))
         .args([
             "mine",
             "--no-cache",
@@ -88,12 +89,19 @@ fn main() {
         .arg(&train)
         .arg("--output")
         .arg(tmp.path().join("mined.jsonl"))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .status()
+        .env("RUST_LOG", "info")
+        .output()
         .unwrap();
-    assert!(status.success());
-    let ours = start.elapsed().as_secs_f64();
+    assert!(run.status.success());
+    let whole = start.elapsed().as_secs_f64();
+    // The region Python times: model loaded and data read, then mining and the output.
+    let log = String::from_utf8_lossy(&run.stderr);
+    let ours: f64 = log
+        .split("seconds=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|v| v.parse().ok())
+        .expect("mine logs its seconds");
     let args: Vec<String> = [
         "--model",
         &model.display().to_string(),
@@ -117,10 +125,12 @@ fn main() {
         train.display()
     );
     println!(
-        "multipos mine {ours:.1} s (whole process), sentence-transformers mine_hard_negatives {theirs:.1} s (the call alone)"
+        "multipos mine {ours:.1} s (mining and writing, model loaded; {whole:.1} s the whole process), \
+         sentence-transformers mine_hard_negatives {theirs:.1} s (the call alone, model loaded)"
     );
     println!(
-        "ratio sentence-transformers / multipos time: {:.2} (target >= 1.2)",
-        theirs / ours
+        "ratio sentence-transformers / multipos time: {:.2} (target >= 1.2; against the whole process {:.2})",
+        theirs / ours,
+        theirs / whole
     );
 }
