@@ -388,8 +388,6 @@ fn a_worker_asking_for_a_rank_beyond_the_ring_is_refused_and_one_that_never_join
     );
 }
 
-/// `multipos ARGS` started the way a shell starts a background job (SIGINT ignored), interrupted
-/// with SIGINT after `after`; returns its exit code.
 /// Whether a `/proc/PID/status` text shows SIGINT caught (bit 2 of the `SigCgt` mask).
 fn catches_sigint(status: &str) -> bool {
     status
@@ -399,6 +397,8 @@ fn catches_sigint(status: &str) -> bool {
         .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
 }
 
+/// `multipos ARGS` started the way a shell starts a background job (SIGINT ignored), interrupted
+/// with SIGINT `after` it installed its handler; returns its exit code.
 fn interrupted(args: &[String], after: std::time::Duration) -> Option<i32> {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
