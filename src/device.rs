@@ -48,12 +48,41 @@ pub fn set_threads(threads: usize) -> Result<()> {
     Ok(())
 }
 
+/// How many inference streams to run on the CPU (docs/design.md §10): one per
+/// libtorch thread, but no more than there are batches, nor than half of `available` memory holds
+/// at `per_stream` bytes each — many cores and a large model at full length would otherwise
+/// hold one batch's activations per core at once. At least one.
+pub fn inference_streams(
+    threads: usize,
+    batches: usize,
+    per_stream: u64,
+    available: Option<u64>,
+) -> usize {
+    let fit = match available {
+        Some(bytes) => usize::try_from(bytes / 2 / per_stream.max(1)).unwrap_or(usize::MAX),
+        None => usize::MAX,
+    };
+    threads.min(batches).min(fit).max(1)
+}
+
 /// The most CPU threads a process may ask libtorch for (each is an OS thread with its own stack).
 pub const MAX_THREADS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inference_streams_follow_threads_batches_and_memory() {
+        let gib = 1 << 30;
+        assert_eq!(inference_streams(16, 100, gib, Some(64 * gib)), 16);
+        assert_eq!(inference_streams(16, 3, gib, Some(64 * gib)), 3);
+        // 3 GiB per stream in half of 20 GiB: three streams fit.
+        assert_eq!(inference_streams(16, 100, 3 * gib, Some(20 * gib)), 3);
+        assert_eq!(inference_streams(16, 100, 3 * gib, Some(gib)), 1);
+        assert_eq!(inference_streams(16, 100, 3 * gib, None), 16);
+        assert_eq!(inference_streams(4, 0, gib, None), 1);
+    }
 
     #[test]
     fn parses_device_names() {

@@ -4,7 +4,8 @@
 //! - [`model`]: the BERT encoder in tch, pooling, tokenizer, and the sentence-transformers directory
 //!   format (load and save).
 //! - [`embed`]: the `embed` job (files in, JSON lines out).
-//! - [`device`]: device selection and CPU threads.
+//! - [`device`]: device selection, CPU threads and inference streams; [`memory`]: what memory
+//!   this process may still use.
 //! - [`io`]: atomic files and directories, JSON helpers.
 //! - [`cli`]: the command line (the binary in `main.rs` only parses and dispatches).
 //! - [`auth`], [`tls`], [`certs`]: the cluster token, TLS for its connections, and making
@@ -25,6 +26,7 @@ pub mod fusion;
 pub mod io;
 pub mod logging;
 pub mod loss;
+pub mod memory;
 pub mod mine;
 pub mod model;
 pub mod plot;

@@ -118,6 +118,15 @@ impl BertConfig {
         Ok(())
     }
 
+    /// An estimate, on the high side, of the bytes one inference forward pass of `rows` texts of
+    /// `tokens` tokens holds at its peak in f32: one layer's feed-forward activations (before and
+    /// after the activation function) beside a few hidden-state copies. The fused attention kernel
+    /// keeps no (tokens × tokens) scores, and under `no_grad` earlier layers' activations are freed.
+    pub fn inference_bytes(&self, rows: usize, tokens: usize) -> u64 {
+        let per_token = 2 * self.intermediate_size as u64 + 4 * self.hidden_size as u64;
+        4 * rows as u64 * tokens as u64 * per_token
+    }
+
     /// all-MiniLM-L6-v2's shape, the default model.
     pub fn all_mini_lm_l6_v2() -> Self {
         Self {

@@ -321,7 +321,9 @@ impl SentenceModel {
             head.forward_t(bert, &tokenizer.pad(&rows), None)
                 .to_device(Device::Cpu)
         };
-        let vectors = self.in_streams(batches.len(), encode);
+        let longest = order.first().map_or(0, |&i| encodings[i].len());
+        let per_stream = self.config.inference_bytes(batch_size.max(1), longest);
+        let vectors = self.in_streams(batches.len(), per_stream, encode);
         let mut out = Tensor::zeros(
             [texts.len() as i64, self.dimension()],
             (tch::Kind::Float, Device::Cpu),
@@ -335,15 +337,31 @@ impl SentenceModel {
 
     /// Runs `encode` on batches `0..n` without autograd and returns the results in batch order: on
     /// the CPU with T libtorch threads in T single-threaded streams side by side, since an
-    /// encoder's small operators split badly over threads (docs/design.md §10); one stream
-    /// elsewhere.
-    fn in_streams<F>(&self, n: usize, encode: F) -> Vec<Tensor>
+    /// encoder's small operators split badly over threads (docs/design.md §10) — fewer streams,
+    /// sharing the T threads, where memory does not hold T batches' activations at `per_stream`
+    /// bytes each; one stream elsewhere.
+    fn in_streams<F>(&self, n: usize, per_stream: u64, encode: F) -> Vec<Tensor>
     where
         F: Fn(&BertModel, usize) -> Tensor + Sync,
     {
         let threads = tch::get_num_threads().max(1) as usize;
         let streams = if self.device() == Device::Cpu {
-            threads.min(n)
+            crate::device::inference_streams(threads, n, per_stream, crate::memory::available())
+        } else {
+            1
+        };
+        // Uncapped streams stay single-threaded, so every batch goes through the same kernels.
+        let capped = streams < threads.min(n);
+        if capped {
+            tracing::debug!(
+                streams,
+                threads,
+                per_stream,
+                "inference streams capped by memory"
+            );
+        }
+        let stream_threads = if capped {
+            (threads / streams) as i32
         } else {
             1
         };
@@ -353,7 +371,7 @@ impl SentenceModel {
         }
         let next = AtomicUsize::new(0);
         let work = |bert: &BertModel| {
-            tch::set_num_threads(1);
+            tch::set_num_threads(stream_threads);
             let _guard = tch::no_grad_guard();
             let mut done = Vec::new();
             loop {
