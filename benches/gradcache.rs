@@ -8,6 +8,7 @@
 //!    Targets: cached <= 1.4x plain step time; >= 1.3x sentence-transformers' pairs/s.
 //!
 //!     deploy/pyref.sh && cargo bench --bench gradcache
+//!
 //! Env: BENCH_STEPS (default 5, speed part), BENCH_THREADS (default 2), BENCH_SKIP_PLAIN_1024=1 to
 //! leave out the largest run. Data: ../shared/data/insuranceqa_small when present, else the bundled
 //! bible_paraphrase_small.

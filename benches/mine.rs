@@ -10,6 +10,7 @@
 //!    process (peak RSS).
 //!
 //!     deploy/pyref.sh && cargo bench --bench mine
+//!
 //! Env: BENCH_THREADS (default 2). Without ../shared/data the speed part uses bible_paraphrase_small.
 mod common;
 
