@@ -259,3 +259,25 @@ fn bf16_products_stay_close_to_f32_and_train_f32_weights() {
         }
     }
 }
+
+#[test]
+fn kept_inference_streams_follow_new_weights() {
+    // Two threads: the second stream's encoder is built on the first call and kept.
+    tch::set_num_threads(2);
+    let (_a, first) = common::tiny_model(&TinySpec::default());
+    let (_b, second) = common::tiny_model(&TinySpec {
+        seed: 1,
+        ..TinySpec::default()
+    });
+    let model = SentenceModel::load(&first, Device::Cpu).unwrap();
+    let before = common::rows(&model.embed(TEXTS, 1).unwrap());
+    // New storage for every parameter, as set_data gives it (not an in-place copy).
+    let other = SentenceModel::load(&second, Device::Cpu).unwrap();
+    let source = other.var_store().variables();
+    for (name, mut var) in model.var_store().variables() {
+        var.set_data(&source[&name].copy());
+    }
+    let after = common::rows(&model.embed(TEXTS, 1).unwrap());
+    assert_ne!(before, after);
+    assert_eq!(after, common::rows(&other.embed(TEXTS, 1).unwrap()));
+}

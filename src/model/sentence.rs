@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use tch::{Device, Tensor, nn::VarStore};
 use tokenizers::Encoding;
@@ -121,6 +122,31 @@ pub struct SentenceModel {
     tokenizer_files: BTreeMap<&'static str, Vec<u8>>,
     passthrough: BTreeMap<String, HostTensor>,
     compute: Option<tch::Kind>,
+    /// Encoders for the extra inference streams, built once and kept for later `embed` calls.
+    replicas: Mutex<Vec<Replica>>,
+}
+
+/// A second encoder whose parameters share a model's storage (no copy), for another thread:
+/// tensors are `Send` but not `Sync`, so each thread needs tensor handles of its own.
+struct Replica {
+    vs: VarStore,
+    bert: BertModel,
+}
+
+impl Replica {
+    fn new(device: Device, config: &BertConfig) -> Self {
+        let vs = VarStore::new(device);
+        let bert = BertModel::load(vs.root(), config, Init::Zeros);
+        Self { vs, bert }
+    }
+
+    /// Points every parameter at `source`'s storage as it is now: loading weights or healing may
+    /// have given the model new tensors since the last call, and re-pointing costs no copy.
+    fn share(&self, source: &std::collections::HashMap<String, Tensor>) {
+        for (name, mut var) in self.vs.variables() {
+            var.set_data(&source[&name]);
+        }
+    }
 }
 
 impl SentenceModel {
@@ -227,6 +253,7 @@ impl SentenceModel {
             tokenizer_files,
             passthrough,
             compute: None,
+            replicas: Mutex::new(Vec::new()),
         })
     }
 
@@ -293,18 +320,6 @@ impl SentenceModel {
             compute: self.compute,
             device: self.device(),
         }
-    }
-
-    /// A second encoder whose parameters share this one's storage (no copy), for another thread:
-    /// tensors are `Send` but not `Sync`, so each thread needs tensor handles of its own.
-    fn replica(&self) -> (VarStore, BertModel) {
-        let vs = VarStore::new(self.device());
-        let bert = BertModel::load(vs.root(), &self.config, Init::Zeros);
-        let source = self.vs.variables();
-        for (name, mut var) in vs.variables() {
-            var.set_data(&source[&name]);
-        }
-        (vs, bert)
     }
 
     /// Embeds `texts` in inference mode, `batch_size` at a time; returns (n, dimension) f32 on the
@@ -383,21 +398,49 @@ impl SentenceModel {
             }
         };
         let work = &work;
-        let replicas: Vec<_> = (1..streams).map(|_| self.replica()).collect();
-        let mut done = std::thread::scope(|scope| {
+        let replicas = self.take_replicas(streams - 1);
+        let (mut done, mut kept) = (Vec::new(), Vec::new());
+        std::thread::scope(|scope| {
             let helpers: Vec<_> = replicas
                 .into_iter()
-                .map(|(_vs, bert)| scope.spawn(move || work(&bert)))
+                .map(|replica| {
+                    scope.spawn(move || {
+                        let done = work(&replica.bert);
+                        (replica, done)
+                    })
+                })
                 .collect();
-            let mut done = work(&self.bert);
+            done = work(&self.bert);
             for helper in helpers {
-                done.extend(helper.join().expect("an embedding stream panicked"));
+                let (replica, part) = helper.join().expect("an embedding stream panicked");
+                done.extend(part);
+                kept.push(replica);
             }
-            done
         });
+        self.keep_replicas(kept);
         tch::set_num_threads(threads as i32);
         done.sort_by_key(|(b, _)| *b);
         done.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// `n` encoders sharing the parameters as they are now: the kept ones first, new ones beyond.
+    fn take_replicas(&self, n: usize) -> Vec<Replica> {
+        let mut kept = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = n.min(kept.len());
+        let mut out: Vec<Replica> = kept.drain(..at).collect();
+        drop(kept);
+        out.extend((out.len()..n).map(|_| Replica::new(self.device(), &self.config)));
+        let source = self.vs.variables();
+        for replica in &out {
+            replica.share(&source);
+        }
+        out
+    }
+
+    /// Keeps `replicas` for later calls.
+    fn keep_replicas(&self, replicas: Vec<Replica>) {
+        let mut kept = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.extend(replicas);
     }
 
     /// Writes a complete sentence-transformers directory at `dir`, atomically (staged beside it and
