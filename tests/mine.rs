@@ -466,7 +466,43 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
         let mine = common::events(&cluster, "mine");
         assert_eq!(mine.len(), 1, "{mine:?}");
         assert_eq!(mine[0]["report"]["corpus"], events_corpus(&inline));
+        // The one-process run cached the corpus embeddings; neither side embeds them again.
+        assert_eq!(mine[0]["report"]["corpus_cached"], true, "{mine:?}");
     }
+
+    // With an empty cache the workers embed the corpus, and the coordinator stores what one
+    // process stores, under the same key.
+    let fresh = dir.path().join("fresh-cache");
+    let out = dir.path().join("cluster-fresh");
+    let mut c = tiny_run("launch", &model, &data, &out, &fresh);
+    c.args(["--set", "train.max_steps=6"]);
+    for s in &mine_sets {
+        c.arg("--set").arg(s);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        common::events(&out, "mine")[0]["report"]["corpus_cached"],
+        false
+    );
+    let (ours, theirs) = (
+        common::dir_files(&fresh.join("embeddings")),
+        common::dir_files(&cache.join("embeddings")),
+    );
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>(),
+        "the same cache key"
+    );
+    let read = |root: &Path| {
+        let file = root.join("embeddings").join(ours.keys().next().unwrap());
+        tch::Tensor::read_safetensors(file).unwrap().remove(0).1
+    };
+    let (ours, theirs) = (read(&fresh), read(&cache));
+    assert_eq!(ours.size(), theirs.size());
+    // Pages batch the texts differently from one process: the same vectors to rounding.
+    let diff = (ours - theirs).abs().max().double_value(&[]);
+    assert!(diff < 1e-6, "cached corpus embeddings differ by {diff}");
 }
 
 /// The corpus size a run's `mine` event reports.

@@ -2,12 +2,17 @@
 //! the queries and corpora of the tasks to mine in pages, as it embeds validation texts (each
 //! worker a share, on its own device, with the base model); the coordinator then searches and
 //! selects exactly as `multipos mine` does and records each task's mined data, which the run
-//! trains on — and a resumed run reads back — as in one process.
+//! trains on — and a resumed run reads back — as in one process. The first mining (base model)
+//! shares the coordinator's corpus-embedding cache with `multipos mine` and one-process runs: a
+//! cached corpus is not handed out, and a corpus the workers embedded is stored.
+use std::path::PathBuf;
 use std::time::Duration;
+
+use tch::{Device, Tensor};
 
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::mine::{Corpus, MineOptions, max_positives, mine_embedded, query_texts};
+use crate::mine::{Corpus, MineOptions, cache, max_positives, mine_embedded, query_texts};
 use crate::model::pooling::normalize_l2;
 use crate::train::mining::{extra_corpus, record};
 use crate::train::task::{Task, TaskData};
@@ -19,14 +24,29 @@ struct Part {
     corpus: usize,
     /// The negatives per row the task is planned with once mined (0 until then).
     negatives_per_row: usize,
+    /// Its corpus's key in the embedding cache.
+    corpus_key: u64,
+    /// Its corpus's embeddings with the base model, when the cache held them (row-major f32:
+    /// tensors are not `Sync`).
+    cached: Option<Vec<f32>>,
+}
+
+/// Where the first mining's corpus embeddings are cached: the directory and the model's key.
+struct CacheAt {
+    dir: PathBuf,
+    model_key: u64,
 }
 
 /// The texts the workers embed for `train.mine`, and how to turn their embeddings into data.
 pub struct MineJob {
+    /// Each task's queries, then its corpus, task by task: what a re-mining embeds.
     texts: Vec<String>,
+    /// The first mining's texts when a corpus came from the cache: `texts` without it.
+    first_texts: Option<Vec<String>>,
     parts: Vec<Part>,
     extra: Vec<String>,
     opts: MineOptions,
+    cache: CacheAt,
 }
 
 impl MineJob {
@@ -39,7 +59,19 @@ impl MineJob {
             .clone()
             .ok_or_else(|| Error::Usage("train.mine is not set".into()))?;
         let extra = extra_corpus(&opts)?;
+        let model_dir = cfg
+            .model
+            .path
+            .clone()
+            .unwrap_or_else(crate::model::default_dir);
+        let max_seq_length =
+            crate::model::sentence::max_seq_length_of(&model_dir, cfg.model.max_seq_length)?;
+        let cache = CacheAt {
+            dir: cache::default_dir(),
+            model_key: cache::model_key(&model_dir, max_seq_length)?,
+        };
         let (mut texts, mut parts) = (Vec::new(), Vec::new());
+        let mut first_texts = Vec::new();
         for (i, task) in tasks.iter().enumerate() {
             let TaskData::Groups(data) = &task.data else {
                 continue;
@@ -48,25 +80,44 @@ impl MineJob {
                 .map_err(|e| Error::Usage(format!("train.mine: {e}")))?;
             let queries = query_texts(data);
             let corpus = Corpus::new(data, &extra);
+            let corpus_key = corpus.fingerprint();
+            let rows = corpus.texts.len();
+            let cached = cache::load(&cache.dir, cache.model_key, corpus_key, rows, Device::Cpu)?
+                .map(|t| Vec::<f32>::try_from(t.flatten(0, -1)))
+                .transpose()
+                .map_err(Error::Torch)?;
+            first_texts.extend(queries.iter().map(|t| t.to_string()));
+            if cached.is_none() {
+                first_texts.extend(corpus.texts.iter().map(|t| t.to_string()));
+            }
             parts.push(Part {
                 task: i,
                 queries: queries.len(),
-                corpus: corpus.texts.len(),
+                corpus: rows,
                 negatives_per_row: task.negatives_per_row,
+                corpus_key,
+                cached,
             });
             texts.extend(queries.iter().chain(&corpus.texts).map(|t| t.to_string()));
         }
+        let any_cached = parts.iter().any(|p| p.cached.is_some());
         Ok(Self {
             texts,
+            first_texts: any_cached.then_some(first_texts),
             parts,
             extra,
             opts,
+            cache,
         })
     }
 
-    /// Every text to embed, in the order `finish` expects their embeddings.
-    pub fn texts(&self) -> &[String] {
-        &self.texts
+    /// Every text to embed, in the order `finish` expects their embeddings: for the first mining
+    /// (`first`, with the base model) without the corpora the cache holds.
+    pub fn texts(&self, first: bool) -> &[String] {
+        match (&self.first_texts, first) {
+            (Some(texts), true) => texts,
+            _ => &self.texts,
+        }
     }
 
     /// Mines from the workers' embeddings (`values`: `dim` floats per text of `texts`), records
@@ -82,14 +133,15 @@ impl MineJob {
         took: Duration,
         epoch: Option<usize>,
     ) -> Result<(Vec<Task>, Vec<serde_json::Value>)> {
-        if dim == 0 || values.len() != self.texts.len() * dim {
+        let first = epoch.is_none();
+        let texts = self.texts(first).len();
+        if dim == 0 || values.len() != texts * dim {
             return Err(Error::Usage(format!(
-                "train.mine: {} values for {} texts of dimension {dim}",
+                "train.mine: {} values for {texts} texts of dimension {dim}",
                 values.len(),
-                self.texts.len()
             )));
         }
-        let all = tch::Tensor::from_slice(values).view([self.texts.len() as i64, dim as i64]);
+        let all = Tensor::from_slice(values).view([texts as i64, dim as i64]);
         let mut out = tasks.to_vec();
         let mut events = Vec::new();
         let mut at = 0i64;
@@ -100,11 +152,23 @@ impl MineJob {
             };
             let (nq, nc) = (part.queries as i64, part.corpus as i64);
             let query_emb = normalize_l2(&all.narrow(0, at, nq));
-            let corpus_emb = normalize_l2(&all.narrow(0, at + nq, nc));
-            at += nq + nc;
+            at += nq;
+            let cached = part.cached.as_ref().filter(|_| first);
+            let corpus_emb = match cached {
+                Some(v) => Tensor::from_slice(v).view([nc, -1]),
+                None => {
+                    let emb = normalize_l2(&all.narrow(0, at, nc));
+                    at += nc;
+                    if first {
+                        cache::store(&self.cache.dir, self.cache.model_key, part.corpus_key, &emb)?;
+                    }
+                    emb
+                }
+            };
             let corpus = Corpus::new(data, &self.extra);
-            let (mined, report) =
+            let (mined, mut report) =
                 mine_embedded(data, &corpus, &query_emb, &corpus_emb, &self.opts, false)?;
+            report.corpus_cached = cached.is_some();
             task.negatives_per_row = part.negatives_per_row;
             events.push(record(cfg, task, epoch, &mined, &report, took)?);
         }

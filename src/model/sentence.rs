@@ -149,6 +149,58 @@ impl Replica {
     }
 }
 
+/// `sentence_bert_config.json` of a transformer directory (defaults where it is missing), its
+/// `max_seq_length` clamped to the position table.
+fn read_sbert(tdir: &Path, config: &BertConfig) -> Result<SentenceBertConfig> {
+    let sbert_path = tdir.join("sentence_bert_config.json");
+    let mut sbert = if sbert_path.exists() {
+        json::read::<SentenceBertConfig>(&sbert_path)?
+    } else {
+        SentenceBertConfig {
+            max_seq_length: config.max_position_embeddings as usize,
+            do_lower_case: false,
+        }
+    };
+    if sbert.max_seq_length == 0 {
+        return Err(Error::invalid(
+            &sbert_path,
+            "max_seq_length must be positive",
+        ));
+    }
+    if sbert.max_seq_length > config.max_position_embeddings as usize {
+        tracing::warn!(
+            max_seq_length = sbert.max_seq_length,
+            max_position_embeddings = config.max_position_embeddings,
+            "max_seq_length exceeds the position table; clamping"
+        );
+        sbert.max_seq_length = config.max_position_embeddings as usize;
+    }
+    Ok(sbert)
+}
+
+/// Refuses a `max_seq_length` override the position table cannot take.
+fn check_max_seq_length(n: usize, config: &BertConfig) -> Result<()> {
+    let most = config.max_position_embeddings as usize;
+    if !(2..=most).contains(&n) {
+        return Err(Error::Usage(format!(
+            "max_seq_length must be within 2..={most} for this model ([CLS] and [SEP] take \
+             two tokens; its position embeddings end at {most}), got {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// The `max_seq_length` the model in `dir` runs with — `configured` (an override) when given —
+/// as `load` and `set_max_seq_length` would set it, without loading the weights.
+pub fn max_seq_length_of(dir: &Path, configured: Option<usize>) -> Result<usize> {
+    let tdir = read_pipeline(dir)?.transformer_dir;
+    let config = BertConfig::load(&tdir.join("config.json"))?;
+    match configured {
+        Some(n) => check_max_seq_length(n, &config).map(|()| n),
+        None => Ok(read_sbert(&tdir, &config)?.max_seq_length),
+    }
+}
+
 impl SentenceModel {
     /// Loads a sentence-transformers directory onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
@@ -164,29 +216,7 @@ impl SentenceModel {
         let config = BertConfig::load(&config_path)?;
         let config_json: serde_json::Value = json::read(&config_path)?;
 
-        let sbert_path = tdir.join("sentence_bert_config.json");
-        let mut sbert = if sbert_path.exists() {
-            json::read::<SentenceBertConfig>(&sbert_path)?
-        } else {
-            SentenceBertConfig {
-                max_seq_length: config.max_position_embeddings as usize,
-                do_lower_case: false,
-            }
-        };
-        if sbert.max_seq_length == 0 {
-            return Err(Error::invalid(
-                &sbert_path,
-                "max_seq_length must be positive",
-            ));
-        }
-        if sbert.max_seq_length > config.max_position_embeddings as usize {
-            tracing::warn!(
-                max_seq_length = sbert.max_seq_length,
-                max_position_embeddings = config.max_position_embeddings,
-                "max_seq_length exceeds the position table; clamping"
-            );
-            sbert.max_seq_length = config.max_position_embeddings as usize;
-        }
+        let sbert = read_sbert(tdir, &config)?;
 
         let pooling = match &pipeline.pooling_file {
             Some(path) => {
@@ -289,13 +319,7 @@ impl SentenceModel {
 
     /// Overrides `max_seq_length` (clamped to the position table), e.g. for faster training.
     pub fn set_max_seq_length(&mut self, n: usize) -> Result<()> {
-        let most = self.config.max_position_embeddings as usize;
-        if !(2..=most).contains(&n) {
-            return Err(Error::Usage(format!(
-                "max_seq_length must be within 2..={most} for this model ([CLS] and [SEP] take \
-                 two tokens; its position embeddings end at {most}), got {n}"
-            )));
-        }
+        check_max_seq_length(n, &self.config)?;
         self.tokenizer.set_max_length(n)?;
         self.sbert.max_seq_length = n;
         Ok(())

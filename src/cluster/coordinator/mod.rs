@@ -797,7 +797,7 @@ impl Coordinator {
         if !due {
             return None;
         }
-        let texts = job.texts().len();
+        let texts = job.texts(st.mine_pending).len();
         let page = evaluation::page_size(texts, st.ring.len());
         if st.mine_round.as_ref().is_none_or(|r| r.step != step) {
             st.mine_round = Some(Round::new(step, texts, page));
@@ -812,9 +812,9 @@ impl Coordinator {
         )
     }
 
-    /// The reply that hands out a page of the `train.mine` texts.
-    fn mine_page(&self, step: u64, range: std::ops::Range<usize>) -> NextStepResponse {
-        let texts = self.mine_job.as_ref().map_or(&[][..], |j| j.texts());
+    /// The reply that hands out a page of the `train.mine` texts (`first`: of the first mining).
+    fn mine_page(&self, step: u64, range: std::ops::Range<usize>, first: bool) -> NextStepResponse {
+        let texts = self.mine_job.as_ref().map_or(&[][..], |j| j.texts(first));
         NextStepResponse {
             status: StepStatus::Eval as i32,
             step,

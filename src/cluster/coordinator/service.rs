@@ -324,7 +324,7 @@ impl CoordinatorRpc for Service {
                         return Ok(Response::new(c.eval_page(req.step, range)));
                     }
                     Some(EvalWork::MinePage(range)) => {
-                        return Ok(Response::new(c.mine_page(req.step, range)));
+                        return Ok(Response::new(c.mine_page(req.step, range, st.mine_pending)));
                     }
                     Some(EvalWork::Wait) => (req.step, req.generation, false),
                     Some(EvalWork::MineWait) => (req.step, req.generation, true),
