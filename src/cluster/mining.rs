@@ -51,8 +51,9 @@ pub struct MineJob {
 
 impl MineJob {
     /// The job for every query-grouped task of `tasks` (as loaded, before mining): their queries,
-    /// then their corpora, task by task.
-    pub fn new(cfg: &RunConfig, tasks: &[Task]) -> Result<Self> {
+    /// then their corpora, task by task. `first`: the first mining is still to come (a resumed
+    /// run only re-mines, so it does not read the cache).
+    pub fn new(cfg: &RunConfig, tasks: &[Task], first: bool) -> Result<Self> {
         let opts = cfg
             .train
             .mine
@@ -71,7 +72,6 @@ impl MineJob {
             model_key: cache::model_key(&model_dir, max_seq_length)?,
         };
         let (mut texts, mut parts) = (Vec::new(), Vec::new());
-        let mut first_texts = Vec::new();
         for (i, task) in tasks.iter().enumerate() {
             let TaskData::Groups(data) = &task.data else {
                 continue;
@@ -82,14 +82,15 @@ impl MineJob {
             let corpus = Corpus::new(data, &extra);
             let corpus_key = corpus.fingerprint();
             let rows = corpus.texts.len();
-            let cached = cache::load(&cache.dir, cache.model_key, corpus_key, rows, Device::Cpu)?
+            let cached = if first {
+                cache::load(&cache.dir, cache.model_key, corpus_key, rows, Device::Cpu)?
+            } else {
+                None
+            };
+            let cached = cached
                 .map(|t| Vec::<f32>::try_from(t.flatten(0, -1)))
                 .transpose()
                 .map_err(Error::Torch)?;
-            first_texts.extend(queries.iter().map(|t| t.to_string()));
-            if cached.is_none() {
-                first_texts.extend(corpus.texts.iter().map(|t| t.to_string()));
-            }
             parts.push(Part {
                 task: i,
                 queries: queries.len(),
@@ -100,10 +101,13 @@ impl MineJob {
             });
             texts.extend(queries.iter().chain(&corpus.texts).map(|t| t.to_string()));
         }
-        let any_cached = parts.iter().any(|p| p.cached.is_some());
+        let first_texts = parts
+            .iter()
+            .any(|p| p.cached.is_some())
+            .then(|| first_texts(&texts, &parts));
         Ok(Self {
             texts,
-            first_texts: any_cached.then_some(first_texts),
+            first_texts,
             parts,
             extra,
             opts,
@@ -174,6 +178,23 @@ impl MineJob {
         }
         Ok((out, events))
     }
+}
+
+/// `texts` without the corpora of `parts` that the cache holds.
+fn first_texts(texts: &[String], parts: &[Part]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for part in parts {
+        let end = at + part.queries + part.corpus;
+        let keep = if part.cached.is_some() {
+            at + part.queries
+        } else {
+            end
+        };
+        out.extend_from_slice(&texts[at..keep]);
+        at = end;
+    }
+    out
 }
 
 /// `tasks` planned without hard negatives, until the mined data replaces them: the placeholder

@@ -1331,7 +1331,7 @@ fn load_data(
     };
     let job = match &source {
         Some(source) if pending || cfg.train.remine_every_epochs.is_some() => {
-            Some(MineJob::new(cfg, source)?)
+            Some(MineJob::new(cfg, source, pending)?)
         }
         _ => None,
     };
