@@ -159,7 +159,15 @@ impl MineJob {
             at += nq;
             let cached = part.cached.as_ref().filter(|_| first);
             let corpus_emb = match cached {
-                Some(v) => Tensor::from_slice(v).view([nc, -1]),
+                Some(v) if v.len() != part.corpus * dim => {
+                    return Err(Error::Usage(format!(
+                        "train.mine: the cached corpus embeddings ({}) hold {} values, not {} texts of dimension {dim}",
+                        self.cache.dir.display(),
+                        v.len(),
+                        part.corpus
+                    )));
+                }
+                Some(v) => Tensor::from_slice(v).view([nc, dim as i64]),
                 None => {
                     let emb = normalize_l2(&all.narrow(0, at, nc));
                     at += nc;
