@@ -226,8 +226,8 @@ fn the_cli_writes_every_group_reuses_its_cache_and_train_reads_the_result() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().join("mined.jsonl");
     let cache = dir.path().join("cache");
-    let mine_once = || {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+    let mine = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
             .args(["mine", "--device", "cpu", "--num-negatives", "2", "--model"])
             .arg(&model)
             .arg("--data")
@@ -239,7 +239,10 @@ fn the_cli_writes_every_group_reuses_its_cache_and_train_reads_the_result() {
             .arg("--cache-dir")
             .arg(&cache)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let mine_once = || {
+        let o = mine();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_str::<serde_json::Value>(
             String::from_utf8_lossy(&o.stdout).lines().last().unwrap(),
@@ -261,6 +264,23 @@ fn the_cli_writes_every_group_reuses_its_cache_and_train_reads_the_result() {
         written,
         "the cached corpus mines the same negatives"
     );
+
+    // A cache file of the right row count but another dimension is refused, not a panic, and the
+    // output stays as it was.
+    let file = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let rows = tch::Tensor::read_safetensors(&file).unwrap()[0].1.size()[0];
+    let wrong = tch::Tensor::ones([rows, 7], (tch::Kind::Float, tch::Device::Cpu));
+    tch::Tensor::write_safetensors(&[("embeddings", &wrong)], &file).unwrap();
+    let o = mine();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("dimension"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), written);
 
     let input = load_files(
         &[repo("deploy/data/bible_paraphrase_tiny/train.jsonl")],

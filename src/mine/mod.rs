@@ -302,6 +302,13 @@ pub fn mine_embedded(
 ) -> Result<(Vec<Vec<String>>, MineReport)> {
     let max_positives = max_positives(data);
     opts.validate(max_positives).map_err(Error::Usage)?;
+    let (q, c) = (query_emb.size(), corpus_emb.size());
+    if q.get(1) != c.get(1) {
+        return Err(Error::Usage(format!(
+            "query embeddings of shape {q:?} and corpus embeddings of shape {c:?} differ in \
+             dimension (a corrupt embedding cache file?)"
+        )));
+    }
     let range_max = opts.range_max(max_positives);
     let mut report = MineReport {
         queries: data.len() as u64,
