@@ -209,8 +209,83 @@ fn embed_refuses_to_write_over_its_input() {
         .arg("--output")
         .arg(&input);
     let err = refused(c);
-    assert!(err.contains("is the input file"), "{err}");
+    assert!(err.contains("is also an input"), "{err}");
     assert_eq!(std::fs::read_to_string(&input).unwrap(), "keep me\n");
+}
+
+#[test]
+fn mine_and_embed_replace_neither_their_inputs_nor_files_they_were_not_told_to() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let data = dir.path().join("train.jsonl");
+    std::fs::copy(repo("deploy/data/bible_paraphrase_tiny/train.jsonl"), &data).unwrap();
+    let original = std::fs::read(&data).unwrap();
+    let kept = dir.path().join("kept.jsonl");
+    std::fs::write(&kept, "mine\n").unwrap();
+    let mine = |output: &Path, extra: &[&str]| {
+        let mut c = multipos(&["mine", "--device", "cpu", "--no-cache", "--model"]);
+        c.arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(output);
+        c.args(extra);
+        c
+    };
+    // Its own data as output: refused even with --overwrite, which asks to replace an output only.
+    let err = refused(mine(&data, &["--overwrite"]));
+    assert!(err.contains("is also an input"), "{err}");
+    let err = refused(mine(&kept, &[]));
+    assert!(err.contains("exists; pass --overwrite"), "{err}");
+    let mut c = multipos(&["embed", "--device", "cpu", "--model"]);
+    c.arg(&model)
+        .arg("--input")
+        .arg(&data)
+        .arg("--output")
+        .arg(&kept);
+    let err = refused(c);
+    assert!(err.contains("exists; pass --overwrite"), "{err}");
+    assert_eq!(std::fs::read(&data).unwrap(), original);
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "mine\n");
+    let o = mine(&kept, &["--overwrite"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read_to_string(&kept)
+            .unwrap()
+            .contains("\"negatives\"")
+    );
+}
+
+#[test]
+fn an_output_directory_that_does_not_exist_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo("deploy/data/bible_paraphrase_tiny/train.jsonl");
+    let output = dir.path().join("no/such/dir/mined.jsonl");
+    // The model does not exist either: the output is checked first, before minutes of work.
+    let mut c = multipos(&["mine", "--device", "cpu", "--model"]);
+    c.arg(dir.path().join("no-model"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(&output);
+    let err = refused(c);
+    assert!(
+        err.contains("its directory") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn average_refuses_an_output_that_holds_one_of_its_models() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().to_path_buf();
+    let mut c = multipos(&["average", "--overwrite", "--models"]);
+    c.arg(&model).arg(&model).arg("--output").arg(&out);
+    let err = refused(c);
+    assert!(err.contains("holds the input"), "{err}");
+    assert!(
+        model.join("config.json").exists(),
+        "the model is still there"
+    );
 }
 
 #[test]

@@ -33,6 +33,8 @@ fn embed(model: &Path, input: &Path, output: &Path) -> Output {
         "2",
         "--device",
         "cpu",
+        // Asked to replace: what a failed run must still leave alone (`bad_input_fails_cleanly_...`).
+        "--overwrite",
     ])
 }
 

@@ -228,7 +228,15 @@ fn the_cli_writes_every_group_reuses_its_cache_and_train_reads_the_result() {
     let cache = dir.path().join("cache");
     let mine = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
-            .args(["mine", "--device", "cpu", "--num-negatives", "2", "--model"])
+            .args([
+                "mine",
+                "--device",
+                "cpu",
+                "--num-negatives",
+                "2",
+                "--overwrite",
+            ])
+            .arg("--model")
             .arg(&model)
             .arg("--data")
             .arg(repo("deploy/data/bible_paraphrase_tiny/train.jsonl"))

@@ -1,12 +1,13 @@
 //! `multipos average`.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::RuntimeArgs;
 use crate::device;
 use crate::eval::{IrConfig, IrDataset, evaluate};
 use crate::fusion::{average, greedy_soup, normalize_weights};
+use crate::io::output::{Kind, Output};
 use crate::model::SentenceModel;
 
 #[derive(clap::Args, Debug)]
@@ -46,12 +47,21 @@ pub struct AverageArgs {
 }
 
 pub fn run(args: AverageArgs) -> anyhow::Result<()> {
-    if args.output.exists() && !args.overwrite {
-        bail!(
-            "{} exists: choose another --output or pass --overwrite",
-            args.output.display()
-        );
+    let inputs: Vec<&Path> = args
+        .models
+        .iter()
+        .chain(&args.queries)
+        .chain(&args.corpus)
+        .chain(&args.qrels)
+        .map(PathBuf::as_path)
+        .collect();
+    Output {
+        flag: "--output",
+        path: &args.output,
+        kind: Kind::Dir,
+        overwrite: args.overwrite,
     }
+    .check(&inputs)?;
     if !args.greedy {
         let weights = normalize_weights(args.models.len(), args.weights.as_deref())?;
         average(&args.models, &weights, &args.output)?;

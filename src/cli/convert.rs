@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use tch::Device;
 
+use crate::io::output::{Kind, Output};
 use crate::model::SentenceModel;
 
 #[derive(clap::Args, Debug)]
@@ -22,18 +23,13 @@ pub struct ConvertArgs {
 /// Loads and re-saves: F16/BF16 weights become F32, a `bert.` prefix is dropped, the metadata files
 /// are written in the legacy spelling that sentence-transformers 5.x and 6.x both load.
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    if args.output.is_file() {
-        anyhow::bail!(
-            "--output {} is a file; give a directory",
-            args.output.display()
-        );
+    Output {
+        flag: "--output",
+        path: &args.output,
+        kind: Kind::Dir,
+        overwrite: args.overwrite,
     }
-    if args.output.exists() && !args.overwrite {
-        anyhow::bail!(
-            "--output {} exists; pass --overwrite to replace it",
-            args.output.display()
-        );
-    }
+    .check(&[&args.model])?;
     let model = SentenceModel::load(&args.model, Device::Cpu)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     model.save(&args.output)?;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use super::RuntimeArgs;
 use crate::device;
 use crate::embed::{embed_to_file, read_inputs};
+use crate::io::output::{Kind, Output};
 use crate::model::SentenceModel;
 
 #[derive(clap::Args, Debug)]
@@ -19,6 +20,9 @@ pub struct EmbedArgs {
     /// Where to write one {"text", "embedding"} JSON line per input, in input order.
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace an existing --output file.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
@@ -30,13 +34,13 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let model_dir = args.model.unwrap_or_else(crate::model::default_dir);
-    let real = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-    if real(&args.output).is_some() && real(&args.output) == real(&args.input) {
-        anyhow::bail!(
-            "--output {} is the input file; it would be overwritten",
-            args.output.display()
-        );
+    Output {
+        flag: "--output",
+        path: &args.output,
+        kind: Kind::File,
+        overwrite: args.overwrite,
     }
+    .check(&[&args.input])?;
     let inputs = read_inputs(&args.input)?;
     let model = SentenceModel::load(&model_dir, device)
         .with_context(|| format!("loading model {}", model_dir.display()))?;

@@ -1,5 +1,5 @@
 //! `multipos mine`.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -7,6 +7,7 @@ use super::RuntimeArgs;
 use crate::data::{LoadOptions, load_files};
 use crate::device;
 use crate::embed::read_inputs;
+use crate::io::output::{Kind, Output};
 use crate::mine::{Corpus, MineOptions, Sampling, cache, mine, write_groups};
 use crate::model::SentenceModel;
 
@@ -21,6 +22,9 @@ pub struct MineArgs {
     /// Where to write the query-grouped JSONL with "negatives" (atomically).
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace an existing --output file.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Texts to mine from (.txt, one per line, or .jsonl with "text"); every positive joins them.
     /// Default: the positives of the data.
     #[arg(long)]
@@ -71,6 +75,19 @@ pub struct MineArgs {
 }
 
 pub fn run(args: MineArgs) -> anyhow::Result<()> {
+    let inputs: Vec<&Path> = args
+        .data
+        .iter()
+        .chain(&args.corpus)
+        .map(PathBuf::as_path)
+        .collect();
+    Output {
+        flag: "--output",
+        path: &args.output,
+        kind: Kind::File,
+        overwrite: args.overwrite,
+    }
+    .check(&inputs)?;
     device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let model_dir = args.model.clone().unwrap_or_else(crate::model::default_dir);

@@ -1,4 +1,5 @@
 //! File-system helpers that never leave partial files behind.
 pub mod atomic;
 pub mod json;
+pub mod output;
 pub mod tree;
