@@ -8,6 +8,7 @@ use tonic::Streaming;
 
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
+use crate::io::hash::update_with_file;
 use crate::io::tree::{relative_files, safe_relative};
 use crate::pb::FileChunk;
 
@@ -21,7 +22,7 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
     for rel in relative_files(dir)? {
         let path = dir.join(&rel);
         h.update(rel.to_string_lossy().as_bytes());
-        h.update(&std::fs::read(&path).map_err(Error::io("read", &path))?);
+        update_with_file(&mut h, &path)?;
     }
     Ok(format!("{:016x}", h.digest()))
 }

@@ -7,6 +7,7 @@ use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::AtomicFile;
+use crate::io::hash::update_with_file;
 
 /// A key for a model directory: its weights, configuration and tokenizer files, by content.
 pub fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
@@ -21,7 +22,7 @@ pub fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
         let path = dir.join(name);
         if path.exists() {
             h.update(name.as_bytes());
-            h.update(&std::fs::read(&path).map_err(Error::io("read", &path))?);
+            update_with_file(&mut h, &path)?;
         }
     }
     h.update(&(max_seq_length as u64).to_le_bytes());
