@@ -10,19 +10,30 @@ use crate::error::{Error, Result};
 
 const CHUNK: usize = 1 << 20;
 
-/// Feeds the bytes of `path` to `h`, a chunk at a time; the hash equals that of the whole file's
-/// bytes fed at once.
-pub fn update_with_file(h: &mut Xxh3, path: &Path) -> Result<()> {
+/// Feeds the bytes of `path` to `h`, a chunk at a time, and returns how many there were; the hash
+/// equals that of the whole file's bytes fed at once.
+pub fn update_with_file(h: &mut Xxh3, path: &Path) -> Result<u64> {
     let mut file = File::open(path).map_err(Error::io("open", path))?;
     let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
     loop {
         match file.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => h.update(&buf[..n]),
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += n as u64;
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::io("read", path)(e)),
         }
     }
+}
+
+/// A file's length and XXH3-64 hash, equal to `xxh3_64` of its bytes (checkpoint manifests hold it).
+pub fn file_digest(path: &Path) -> Result<(u64, u64)> {
+    let mut h = Xxh3::new();
+    let len = update_with_file(&mut h, path)?;
+    Ok((len, h.digest()))
 }
 
 #[cfg(test)]
@@ -41,8 +52,13 @@ mod tests {
             whole.update(&bytes);
             let mut chunked = Xxh3::new();
             chunked.update(b"prefix");
-            update_with_file(&mut chunked, &path).unwrap();
+            assert_eq!(update_with_file(&mut chunked, &path).unwrap(), len as u64);
             assert_eq!(chunked.digest(), whole.digest(), "{len} bytes");
+            // Manifests written by earlier versions hashed the whole file at once.
+            assert_eq!(
+                file_digest(&path).unwrap(),
+                (len as u64, xxhash_rust::xxh3::xxh3_64(&bytes))
+            );
         }
     }
 

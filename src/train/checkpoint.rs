@@ -21,6 +21,7 @@ use super::optim::AdamW;
 use super::state::TrainState;
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
+use crate::io::hash::file_digest;
 use crate::io::json;
 use crate::io::tree::safe_relative;
 
@@ -59,6 +60,16 @@ impl FileEntry {
             xxh3: checksum(bytes),
         }
     }
+
+    /// The entry of a file on disk, read in chunks: a checkpoint holds the optimizer's moments,
+    /// twice the model's size, which need not pass through memory at once.
+    fn of_file(path: &Path) -> Result<Self> {
+        let (bytes, hash) = file_digest(path)?;
+        Ok(Self {
+            bytes,
+            xxh3: hex(hash),
+        })
+    }
 }
 
 /// Adds what the writer of a checkpoint did not know (the coordinator's data cursor and metrics
@@ -86,7 +97,11 @@ pub fn annotate(
 }
 
 fn checksum(bytes: &[u8]) -> String {
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+    hex(xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+fn hex(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 /// Which checkpoints pruning keeps: the newest `newest`, and the one of step `best` (the best
@@ -132,8 +147,8 @@ pub fn write(
         .map_err(Error::io("write", root.join("state.json")))?;
     let mut manifest = BTreeMap::new();
     for rel in crate::io::tree::relative_files(&root)? {
-        let bytes = fs::read(root.join(&rel)).map_err(Error::io("read", root.join(&rel)))?;
-        manifest.insert(rel.to_string_lossy().into_owned(), FileEntry::of(&bytes));
+        let entry = FileEntry::of_file(&root.join(&rel))?;
+        manifest.insert(rel.to_string_lossy().into_owned(), entry);
     }
     fs::write(root.join("MANIFEST.json"), json::to_pretty(&manifest))
         .map_err(Error::io("write", root.join("MANIFEST.json")))?;
@@ -289,11 +304,11 @@ pub fn verify(ckpt: &Path) -> Result<CheckpointState> {
                 ),
             ));
         }
-        let bytes = fs::read(&path).map_err(Error::io("read", &path))?;
-        if bytes.len() as u64 != want.bytes {
+        let got = FileEntry::of_file(&path)?;
+        if got.bytes != want.bytes {
             return Err(Error::invalid(&path, "changed while it was read"));
         }
-        if checksum(&bytes) != want.xxh3 {
+        if got.xxh3 != want.xxh3 {
             return Err(Error::invalid(&path, "checksum mismatch (corrupted)"));
         }
     }
