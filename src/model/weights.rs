@@ -64,7 +64,13 @@ fn f16_to_f32(h: u16) -> f32 {
 /// Copies every variable of `vs` from the safetensors file at `path`, accepting an optional
 /// `bert.` prefix. Returns the passthrough tensors found (e.g. the pooler) to be written back on save.
 pub fn load_into(vs: &mut VarStore, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
-    let bytes = std::fs::read(path).map_err(Error::io("read", path))?;
+    let file = std::fs::File::open(path).map_err(Error::io("open", path))?;
+    // Mapped, not read: the weights are copied out tensor by tensor, so the whole file never sits
+    // in memory beside them (a load peaked at twice the model's size).
+    // SAFETY: the map is read-only and dropped when this function returns. multipos replaces model
+    // files only by renaming a new file into place, which leaves this mapping's file intact; a
+    // file truncated in place by another program during the load could fault the read.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io("map", path))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::invalid(path, format!("not a safetensors file: {e}")))?;
     let names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
