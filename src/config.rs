@@ -612,6 +612,9 @@ impl RunConfig {
                     .into(),
             );
         }
+        if let Some(m) = &self.train.mine {
+            m.validate().map_err(|e| format!("train.mine: {e}"))?;
+        }
         match self.train.remine_every_epochs {
             Some(0) => return Err("train.remine_every_epochs must be at least 1".into()),
             Some(_) if self.train.mine.is_none() => {

@@ -275,6 +275,50 @@ fn an_output_directory_that_does_not_exist_is_refused_before_any_work() {
 }
 
 #[test]
+fn mining_options_that_cannot_work_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo("deploy/data/bible_paraphrase_tiny/train.jsonl");
+    // No model either: the options are refused before it or the data is loaded.
+    let mut c = multipos(&[
+        "mine",
+        "--device",
+        "cpu",
+        "--range-min",
+        "5",
+        "--range-max",
+        "5",
+    ]);
+    c.arg("--model")
+        .arg(dir.path().join("no-model"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(dir.path().join("mined.jsonl"));
+    let err = refused(c);
+    assert!(
+        err.contains("range_min 5 must be smaller than range_max 5"),
+        "{err}"
+    );
+
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let err = refused(train(
+        dir.path(),
+        &model,
+        &[
+            "data.negatives_per_row=1",
+            "train.mine.range_min=2",
+            "train.mine.range_max=4",
+            "train.mine.num_negatives=3",
+        ],
+    ));
+    assert!(
+        err.contains("train.mine: cannot mine 3 negatives per query: only 2 candidates remain"),
+        "{err}"
+    );
+    assert!(!dir.path().join("run").exists(), "refused at start");
+}
+
+#[test]
 fn average_refuses_an_output_that_holds_one_of_its_models() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().to_path_buf();

@@ -88,6 +88,20 @@ pub fn run(args: MineArgs) -> anyhow::Result<()> {
         overwrite: args.overwrite,
     }
     .check(&inputs)?;
+    let opts = MineOptions {
+        range_min: args.range_min,
+        range_max: args.range_max,
+        max_score: args.max_score,
+        min_score: args.min_score,
+        absolute_margin: args.absolute_margin,
+        relative_margin: args.relative_margin,
+        num_negatives: args.num_negatives,
+        sampling_strategy: args.sampling_strategy,
+        seed: args.seed,
+        batch_size: args.batch_size as usize,
+        corpus: None,
+    };
+    opts.validate().map_err(anyhow::Error::msg)?;
     device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
     let model_dir = args.model.clone().unwrap_or_else(crate::model::default_dir);
@@ -108,19 +122,6 @@ pub fn run(args: MineArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let corpus = Corpus::new(&data, &extra);
-    let opts = MineOptions {
-        range_min: args.range_min,
-        range_max: args.range_max,
-        max_score: args.max_score,
-        min_score: args.min_score,
-        absolute_margin: args.absolute_margin,
-        relative_margin: args.relative_margin,
-        num_negatives: args.num_negatives,
-        sampling_strategy: args.sampling_strategy,
-        seed: args.seed,
-        batch_size: args.batch_size as usize,
-        corpus: None,
-    };
     let cache_dir =
         (!args.no_cache).then(|| args.cache_dir.clone().unwrap_or_else(cache::default_dir));
     let key = cache::model_key(&model_dir, model.max_seq_length())?;

@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::mine::{Corpus, MineOptions, cache, max_positives, mine_embedded, query_texts};
+use crate::mine::{Corpus, MineOptions, cache, mine_embedded, query_texts};
 use crate::model::pooling::normalize_l2;
 use crate::train::mining::{extra_corpus, record};
 use crate::train::task::{Task, TaskData};
@@ -76,8 +76,6 @@ impl MineJob {
             let TaskData::Groups(data) = &task.data else {
                 continue;
             };
-            opts.validate(max_positives(data))
-                .map_err(|e| Error::Usage(format!("train.mine: {e}")))?;
             let queries = query_texts(data);
             let corpus = Corpus::new(data, &extra);
             let corpus_key = corpus.fingerprint();

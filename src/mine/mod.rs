@@ -92,28 +92,30 @@ impl MineOptions {
         })
     }
 
-    /// Checks values that cannot work, as sentence-transformers refuses them.
-    pub fn validate(&self, max_positives: usize) -> std::result::Result<(), String> {
+    /// Checks values that cannot work, as sentence-transformers refuses them. Needs no data: the
+    /// default `range_max` always leaves `num_negatives` candidates past `range_min`.
+    pub fn validate(&self) -> std::result::Result<(), String> {
         if self.num_negatives == 0 {
             return Err("num_negatives must be at least 1".into());
         }
         if self.batch_size == 0 {
             return Err("batch_size must be at least 1".into());
         }
-        let range_max = self.range_max(max_positives);
-        if self.range_min >= range_max {
-            return Err(format!(
-                "range_min {} must be smaller than range_max {range_max}",
-                self.range_min
-            ));
-        }
-        if self.num_negatives > range_max - self.range_min {
-            return Err(format!(
-                "cannot mine {} negatives per query: only {} candidates remain after skipping range_min = {} of range_max = {range_max}",
-                self.num_negatives,
-                range_max - self.range_min,
-                self.range_min
-            ));
+        if let Some(range_max) = self.range_max {
+            if self.range_min >= range_max {
+                return Err(format!(
+                    "range_min {} must be smaller than range_max {range_max}",
+                    self.range_min
+                ));
+            }
+            if self.num_negatives > range_max - self.range_min {
+                return Err(format!(
+                    "cannot mine {} negatives per query: only {} candidates remain after skipping range_min = {} of range_max = {range_max}",
+                    self.num_negatives,
+                    range_max - self.range_min,
+                    self.range_min
+                ));
+            }
         }
         for (name, v) in [
             ("max_score", self.max_score),
@@ -234,7 +236,7 @@ pub fn mine(
     cache: Option<&Path>,
     show_progress: bool,
 ) -> Result<(Vec<Vec<String>>, MineReport)> {
-    opts.validate(max_positives(data)).map_err(Error::Usage)?;
+    opts.validate().map_err(Error::Usage)?;
     let cached = match cache {
         Some(dir) => cache::load(
             dir,
@@ -301,7 +303,7 @@ pub fn mine_embedded(
     show_progress: bool,
 ) -> Result<(Vec<Vec<String>>, MineReport)> {
     let max_positives = max_positives(data);
-    opts.validate(max_positives).map_err(Error::Usage)?;
+    opts.validate().map_err(Error::Usage)?;
     let (q, c) = (query_emb.size(), corpus_emb.size());
     if q.get(1) != c.get(1) {
         return Err(Error::Usage(format!(
