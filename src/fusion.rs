@@ -2,13 +2,15 @@
 //! ("model soups"), uniform or weighted, and the greedy soup that adds models one by one while a
 //! dev metric improves. Models must share their architecture, tensor shapes, tokenizer and
 //! modules; anything else is refused naming the model and what differs.
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use tch::{Kind, Tensor};
+use safetensors::tensor::{TensorView, View};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
+use crate::model::weights::f32_values;
 
 /// Files that must be byte-identical across the models (when present in any of them).
 const SAME_FILES: [&str; 7] = [
@@ -116,51 +118,179 @@ pub fn normalize_weights(n: usize, weights: Option<&[f64]>) -> Result<Vec<f64>> 
     Ok(w.into_iter().map(|x| x / sum).collect())
 }
 
-/// Σ w_i · file_i, tensor by tensor, accumulated in f64 and stored in the first model's kinds.
-fn average_file(models: &[PathBuf], rel: &Path, weights: &[f64]) -> Result<Vec<(String, Tensor)>> {
-    let read = |dir: &PathBuf| -> Result<BTreeMap<String, Tensor>> {
-        let path = dir.join(rel);
-        Ok(Tensor::read_safetensors(&path)
-            .map_err(Error::Torch)?
-            .into_iter()
-            .collect())
-    };
-    let first = read(&models[0])?;
-    let mut sums: BTreeMap<String, Tensor> = first
-        .iter()
-        .map(|(k, t)| (k.clone(), t.to_kind(Kind::Double) * weights[0]))
-        .collect();
-    for (dir, w) in models[1..].iter().zip(&weights[1..]) {
-        let other = read(dir)?;
-        let path = dir.join(rel);
-        if other.len() != first.len() || other.keys().ne(first.keys()) {
+/// One weight file of every model, memory-mapped.
+struct MappedFiles {
+    paths: Vec<PathBuf>,
+    maps: Vec<memmap2::Mmap>,
+}
+
+impl MappedFiles {
+    fn open(models: &[PathBuf], rel: &Path) -> Result<Self> {
+        let paths: Vec<PathBuf> = models.iter().map(|m| m.join(rel)).collect();
+        let maps = paths
+            .iter()
+            .map(|path| {
+                let file = std::fs::File::open(path).map_err(Error::io("open", path))?;
+                // SAFETY: read-only and dropped once the average is written; multipos replaces
+                // model files only by renaming, which leaves a mapped file intact.
+                unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io("map", path))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { paths, maps })
+    }
+
+    fn parse(&self) -> Result<Vec<SafeTensors<'_>>> {
+        self.paths
+            .iter()
+            .zip(&self.maps)
+            .map(|(path, map)| {
+                SafeTensors::deserialize(map)
+                    .map_err(|e| Error::invalid(path, format!("not a safetensors file: {e}")))
+            })
+            .collect()
+    }
+}
+
+/// Elements averaged at a time (8 MiB of f64 sums).
+const AVERAGE_CHUNK: usize = 1 << 20;
+
+fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+}
+
+/// One tensor of the average, computed only when the writer asks for its bytes, so that memory
+/// holds one tensor of each model at a time, not whole models.
+struct Averaged<'a> {
+    views: Vec<TensorView<'a>>,
+    weights: &'a [f64],
+}
+
+impl View for Averaged<'_> {
+    fn dtype(&self) -> Dtype {
+        self.views[0].dtype()
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.views[0].shape()
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let first = &self.views[0];
+        if !is_float(first.dtype()) {
+            // Integer buffers (e.g. position ids) are checked identical across the models.
+            return Cow::Borrowed(first.data());
+        }
+        let out_dtype = first.dtype();
+        let out_size = out_dtype.bitsize() / 8;
+        let len: usize = first.shape().iter().product();
+        let mut out = Vec::with_capacity(len * out_size);
+        // In slices of elements, so the f64 sums take a bounded buffer whatever the tensor's size.
+        for start in (0..len).step_by(AVERAGE_CHUNK) {
+            let end = (start + AVERAGE_CHUNK).min(len);
+            let values = |view: &TensorView<'_>| {
+                let size = view.dtype().bitsize() / 8;
+                f32_values(view.dtype(), &view.data()[start * size..end * size])
+                    .expect("checked to be floating point")
+            };
+            // Started from the first term, not from 0.0, which would turn -0.0 into +0.0.
+            let mut sum: Vec<f64> = values(first)
+                .into_iter()
+                .map(|x| f64::from(x) * self.weights[0])
+                .collect();
+            for (view, w) in self.views[1..].iter().zip(&self.weights[1..]) {
+                for (acc, x) in sum.iter_mut().zip(values(view)) {
+                    *acc += f64::from(x) * w;
+                }
+            }
+            match out_dtype {
+                Dtype::F16 => out.extend(
+                    sum.iter()
+                        .flat_map(|x| half::f16::from_f64(*x).to_le_bytes()),
+                ),
+                Dtype::BF16 => out.extend(
+                    sum.iter()
+                        .flat_map(|x| half::bf16::from_f64(*x).to_le_bytes()),
+                ),
+                _ => out.extend(sum.iter().flat_map(|x| (*x as f32).to_le_bytes())),
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    fn data_len(&self) -> usize {
+        self.views[0].data_len()
+    }
+}
+
+/// The tensors of the average of `files` (weights summing to 1), each in the first model's dtype,
+/// after checking that every model holds the same tensors with the same shapes.
+fn averaged_tensors<'a>(
+    files: &'a MappedFiles,
+    parsed: &'a [SafeTensors<'a>],
+    weights: &'a [f64],
+) -> Result<Vec<(String, Averaged<'a>)>> {
+    let mut names: Vec<&str> = parsed[0].names();
+    names.sort_unstable();
+    for (st, path) in parsed[1..].iter().zip(&files.paths[1..]) {
+        let mut other = st.names();
+        other.sort_unstable();
+        if other != names {
             return Err(Error::invalid(
-                &path,
+                path,
                 "holds other tensors than the first model's",
             ));
         }
-        for (name, t) in other {
-            let acc = sums.get_mut(&name).expect("same names");
-            if t.size() != acc.size() {
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let views = parsed
+            .iter()
+            .map(|st| st.tensor(name).expect("name listed by the file"))
+            .collect::<Vec<_>>();
+        let first = &views[0];
+        for (view, path) in views[1..].iter().zip(&files.paths[1..]) {
+            if view.shape() != first.shape() {
                 return Err(Error::invalid(
-                    &path,
+                    path,
                     format!(
                         "{name}: shape {:?}, the first model's is {:?}",
-                        t.size(),
-                        acc.size()
+                        view.shape(),
+                        first.shape()
                     ),
                 ));
             }
-            *acc += t.to_kind(Kind::Double) * *w;
+            let same = if is_float(first.dtype()) {
+                is_float(view.dtype())
+            } else {
+                view.dtype() == first.dtype() && view.data() == first.data()
+            };
+            if !same {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "{name}: {:?} tensor that cannot be averaged with the first model's {:?} \
+                         (only floating-point tensors are averaged; others must be equal)",
+                        view.dtype(),
+                        first.dtype()
+                    ),
+                ));
+            }
         }
+        out.push((name.to_string(), Averaged { views, weights }));
     }
-    Ok(sums
-        .into_iter()
-        .map(|(k, t)| {
-            let kind = first[&k].kind();
-            (k, t.to_kind(kind))
-        })
-        .collect())
+    Ok(out)
+}
+
+/// Writes Σ w_i · file_i at `dst`, tensor by tensor (accumulated in f64, stored in the first
+/// model's dtypes and with its file metadata).
+fn average_file(models: &[PathBuf], rel: &Path, weights: &[f64], dst: &Path) -> Result<()> {
+    let files = MappedFiles::open(models, rel)?;
+    let parsed = files.parse()?;
+    let (_, header) = SafeTensors::read_metadata(&files.maps[0])
+        .map_err(|e| Error::invalid(&files.paths[0], format!("not a safetensors file: {e}")))?;
+    let tensors = averaged_tensors(&files, &parsed, weights)?;
+    safetensors::serialize_to_file(tensors, header.metadata().clone(), dst)
+        .map_err(|e| Error::invalid(dst, format!("cannot write the averaged weights: {e}")))
 }
 
 /// Writes the weighted average of `models` (weights normalised to sum 1) at `output`, atomically:
@@ -175,8 +305,7 @@ pub fn average(models: &[PathBuf], weights: &[f64], output: &Path) -> Result<()>
             std::fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
         }
         if weight_set.contains(&rel) {
-            Tensor::write_safetensors(&average_file(models, &rel, weights)?, &dst)
-                .map_err(Error::Torch)?;
+            average_file(models, &rel, weights, &dst)?;
         } else {
             let src = models[0].join(&rel);
             std::fs::copy(&src, &dst).map_err(Error::io("copy", &src))?;
@@ -226,4 +355,33 @@ pub fn greedy_soup(
         std::fs::remove_dir_all(&trial).map_err(Error::io("remove", &trial))?;
     }
     Ok((soup, best))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_longer_than_a_chunk_is_averaged_element_by_element() {
+        let len = AVERAGE_CHUNK * 2 + 3;
+        let a: Vec<f32> = (0..len).map(|i| (i as f32).sin()).collect();
+        let b: Vec<f32> = (0..len).map(|i| -(i as f32 * 0.5).cos()).collect();
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (ab, bb) = (bytes(&a), bytes(&b));
+        let weights = [0.25, 0.75];
+        let avg = Averaged {
+            views: vec![
+                TensorView::new(Dtype::F32, vec![len], &ab).unwrap(),
+                TensorView::new(Dtype::F32, vec![len], &bb).unwrap(),
+            ],
+            weights: &weights,
+        };
+        let want: Vec<f32> = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (f64::from(*x) * 0.25 + f64::from(*y) * 0.75) as f32)
+            .collect();
+        assert_eq!(avg.data_len(), len * 4);
+        assert_eq!(avg.data().as_ref(), bytes(&want).as_slice());
+    }
 }

@@ -1,6 +1,7 @@
 //! `multipos average`: two copies average to the same model bit for bit, weights are honoured,
-//! mismatched models are refused naming what differs, an existing output is kept unless asked,
-//! and the greedy soup never scores below its best ingredient.
+//! half-precision models stay in their dtype, mismatched models (and unequal integer buffers) are
+//! refused naming what differs, an existing output is kept unless asked, and the greedy soup never
+//! scores below its best ingredient.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -21,18 +22,32 @@ fn two_copies_average_to_the_same_model_and_weights_are_honoured() {
         seed: 2,
         ..TinySpec::default()
     });
+    // A negative zero in the weights: "bit for bit" includes the sign of zero.
+    let signed: Vec<(String, tch::Tensor)> = tensors(&a)
+        .into_iter()
+        .map(|(n, x)| {
+            if n.ends_with("LayerNorm.bias") {
+                (n, x.zeros_like().neg())
+            } else {
+                (n, x)
+            }
+        })
+        .collect();
+    tch::Tensor::write_safetensors(&signed, a.join("model.safetensors")).unwrap();
     let copy = dir.path().join("copy");
     common::copy_dir(&a, &copy);
     let out = dir.path().join("avg");
     average(
-        &[a.clone(), copy],
-        &normalize_weights(2, None).unwrap(),
+        &[a.clone(), copy.clone(), copy],
+        &normalize_weights(3, None).unwrap(),
         &out,
     )
     .unwrap();
-    for ((n, x), (_, y)) in tensors(&a).iter().zip(tensors(&out)) {
-        assert!(x.equal(&y), "{n} changed");
-    }
+    assert_eq!(
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        "the average of copies is the model, byte for byte"
+    );
     assert_eq!(
         std::fs::read(a.join("tokenizer.json")).unwrap(),
         std::fs::read(out.join("tokenizer.json")).unwrap()
@@ -143,4 +158,58 @@ fn the_greedy_soup_scores_at_least_its_best_ingredient() {
         "the written soup is the scored one"
     );
     assert!(!out.with_extension("trial").exists());
+}
+
+/// Rewrites `dir`'s weights in `kind`, optionally with an extra integer buffer.
+fn rewrite_weights(dir: &Path, kind: tch::Kind, position_ids: Option<&[i64]>) {
+    let mut t: Vec<(String, tch::Tensor)> = tensors(dir)
+        .into_iter()
+        .filter(|(n, _)| n != "embeddings.position_ids")
+        .map(|(n, x)| (n, x.to_kind(kind)))
+        .collect();
+    if let Some(ids) = position_ids {
+        t.push((
+            "embeddings.position_ids".into(),
+            tch::Tensor::from_slice(ids),
+        ));
+    }
+    tch::Tensor::write_safetensors(&t, dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn half_precision_models_average_in_their_dtype_and_unequal_buffers_are_refused() {
+    let (dir, a) = common::tiny_model(&TinySpec::default());
+    let (_d2, b) = common::tiny_model(&TinySpec {
+        seed: 2,
+        ..TinySpec::default()
+    });
+    rewrite_weights(&a, tch::Kind::Half, Some(&[0, 1, 2]));
+    rewrite_weights(&b, tch::Kind::Half, Some(&[0, 1, 2]));
+    let out = dir.path().join("avg");
+    average(&[a.clone(), b.clone()], &[0.5, 0.5], &out).unwrap();
+    for (((n, x), (_, y)), (m, z)) in tensors(&a).iter().zip(tensors(&b)).zip(tensors(&out)) {
+        assert_eq!(n, &m);
+        assert_eq!(z.kind(), x.kind(), "{n} keeps its dtype");
+        if x.kind() == tch::Kind::Half {
+            let want = ((x.to_kind(tch::Kind::Double) + y.to_kind(tch::Kind::Double)) * 0.5)
+                .to_kind(tch::Kind::Half);
+            assert!(want.equal(&z), "{n}: not the f16 rounding of the mean");
+        } else {
+            assert!(x.equal(&z), "{n}: an integer buffer is copied");
+        }
+    }
+    multipos::SentenceModel::load(&out, tch::Device::Cpu).unwrap();
+
+    rewrite_weights(&b, tch::Kind::Half, Some(&[2, 1, 0]));
+    let refused = dir.path().join("refused");
+    let err = average(&[a, b.clone()], &[0.5, 0.5], &refused)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&b.join("model.safetensors").display().to_string())
+            && err.contains("embeddings.position_ids")
+            && err.contains("must be equal"),
+        "{err}"
+    );
+    assert!(!refused.exists(), "nothing written for a refused average");
 }

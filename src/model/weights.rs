@@ -23,42 +23,30 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
-fn to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
-    let bytes = view.data();
+/// The values of a floating-point tensor as f32 (`None` for other dtypes).
+pub(crate) fn to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
+    f32_values(view.dtype(), view.data())
+}
+
+/// Little-endian `bytes` of `dtype` (F32, F16 or BF16) as f32 values (`None` for other dtypes).
+pub(crate) fn f32_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let halves = |conv: fn(u16) -> f32| {
         bytes
             .chunks_exact(2)
             .map(|c| conv(u16::from_le_bytes([c[0], c[1]])))
             .collect()
     };
-    match view.dtype() {
+    match dtype {
         Dtype::F32 => Some(
             bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
         ),
-        Dtype::BF16 => Some(halves(|b| f32::from_bits((b as u32) << 16))),
-        Dtype::F16 => Some(halves(f16_to_f32)),
+        Dtype::BF16 => Some(halves(|b| half::bf16::from_bits(b).to_f32())),
+        Dtype::F16 => Some(halves(|b| half::f16::from_bits(b).to_f32())),
         _ => None,
     }
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: value = frac * 2^-24.
-            let v = frac as f32 * f32::from_bits(0x3380_0000);
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// Copies every variable of `vs` from the safetensors file at `path`, accepting an optional
@@ -186,10 +174,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn f16_conversion_matches_known_values() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
-        assert!(f16_to_f32(0x7c00).is_infinite());
+    fn half_precision_views_widen_to_known_values() {
+        let f16: Vec<u8> = [0x3c00u16, 0xc000, 0x0001, 0x7c00]
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        let view = TensorView::new(Dtype::F16, vec![4], &f16).unwrap();
+        let v = to_f32(&view).unwrap();
+        assert_eq!(&v[..3], &[1.0, -2.0, 5.960_464_5e-8]);
+        assert!(v[3].is_infinite());
+        let bf16: Vec<u8> = 0x3f80u16.to_le_bytes().to_vec();
+        let view = TensorView::new(Dtype::BF16, vec![1], &bf16).unwrap();
+        assert_eq!(to_f32(&view).unwrap(), vec![1.0]);
     }
 }
