@@ -159,7 +159,7 @@ fn is_float(dtype: Dtype) -> bool {
 }
 
 /// One tensor of the average, computed only when the writer asks for its bytes, so that memory
-/// holds one tensor of each model at a time, not whole models.
+/// holds the output tensor being written and one slice of sums, not whole models.
 struct Averaged<'a> {
     views: Vec<TensorView<'a>>,
     weights: &'a [f64],
