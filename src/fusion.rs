@@ -10,7 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
-use crate::model::weights::f32_values;
+use crate::model::weights::{f32_values, map_file, parse};
 
 /// Files that must be byte-identical across the models (when present in any of them).
 const SAME_FILES: [&str; 7] = [
@@ -127,15 +127,7 @@ struct MappedFiles {
 impl MappedFiles {
     fn open(models: &[PathBuf], rel: &Path) -> Result<Self> {
         let paths: Vec<PathBuf> = models.iter().map(|m| m.join(rel)).collect();
-        let maps = paths
-            .iter()
-            .map(|path| {
-                let file = std::fs::File::open(path).map_err(Error::io("open", path))?;
-                // SAFETY: read-only and dropped once the average is written; multipos replaces
-                // model files only by renaming, which leaves a mapped file intact.
-                unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io("map", path))
-            })
-            .collect::<Result<_>>()?;
+        let maps = paths.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
         Ok(Self { paths, maps })
     }
 
@@ -143,10 +135,7 @@ impl MappedFiles {
         self.paths
             .iter()
             .zip(&self.maps)
-            .map(|(path, map)| {
-                SafeTensors::deserialize(map)
-                    .map_err(|e| Error::invalid(path, format!("not a safetensors file: {e}")))
-            })
+            .map(|(path, map)| parse(path, map))
             .collect()
     }
 }

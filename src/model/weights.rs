@@ -49,18 +49,28 @@ pub(crate) fn f32_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     }
 }
 
+/// A safetensors file mapped into memory, read-only. Mapped, not read: its tensors are used one
+/// at a time, so the whole file never sits in memory beside what is made of them (a model load
+/// peaked at twice the model's size).
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(Error::io("open", path))?;
+    // SAFETY: the map is read-only and its users drop it once they have copied out what they need.
+    // multipos replaces model files only by renaming a new file into place, which leaves a mapped
+    // file intact; a file truncated in place by another program meanwhile could fault the read.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io("map", path))
+}
+
+/// The tensors of the safetensors `bytes` read from `path`.
+pub(crate) fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::invalid(path, format!("not a safetensors file: {e}")))
+}
+
 /// Copies every variable of `vs` from the safetensors file at `path`, accepting an optional
 /// `bert.` prefix. Returns the passthrough tensors found (e.g. the pooler) to be written back on save.
 pub fn load_into(vs: &mut VarStore, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
-    let file = std::fs::File::open(path).map_err(Error::io("open", path))?;
-    // Mapped, not read: the weights are copied out tensor by tensor, so the whole file never sits
-    // in memory beside them (a load peaked at twice the model's size).
-    // SAFETY: the map is read-only and dropped when this function returns. multipos replaces model
-    // files only by renaming a new file into place, which leaves this mapping's file intact; a
-    // file truncated in place by another program during the load could fault the read.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io("map", path))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::invalid(path, format!("not a safetensors file: {e}")))?;
+    let bytes = map_file(path)?;
+    let st = parse(path, &bytes)?;
     let names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
     let prefix = PREFIXES
         .iter()
