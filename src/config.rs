@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{FillNegatives, Mode};
+use crate::data::{Batching, FillNegatives, Mode};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, MnrlConfig};
 
@@ -208,6 +208,9 @@ pub struct DataConfig {
     /// When a group lists fewer negatives: `error` (default) or `random` (fill from other groups).
     #[serde(default)]
     pub fill_negatives: FillNegatives,
+    /// Which rows share a batch: `shuffled` (default) or `by_cluster` (the groups' `cluster` labels).
+    #[serde(default)]
+    pub batching: Batching,
 }
 
 fn default_mode() -> Mode {
@@ -231,6 +234,9 @@ pub struct TaskConfig {
     /// When a group lists fewer negatives: `error` (default) or `random` (fill from other groups).
     #[serde(default)]
     pub fill_negatives: FillNegatives,
+    /// Which rows share a batch: `shuffled` (default) or `by_cluster` (the groups' `cluster` labels).
+    #[serde(default)]
+    pub batching: Batching,
     #[serde(default)]
     pub loss: LossConfig,
 }
@@ -544,6 +550,7 @@ impl RunConfig {
                 mode: d.mode,
                 negatives_per_row: d.negatives_per_row,
                 fill_negatives: d.fill_negatives,
+                batching: d.batching,
                 loss: self.loss.unwrap_or(LossConfig::Mnrl(MnrlConfig {
                     scale: self.train.scale,
                     symmetric: self.train.symmetric,
@@ -597,6 +604,12 @@ impl RunConfig {
             if !t.loss.in_batch_negatives() && t.negatives_per_row > 0 {
                 return Err(format!(
                     "task {:?}: negatives_per_row applies to MNRL only (pointwise losses score listed negatives 0)",
+                    t.name
+                ));
+            }
+            if !t.loss.in_batch_negatives() && t.batching != Batching::Shuffled {
+                return Err(format!(
+                    "task {:?}: batching = \"by_cluster\" applies to MNRL only (pointwise losses have no in-batch negatives)",
                     t.name
                 ));
             }

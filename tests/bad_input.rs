@@ -319,6 +319,29 @@ fn mining_options_that_cannot_work_are_refused_before_any_work() {
 }
 
 #[test]
+fn batching_by_cluster_on_unlabelled_data_is_refused_naming_a_group_without_a_label() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let err = refused(train(dir.path(), &model, &["data.batching=\"by_cluster\""]));
+    assert!(
+        err.contains("batching = \"by_cluster\" needs a \"cluster\" label on every query group, but query group 0"),
+        "{err}"
+    );
+    assert!(err.contains("multipos mine --clusters K"), "{err}");
+    let err = refused(multipos(&[
+        "mine",
+        "--device",
+        "cpu",
+        "--clusters",
+        "0",
+        "--data",
+        "deploy/data/bible_paraphrase_tiny/train.jsonl",
+        "--output",
+        &dir.path().join("mined.jsonl").display().to_string(),
+    ]));
+    assert!(err.contains("clusters must be at least 1"), "{err}");
+}
+
+#[test]
 fn average_refuses_an_output_that_holds_one_of_its_models() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let out = dir.path().to_path_buf();

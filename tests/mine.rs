@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use multipos::data::text::{hash_normalized, normalize};
 use multipos::data::{Dataset, LoadOptions, load_files};
-use multipos::mine::{Corpus, MineOptions, Sampling, mine};
+use multipos::mine::{Corpus, MineOptions, Mined, Sampling, mine};
 use multipos::model::SentenceModel;
 use multipos::model::pooling::normalize_l2;
 use multipos::model::tiny::TinySpec;
@@ -156,7 +156,14 @@ fn every_option_matches_the_brute_force_reference_and_the_invariants_hold() {
             .double_value(&[]) as f32
     };
     for o in &cases {
-        let (mined, report) = mine(&model, 1, &data, &corpus, o, None, false).unwrap();
+        let (
+            Mined {
+                negatives: mined,
+                clusters,
+            },
+            report,
+        ) = mine(&model, 1, &data, &corpus, o, None, false).unwrap();
+        assert_eq!(clusters, None, "no clusters unless asked for");
         assert_eq!(mined.len(), data.len());
         if o.sampling_strategy == Sampling::Top {
             let (want, score_of) = brute_force(&model, &data, &corpus, o);
@@ -418,6 +425,8 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
             "cpu",
             "--num-negatives",
             "2",
+            "--clusters",
+            "3",
             "--no-cache",
             "--model",
         ])
@@ -431,6 +440,26 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(report["clusters"]["count"], 3, "{report}");
+    let labels: Vec<u64> = std::fs::read_to_string(&mined)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["cluster"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    for c in 0..3u64 {
+        let n = labels.iter().filter(|&&l| l == c).count() as u64;
+        assert!(
+            n > 0 && n <= report["clusters"]["largest"].as_u64().unwrap(),
+            "cluster {c}: {labels:?}"
+        );
+    }
+    assert_eq!(labels.len(), 64, "every group is labelled");
     let run = |cmd: &str, name: &str, train_file: &Path, extra: &[String]| {
         let out = dir.path().join(name);
         let mut c = tiny_run(cmd, &model, train_file, &out, &cache);
@@ -441,9 +470,13 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
         let o = c.output().unwrap();
         (out, o)
     };
+    // Batches are filled cluster by cluster, from the clusters mining labels the queries with.
+    let by_cluster = "data.batching=\"by_cluster\"".to_string();
     let mine_sets = vec![
         "train.mine.num_negatives=2".to_string(),
+        "train.mine.clusters=3".to_string(),
         format!("train.mine.corpus=\"{}\"", corpus.display()),
+        by_cluster.clone(),
     ];
     let (inline, o) = run("train", "inline", &data, &mine_sets);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -453,9 +486,21 @@ fn train_mine_records_what_mine_writes_trains_on_it_resumes_from_the_record_and_
         "train.mine records what multipos mine writes"
     );
     assert_eq!(common::events(&inline, "mine").len(), 1);
-    let (from_file, o) = run("train", "from-file", &mined, &[]);
+    let (from_file, o) = run(
+        "train",
+        "from-file",
+        &mined,
+        std::slice::from_ref(&by_cluster),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     common::assert_same_run(&from_file, &inline, "train.mine vs. mine then train", &[]);
+    let (shuffled, o) = run("train", "shuffled", &mined, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(
+        common::step_losses(&shuffled.join("metrics.jsonl")),
+        common::step_losses(&inline.join("metrics.jsonl")),
+        "by_cluster batches other rows together than the default shuffle"
+    );
 
     // Interrupted after 3 steps and resumed: the record is read back, not mined again.
     let mut stop = mine_sets.clone();

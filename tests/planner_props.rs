@@ -1,17 +1,25 @@
 //! Planner properties on random, heavily duplicated data over many seeds and every mode (sample,
-//! all, pairs): no conflict inside any global batch, every pair of an epoch placed exactly once or
-//! reported, same seed -> same plan.
+//! all, pairs) and both batchings (shuffled, by cluster): no conflict inside any global batch, every
+//! pair of an epoch placed exactly once or reported, same seed -> same plan.
 use std::collections::{BTreeMap, HashMap};
 
 use multipos::data::{
-    Dataset, DatasetBuilder, FillNegatives, Mode, PlanSpec, Row, plan_epoch, planner,
+    Batching, Cluster, Dataset, DatasetBuilder, FillNegatives, Mode, PlanSpec, Row, plan_epoch,
+    planner,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Random groups drawing texts from a small pool, so texts repeat across groups and roles; a few
-/// spellings differ only in whitespace, which must count as the same text.
-fn random_data(seed: u64, groups: usize, pool: usize, with_negatives: bool) -> Dataset {
+/// spellings differ only in whitespace, which must count as the same text. `clustered`: each group
+/// also gets one of `groups / 10` cluster labels.
+fn random_data(
+    seed: u64,
+    groups: usize,
+    pool: usize,
+    with_negatives: bool,
+    clustered: bool,
+) -> Dataset {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let text = |rng: &mut ChaCha8Rng| {
         let i = rng.random_range(0..pool);
@@ -40,7 +48,14 @@ fn random_data(seed: u64, groups: usize, pool: usize, with_negatives: bool) -> D
         };
         let p: Vec<&str> = positives.iter().map(String::as_str).collect();
         let n: Vec<&str> = negatives.iter().map(String::as_str).collect();
-        b.add(&query, &p, &n).unwrap();
+        // A function of the query's identity: a repeated query keeps its label.
+        let identity: u64 = query
+            .split_whitespace()
+            .flat_map(str::bytes)
+            .map(u64::from)
+            .sum();
+        let label = clustered.then(|| Cluster::Id(identity * 31 % (groups as u64 / 10)));
+        b.add(&query, &p, &n, label.as_ref()).unwrap();
     }
     b.finish()
 }
@@ -111,11 +126,13 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
     let mut by_mode: HashMap<String, usize> = HashMap::new();
     for seed in 0..60u64 {
         let with_negatives = seed % 4 == 0;
+        let by_cluster = seed % 2 == 1;
         let data = random_data(
             seed,
             150 + (seed as usize % 7) * 40,
             120 + (seed as usize % 5) * 60,
             with_negatives,
+            by_cluster,
         );
         let mode = [Mode::Sample, Mode::All, Mode::Pairs][seed as usize % 3];
         // Every other seed with negatives asks for more than most groups list, and fills.
@@ -133,6 +150,11 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
             } else {
                 FillNegatives::Error
             },
+            batching: if by_cluster {
+                Batching::ByCluster
+            } else {
+                Batching::Shuffled
+            },
             seed,
         };
         if fill {
@@ -143,7 +165,7 @@ fn random_duplicated_data_plans_are_conflict_free_complete_and_deterministic() {
         }
         for epoch in 0..3 {
             let plan = plan_epoch(&data, &spec, epoch);
-            let what = format!("seed {seed} epoch {epoch} {mode:?}");
+            let what = format!("seed {seed} epoch {epoch} {mode:?} {:?}", spec.batching);
             let mut placed: BTreeMap<(u32, u32), usize> = BTreeMap::new();
             for k in 0..plan.num_batches() {
                 let b = plan.batch(k);
@@ -226,6 +248,7 @@ fn a_text_in_every_group_is_spread_one_per_batch() {
             &format!("q{g}"),
             &["the shared answer", &format!("own {g}")],
             &[],
+            None,
         )
         .unwrap();
     }
@@ -235,6 +258,7 @@ fn a_text_in_every_group_is_spread_one_per_batch() {
         mode: Mode::All,
         negatives_per_row: 0,
         fill_negatives: FillNegatives::Error,
+        batching: Batching::Shuffled,
         seed: 3,
     };
     let plan = plan_epoch(&data, &spec, 0);

@@ -55,6 +55,10 @@ pub struct MineArgs {
     pub sampling_strategy: Sampling,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also cluster the queries into K topics (spherical k-means of their embeddings, seeded) and
+    /// write each group's "cluster", for training with data.batching = "by_cluster".
+    #[arg(long, value_name = "K")]
+    pub clusters: Option<usize>,
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
@@ -99,6 +103,7 @@ pub fn run(args: MineArgs) -> anyhow::Result<()> {
         sampling_strategy: args.sampling_strategy,
         seed: args.seed,
         batch_size: args.batch_size as usize,
+        clusters: args.clusters,
         corpus: None,
     };
     opts.validate().map_err(anyhow::Error::msg)?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tch::{Device, Tensor};
 
 use crate::config::RunConfig;
+use crate::data::Batching;
 use crate::error::{Error, Result};
 use crate::mine::{Corpus, MineOptions, cache, mine_embedded, query_texts};
 use crate::model::pooling::normalize_l2;
@@ -24,6 +25,8 @@ struct Part {
     corpus: usize,
     /// The negatives per row the task is planned with once mined (0 until then).
     negatives_per_row: usize,
+    /// Its batching once mined (shuffled until then: the cluster labels may come with mining).
+    batching: Batching,
     /// Its corpus's key in the embedding cache.
     corpus_key: u64,
     /// Its corpus's embeddings with the base model, when the cache held them (row-major f32:
@@ -94,6 +97,7 @@ impl MineJob {
                 queries: queries.len(),
                 corpus: rows,
                 negatives_per_row: task.negatives_per_row,
+                batching: task.batching,
                 corpus_key,
                 cached,
             });
@@ -180,6 +184,7 @@ impl MineJob {
                 mine_embedded(data, &corpus, &query_emb, &corpus_emb, &self.opts, false)?;
             report.corpus_cached = cached.is_some();
             task.negatives_per_row = part.negatives_per_row;
+            task.batching = part.batching;
             events.push(record(cfg, task, epoch, &mined, &report, took)?);
         }
         Ok((out, events))
@@ -203,13 +208,15 @@ fn first_texts(texts: &[String], parts: &[Part]) -> Vec<String> {
     out
 }
 
-/// `tasks` planned without hard negatives, until the mined data replaces them: the placeholder
-/// plan only lets the ring form; no step runs on it.
+/// `tasks` planned without hard negatives (and shuffled, as mining may bring the cluster labels),
+/// until the mined data replaces them: the placeholder plan only lets the ring form; no step runs
+/// on it.
 pub fn placeholder(tasks: &[Task]) -> Vec<Task> {
     let mut out = tasks.to_vec();
     for t in out.iter_mut() {
         if matches!(t.data, TaskData::Groups(_)) {
             t.negatives_per_row = 0;
+            t.batching = Batching::Shuffled;
         }
     }
     out

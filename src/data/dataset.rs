@@ -9,6 +9,38 @@ use super::text::{hash_normalized, normalize};
 /// Index of a distinct text in a [`Dataset`].
 pub type TextId = u32;
 
+/// A query group's cluster (topic) label, as the data names it: `data.batching = "by_cluster"`
+/// fills batches cluster by cluster (docs/design.md §2). `multipos mine --clusters K` writes numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(
+    untagged,
+    expecting = "a cluster label: a non-negative integer or a string"
+)]
+pub enum Cluster {
+    Id(u64),
+    Name(String),
+}
+
+impl Cluster {
+    /// The label of a delimited file's field: a number when it is one, else the text.
+    pub fn parse(field: &str) -> Cluster {
+        let field = field.trim();
+        match field.parse() {
+            Ok(id) if !field.starts_with('+') => Cluster::Id(id),
+            _ => Cluster::Name(field.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cluster::Id(id) => write!(f, "{id}"),
+            Cluster::Name(name) => write!(f, "{name:?}"),
+        }
+    }
+}
+
 /// Counts reported after loading, so a user sees what was merged or removed and why.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LoadStats {
@@ -67,6 +99,9 @@ pub struct Dataset {
     positives: Vec<TextId>,
     neg_offsets: Vec<u32>,
     negatives: Vec<TextId>,
+    /// Per group, an index into `cluster_labels`, when the data labels the group.
+    clusters: Vec<Option<u32>>,
+    cluster_labels: Vec<Cluster>,
     stats: LoadStats,
 }
 
@@ -101,6 +136,21 @@ impl Dataset {
         &self.texts[id as usize]
     }
 
+    /// The cluster of group `g`, as an index below [`Dataset::cluster_count`], if labelled.
+    pub fn cluster(&self, g: usize) -> Option<u32> {
+        self.clusters[g]
+    }
+
+    /// The label of cluster index `c`.
+    pub fn cluster_label(&self, c: u32) -> &Cluster {
+        &self.cluster_labels[c as usize]
+    }
+
+    /// How many distinct cluster labels the groups carry.
+    pub fn cluster_count(&self) -> usize {
+        self.cluster_labels.len()
+    }
+
     /// The identity hash of a text (see [`super::text`]).
     pub fn hash(&self, id: TextId) -> u64 {
         self.hashes[id as usize]
@@ -129,6 +179,11 @@ impl Dataset {
             for &n in self.negatives(g) {
                 h.update(&self.hash(n).to_le_bytes());
             }
+            // Unlabelled data keeps the fingerprint it had before labels existed.
+            if let Some(c) = self.cluster(g) {
+                h.update(b"#");
+                h.update(self.cluster_label(c).to_string().as_bytes());
+            }
             h.update(b";");
         }
         h.digest()
@@ -143,6 +198,8 @@ pub struct DatasetBuilder {
     group_of_query: FxHashMap<TextId, usize>,
     pending_pos: Vec<Vec<TextId>>,
     pending_neg: Vec<Vec<TextId>>,
+    pending_cluster: Vec<Option<u32>>,
+    cluster_ids: FxHashMap<Cluster, u32>,
 }
 
 /// Why a record cannot be used.
@@ -152,6 +209,9 @@ pub enum RecordError {
     NoPositives,
     EmptyPositive(usize),
     EmptyNegative(usize),
+    EmptyCluster,
+    /// The query's group already has another cluster label: (that one, this one).
+    ClusterConflict(Cluster, Cluster),
 }
 
 impl fmt::Display for RecordError {
@@ -161,6 +221,11 @@ impl fmt::Display for RecordError {
             RecordError::NoPositives => write!(f, "the group has no positives"),
             RecordError::EmptyPositive(i) => write!(f, "positive #{} is empty", i + 1),
             RecordError::EmptyNegative(i) => write!(f, "negative #{} is empty", i + 1),
+            RecordError::EmptyCluster => write!(f, "field \"cluster\" is empty"),
+            RecordError::ClusterConflict(was, now) => write!(
+                f,
+                "field \"cluster\" is {now}, but an earlier record of this query put it in cluster {was}"
+            ),
         }
     }
 }
@@ -183,12 +248,14 @@ impl DatasetBuilder {
         id
     }
 
-    /// Adds one record (a group or a pair). Validates it completely before changing anything.
+    /// Adds one record (a group or a pair), with its cluster label if it has one. Validates it
+    /// completely before changing anything.
     pub fn add(
         &mut self,
         query: &str,
         positives: &[&str],
         negatives: &[&str],
+        cluster: Option<&Cluster>,
     ) -> Result<(), RecordError> {
         let q_norm = normalize(query);
         if q_norm.is_empty() {
@@ -205,6 +272,20 @@ impl DatasetBuilder {
         if let Some(i) = neg_norm.iter().position(String::is_empty) {
             return Err(RecordError::EmptyNegative(i));
         }
+        if matches!(cluster, Some(Cluster::Name(n)) if n.trim().is_empty()) {
+            return Err(RecordError::EmptyCluster);
+        }
+        let earlier = self
+            .by_hash
+            .get(&hash_normalized(&q_norm))
+            .and_then(|q| self.group_of_query.get(q))
+            .and_then(|&g| self.pending_cluster[g]);
+        if let (Some(was), Some(now)) = (earlier, cluster) {
+            let was = &self.data.cluster_labels[was as usize];
+            if was != now {
+                return Err(RecordError::ClusterConflict(was.clone(), now.clone()));
+            }
+        }
 
         self.data.stats.records += 1;
         let q = self.intern(query, &q_norm);
@@ -218,10 +299,19 @@ impl DatasetBuilder {
                 self.data.queries.push(q);
                 self.pending_pos.push(Vec::new());
                 self.pending_neg.push(Vec::new());
+                self.pending_cluster.push(None);
                 self.group_of_query.insert(q, g);
                 g
             }
         };
+        if let Some(label) = cluster {
+            let next = self.cluster_ids.len() as u32;
+            let c = *self.cluster_ids.entry(label.clone()).or_insert_with(|| {
+                self.data.cluster_labels.push(label.clone());
+                next
+            });
+            self.pending_cluster[g] = Some(c);
+        }
         for (p, norm) in positives.iter().zip(&pos_norm) {
             let id = self.intern(p, norm);
             if id == q {
@@ -269,6 +359,7 @@ impl DatasetBuilder {
                 .collect();
             d.stats.negatives_contradicting_removed += (before - neg.len()) as u64;
             d.queries.push(q);
+            d.clusters.push(self.pending_cluster[g]);
             d.positives.extend_from_slice(pos);
             d.negatives.extend_from_slice(&neg);
             d.pos_offsets.push(d.positives.len() as u32);
@@ -293,17 +384,19 @@ mod tests {
             "What is life insurance?",
             &["It pays out.", "It  pays out."],
             &["Cars.", "It pays out."],
+            None,
         )
         .unwrap();
-        b.add(" what is life insurance? ", &["A contract."], &[])
+        b.add(" what is life insurance? ", &["A contract."], &[], None)
             .unwrap();
         b.add(
             "What is life insurance?",
             &["A contract.", "What is life insurance?"],
             &["Cars."],
+            None,
         )
         .unwrap();
-        b.add("echo", &["echo"], &[]).unwrap();
+        b.add("echo", &["echo"], &[], None).unwrap();
         let d = b.finish();
         assert_eq!(
             d.len(),
@@ -324,12 +417,44 @@ mod tests {
     #[test]
     fn rejects_bad_records_without_side_effects() {
         let mut b = DatasetBuilder::new();
-        assert_eq!(b.add("  ", &["x"], &[]), Err(RecordError::EmptyQuery));
-        assert_eq!(b.add("q", &[], &[]), Err(RecordError::NoPositives));
+        assert_eq!(b.add("  ", &["x"], &[], None), Err(RecordError::EmptyQuery));
+        assert_eq!(b.add("q", &[], &[], None), Err(RecordError::NoPositives));
         assert_eq!(
-            b.add("q", &["a", " "], &[]),
+            b.add("q", &["a", " "], &[], None),
             Err(RecordError::EmptyPositive(1))
         );
         assert_eq!(b.finish().stats().records, 0);
+    }
+
+    #[test]
+    fn cluster_labels_merge_with_their_query_and_conflicts_are_refused() {
+        let mut b = DatasetBuilder::new();
+        let (seven, cars) = (Cluster::Id(7), Cluster::Name("cars".into()));
+        b.add("q1", &["a"], &[], Some(&seven)).unwrap();
+        b.add("q1", &["b"], &[], None).unwrap();
+        b.add("q2", &["c"], &[], Some(&cars)).unwrap();
+        b.add("q3", &["d"], &[], Some(&seven)).unwrap();
+        assert_eq!(
+            b.add(" q1", &["e"], &[], Some(&cars)),
+            Err(RecordError::ClusterConflict(seven.clone(), cars.clone()))
+        );
+        assert_eq!(
+            b.add("q4", &["e"], &[], Some(&Cluster::Name(" ".into()))),
+            Err(RecordError::EmptyCluster)
+        );
+        let d = b.finish();
+        assert_eq!(d.cluster_count(), 2);
+        assert_eq!(
+            (d.cluster(0), d.cluster(1), d.cluster(2)),
+            (Some(0), Some(1), Some(0))
+        );
+        assert_eq!(d.cluster_label(1), &cars);
+        assert_eq!(
+            d.positives(0).len(),
+            2,
+            "the unlabelled record joined its group"
+        );
+        assert_eq!(Cluster::parse(" 12 "), Cluster::Id(12));
+        assert_eq!(Cluster::parse("+12"), Cluster::Name("+12".into()));
     }
 }

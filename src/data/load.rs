@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::dataset::{Dataset, DatasetBuilder};
+use super::dataset::{Cluster, Dataset, DatasetBuilder};
 use crate::error::{Error, Result};
 
 /// How to treat malformed records.
@@ -16,7 +16,8 @@ pub struct LoadOptions {
     pub skip_invalid: bool,
 }
 
-/// One JSONL record: a group (`positives`) or a pair (`positive`), `anchor` accepted for `query`.
+/// One JSONL record: a group (`positives`) or a pair (`positive`), `anchor` accepted for `query`,
+/// optionally with a `cluster` label.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonRecord {
@@ -30,13 +31,24 @@ struct JsonRecord {
     negatives: Option<Vec<String>>,
     #[serde(default)]
     negative: Option<String>,
+    /// A number or a name: the group's topic for `data.batching = "by_cluster"`.
+    #[serde(default)]
+    cluster: Option<Cluster>,
     /// Tolerated and ignored: many exports carry an id.
     #[serde(default, rename = "id")]
     _id: Option<serde_json::Value>,
 }
 
+/// One record's content, from any file format.
+struct Parts {
+    query: String,
+    positives: Vec<String>,
+    negatives: Vec<String>,
+    cluster: Option<Cluster>,
+}
+
 impl JsonRecord {
-    fn into_parts(self) -> std::result::Result<(String, Vec<String>, Vec<String>), String> {
+    fn into_parts(self) -> std::result::Result<Parts, String> {
         let positives = match (self.positives, self.positive) {
             (Some(p), None) => p,
             (None, Some(p)) => vec![p],
@@ -49,7 +61,12 @@ impl JsonRecord {
             (None, None) => Vec::new(),
             (Some(_), Some(_)) => return Err("has both \"negatives\" and \"negative\"".into()),
         };
-        Ok((self.query, positives, negatives))
+        Ok(Parts {
+            query: self.query,
+            positives,
+            negatives,
+            cluster: self.cluster,
+        })
     }
 }
 
@@ -105,16 +122,13 @@ impl Sink<'_> {
         Ok(())
     }
 
-    fn add(
-        &mut self,
-        line: usize,
-        query: &str,
-        positives: &[String],
-        negatives: &[String],
-    ) -> Result<()> {
-        let p: Vec<&str> = positives.iter().map(String::as_str).collect();
-        let n: Vec<&str> = negatives.iter().map(String::as_str).collect();
-        match self.builder.add(query, &p, &n) {
+    fn add(&mut self, line: usize, record: &Parts) -> Result<()> {
+        let p: Vec<&str> = record.positives.iter().map(String::as_str).collect();
+        let n: Vec<&str> = record.negatives.iter().map(String::as_str).collect();
+        match self
+            .builder
+            .add(&record.query, &p, &n, record.cluster.as_ref())
+        {
             Ok(()) => Ok(()),
             Err(e) => self.reject(line, e.to_string()),
         }
@@ -170,7 +184,7 @@ fn load_jsonl(path: &Path, sink: &mut Sink<'_>) -> Result<()> {
                 .and_then(JsonRecord::into_parts)
         });
         match parts {
-            Ok((q, p, n)) => sink.add(line_no, &q, &p, &n),
+            Ok(record) => sink.add(line_no, &record),
             Err(reason) => sink.reject(line_no, reason),
         }
     })
@@ -208,6 +222,7 @@ fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()>
             ),
         });
     };
+    let cluster = find(&["cluster"]);
     let negatives: Vec<usize> = headers
         .iter()
         .enumerate()
@@ -227,7 +242,16 @@ fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()>
                     .map(|&i| field(i))
                     .filter(|n| !n.trim().is_empty())
                     .collect();
-                sink.add(line_no, &field(query), &[field(positive)], &negs)?;
+                let record = Parts {
+                    query: field(query),
+                    positives: vec![field(positive)],
+                    negatives: negs,
+                    cluster: cluster
+                        .map(field)
+                        .filter(|c| !c.trim().is_empty())
+                        .map(|c| Cluster::parse(&c)),
+                };
+                sink.add(line_no, &record)?;
             }
             Err(e) => {
                 let line = e.position().map_or(line_no, |p| p.line() as usize);
@@ -281,7 +305,7 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_reason() {
-        let cases: [(&str, &[u8], &str); 7] = [
+        let cases: [(&str, &[u8], &str); 9] = [
             ("a.jsonl", b"{\"query\": \"q\", \"positives\": [\"a\"]}\n{\"query\": \"q\", \"positives\": [\"a\"\n", "a.jsonl:2: invalid record"),
             ("b.jsonl", b"{\"query\": \"q\", \"positives\": []}\n", "b.jsonl:1: the group has no positives"),
             ("c.jsonl", b"\n{\"query\": \"  \", \"positives\": [\"a\"]}\n", "c.jsonl:2: field \"query\" is empty"),
@@ -289,6 +313,8 @@ mod tests {
             ("e.jsonl", b"{\"query\": \"q\", \"positives\": [\"a\"], \"score\": 1}\n", "e.jsonl:1: invalid record: unknown field `score`"),
             ("f.csv", b"question,answer\nq,a\n", "f.csv:1: the header must name"),
             ("g.csv", b"query,positive\nq,a\nq,a,extra\n", "g.csv:3: malformed row"),
+            ("h.jsonl", b"{\"query\": \"q\", \"positives\": [\"a\"], \"cluster\": 1.5}\n", "h.jsonl:1: invalid record: a cluster label: a non-negative integer or a string"),
+            ("i.jsonl", b"{\"query\": \"q\", \"positive\": \"a\", \"cluster\": 1}\n{\"query\": \"q\", \"positive\": \"b\", \"cluster\": \"1\"}\n", "i.jsonl:2: field \"cluster\" is \"1\", but an earlier record of this query put it in cluster 1"),
         ];
         for (name, text, needle) in cases {
             let (_d, p) = write(name, text);
@@ -309,5 +335,29 @@ mod tests {
                 .to_string()
                 .contains("no usable query groups")
         );
+    }
+
+    #[test]
+    fn cluster_labels_load_from_json_and_csv_alike() {
+        let (_a, grouped) = write("g.jsonl", b"{\"query\": \"q1\", \"positives\": [\"a\"], \"cluster\": 3}\n{\"query\": \"q2\", \"positives\": [\"b\"], \"cluster\": \"cars\"}\n");
+        let (_b, csv) = write("p.csv", b"query,positive,cluster\nq1,a,3\nq2,b,cars\n");
+        let (_c, plain) = write("n.jsonl", b"{\"query\": \"q1\", \"positives\": [\"a\"]}\n{\"query\": \"q2\", \"positives\": [\"b\"]}\n");
+        let (g, c, p) = (
+            load(&grouped, false).unwrap(),
+            load(&csv, false).unwrap(),
+            load(&plain, false).unwrap(),
+        );
+        assert_eq!(g.fingerprint(), c.fingerprint());
+        assert_ne!(
+            g.fingerprint(),
+            p.fingerprint(),
+            "labels are part of the content"
+        );
+        assert_eq!(g.cluster_label(g.cluster(0).unwrap()), &Cluster::Id(3));
+        assert_eq!(
+            g.cluster_label(g.cluster(1).unwrap()),
+            &Cluster::Name("cars".into())
+        );
+        assert_eq!((p.cluster(0), p.cluster_count()), (None, 0));
     }
 }

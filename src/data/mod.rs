@@ -5,7 +5,7 @@ pub mod pairs;
 pub mod planner;
 pub mod text;
 
-pub use dataset::{Dataset, DatasetBuilder, LoadStats, TextId};
+pub use dataset::{Cluster, Dataset, DatasetBuilder, LoadStats, TextId};
 pub use load::{LoadOptions, load_files};
 pub use pairs::{PairEpoch, PairSet, PairTargets, TargetKind};
-pub use planner::{Batch, EpochPlan, FillNegatives, Mode, PlanSpec, Row, plan_epoch};
+pub use planner::{Batch, Batching, EpochPlan, FillNegatives, Mode, PlanSpec, Row, plan_epoch};

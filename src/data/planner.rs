@@ -47,6 +47,19 @@ pub enum FillNegatives {
     Random,
 }
 
+/// Which rows share a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Batching {
+    /// Any rows: the epoch's seeded shuffle, packed in order (the default).
+    #[default]
+    Shuffled,
+    /// Rows of one cluster together: the shuffled rows, ordered cluster by cluster (the clusters in
+    /// a seeded order), so a batch's in-batch negatives share its topic and are harder to tell
+    /// apart. Every query group needs a `cluster` label (`multipos mine --clusters K` writes them).
+    ByCluster,
+}
+
 /// What to plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanSpec {
@@ -54,6 +67,7 @@ pub struct PlanSpec {
     pub mode: Mode,
     pub negatives_per_row: usize,
     pub fill_negatives: FillNegatives,
+    pub batching: Batching,
     pub seed: u64,
 }
 
@@ -154,6 +168,14 @@ pub fn validate(data: &Dataset, spec: &PlanSpec) -> Result<(), String> {
         return Err(format!(
             "batch_size {} is larger than the {rows} rows one epoch has (mode {:?}): lower batch_size",
             spec.batch_size, spec.mode
+        ));
+    }
+    if spec.batching == Batching::ByCluster
+        && let Some(g) = (0..data.len()).find(|&g| data.cluster(g).is_none())
+    {
+        return Err(format!(
+            "batching = \"by_cluster\" needs a \"cluster\" label on every query group, but query group {g} ({:?}) has none: label the data (multipos mine --clusters K does) or use batching = \"shuffled\"",
+            data.text(data.query(g))
         ));
     }
     let short = short_of_negatives(data, spec.negatives_per_row);
@@ -287,18 +309,27 @@ fn epoch_rows(
             }
         }
     }
+    let mut perm: Vec<usize> = (0..rows.len()).collect();
     if spec.mode == Mode::Pairs {
         // Shuffle rows (with their negatives) one by one instead of group by group.
-        let mut perm: Vec<usize> = (0..rows.len()).collect();
         perm.shuffle(rng);
-        let rows_p = perm.iter().map(|&i| rows[i]).collect();
-        let negs_p = perm
-            .iter()
-            .flat_map(|&i| negatives[i * k..(i + 1) * k].iter().copied())
-            .collect();
-        return (rows_p, negs_p);
     }
-    (rows, negatives)
+    if spec.batching == Batching::ByCluster {
+        // Stable: within a cluster the rows keep their shuffled order (and a group its rows).
+        let mut rank: Vec<usize> = (0..data.cluster_count()).collect();
+        rank.shuffle(rng);
+        let cluster = |i: usize| data.cluster(rows[i].group as usize).expect("validated");
+        perm.sort_by_key(|&i| rank[cluster(i) as usize]);
+    }
+    if perm.iter().enumerate().all(|(at, &i)| at == i) {
+        return (rows, negatives);
+    }
+    let rows_p = perm.iter().map(|&i| rows[i]).collect();
+    let negs_p = perm
+        .iter()
+        .flat_map(|&i| negatives[i * k..(i + 1) * k].iter().copied())
+        .collect();
+    (rows_p, negs_p)
 }
 
 /// The texts a row puts into a batch, with the role of each: (hash, is_query).
@@ -406,12 +437,12 @@ pub fn plan_epoch(data: &Dataset, spec: &PlanSpec, epoch: u64) -> EpochPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::dataset::DatasetBuilder;
+    use crate::data::dataset::{Cluster, DatasetBuilder};
 
     fn data(groups: &[(&str, &[&str])]) -> Dataset {
         let mut b = DatasetBuilder::new();
         for (q, p) in groups {
-            b.add(q, p, &[]).unwrap();
+            b.add(q, p, &[], None).unwrap();
         }
         b.finish()
     }
@@ -422,6 +453,7 @@ mod tests {
             mode,
             negatives_per_row: 0,
             fill_negatives: FillNegatives::Error,
+            batching: Batching::Shuffled,
             seed: 1,
         }
     }
@@ -522,5 +554,79 @@ mod tests {
                 .unwrap_err()
                 .contains("2 of 2 query groups have fewer hard negatives")
         );
+    }
+
+    /// 12 clusters of 8 single-answer questions each (labelled "t0".."t11").
+    fn clustered() -> Dataset {
+        let mut b = DatasetBuilder::new();
+        for i in 0..96 {
+            let label = Cluster::Name(format!("t{}", i % 12));
+            b.add(&format!("q{i}"), &[&format!("a{i}")], &[], Some(&label))
+                .unwrap();
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn by_cluster_batches_hold_one_cluster_each_and_plan_every_row() {
+        let d = clustered();
+        for mode in [Mode::Pairs, Mode::Sample, Mode::All] {
+            for seed in 0..5 {
+                let s = PlanSpec {
+                    seed,
+                    batching: Batching::ByCluster,
+                    ..spec(8, mode)
+                };
+                validate(&d, &s).unwrap();
+                let plan = plan_epoch(&d, &s, 0);
+                assert_eq!(plan.num_batches(), 12, "{mode:?} seed {seed}");
+                let mut first = Vec::new();
+                for k in 0..12 {
+                    let clusters: std::collections::BTreeSet<_> = plan
+                        .batch(k)
+                        .rows
+                        .iter()
+                        .map(|r| d.cluster(r.group as usize).unwrap())
+                        .collect();
+                    assert_eq!(clusters.len(), 1, "{mode:?} seed {seed} batch {k}");
+                    first.extend(clusters);
+                }
+                if seed == 0 {
+                    let shuffled = plan_epoch(&d, &spec(8, mode), 0);
+                    let mixed = (0..12).any(|k| {
+                        let b = shuffled.batch(k);
+                        b.rows.iter().any(|r| {
+                            d.cluster(r.group as usize) != d.cluster(b.rows[0].group as usize)
+                        })
+                    });
+                    assert!(mixed, "the default batching mixes clusters");
+                }
+                let other = plan_epoch(
+                    &d,
+                    &PlanSpec {
+                        seed: seed + 100,
+                        ..s
+                    },
+                    0,
+                );
+                let other_first: Vec<_> = (0..12)
+                    .map(|k| d.cluster(other.batch(k).rows[0].group as usize).unwrap())
+                    .collect();
+                assert_ne!(first, other_first, "the seed orders the clusters");
+            }
+        }
+    }
+
+    #[test]
+    fn by_cluster_needs_every_group_labelled() {
+        let mut b = DatasetBuilder::new();
+        b.add("q1", &["a"], &[], Some(&Cluster::Id(1))).unwrap();
+        b.add("q2", &["b"], &[], None).unwrap();
+        let s = PlanSpec {
+            batching: Batching::ByCluster,
+            ..spec(2, Mode::Pairs)
+        };
+        let err = validate(&b.finish(), &s).unwrap_err();
+        assert!(err.contains("query group 1 (\"q2\") has none"), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 //! Search is exact and chunked (bounded memory), corpus embeddings are cached on disk, and every
 //! query and positive of the input is written out, with those that found too few negatives counted.
 pub mod cache;
+pub mod kmeans;
 pub mod search;
 pub mod select;
 
@@ -15,9 +16,9 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::data::Dataset;
 use crate::data::planner::mix_seed;
 use crate::data::text::{hash_normalized, normalize};
+use crate::data::{Cluster, Dataset};
 use crate::error::{Error, Result};
 use crate::io::atomic::AtomicFile;
 use crate::model::SentenceModel;
@@ -57,6 +58,9 @@ pub struct MineOptions {
     pub seed: u64,
     /// Texts per forward pass when embedding.
     pub batch_size: usize,
+    /// Also cluster the queries into this many topics (spherical k-means of their embeddings,
+    /// seeded by `seed`), written as each group's `cluster` label for `data.batching = "by_cluster"`.
+    pub clusters: Option<usize>,
     /// More texts to mine from, beside every positive (`train.mine` only; the command takes
     /// `--corpus`): .txt, one per line, or .jsonl with a "text" field.
     pub corpus: Option<std::path::PathBuf>,
@@ -75,6 +79,7 @@ impl Default for MineOptions {
             sampling_strategy: Sampling::Top,
             seed: 42,
             batch_size: 32,
+            clusters: None,
             corpus: None,
         }
     }
@@ -100,6 +105,9 @@ impl MineOptions {
         }
         if self.batch_size == 0 {
             return Err("batch_size must be at least 1".into());
+        }
+        if self.clusters == Some(0) {
+            return Err("clusters must be at least 1".into());
         }
         if let Some(range_max) = self.range_max {
             if self.range_min >= range_max {
@@ -146,6 +154,29 @@ pub struct MineReport {
     pub skipped: Skipped,
     /// Whether the corpus embeddings came from the cache.
     pub corpus_cached: bool,
+    /// The query clusters, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<ClusterReport>,
+}
+
+/// How the queries clustered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ClusterReport {
+    pub count: u64,
+    /// Queries in the smallest and in the largest cluster.
+    pub smallest: u64,
+    pub largest: u64,
+    /// Lloyd rounds until no query changed cluster.
+    pub rounds: u64,
+}
+
+/// What mining found for every group of the data, in group order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mined {
+    /// The mined negatives (texts, best first).
+    pub negatives: Vec<Vec<String>>,
+    /// Each query's cluster, numbered from 0 (`MineOptions::clusters`).
+    pub clusters: Option<Vec<u32>>,
 }
 
 /// The texts to mine from: `extra` (deduplicated by identity) followed by every positive of `data`.
@@ -235,7 +266,7 @@ pub fn mine(
     opts: &MineOptions,
     cache: Option<&Path>,
     show_progress: bool,
-) -> Result<(Vec<Vec<String>>, MineReport)> {
+) -> Result<(Mined, MineReport)> {
     opts.validate().map_err(Error::Usage)?;
     let cached = match cache {
         Some(dir) => cache::load(
@@ -301,7 +332,7 @@ pub fn mine_embedded(
     corpus_emb: &Tensor,
     opts: &MineOptions,
     show_progress: bool,
-) -> Result<(Vec<Vec<String>>, MineReport)> {
+) -> Result<(Mined, MineReport)> {
     let max_positives = max_positives(data);
     opts.validate().map_err(Error::Usage)?;
     let (q, c) = (query_emb.size(), corpus_emb.size());
@@ -309,6 +340,14 @@ pub fn mine_embedded(
         return Err(Error::Usage(format!(
             "query embeddings of shape {q:?} and corpus embeddings of shape {c:?} differ in \
              dimension (a corrupt embedding cache file?)"
+        )));
+    }
+    if let Some(k) = opts.clusters
+        && k > data.len()
+    {
+        return Err(Error::Usage(format!(
+            "cannot cluster {} queries into clusters = {k}: lower clusters",
+            data.len()
         )));
     }
     let range_max = opts.range_max(max_positives);
@@ -365,6 +404,21 @@ pub fn mine_embedded(
                 .collect(),
         );
     }
+    let clusters = opts.clusters.map(|k| {
+        let c = kmeans::cluster(query_emb, k, opts.seed);
+        let sizes = c.sizes(k);
+        report.clusters = Some(ClusterReport {
+            count: k as u64,
+            smallest: sizes.iter().copied().min().unwrap_or(0),
+            largest: sizes.iter().copied().max().unwrap_or(0),
+            rounds: c.rounds as u64,
+        });
+        c.labels
+    });
+    let mined = Mined {
+        negatives: mined,
+        clusters,
+    };
     Ok((mined, report))
 }
 
@@ -373,13 +427,16 @@ struct GroupLine<'a> {
     query: &'a str,
     positives: Vec<&'a str>,
     negatives: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<Cluster>,
 }
 
 /// Writes every group of `data` with its negatives — those the input listed, then the mined ones not
-/// already among them — as query-grouped JSONL, atomically.
-pub fn write_groups(path: &Path, data: &Dataset, mined: &[Vec<String>]) -> Result<()> {
+/// already among them — and its cluster — the mined one, else the input's label — as query-grouped
+/// JSONL, atomically.
+pub fn write_groups(path: &Path, data: &Dataset, mined: &Mined) -> Result<()> {
     let mut out = AtomicFile::create(path)?;
-    for (g, extra) in mined.iter().enumerate() {
+    for (g, extra) in mined.negatives.iter().enumerate() {
         let mut negatives: Vec<&str> = data.negatives(g).iter().map(|&n| data.text(n)).collect();
         let mut seen: Vec<u64> = data.negatives(g).iter().map(|&n| data.hash(n)).collect();
         for t in extra {
@@ -393,6 +450,10 @@ pub fn write_groups(path: &Path, data: &Dataset, mined: &[Vec<String>]) -> Resul
             query: data.text(data.query(g)),
             positives: data.positives(g).iter().map(|&p| data.text(p)).collect(),
             negatives,
+            cluster: match &mined.clusters {
+                Some(labels) => Some(Cluster::Id(u64::from(labels[g]))),
+                None => data.cluster(g).map(|c| data.cluster_label(c).clone()),
+            },
         };
         serde_json::to_writer(out.writer(), &line)
             .map_err(|e| Error::io("write", path)(e.into()))?;

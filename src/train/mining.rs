@@ -14,7 +14,7 @@ use crate::config::RunConfig;
 use crate::data::{Dataset, LoadOptions, load_files};
 use crate::embed::read_inputs;
 use crate::error::{Error, Result};
-use crate::mine::{Corpus, MineOptions, MineReport, cache, mine, write_groups};
+use crate::mine::{Corpus, MineOptions, MineReport, Mined, cache, mine, write_groups};
 use crate::model::SentenceModel;
 
 /// Where a task's mined data is recorded: mined with the base model, or (`epoch`) again before
@@ -63,7 +63,7 @@ fn mine_task(
     data: &Dataset,
     extra: &[String],
     opts: &MineOptions,
-) -> Result<(Vec<Vec<String>>, MineReport)> {
+) -> Result<(Mined, MineReport)> {
     let corpus = Corpus::new(data, extra);
     mine(
         model,
@@ -128,7 +128,7 @@ pub fn record(
     cfg: &RunConfig,
     task: &mut Task,
     epoch: Option<usize>,
-    mined: &[Vec<String>],
+    mined: &Mined,
     report: &MineReport,
     took: Duration,
 ) -> Result<serde_json::Value> {

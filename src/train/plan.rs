@@ -256,6 +256,7 @@ pub fn spec(task: &Task, batch_size: usize, seed: u64) -> PlanSpec {
         mode: task.mode,
         negatives_per_row: task.negatives_per_row,
         fill_negatives: task.fill_negatives,
+        batching: task.batching,
         seed,
     }
 }

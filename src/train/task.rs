@@ -4,7 +4,7 @@ use tch::Device;
 
 use crate::config::TaskConfig;
 use crate::data::{
-    Dataset, FillNegatives, LoadOptions, Mode, PairSet, TargetKind, load_files, pairs,
+    Batching, Dataset, FillNegatives, LoadOptions, Mode, PairSet, TargetKind, load_files, pairs,
 };
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, Objective, SoftmaxHead};
@@ -26,6 +26,7 @@ pub struct Task {
     pub mode: Mode,
     pub negatives_per_row: usize,
     pub fill_negatives: FillNegatives,
+    pub batching: Batching,
     pub data: TaskData,
 }
 
@@ -78,6 +79,7 @@ impl Task {
             mode: cfg.mode,
             negatives_per_row: cfg.negatives_per_row,
             fill_negatives: cfg.fill_negatives,
+            batching: cfg.batching,
             data,
         })
     }

@@ -17,7 +17,7 @@ cd "$ROOT"
 LR=${LR:-5e-5}
 source tests/reference/runs.sh
 target/release/multipos mine --model "$MODEL" --data $D/train.jsonl --output "$OUT/mined.jsonl" \
-  --relative-margin 0.05 --range-max 400 --num-negatives 3 --max-seq-length 128 2>/dev/null | tail -1
+  --relative-margin 0.05 --range-max 400 --num-negatives 3 --max-seq-length 128 --clusters 100 2>/dev/null | tail -1
 for seed in "$@"; do
   run_multipos multipos-recipe "$seed" configs/insuranceqa-small-hardneg.toml --set "data.train=\"$OUT/mined.jsonl\""
   run_multipos multipos-plain "$seed" configs/insuranceqa-small.toml
