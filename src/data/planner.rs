@@ -309,6 +309,9 @@ fn epoch_rows(
             }
         }
     }
+    if spec.mode != Mode::Pairs && spec.batching == Batching::Shuffled {
+        return (rows, negatives);
+    }
     let mut perm: Vec<usize> = (0..rows.len()).collect();
     if spec.mode == Mode::Pairs {
         // Shuffle rows (with their negatives) one by one instead of group by group.
@@ -320,9 +323,6 @@ fn epoch_rows(
         rank.shuffle(rng);
         let cluster = |i: usize| data.cluster(rows[i].group as usize).expect("validated");
         perm.sort_by_key(|&i| rank[cluster(i) as usize]);
-    }
-    if perm.iter().enumerate().all(|(at, &i)| at == i) {
-        return (rows, negatives);
     }
     let rows_p = perm.iter().map(|&i| rows[i]).collect();
     let negs_p = perm
