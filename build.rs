@@ -1,6 +1,8 @@
-//! Compiles `proto/multipos.proto` with the pure-Rust `protox` (no system `protoc`), and makes the
-//! binaries and tests find libtorch at run time without the user exporting any variable.
+//! Compiles `proto/multipos.proto` with the pure-Rust `protox` (no system `protoc`), compiles the
+//! C++ shim against libtorch (what `tch` does not bind: `src/shim/`), and makes the binaries and
+//! tests find libtorch at run time without the user exporting any variable.
 use std::env;
+use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/multipos.proto");
@@ -10,14 +12,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // torch-sys announces its lib dir only to crates that depend on it directly (`links = "tch"`).
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        // tch's own link arguments do not reach dependent crates; without an explicit, non-dropped
-        // -ltorch a CUDA libtorch links without libtorch_cuda and silently runs on CPU only.
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-L{lib}");
-        println!("cargo:rustc-link-arg=-ltorch");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
+    let lib = env::var("DEP_TCH_LIBTORCH_LIB")
+        .map_err(|_| "torch-sys did not announce libtorch's lib directory")?;
+    shim(Path::new(&lib))?;
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // tch's own link arguments do not reach dependent crates; without an explicit, non-dropped
+    // -ltorch a CUDA libtorch links without libtorch_cuda and silently runs on CPU only.
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-L{lib}");
+    println!("cargo:rustc-link-arg=-ltorch");
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    Ok(())
+}
+
+/// Compiles `src/shim/*.cpp` against the headers of the libtorch in `lib` (its `include/` beside
+/// it, in the layout of the PyTorch wheel and of the libtorch archive), as torch-sys compiles its
+/// own wrapper: C++17, the C++11 ABI unless `LIBTORCH_CXX11_ABI` says otherwise.
+fn shim(lib: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let root = lib
+        .parent()
+        .ok_or("libtorch's lib directory has no parent")?;
+    let include = root.join("include");
+    println!("cargo:rerun-if-changed=src/shim/fused_adamw.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file("src/shim/fused_adamw.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .try_compile("multipos_shim")?;
     Ok(())
 }

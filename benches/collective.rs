@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use multipos::auth::Token;
 use multipos::cluster::peer::loopback_rings;
-use multipos::collective::{Ring, ring};
+use multipos::collective::{Ring, Wire, ring};
 use multipos::tls::{Tls, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,7 +104,7 @@ async fn best_all_reduce(rings: &[Arc<Ring>], len: usize) -> f64 {
             .map(|(r, mut buf)| {
                 let r = r.clone();
                 tokio::spawn(async move {
-                    r.all_reduce_sum(rep, &mut buf).await.unwrap();
+                    r.all_reduce_sum(rep, &mut buf, Wire::F32).await.unwrap();
                     assert_eq!(buf[len / 2], r.world as f32);
                 })
             })

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Instant;
 
-use multipos::data::{DatasetBuilder, FillNegatives, Mode, PlanSpec, plan_epoch};
+use multipos::data::{Batching, DatasetBuilder, FillNegatives, Mode, PlanSpec, plan_epoch};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -41,7 +41,7 @@ fn main() {
             })
             .collect();
         let refs: Vec<&str> = positives.iter().map(String::as_str).collect();
-        b.add(&format!("question {g}"), &refs, &[]).unwrap();
+        b.add(&format!("question {g}"), &refs, &[], None).unwrap();
     }
     let data = b.finish();
     let load_s = start.elapsed().as_secs_f64();
@@ -52,6 +52,7 @@ fn main() {
         mode: Mode::All,
         negatives_per_row: 0,
         fill_negatives: FillNegatives::Error,
+        batching: Batching::Shuffled,
         seed: 7,
     };
     let start = Instant::now();

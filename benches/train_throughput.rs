@@ -1,7 +1,8 @@
 //! Training throughput (pairs/s) of multipos vs. Python sentence-transformers: all-MiniLM-L6-v2,
 //! batch 32, max_seq_length 128, lr 2e-5, MNRL scale 20, same data, same thread count, one run,
-//! reported as a ratio. multipos runs its single-process trainer (mode `pairs`, length-bucketed
-//! micro-batches, seeded dropout); Python runs SentenceTransformerTrainer with NO_DUPLICATES.
+//! reported as a ratio. multipos runs its single-process training run (`multipos train`'s: mode
+//! `pairs`, the next step prepared ahead, length-bucketed micro-batches, seeded dropout); Python runs
+//! SentenceTransformerTrainer with NO_DUPLICATES. Both are timed over their training loop.
 //!
 //!     deploy/pyref.sh && cargo bench --bench train_throughput
 //! Env: BENCH_STEPS (default 12), BENCH_THREADS (2). Data: ../shared/data/insuranceqa_small when
@@ -9,13 +10,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
-use multipos::collective::Solo;
 use multipos::config::RunConfig;
-use multipos::train::StepInput;
-use multipos::train::build::{load_model, plan_for, trainer_for};
-use multipos::train::task::{Task, load_tasks};
 
 fn main() {
     let steps = common::env_or("BENCH_STEPS", 12u64);
@@ -41,20 +37,9 @@ fn main() {
     )
     .unwrap();
     let cfg = RunConfig::load(&cfg_path, &[]).unwrap();
-    let tasks = load_tasks(&cfg.tasks()).unwrap();
-    let plan = plan_for(&cfg, &tasks).unwrap();
-    let specs: Vec<_> = tasks.iter().map(Task::spec).collect();
-    let mut trainer = trainer_for(&cfg, load_model(&cfg).unwrap(), &specs, steps).unwrap();
-    let start = Instant::now();
-    let mut pairs = 0;
-    for step in 0..steps {
-        let batch = plan.batch(&tasks, step);
-        pairs += trainer
-            .step(&StepInput::whole(&batch), step, &mut Solo)
-            .unwrap()
-            .pairs;
-    }
-    let ours = pairs as f64 / start.elapsed().as_secs_f64();
+    let ours = multipos::train::run(&cfg, multipos::progress::Show::OFF)
+        .unwrap()
+        .pairs_per_s;
 
     let args: Vec<String> = [
         "--model",

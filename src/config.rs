@@ -81,6 +81,12 @@ pub struct ClusterConfig {
     pub metrics_bind: Option<String>,
     /// Who embeds the texts `train.mine` searches: the workers, in pages, or the coordinator alone.
     pub mine_on: MineOn,
+    /// How gradients travel between workers: `f32`, or `bf16` (half the bytes; every worker still
+    /// ends with the same values, each within half a bf16 step of the exact sum).
+    pub grad_dtype: crate::collective::Wire,
+    /// Gradient bucket size of the all-reduce: the ring sums one bucket while the next is copied
+    /// out of the device.
+    pub bucket_mib: usize,
 }
 
 /// Where a cluster embeds the texts of `train.mine`.
@@ -115,6 +121,8 @@ impl Default for ClusterConfig {
             tls: None,
             metrics_bind: None,
             mine_on: MineOn::Workers,
+            grad_dtype: crate::collective::Wire::F32,
+            bucket_mib: 25,
         }
     }
 }
@@ -276,8 +284,13 @@ pub struct TrainConfig {
     /// Dropout in the forward pass (off makes runs exactly repeatable across worker counts).
     pub dropout: bool,
     /// Rows per forward pass within a column, after sorting the column by length (0 = the whole
-    /// column at once). Smaller buckets pad less; the loss and gradients are the same.
-    pub micro_batch: usize,
+    /// column at once; unset: 8 on the CPU, 64 on a GPU). Smaller buckets pad less; the loss and
+    /// gradients are the same.
+    pub micro_batch: Option<usize>,
+    /// Steps prepared (tokenized, padded, copied to the device) ahead of the one running, on a
+    /// thread of their own (0 = each when it is due). One process only: a worker learns its step
+    /// when the coordinator sends it.
+    pub prefetch: usize,
     /// Continue from a checkpoint: "latest" (the newest valid one in output.dir/checkpoints) or a path.
     pub resume: Option<String>,
     /// Stop cleanly (with a checkpoint) after this many steps in this invocation, while the
@@ -329,7 +342,8 @@ impl Default for TrainConfig {
             symmetric: false,
             seed: 42,
             dropout: true,
-            micro_batch: 8,
+            micro_batch: None,
+            prefetch: 1,
             resume: None,
             stop_after_steps: 0,
             mini_batch_size: 0,
@@ -506,6 +520,18 @@ impl RunConfig {
             return Err(
                 "cluster.heartbeat_timeout_ms must exceed cluster.heartbeat_interval_ms > 0".into(),
             );
+        }
+        if c.bucket_mib == 0 || c.bucket_mib > 4096 {
+            return Err(format!(
+                "cluster.bucket_mib must be within 1..=4096, got {}",
+                c.bucket_mib
+            ));
+        }
+        if self.train.prefetch > 64 {
+            return Err(format!(
+                "train.prefetch must be within 0..=64, got {}",
+                self.train.prefetch
+            ));
         }
         if c.chunk_kib == 0 || c.chunk_kib > 16 * 1024 {
             return Err(format!(

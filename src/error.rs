@@ -44,6 +44,9 @@ pub enum Error {
     /// A request the caller made cannot be satisfied (bad device, bad option value).
     #[error("{0}")]
     Usage(String),
+    /// An invariant of multipos itself does not hold: a bug to report, not an input to fix.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
 }
 
 /// Result alias for the library.

@@ -3,6 +3,8 @@ use multipos::cli::Cli;
 use multipos::logging::{self, LogFormat};
 
 fn main() -> std::process::ExitCode {
+    // Before anything asks libtorch about CUDA: it answers once and keeps the answer.
+    multipos::device::load_cuda();
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let format = cli.log_format;

@@ -133,7 +133,13 @@ fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
     let specs: Vec<_> = tasks.iter().map(Task::spec).collect();
     let trainer = trainer_for(&cfg, load_model(&cfg).unwrap(), &specs, plan.total_steps).unwrap();
     let loss_of = |columns: &[Vec<&str>], targets: &Targets| {
-        let (e, _) = trainer.embed_shard(columns, 0, 0).unwrap();
+        let input = multipos::train::StepInput {
+            task: 0,
+            columns: columns.to_vec(),
+            first_row: 0,
+            targets: targets.clone(),
+        };
+        let e = trainer.embed(&trainer.preparer().prepare(&input, 0).unwrap());
         trainer.loss(0, &e, targets).unwrap().double_value(&[])
     };
     let global = loss_of(&batch.columns, &batch.targets);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use multipos::auth::Token;
 use multipos::cluster::peer::loopback_rings;
-use multipos::collective::Ring;
+use multipos::collective::{Ring, Wire};
 
 async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<Arc<Ring>> {
     loopback_rings(
@@ -34,7 +34,7 @@ async fn all_reduce_and_all_gather_are_exact_for_large_buffers() {
                     let mut buf: Vec<f32> = (0..len)
                         .map(|i| ((i % 1000) as f32) * (r.rank as f32 + 1.0))
                         .collect();
-                    r.all_reduce_sum(7, &mut buf).await.unwrap();
+                    r.all_reduce_sum(7, &mut buf, Wire::F32).await.unwrap();
                     let block: Vec<u8> = (0..5_000_000u32)
                         .map(|i| (i as u8).wrapping_add(r.rank as u8))
                         .collect();
@@ -59,6 +59,59 @@ async fn all_reduce_and_all_gather_are_exact_for_large_buffers() {
                 assert_eq!(block[12_345], (12_345u32 as u8).wrapping_add(r as u8));
             }
         }
+    }
+}
+
+/// Gradients in bf16 on the wire: half the bytes, every rank ends with the same values, and each is
+/// within half a bf16 step (relative 2^-8) of the exact f32 sum, whatever the world size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bf16_all_reduce_agrees_on_every_rank_and_stays_within_a_bf16_step() {
+    let token = Token::new("collective-test-token").unwrap();
+    for world in [2usize, 3, 4] {
+        let rings = rings(world, &token, &token).await;
+        let len = 100_003;
+        let value =
+            |rank: usize, i: usize| ((i * 7919 + rank * 104_729) % 20_011) as f32 / 977.0 - 9.5;
+        let tasks: Vec<_> = rings
+            .iter()
+            .map(|r| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf: Vec<f32> = (0..len).map(|i| value(r.rank, i)).collect();
+                    r.all_reduce_sum(3, &mut buf, Wire::Bf16).await.unwrap();
+                    buf
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        for other in &results[1..] {
+            assert!(
+                other
+                    .iter()
+                    .zip(&results[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "world {world}: ranks disagree"
+            );
+        }
+        let mut worst = 0f64;
+        for (i, &got) in results[0].iter().enumerate() {
+            let exact: f64 = (0..world).map(|r| value(r, i) as f64).sum();
+            // Each hop rounds a partial sum once more: a bound of W half-steps of the largest term.
+            let scale = (0..world)
+                .map(|r| value(r, i).abs() as f64)
+                .sum::<f64>()
+                .max(exact.abs());
+            let err = (got as f64 - exact).abs() / scale.max(1e-3);
+            worst = worst.max(err);
+            assert!(
+                err <= world as f64 * 2f64.powi(-8),
+                "world {world}, index {i}: {got} vs {exact}"
+            );
+        }
+        eprintln!("world {world}: worst relative error of a bf16 all-reduce {worst:.2e}");
     }
 }
 

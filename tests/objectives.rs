@@ -5,11 +5,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use multipos::auth::Token;
-use multipos::cluster::peer::loopback_rings;
-use multipos::collective::{BlockingRing, Collective, Solo};
+use multipos::collective::{Collective, Solo};
 use multipos::config::RunConfig;
 use multipos::loss::SoftmaxHead;
 use multipos::model::tiny::TinySpec;
@@ -47,9 +44,9 @@ const MNRL_AND_SOFTMAX: &str = "[[tasks]]\nname = \"verses\"\ntrain = \"TINY/tra
      loss = { type = \"mnrl\", hardness_mode = \"in_batch_negatives\", hardness_strength = 9.0 }\n\
      [[tasks]]\nname = \"nli\"\ntrain = \"TINY/labelled_pairs.jsonl\"\nloss = { type = \"softmax\" }\n";
 
-/// Every gradient of the trainer, flattened in parameter-name order.
+/// Every gradient of the trainer, as its flat buffer holds them.
 fn grads(trainer: &Trainer) -> Vec<f32> {
-    trainer.optim.flat_grads(|_| true)
+    Vec::<f32>::try_from(trainer.state.flat().grads()).unwrap()
 }
 
 fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
@@ -83,7 +80,8 @@ fn one_step(
         first_row: first as u64,
         targets: batch.targets.clone(),
     };
-    let stats = trainer.forward_backward(&input, step, coll).unwrap();
+    let prepared = trainer.preparer().prepare(&input, step).unwrap();
+    let stats = trainer.forward_backward(&prepared, coll).unwrap();
     (stats.loss, grads(&trainer))
 }
 
@@ -127,35 +125,8 @@ fn gradcache_gives_the_loss_and_gradients_of_the_plain_step() {
         }
         // Two ranks over a real gRPC ring, each a thread with its own replica; rank r's gradients
         // after the all-reduce equal the single process's.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let token = Token::new("gradcache-test-token").unwrap();
-        let rings = rt.block_on(loopback_rings(
-            2,
-            &token,
-            &token,
-            None,
-            1 << 20,
-            Duration::from_secs(60),
-        ));
-        let results: Vec<(f64, Vec<f32>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = rings
-                .iter()
-                .map(|ring| {
-                    let (cfg, tasks, rt) = (&cfg, &tasks, &rt);
-                    s.spawn(move || {
-                        let _ctx = rt.enter();
-                        let (_never, abort) = tokio::sync::watch::channel(None);
-                        let mut coll = BlockingRing::new(ring, abort);
-                        one_step(cfg, tasks, step, 2, &mut coll)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results: Vec<(f64, Vec<f32>)> =
+            common::on_ring(2, |coll| one_step(&cfg, &tasks, step, 2, coll));
         for (rank, (loss, g)) in results.iter().enumerate() {
             assert!(
                 (loss - plain_loss).abs() <= 1e-5 * plain_loss.abs().max(1.0),

@@ -48,12 +48,17 @@ fn drawn(img: &image::RgbImage) -> usize {
     img.pixels().filter(|p| p.0 != [255, 255, 255]).count()
 }
 
-/// Drawn pixels of the loss panel (top left of the 3 × 2 grid): its curves, unlike the speed and
-/// time panels', do not depend on how fast the machine ran.
-fn drawn_loss_panel(img: &image::RgbImage) -> usize {
+/// Pixels of the loss panel (top left of the 3 × 2 grid) in the colour of the `series`-th curve
+/// (its curves, unlike the speed and time panels', do not depend on how fast the machine ran).
+fn loss_panel_pixels_of_series(img: &image::RgbImage, series: usize) -> usize {
+    use plotters::style::{Color, Palette, Palette99};
     let (w, h) = (img.width() / 3, img.height() / 2);
+    let c = Palette99::pick(series).to_rgba();
+    let want = [c.0, c.1, c.2];
     img.enumerate_pixels()
-        .filter(|(x, y, p)| *x < w && *y < h && p.0 != [255, 255, 255])
+        .filter(|(x, y, p)| {
+            *x < w && *y < h && p.0.iter().zip(want).all(|(a, b)| a.abs_diff(b) <= 24)
+        })
         .count()
 }
 
@@ -98,10 +103,16 @@ fn plots_show_the_runs_and_differ_between_them() {
         both.to_str().unwrap(),
     ]);
     let pboth = pixels(&both.join("training.png"));
+    // The compared run's loss curve is drawn in the second colour, which one run alone never uses.
     assert!(
-        drawn_loss_panel(&pboth) > drawn_loss_panel(&pa),
-        "two runs' losses draw more than one's"
+        loss_panel_pixels_of_series(&pboth, 1) > 200,
+        "the compared run's loss curve is missing"
     );
+    assert!(
+        loss_panel_pixels_of_series(&pa, 1) < 20,
+        "one run drew a second curve"
+    );
+    assert!(loss_panel_pixels_of_series(&pboth, 0) > 200);
     let svg = std::fs::read_to_string(both.join("training.svg")).unwrap();
     for title in [
         "loss",
@@ -111,8 +122,49 @@ fn plots_show_the_runs_and_differ_between_them() {
         "validation ndcg@10",
         "slow",
         "fast",
+        "step time by phase",
+        "slow forward",
+        "slow backward",
+        "slow optimizer",
+        "slow device wait",
     ] {
         assert!(svg.contains(title), "{title} missing from the SVG");
+    }
+}
+
+/// Every step of a run carries its time profile, and the phases add up to the step's time.
+#[test]
+fn steps_log_where_their_time_went() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let out = dir.path().join("profiled");
+    train(&model, &out, "1e-4");
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 12);
+    for v in &steps {
+        let parts: Vec<f64> = multipos::plot::PROFILE
+            .iter()
+            .map(|(_, key)| {
+                v[key]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{key} missing: {v}"))
+            })
+            .collect();
+        assert!(parts.iter().all(|&p| p >= 0.0), "{v}");
+        let sum: f64 = parts.iter().sum();
+        let seconds = v["seconds"].as_f64().unwrap();
+        assert!(
+            (sum - seconds).abs() <= 1e-9 * seconds.max(1.0),
+            "{sum} vs {seconds}"
+        );
+        assert!(
+            v["forward_seconds"].as_f64().unwrap() > 0.0
+                && v["backward_seconds"].as_f64().unwrap() > 0.0
+        );
     }
 }
 

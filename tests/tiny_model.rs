@@ -4,6 +4,7 @@ mod common;
 use multipos::SentenceModel;
 use multipos::model::config::PoolingMode;
 use multipos::model::dropout::RowSeeds;
+use multipos::model::masks::MaskGenerator;
 use multipos::model::tiny::TinySpec;
 use tch::Device;
 
@@ -86,7 +87,7 @@ fn dropout_masks_follow_row_seeds_not_batch_layout() {
     let (_dir, path) = common::tiny_model(&spec);
     let model = SentenceModel::load(&path, Device::Cpu).unwrap();
     let batch = model.tokenizer().encode(TEXTS).unwrap();
-    let seeds = RowSeeds(vec![11, 12, 13, 14]);
+    let seeds = RowSeeds::new(vec![11, 12, 13, 14], MaskGenerator::CURRENT, Device::Cpu);
     let eval = model.forward_t(&batch, None);
     assert!(
         eval.equal(&model.forward_t(&batch, None)),
@@ -98,12 +99,23 @@ fn dropout_masks_follow_row_seeds_not_batch_layout() {
         "same seeds, same masks"
     );
     assert!(!a.equal(&eval), "dropout must change activations");
-    assert!(!a.equal(&model.forward_t(&batch, Some(&RowSeeds(vec![1, 2, 3, 4])))));
+    assert!(!a.equal(&model.forward_t(
+        &batch,
+        Some(&RowSeeds::new(
+            vec![1, 2, 3, 4],
+            MaskGenerator::CURRENT,
+            Device::Cpu
+        ))
+    )));
 
     // Row 2 ("a", the shortest) alone, unpadded, with its seed: the same vector as inside the batch.
     let alone = model.forward_t(
         &model.tokenizer().encode(&[TEXTS[2]]).unwrap(),
-        Some(&RowSeeds(vec![13])),
+        Some(&RowSeeds::new(
+            vec![13],
+            MaskGenerator::CURRENT,
+            Device::Cpu,
+        )),
     );
     let diff = (alone.get(0) - a.get(2)).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "padding changed a row's dropout: {diff}");
@@ -242,7 +254,14 @@ fn bf16_products_stay_close_to_f32_and_train_f32_weights() {
     assert_eq!(bf16_out.kind(), tch::Kind::Float);
     let diff = (&bf16_out - &f32_out).abs().max().double_value(&[]);
     assert!(diff > 0.0 && diff < 0.05, "bf16 vs f32: {diff}");
-    let trained = model.forward_t(&batch, Some(&RowSeeds(vec![1, 2, 3, 4])));
+    let trained = model.forward_t(
+        &batch,
+        Some(&RowSeeds::new(
+            vec![1, 2, 3, 4],
+            MaskGenerator::CURRENT,
+            Device::Cpu,
+        )),
+    );
     trained.square().sum(tch::Kind::Float).backward();
     for (name, var) in model.var_store().variables() {
         if name.contains("query.weight") {

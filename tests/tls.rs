@@ -10,7 +10,7 @@ use std::time::Duration;
 use multipos::auth::Token;
 use multipos::cluster::peer::{loopback_rings, peer_service};
 use multipos::cluster::state::slot;
-use multipos::collective::{connect_with_retry, peer_server_builder};
+use multipos::collective::{Wire, connect_with_retry, peer_server_builder};
 use multipos::model::tiny::TinySpec;
 use multipos::pb::HeartbeatRequest;
 use multipos::pb::coordinator_client::CoordinatorClient;
@@ -222,7 +222,7 @@ async fn the_peer_ring_runs_over_tls_and_refuses_other_cas_and_plaintext() {
             let r = r.clone();
             tokio::spawn(async move {
                 let mut buf = vec![r.rank as f32 + 1.0; 100_000];
-                r.all_reduce_sum(1, &mut buf).await.unwrap();
+                r.all_reduce_sum(1, &mut buf, Wire::F32).await.unwrap();
                 buf
             })
         })

@@ -7,6 +7,7 @@ use std::process::Output;
 use assert_cmd::Command;
 use multipos::config::RunConfig;
 use multipos::model::tiny::TinySpec;
+use multipos::train::StepInput;
 use multipos::train::build::{load_model, plan_for, trainer_for};
 use multipos::train::task::{Task, load_tasks};
 use tch::Kind;
@@ -121,15 +122,14 @@ fn length_bucketed_micro_batches_give_the_same_loss_and_gradients() {
         let mut trainer =
             trainer_for(&cfg, load_model(&cfg).unwrap(), &specs, plan.total_steps).unwrap();
         trainer.opts.micro_batch = micro;
-        let (emb, _) = trainer.embed_shard(&batch.columns, 0, 0).unwrap();
+        let input = trainer
+            .preparer()
+            .prepare(&StepInput::whole(&batch), 0)
+            .unwrap();
+        let emb = trainer.embed(&input);
         let loss = trainer.loss(0, &emb, &batch.targets).unwrap();
         loss.backward();
-        let grads: Vec<f32> = trainer
-            .optim
-            .grads()
-            .iter()
-            .flat_map(|g| Vec::<f32>::try_from(g.view([-1])).unwrap())
-            .collect();
+        let grads = Vec::<f32>::try_from(trainer.state.flat().grads()).unwrap();
         results.push((loss.to_kind(Kind::Double).double_value(&[]), grads));
     }
     for (micro, (loss, grads)) in results.iter().enumerate().skip(1) {

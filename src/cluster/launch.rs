@@ -314,7 +314,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
         } else {
             (std::thread::available_parallelism().map_or(1, |n| n.get()) / workers).max(1)
         },
-        gpus: tch::Cuda::device_count().max(0) as usize,
+        gpus: crate::device::cuda_devices(),
         events: tx,
         cfg,
     };

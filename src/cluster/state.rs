@@ -14,6 +14,7 @@ use tonic::Streaming;
 use super::files::push_chunks;
 use crate::collective::{tensor_from_le_bytes, tensor_to_le_bytes};
 use crate::error::{Error, Result};
+use crate::model::masks::MaskGenerator;
 use crate::pb::FileChunk;
 use crate::train::Trainer;
 
@@ -35,6 +36,8 @@ pub fn slot() -> StateSlot {
 struct Meta {
     step: u64,
     optimizer_steps: u64,
+    /// The run's dropout generator: a replacement continues with the donor's.
+    dropout_masks: MaskGenerator,
 }
 
 /// The state of `trainer` after `step` steps, for generation `generation`.
@@ -43,6 +46,7 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
     let meta = Meta {
         step,
         optimizer_steps: trainer.optim.steps_taken(),
+        dropout_masks: trainer.opts.masks,
     };
     push_chunks(
         &mut chunks,
@@ -60,14 +64,14 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
         push_chunks(
             &mut chunks,
             format!("m/{name}"),
-            Bytes::from(tensor_to_le_bytes(t)),
+            Bytes::from(tensor_to_le_bytes(&t)),
         );
     }
     for (name, t) in trainer.state.ema.iter().flat_map(|e| e.tensors()) {
         push_chunks(
             &mut chunks,
             format!("e/{name}"),
-            Bytes::from(tensor_to_le_bytes(t)),
+            Bytes::from(tensor_to_le_bytes(&t)),
         );
     }
     Snapshot { generation, chunks }
@@ -162,7 +166,7 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
         .state()
         .into_iter()
         .map(|(name, like)| {
-            let t = shaped(&format!("m/{name}"), like)?.to_device(like.device());
+            let t = shaped(&format!("m/{name}"), &like)?.to_device(like.device());
             Ok((name, t))
         })
         .collect::<Result<_>>()?;
@@ -172,8 +176,8 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
         .iter()
         .flat_map(|e| e.tensors())
         .map(|(name, avg)| {
-            let t = shaped(&format!("e/{name}"), avg)?.to_device(avg.device());
-            Ok((avg.shallow_clone(), t))
+            let t = shaped(&format!("e/{name}"), &avg)?.to_device(avg.device());
+            Ok((avg, t))
         })
         .collect::<Result<_>>()?;
     for (mut var, t) in weights.into_iter().chain(averages) {
@@ -185,5 +189,6 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
             moments.get(key).map(Tensor::shallow_clone)
         })
         .map_err(bad)?;
+    trainer.opts.masks = meta.dropout_masks;
     Ok(meta.step)
 }

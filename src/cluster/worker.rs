@@ -202,7 +202,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
                     tracing::warn!(reason = %why, "not joined yet; retrying for {}s more", left.as_secs());
                 }
                 if let Some(r) = replica.as_mut() {
-                    r.trainer.optim.zero_grad();
+                    r.trainer.discard();
                 }
                 reason = why;
                 tokio::time::sleep(backoff).await;
@@ -480,8 +480,7 @@ async fn heal(client: &mut Client, replica: &mut Replica, step: u64) -> Result<(
         .await
         .map_err(|e| Interrupt::Rejoin(format!("fetch checkpoint: {e}")))?;
     let state = checkpoint::verify(&target)?;
-    let trainer = &mut replica.trainer;
-    checkpoint::restore(&target, &state, &mut trainer.state, &mut trainer.optim)?;
+    checkpoint::restore(&target, &state, &mut replica.trainer)?;
     replica.applied = state.step;
     tracing::info!(
         step = state.step,
@@ -649,6 +648,10 @@ async fn train_loop(
     node_state: &StateSlot,
 ) -> Result<(), Interrupt> {
     let (rank, generation) = (ring.rank, ring.generation);
+    // Made after healing, which may have set the run's dropout generator.
+    let preparer = replica.trainer.preparer();
+    // The previous update's seconds, reported with the next commit (it runs after its own).
+    let mut updated = 0.0;
     loop {
         let step = replica.applied;
         let next = client
@@ -702,9 +705,14 @@ async fn train_loop(
         let input = step_input(&next, &replica.tasks, ring.world)?;
         let trainer = &mut replica.trainer;
         let stats = tokio::task::block_in_place(|| {
-            trainer.forward_backward(&input, step, &mut BlockingRing::new(ring, broken.clone()))
+            let prepared = preparer.prepare(&input, step)?;
+            let mut stats = trainer
+                .forward_backward(&prepared, &mut BlockingRing::new(ring, broken.clone()))?;
+            stats.times.data = prepared.seconds;
+            Ok::<_, Error>(stats)
         })
         .map_err(step_err(step))?;
+        let t = stats.times;
         let decision = client
             .commit(with_deadline(
                 CommitRequest {
@@ -714,11 +722,16 @@ async fn train_loop(
                     grad_norm: stats.grad_norm,
                     lr: stats.lr,
                     tokens: stats.tokens as u64,
-                    compute_seconds: stats.compute_seconds,
-                    comm_seconds: stats.comm_seconds,
+                    compute_seconds: t.compute(),
+                    comm_seconds: t.comm(),
                     generation,
-                    gather_seconds: stats.gather_seconds,
-                    reduce_seconds: stats.reduce_seconds,
+                    gather_seconds: t.gather,
+                    reduce_seconds: t.reduce,
+                    data_seconds: t.data,
+                    forward_seconds: t.forward,
+                    backward_seconds: t.backward,
+                    optimizer_seconds: t.optimizer + updated,
+                    sync_seconds: t.sync,
                 },
                 step_timeout,
             ))
@@ -743,7 +756,8 @@ async fn train_loop(
                 stats.grad_norm
             ))));
         }
-        tokio::task::block_in_place(|| trainer.update(step, input.task));
+        updated = tokio::task::block_in_place(|| trainer.update(step, input.task))
+            .map_err(step_err(step))?;
         replica.applied = step + 1;
         node_state.send_replace(None);
     }
@@ -819,6 +833,7 @@ async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(),
         // The coordinator, which holds the plan, fills in the cursor.
         epoch: 0,
         batch: 0,
+        dropout_masks: replica.trainer.opts.masks,
     };
     let trainer = &replica.trainer;
     let path = tokio::task::block_in_place(|| {

@@ -63,6 +63,58 @@ pub enum CollectiveError {
     Aborted(String),
 }
 
+/// How values of an all-reduce travel: f32 as they are, or bf16 (half the bytes). With bf16 each
+/// rank still adds in f32, and every segment's sum is rounded to bf16 once, by its owner, before it
+/// is sent round: every rank ends with the same values, each within half a bf16 step of the f32 sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wire {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Wire {
+    /// Bytes per value on the wire.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            Wire::F32 => 4,
+            Wire::Bf16 => 2,
+        }
+    }
+
+    /// `values` as the wire carries them (little-endian).
+    fn encode(self, values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Wire::F32 => std::borrow::Cow::Borrowed(bytemuck::cast_slice(values)),
+            Wire::Bf16 => std::borrow::Cow::Owned(
+                values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The value encoded at the start of `bytes`.
+    #[inline]
+    fn decode(self, bytes: &[u8]) -> f32 {
+        match self {
+            Wire::F32 => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            Wire::Bf16 => half::bf16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32(),
+        }
+    }
+
+    /// Rounds `values` to what the wire can carry exactly.
+    fn round(self, values: &mut [f32]) {
+        if self == Wire::Bf16 {
+            for v in values {
+                *v = half::bf16::from_f32(*v).to_f32();
+            }
+        }
+    }
+}
+
 /// The two collectives a training step needs, as blocking calls: the step pipeline (in `train/`)
 /// runs them between tensor work, alone ([`Solo`]) or over a ring ([`BlockingRing`]).
 pub trait Collective {
@@ -72,8 +124,13 @@ pub trait Collective {
     fn world(&self) -> usize;
     /// Every rank's `local` block (all the same length), in rank order.
     fn all_gather(&mut self, step: u64, local: Vec<u8>) -> Result<Vec<Vec<u8>>, CollectiveError>;
-    /// Replaces `buf` by its element-wise sum over all ranks.
-    fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Replaces `buf` by its element-wise sum over all ranks, its values travelling as `wire` says.
+    fn all_reduce_sum(
+        &mut self,
+        step: u64,
+        buf: &mut [f32],
+        wire: Wire,
+    ) -> Result<(), CollectiveError>;
 }
 
 /// One process: the collectives are identities.
@@ -89,7 +146,12 @@ impl Collective for Solo {
     fn all_gather(&mut self, _step: u64, local: Vec<u8>) -> Result<Vec<Vec<u8>>, CollectiveError> {
         Ok(vec![local])
     }
-    fn all_reduce_sum(&mut self, _step: u64, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+    fn all_reduce_sum(
+        &mut self,
+        _step: u64,
+        _buf: &mut [f32],
+        _wire: Wire,
+    ) -> Result<(), CollectiveError> {
         Ok(())
     }
 }
@@ -137,9 +199,14 @@ impl Collective for BlockingRing<'_> {
         let ring = self.ring;
         self.run(ring.all_gather(step, local))
     }
-    fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> Result<(), CollectiveError> {
+    fn all_reduce_sum(
+        &mut self,
+        step: u64,
+        buf: &mut [f32],
+        wire: Wire,
+    ) -> Result<(), CollectiveError> {
         let ring = self.ring;
-        self.run(ring.all_reduce_sum(step, buf))
+        self.run(ring.all_reduce_sum(step, buf, wire))
     }
 }
 
@@ -412,9 +479,9 @@ impl Ring {
     async fn recv_block(
         &self,
         step: u64,
-        op: Op,
-        phase: u32,
+        (op, phase): (Op, u32),
         expected: usize,
+        value_bytes: usize,
         mut sink: impl FnMut(usize, &[u8]),
     ) -> Result<(), CollectiveError> {
         let left = ring::left(self.rank, self.world);
@@ -450,8 +517,8 @@ impl Ring {
                     chunk.step, chunk.op, chunk.phase, op as u32
                 )));
             }
-            // Sums read whole f32 values; an empty chunk would let a sender stall the receiver.
-            let whole_values = op == Op::AllGather || chunk.data.len().is_multiple_of(4);
+            // Sums read whole values; an empty chunk would let a sender stall the receiver.
+            let whole_values = chunk.data.len().is_multiple_of(value_bytes);
             if chunk.total as usize != expected
                 || chunk.offset as usize != received
                 || received + chunk.data.len() > expected
@@ -474,16 +541,15 @@ impl Ring {
     async fn exchange(
         &self,
         step: u64,
-        op: Op,
-        phase: u32,
+        (op, phase): (Op, u32),
         send: &[u8],
-        recv_len: usize,
+        (recv_len, value_bytes): (usize, usize),
         sink: impl FnMut(usize, &[u8]),
     ) -> Result<(), CollectiveError> {
         // Either side failing fails the exchange at once (the other would only wait to time out).
         tokio::try_join!(
             self.send_block(step, op, phase, send),
-            self.recv_block(step, op, phase, recv_len, sink)
+            self.recv_block(step, (op, phase), recv_len, value_bytes, sink)
         )
         .map(|_| ())
     }
@@ -503,9 +569,13 @@ impl Ring {
                 .clone()
                 .expect("ring order guarantees the block");
             let mut got = vec![0u8; len];
-            self.exchange(step, Op::AllGather, s as u32, &send, len, |at, bytes| {
-                got[at..at + bytes.len()].copy_from_slice(bytes)
-            })
+            self.exchange(
+                step,
+                (Op::AllGather, s as u32),
+                &send,
+                (len, 1),
+                |at, bytes| got[at..at + bytes.len()].copy_from_slice(bytes),
+            )
             .await?;
             blocks[recv_idx] = Some(Bytes::from(got));
         }
@@ -515,42 +585,51 @@ impl Ring {
             .collect())
     }
 
-    /// Replaces `buf` on every rank by the element-wise sum over all ranks. Every rank ends with
-    /// bit-identical values (each segment is summed once, by its owner, then copied).
-    pub async fn all_reduce_sum(&self, step: u64, buf: &mut [f32]) -> Result<(), CollectiveError> {
+    /// Replaces `buf` on every rank by the element-wise sum over all ranks, values travelling as
+    /// `wire` says. Every rank ends with bit-identical values (each segment is summed once, by its
+    /// owner, rounded to the wire's precision, then copied).
+    pub async fn all_reduce_sum(
+        &self,
+        step: u64,
+        buf: &mut [f32],
+        wire: Wire,
+    ) -> Result<(), CollectiveError> {
         let segs = ring::segments(buf.len(), self.world);
+        let vb = wire.value_bytes();
         for s in 0..self.world.saturating_sub(1) {
             let (send_idx, recv_idx) = ring::reduce_scatter_step(self.rank, self.world, s);
             let (send, target) = disjoint(buf, segs[send_idx].clone(), segs[recv_idx].clone());
-            let len = target.len() * 4;
-            // Chunks are multiples of 4 bytes (chunk sizes are KiB), so each starts on an element.
+            let len = target.len() * vb;
+            // Chunks are multiples of 4 bytes (chunk sizes are KiB), so each starts on a value.
             self.exchange(
                 step,
-                Op::ReduceScatter,
-                s as u32,
-                bytemuck::cast_slice(send),
-                len,
+                (Op::ReduceScatter, s as u32),
+                &wire.encode(send),
+                (len, vb),
                 |at, bytes| {
-                    for (x, y) in target[at / 4..].iter_mut().zip(bytes.chunks_exact(4)) {
-                        *x += f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+                    for (x, y) in target[at / vb..].iter_mut().zip(bytes.chunks_exact(vb)) {
+                        *x += wire.decode(y);
                     }
                 },
             )
             .await?;
         }
+        if self.world > 1 {
+            wire.round(&mut buf[segs[ring::right(self.rank, self.world)].clone()]);
+        }
         for s in 0..self.world.saturating_sub(1) {
             let (send_idx, recv_idx) = ring::reduce_gather_step(self.rank, self.world, s);
             let (send, target) = disjoint(buf, segs[send_idx].clone(), segs[recv_idx].clone());
-            let len = target.len() * 4;
+            let len = target.len() * vb;
             self.exchange(
                 step,
-                Op::ReduceGather,
-                s as u32,
-                bytemuck::cast_slice(send),
-                len,
+                (Op::ReduceGather, s as u32),
+                &wire.encode(send),
+                (len, vb),
                 |at, bytes| {
-                    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut target[..]);
-                    dst[at..at + bytes.len()].copy_from_slice(bytes);
+                    for (x, y) in target[at / vb..].iter_mut().zip(bytes.chunks_exact(vb)) {
+                        *x = wire.decode(y);
+                    }
                 },
             )
             .await?;

@@ -110,8 +110,10 @@ fn same_group_mask(groups: &[u32], device: tch::Device) -> Option<Tensor> {
     if !any {
         return None;
     }
-    let g =
-        Tensor::from_slice(&groups.iter().map(|&x| x as i64).collect::<Vec<_>>()).to_device(device);
+    let g = crate::device::upload(
+        &Tensor::from_slice(&groups.iter().map(|&x| x as i64).collect::<Vec<_>>()),
+        device,
+    );
     let same = g.unsqueeze(1).eq_tensor(&g.unsqueeze(0));
     let eye = Tensor::eye(b as i64, (Kind::Bool, device));
     Some(same.logical_and(&eye.logical_not()))

@@ -141,12 +141,12 @@ impl Objective {
             )),
             (Objective::CosineSimilarity(cfg), Targets::Scores(s)) => {
                 pair("CosineSimilarityLoss")?;
-                let s = Tensor::from_slice(s).to_device(device);
+                let s = crate::device::upload(&Tensor::from_slice(s), device);
                 Ok(cosine_similarity_loss(&columns[0], &columns[1], &s, cfg))
             }
             (Objective::Cosent(cfg), Targets::Scores(s)) => {
                 pair("CoSENTLoss")?;
-                let s = Tensor::from_slice(s).to_device(device);
+                let s = crate::device::upload(&Tensor::from_slice(s), device);
                 Ok(cosent_loss(&columns[0], &columns[1], &s, cfg))
             }
             (Objective::Softmax(head), Targets::Labels(l)) => {
@@ -157,7 +157,7 @@ impl Objective {
                 {
                     return Err(format!("label {bad} outside 0..{}", head.labels.len()));
                 }
-                let l = Tensor::from_slice(l).to_device(device);
+                let l = crate::device::upload(&Tensor::from_slice(l), device);
                 Ok(head.loss(&columns[0], &columns[1], &l).to_kind(Kind::Float))
             }
             (o, t) => Err(format!("{o:?} cannot train on {t:?}")),

@@ -36,19 +36,21 @@ fn linear(p: nn::Path, in_dim: i64, out_dim: i64, init: Init) -> nn::Linear {
     nn::linear(p, in_dim, out_dim, cfg)
 }
 
-/// The kind matrix products run in: `None` for f32, or a reduced kind (bf16) with f32 results —
-/// mixed precision as CUDA autocast does it: products in the reduced kind, LayerNorm, softmax,
-/// activations, dropout and residuals in f32, and gradients reaching the f32 weights.
+/// The kind matrix products run in: `None` for f32, or a reduced kind (bf16) — mixed precision as
+/// CUDA autocast does it: products and attention in the reduced kind, the residual stream,
+/// LayerNorm, softmax (computed in f32) and everything after the encoder in f32, and gradients
+/// reaching the f32 weights. Activations between two products stay in the reduced kind, so each
+/// block casts its input once and its output once.
 pub type Compute = Option<Kind>;
 
-/// `l.forward(xs)` with the product in `compute`.
+/// `l.forward(xs)` with the product in `compute`; the result stays in that kind (`xs` is cast when
+/// it is not in it already).
 fn product(l: &nn::Linear, xs: &Tensor, compute: Compute) -> Tensor {
     match compute {
         None => l.forward(xs),
         Some(k) => xs
             .to_kind(k)
-            .linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k)))
-            .to_kind(Kind::Float),
+            .linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
     }
 }
 
@@ -159,10 +161,11 @@ impl Attention {
         let _enter = self.span.enter();
         let (b, t, h) = xs.size3().expect("hidden states are (batch, seq, hidden)");
         let head_dim = h / self.heads;
+        let input = reduced(xs, compute);
         let split = |x: Tensor| x.view([b, t, self.heads, head_dim]).transpose(1, 2);
-        let q = reduced(&split(product(&self.query, xs, compute)), compute);
-        let k = reduced(&split(product(&self.key, xs, compute)), compute);
-        let v = reduced(&split(product(&self.value, xs, compute)), compute);
+        let q = split(product(&self.query, &input, compute));
+        let k = split(product(&self.key, &input, compute));
+        let v = split(product(&self.value, &input, compute));
         let ctx = match seeds {
             // Inference: the fused kernel.
             None => Tensor::scaled_dot_product_attention(
@@ -176,31 +179,24 @@ impl Attention {
                 false,
             ),
             // Training: the same math written out, so the probabilities take our seeded dropout.
+            // Softmax computes in f32 and hands its result over in the products' kind.
             Some(_) => {
                 let scores =
                     q.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) / (head_dim as f64).sqrt();
                 let probs = scores
                     .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
-                    .softmax(-1, Kind::Float);
-                reduced(
-                    &dropout(&probs, self.attention_dropout, seeds, site(layer, 0)),
-                    compute,
-                )
-                .matmul(&v)
+                    .softmax(-1, compute.unwrap_or(Kind::Float));
+                dropout(&probs, self.attention_dropout, seeds, site(layer, 0)).matmul(&v)
             }
         };
-        let ctx = ctx
-            .to_kind(Kind::Float)
-            .transpose(1, 2)
-            .contiguous()
-            .view([b, t, h]);
+        let ctx = ctx.transpose(1, 2).contiguous().view([b, t, h]);
         let out = dropout(
             &product(&self.output, &ctx, compute),
             self.hidden_dropout,
             seeds,
             site(layer, 1),
         );
-        self.layer_norm.forward(&(out + xs))
+        self.layer_norm.forward(&(out.to_kind(Kind::Float) + xs))
     }
 }
 
@@ -260,7 +256,7 @@ impl FeedForward {
             seeds,
             site(layer, 2),
         );
-        self.layer_norm.forward(&(out + xs))
+        self.layer_norm.forward(&(out.to_kind(Kind::Float) + xs))
     }
 }
 

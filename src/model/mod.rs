@@ -3,6 +3,7 @@ pub mod bert;
 pub mod config;
 pub mod dropout;
 pub mod layout;
+pub mod masks;
 pub mod pooling;
 pub mod sentence;
 pub mod tiny;

@@ -16,12 +16,13 @@ pub struct TokenBatch {
 }
 
 impl TokenBatch {
-    /// Moves the batch to `device`.
+    /// The batch on `device` (copied asynchronously from the host: nothing waits for the device).
     pub fn to(&self, device: Device) -> TokenBatch {
+        let move_to = |t: &Tensor| crate::device::upload(t, device);
         TokenBatch {
-            input_ids: self.input_ids.to(device),
-            token_type_ids: self.token_type_ids.to(device),
-            attention_mask: self.attention_mask.to(device),
+            input_ids: move_to(&self.input_ids),
+            token_type_ids: move_to(&self.token_type_ids),
+            attention_mask: move_to(&self.attention_mask),
         }
     }
 }

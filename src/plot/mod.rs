@@ -13,6 +13,17 @@ use crate::io::atomic;
 const FONT: &[u8] = include_bytes!("DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1500, 1000);
 
+/// The phases of a step as `metrics.jsonl` logs them (docs/design.md §14).
+pub const PROFILE: [(&str, &str); 7] = [
+    ("data", "data_seconds"),
+    ("forward", "forward_seconds"),
+    ("backward", "backward_seconds"),
+    ("all-gather", "gather_seconds"),
+    ("all-reduce", "reduce_seconds"),
+    ("optimizer", "optimizer_seconds"),
+    ("device wait", "sync_seconds"),
+];
+
 /// One curve: (step, value) points.
 type Curve = Vec<(f64, f64)>;
 
@@ -25,7 +36,9 @@ pub struct RunCurves {
     pub lr: Curve,
     pub pairs_per_s: Curve,
     pub grad_norm: Curve,
-    /// Step time by part: compute, all-gather, all-reduce.
+    /// Step time by phase (the step profile: data, forward, backward, all-gather, all-reduce,
+    /// optimizer, device wait; logs from before the profile have compute instead of the first
+    /// three device phases).
     pub times: BTreeMap<&'static str, Curve>,
     /// Validation metrics by name.
     pub eval: BTreeMap<String, Curve>,
@@ -76,12 +89,14 @@ impl RunCurves {
                 put(&mut self.lr, "lr");
                 put(&mut self.pairs_per_s, "pairs_per_s");
                 put(&mut self.grad_norm, "grad_norm");
-                for (part, key) in [
-                    ("compute", "compute_seconds"),
-                    ("all-gather", "gather_seconds"),
-                    ("all-reduce", "reduce_seconds"),
-                ] {
-                    put(self.times.entry(part).or_default(), key);
+                let profiled = v.get("forward_seconds").is_some();
+                for (part, key) in PROFILE {
+                    if profiled || matches!(part, "all-gather" | "all-reduce") {
+                        put(self.times.entry(part).or_default(), key);
+                    }
+                }
+                if !profiled {
+                    put(self.times.entry("compute").or_default(), "compute_seconds");
                 }
             }
             Some("eval") => {
@@ -158,7 +173,7 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[RunCurves]) ->
         ("loss".into(), per_run(|r| &r.loss)),
         ("learning rate".into(), per_run(|r| &r.lr)),
         ("pairs / s".into(), per_run(|r| &r.pairs_per_s)),
-        ("step time (s)".into(), times),
+        ("step time by phase (s)".into(), times),
         ("gradient norm".into(), per_run(|r| &r.grad_norm)),
         (
             format!("validation {}", metric.as_deref().unwrap_or("(none)")),

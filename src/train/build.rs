@@ -17,15 +17,29 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::io::atomic;
 use crate::model::SentenceModel;
+use crate::model::masks::MaskGenerator;
 
-/// Step options a config describes.
-pub fn step_options(cfg: &RunConfig) -> StepOptions {
+/// Rows per forward pass when `train.micro_batch` is unset: small on the CPU, where padding costs
+/// most; larger on a GPU, where each pass is a train of kernel launches.
+fn default_micro_batch(device: tch::Device) -> usize {
+    if device == tch::Device::Cpu { 8 } else { 64 }
+}
+
+/// Step options a config describes, for a model on `device`. New runs draw dropout masks with the
+/// current generator; a resumed run sets the one its checkpoint recorded.
+pub fn step_options(cfg: &RunConfig, device: tch::Device) -> StepOptions {
     StepOptions {
         dropout: cfg.train.dropout,
         seed: cfg.train.seed,
         max_grad_norm: cfg.train.max_grad_norm,
-        micro_batch: cfg.train.micro_batch,
+        micro_batch: cfg
+            .train
+            .micro_batch
+            .unwrap_or_else(|| default_micro_batch(device)),
         mini_batch_size: cfg.train.mini_batch_size,
+        masks: MaskGenerator::CURRENT,
+        wire: cfg.cluster.grad_dtype,
+        bucket_bytes: cfg.cluster.bucket_mib << 20,
     }
 }
 
@@ -56,7 +70,8 @@ pub fn trainer_for(
         weight_decay: cfg.train.weight_decay,
         ..Default::default()
     };
-    let mut state = TrainState::new(model, tasks, cfg.train.seed);
+    let device = model.device();
+    let mut state = TrainState::new(model, tasks, cfg.train.seed)?;
     if let Some(decay) = cfg.train.ema_decay {
         state.start_ema(decay);
     }
@@ -64,7 +79,7 @@ pub fn trainer_for(
         state,
         adamw,
         schedule_for(cfg, total)?,
-        step_options(cfg),
+        step_options(cfg, device),
     ))
 }
 

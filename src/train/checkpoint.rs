@@ -19,11 +19,13 @@ use tch::Tensor;
 
 use super::optim::AdamW;
 use super::state::TrainState;
+use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
 use crate::io::hash::file_digest;
 use crate::io::json;
 use crate::io::tree::safe_relative;
+use crate::model::masks::MaskGenerator;
 
 /// What a checkpoint records besides tensors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +47,10 @@ pub struct CheckpointState {
     /// (absent in checkpoints of older versions).
     #[serde(default)]
     pub settings: serde_json::Value,
+    /// The function the run's dropout masks come from; a resumed run keeps it, so it continues
+    /// exactly (checkpoints of older versions name none: theirs is the first generator).
+    #[serde(default = "MaskGenerator::before_versions")]
+    pub dropout_masks: MaskGenerator,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,13 +346,10 @@ pub fn latest_valid(dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
     Ok(None)
 }
 
-/// Loads a checkpoint's weights and loss heads into `train` and its moments into `optim`.
-pub fn restore(
-    ckpt: &Path,
-    state: &CheckpointState,
-    train: &mut TrainState,
-    optim: &mut AdamW,
-) -> Result<()> {
+/// Loads a checkpoint's weights and loss heads, its AdamW moments and its dropout generator into
+/// `trainer`.
+pub fn restore(ckpt: &Path, state: &CheckpointState, trainer: &mut Trainer) -> Result<()> {
+    let train = &mut trainer.state;
     train.load_dir(&ckpt.join("model"))?;
     if train.ema.is_some() {
         let ema = ckpt.join("model-ema");
@@ -363,11 +366,14 @@ pub fn restore(
         .map_err(Error::Torch)?
         .into_iter()
         .collect();
-    optim
+    trainer
+        .optim
         .load_state(state.optimizer_steps, |name| {
             tensors.get(name).map(Tensor::shallow_clone)
         })
-        .map_err(|reason| Error::invalid(&path, reason))
+        .map_err(|reason| Error::invalid(&path, reason))?;
+    trainer.opts.masks = state.dropout_masks;
+    Ok(())
 }
 
 /// The identity of a run that a worker's in-memory state must belong to before the coordinator

@@ -2,11 +2,16 @@
 //! pipeline, checkpoints, and the single-process run.
 pub mod build;
 pub mod checkpoint;
+pub mod exchange;
+pub mod flat;
+mod fused;
 pub mod metrics;
 pub mod mining;
 pub mod nonfinite;
 pub mod optim;
 pub mod plan;
+pub mod prefetch;
+pub mod prepare;
 pub mod run;
 pub mod state;
 pub mod task;
@@ -16,4 +21,4 @@ pub mod versions;
 
 pub use run::{RunSummary, run};
 pub use state::TrainState;
-pub use trainer::{StepInput, StepOptions, StepStats, Trainer};
+pub use trainer::{StepInput, StepOptions, StepStats, StepTimes, Trainer};

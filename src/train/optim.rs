@@ -1,6 +1,12 @@
-//! AdamW over tch tensors, with state we own (so checkpoints can hold it), torch's update rule,
-//! weight-decay exclusions, global-norm gradient clipping, and the linear warmup/decay schedule.
+//! AdamW over the flat parameter buffers ([`super::flat`]), with state we own (so checkpoints can
+//! hold it), torch's update rule, weight-decay exclusions, and the linear warmup/decay schedule.
+use std::sync::Arc;
+
 use tch::{Kind, Tensor};
+
+use super::flat::{FlatParams, Layout, Owner, Run};
+use super::fused;
+use crate::error::Error;
 
 /// AdamW hyper-parameters (torch's defaults; weight decay as in Hugging Face's Trainer examples).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,37 +33,23 @@ pub fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm"))
 }
 
-struct Param {
-    name: String,
-    value: Tensor,
-    decay: bool,
+/// The optimizer: its moments are flat buffers of the parameters' [`Layout`], so an update is a few
+/// kernels per run of the layout (owner × weight decay), not per tensor.
+pub struct AdamW {
+    layout: Arc<Layout>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-}
-
-/// The optimizer. Parameters are held in name order, so every process iterates them identically.
-pub struct AdamW {
-    params: Vec<Param>,
     step: u64,
     cfg: AdamWConfig,
 }
 
 impl AdamW {
-    /// Tracks the trainable tensors `vars` (named; held in name order).
-    pub fn new(mut vars: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = vars
-            .into_iter()
-            .map(|(name, value)| Param {
-                decay: decays(&name),
-                exp_avg: value.zeros_like(),
-                exp_avg_sq: value.zeros_like(),
-                name,
-                value,
-            })
-            .collect();
+    /// Moments (zero) for the parameters laid out as `layout`, on `device`.
+    pub fn new(layout: Arc<Layout>, device: tch::Device, cfg: AdamWConfig) -> Self {
         Self {
-            params,
+            exp_avg: layout.zeros(device),
+            exp_avg_sq: layout.zeros(device),
+            layout,
             step: 0,
             cfg,
         }
@@ -68,159 +60,97 @@ impl AdamW {
         self.step
     }
 
-    /// The parameters' current gradients, in name order (undefined ones as zeros).
-    pub fn grads(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|p| {
-                let g = p.value.grad();
-                if g.defined() { g } else { p.value.zeros_like() }
-            })
-            .collect()
-    }
-
-    /// All gradients in name order as one f32 vector on the host (what the ring all-reduces);
-    /// those of parameters `keep` rejects count as zeros.
-    pub fn flat_grads(&self, keep: impl Fn(&str) -> bool) -> Vec<f32> {
-        let grads = self.grads();
-        let total: usize = grads.iter().map(Tensor::numel).sum();
-        let mut out = vec![0f32; total];
-        let mut at = 0;
-        for (g, p) in grads.into_iter().zip(&self.params) {
-            let n = g.numel();
-            if !keep(&p.name) {
-                at += n;
+    /// One AdamW update at learning rate `lr` of the runs whose owner `update` accepts (the others
+    /// took no part in the step, as a parameter whose gradient is None in torch), torch's
+    /// formulation: p ← p·(1 − lr·wd); m ← lerp(m, g, 1 − β1); v ← β2·v + (1 − β2)·g²;
+    /// p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε). ATen's fused AdamW does it: one
+    /// kernel per weight-decay setting on CUDA, one pass over memory on the CPU.
+    pub fn step(
+        &mut self,
+        params: &FlatParams,
+        lr: f64,
+        update: impl Fn(Owner) -> bool,
+    ) -> Result<(), Error> {
+        self.step += 1;
+        let device = self.exp_avg.device();
+        // Bias correction counts the run's steps (docs/design.md §6): one count for every tensor.
+        let count = Tensor::full([], self.step as f64, (Kind::Float, device));
+        for decay in [true, false] {
+            let runs: Vec<&Run> = self
+                .layout
+                .runs()
+                .iter()
+                .filter(|r| r.decay == decay && update(r.owner))
+                .collect();
+            if runs.is_empty() {
                 continue;
             }
-            g.to_device(tch::Device::Cpu)
-                .to_kind(Kind::Float)
-                .contiguous()
-                .copy_data(&mut out[at..at + n], n);
-            at += n;
-        }
-        out
-    }
-
-    /// Overwrites the gradients from a vector laid out as [`AdamW::flat_grads`] makes it.
-    pub fn set_flat_grads(&mut self, flat: &[f32]) {
-        let mut at = 0;
-        tch::no_grad(|| {
-            for p in &mut self.params {
-                let n = p.value.numel();
-                let src = Tensor::from_slice(&flat[at..at + n])
-                    .view(p.value.size().as_slice())
-                    .to_device(p.value.device());
-                // A parameter without a gradient was unused by the forward pass on every rank alike
-                // (the graph is the same everywhere), so there is nothing to write back.
-                let mut g = p.value.grad();
-                if g.defined() {
-                    g.copy_(&src);
-                }
-                at += n;
-            }
-        });
-    }
-
-    /// Clears gradients.
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            p.value.zero_grad();
-        }
-    }
-
-    /// Scales gradients so their global L2 norm is at most `max_norm` (torch's `clip_grad_norm_`);
-    /// returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.value.grad())
-            .filter(Tensor::defined)
-            .collect();
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
-        let total = Tensor::stack(&norms, 0).norm();
-        let coef = (max_norm / (total.double_value(&[]) + 1e-6)).min(1.0);
-        if max_norm > 0.0 {
-            tch::no_grad(|| {
-                for mut g in grads {
-                    let _ = g.g_mul_scalar_(coef);
-                }
-            });
-        }
-        total.double_value(&[])
-    }
-
-    /// One AdamW update at learning rate `lr` of the parameters `update` accepts (the others took
-    /// no part in the step, as a parameter whose gradient is None in torch), torch's formulation:
-    /// p ← p·(1 − lr·wd); m ← lerp(m, g, 1 − β1); v ← β2·v + (1 − β2)·g²;
-    /// p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε).
-    pub fn step(&mut self, lr: f64, update: impl Fn(&str) -> bool) {
-        self.step += 1;
-        let t = self.step as i32;
-        let bc1 = 1.0 - self.cfg.beta1.powi(t);
-        let bc2_sqrt = (1.0 - self.cfg.beta2.powi(t)).sqrt();
-        let cfg = self.cfg;
-        tch::no_grad(|| {
-            for p in &mut self.params {
-                let g = p.value.grad();
-                if !g.defined() || !update(&p.name) {
-                    continue;
-                }
-                if p.decay && cfg.weight_decay != 0.0 {
-                    let _ = p.value.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
-                }
-                let _ = p.exp_avg.lerp_(&g, 1.0 - cfg.beta1);
-                let _ = p.exp_avg_sq.g_mul_scalar_(cfg.beta2);
-                let _ = p.exp_avg_sq.addcmul_(&(&g * (1.0 - cfg.beta2)), &g);
-                // In place where possible: these tensors are as large as the model.
-                let mut denom = p.exp_avg_sq.sqrt();
-                let _ = denom.g_div_scalar_(bc2_sqrt);
-                let _ = denom.g_add_scalar_(cfg.eps);
-                let _ = denom.g_mul_scalar_(-bc1 / lr);
-                let _ = p.value.addcdiv_(&p.exp_avg, &denom);
-            }
-        });
-    }
-
-    /// The moments by name (`exp_avg.<param>`, `exp_avg_sq.<param>`), for checkpoints.
-    pub fn state(&self) -> Vec<(String, &Tensor)> {
-        self.params
-            .iter()
-            .flat_map(|p| {
+            let part = |buf: &Tensor| -> Vec<Tensor> {
+                runs.iter()
+                    .map(|r| buf.narrow(0, r.range.start, r.range.end - r.range.start))
+                    .collect()
+            };
+            let weight_decay = if decay { self.cfg.weight_decay } else { 0.0 };
+            fused::adamw(
                 [
-                    (format!("exp_avg.{}", p.name), &p.exp_avg),
-                    (format!("exp_avg_sq.{}", p.name), &p.exp_avg_sq),
+                    &part(params.values()),
+                    &part(params.grads()),
+                    &part(&self.exp_avg),
+                    &part(&self.exp_avg_sq),
+                    &runs.iter().map(|_| count.shallow_clone()).collect(),
+                ],
+                lr,
+                (self.cfg.beta1, self.cfg.beta2),
+                weight_decay,
+                self.cfg.eps,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The moments by name (`exp_avg.<param>`, `exp_avg_sq.<param>`), for checkpoints: views of
+    /// the flat buffers.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let (m, v) = (
+            self.layout.views(&self.exp_avg),
+            self.layout.views(&self.exp_avg_sq),
+        );
+        m.into_iter()
+            .zip(v)
+            .flat_map(|((name, m), (_, v))| {
+                [
+                    (format!("exp_avg.{name}"), m),
+                    (format!("exp_avg_sq.{name}"), v),
                 ]
             })
             .collect()
     }
 
-    /// Restores moments and step count saved by [`AdamW::state`].
+    /// Restores moments and step count saved by [`AdamW::state`] (any version: the names are the
+    /// parameters', whatever the layout).
     pub fn load_state(
         &mut self,
         step: u64,
         mut get: impl FnMut(&str) -> Option<Tensor>,
     ) -> Result<(), String> {
-        for p in &mut self.params {
-            for (prefix, slot) in [
-                ("exp_avg", &mut p.exp_avg),
-                ("exp_avg_sq", &mut p.exp_avg_sq),
-            ] {
-                let key = format!("{prefix}.{}", p.name);
-                let t = get(&key).ok_or_else(|| format!("optimizer state lacks {key}"))?;
-                if t.size() != slot.size() {
-                    return Err(format!(
-                        "{key}: shape {:?}, expected {:?}",
-                        t.size(),
-                        slot.size()
-                    ));
-                }
-                tch::no_grad(|| slot.copy_(&t.to_kind(Kind::Float)));
+        let mut loaded = Vec::new();
+        for (key, slot) in self.state() {
+            let t = get(&key).ok_or_else(|| format!("optimizer state lacks {key}"))?;
+            if t.size() != slot.size() {
+                return Err(format!(
+                    "{key}: shape {:?}, expected {:?}",
+                    t.size(),
+                    slot.size()
+                ));
             }
+            loaded.push((slot, t));
         }
+        // Checked whole before anything is copied: a bad file leaves the moments as they were.
+        tch::no_grad(|| {
+            for (mut slot, t) in loaded {
+                slot.copy_(&t.to_kind(Kind::Float));
+            }
+        });
         self.step = step;
         Ok(())
     }
@@ -282,6 +212,19 @@ mod tests {
         assert!(!decays("embeddings.LayerNorm.weight"));
     }
 
+    fn bound(vs: &VarStore) -> FlatParams {
+        FlatParams::bind(
+            vs.variables()
+                .into_iter()
+                .map(|(n, t)| {
+                    let d = decays(&n);
+                    (n, t, Owner::Encoder, d)
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
     /// Two AdamW steps on a linear layer, checked against the update written out in f64.
     #[test]
     fn update_matches_the_closed_form() {
@@ -292,7 +235,8 @@ mod tests {
             weight_decay: 0.1,
             ..Default::default()
         };
-        let mut opt = AdamW::new(vs.variables().into_iter().collect(), cfg);
+        let mut flat = bound(&vs);
+        let mut opt = AdamW::new(flat.layout().clone(), tch::Device::Cpu, cfg);
         let w0: Vec<f64> = Vec::<f32>::try_from(lin.ws.view([-1]))
             .unwrap()
             .into_iter()
@@ -300,10 +244,10 @@ mod tests {
             .collect();
         let (mut m, mut v, mut w) = (vec![0.0; 3], vec![0.0; 3], w0);
         for (t, lr) in [(1, 0.1), (2, 0.05)] {
-            opt.zero_grad();
+            flat.zero_grad();
             lin.forward(&x).sum(Kind::Float).backward();
             let g = [1.0, -2.0, 0.5];
-            opt.step(lr, |_| true);
+            opt.step(&flat, lr, |_| true).unwrap();
             for i in 0..3 {
                 w[i] *= 1.0 - lr * 0.1;
                 m[i] = 0.9 * m[i] + 0.1 * g[i];
@@ -324,26 +268,132 @@ mod tests {
         }
     }
 
+    /// The per-tensor AdamW this optimizer replaced, kept here as the reference it must equal.
+    struct PerTensor {
+        params: Vec<(bool, Tensor, Tensor, Tensor)>,
+        step: u64,
+        cfg: AdamWConfig,
+    }
+
+    impl PerTensor {
+        fn step(&mut self, lr: f64) {
+            self.step += 1;
+            let t = self.step as i32;
+            let bc1 = 1.0 - self.cfg.beta1.powi(t);
+            let bc2_sqrt = (1.0 - self.cfg.beta2.powi(t)).sqrt();
+            let cfg = self.cfg;
+            tch::no_grad(|| {
+                for (decay, value, exp_avg, exp_avg_sq) in &mut self.params {
+                    let g = value.grad();
+                    if *decay && cfg.weight_decay != 0.0 {
+                        let _ = value.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
+                    }
+                    let _ = exp_avg.lerp_(&g, 1.0 - cfg.beta1);
+                    let _ = exp_avg_sq.g_mul_scalar_(cfg.beta2);
+                    let _ = exp_avg_sq.addcmul_(&(&g * (1.0 - cfg.beta2)), &g);
+                    let mut denom = exp_avg_sq.sqrt();
+                    let _ = denom.g_div_scalar_(bc2_sqrt);
+                    let _ = denom.g_add_scalar_(cfg.eps);
+                    let _ = denom.g_mul_scalar_(-bc1 / lr);
+                    let _ = value.addcdiv_(exp_avg, &denom);
+                }
+            });
+        }
+    }
+
+    /// Twenty steps of a two-layer network with biases (decayed and not), flat against per tensor,
+    /// on the same gradients: the weights agree to 1e-6.
     #[test]
-    fn clipping_scales_to_max_norm() {
+    fn flat_adamw_equals_the_per_tensor_one() {
+        tch::manual_seed(7);
+        let make = || {
+            let vs = VarStore::new(tch::Device::Cpu);
+            let a = nn::linear(vs.root() / "a", 8, 16, Default::default());
+            let b = nn::linear(vs.root() / "b", 16, 4, Default::default());
+            (vs, a, b)
+        };
+        let (vs1, a1, b1) = make();
+        let (mut vs2, a2, b2) = make();
+        vs2.copy(&vs1).unwrap();
+        let cfg = AdamWConfig::default();
+        let mut flat = bound(&vs1);
+        let mut opt = AdamW::new(flat.layout().clone(), tch::Device::Cpu, cfg);
+        let mut reference = PerTensor {
+            params: vs2
+                .variables()
+                .into_iter()
+                .map(|(n, t)| {
+                    (
+                        decays(&n),
+                        t.shallow_clone(),
+                        t.zeros_like(),
+                        t.zeros_like(),
+                    )
+                })
+                .collect(),
+            step: 0,
+            cfg,
+        };
+        for step in 0..20 {
+            let x = Tensor::randn([5, 8], (Kind::Float, tch::Device::Cpu));
+            let lr = 1e-3 * (1.0 + step as f64 / 10.0);
+            flat.zero_grad();
+            b1.forward(&a1.forward(&x).relu())
+                .pow_tensor_scalar(2)
+                .sum(Kind::Float)
+                .backward();
+            opt.step(&flat, lr, |_| true).unwrap();
+            for (_, v, ..) in &mut reference.params {
+                v.zero_grad();
+            }
+            b2.forward(&a2.forward(&x).relu())
+                .pow_tensor_scalar(2)
+                .sum(Kind::Float)
+                .backward();
+            reference.step(lr);
+        }
+        let vars2 = vs2.variables();
+        for (name, t) in vs1.variables() {
+            let diff = (&t - &vars2[&name]).abs().max().double_value(&[]);
+            assert!(diff <= 1e-6, "{name}: {diff}");
+        }
+    }
+
+    #[test]
+    fn moments_round_trip_by_name() {
         let vs = VarStore::new(tch::Device::Cpu);
-        let lin = nn::linear(vs.root() / "lin", 2, 1, Default::default());
-        let mut opt = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig::default());
-        (lin.forward(&Tensor::from_slice(&[3.0f32, 4.0]).view([1, 2]))
-            .sum(Kind::Float)
-            * 10.0)
-            .backward();
-        let before = opt.clip_grad_norm(1.0);
-        let after: f64 = opt
-            .grads()
-            .iter()
-            .map(|g| g.norm().double_value(&[]).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!(
-            (before - (2500.0f64 + 100.0).sqrt()).abs() < 1e-3,
-            "{before}"
+        let lin = nn::linear(vs.root() / "lin", 2, 2, Default::default());
+        let mut flat = bound(&vs);
+        let mut opt = AdamW::new(
+            flat.layout().clone(),
+            tch::Device::Cpu,
+            AdamWConfig::default(),
         );
-        assert!((after - 1.0).abs() < 1e-5, "{after}");
+        flat.zero_grad();
+        lin.forward(&Tensor::ones([1, 2], (Kind::Float, tch::Device::Cpu)))
+            .sum(Kind::Float)
+            .backward();
+        opt.step(&flat, 0.1, |_| true).unwrap();
+        let saved: Vec<(String, Tensor)> = opt
+            .state()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        let mut other = AdamW::new(
+            flat.layout().clone(),
+            tch::Device::Cpu,
+            AdamWConfig::default(),
+        );
+        other
+            .load_state(1, |k| {
+                saved
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, t)| t.shallow_clone())
+            })
+            .unwrap();
+        assert!(other.exp_avg.equal(&opt.exp_avg) && other.exp_avg_sq.equal(&opt.exp_avg_sq));
+        let err = other.load_state(1, |_| None).unwrap_err();
+        assert!(err.contains("optimizer state lacks exp_avg.lin."), "{err}");
     }
 }

@@ -13,6 +13,8 @@ use super::build::{FreshOutput, load_model, load_training_data, prepare_output, 
 use super::checkpoint::{self, CheckpointState};
 use super::metrics::MetricsLog;
 use super::nonfinite::{Fate, verdict};
+use super::prefetch::Prefetch;
+use super::prepare::Prepared;
 use super::task::Task;
 use super::trainer::{StepInput, Trainer};
 use super::validation::{Tracker, Verdict};
@@ -60,7 +62,7 @@ fn resume(
         return Ok(0);
     };
     checkpoint::check_compatible(&path, &state, fingerprint, cfg)?;
-    checkpoint::restore(&path, &state, &mut trainer.state, &mut trainer.optim)?;
+    checkpoint::restore(&path, &state, trainer)?;
     tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
     Ok(state.step)
 }
@@ -91,6 +93,8 @@ struct Run<'a> {
     data: TrainingData,
     ckpt_dir: PathBuf,
     eval_set: Option<IrDataset>,
+    /// When this invocation started (steps log their wall-clock offset from it).
+    started: Instant,
 }
 
 impl Run<'_> {
@@ -113,6 +117,7 @@ impl Run<'_> {
             multipos_version: env!("CARGO_PKG_VERSION").into(),
             epoch,
             batch,
+            dropout_masks: trainer.opts.masks,
         };
         let start = Instant::now();
         let path = checkpoint::write(
@@ -188,17 +193,20 @@ impl Run<'_> {
         Ok((Some(m), stop))
     }
 
-    /// Runs one global step and logs it; `None` when `train.on_nonfinite = "skip"` discarded it
-    /// (`skipped` counts such steps in a row).
+    /// Runs one global step, prepared ahead (`waited` seconds for it), and logs it with its time
+    /// profile; `None` when `train.on_nonfinite = "skip"` discarded it (`skipped` counts such steps
+    /// in a row).
     fn step(
         &self,
         trainer: &mut Trainer,
-        step: u64,
+        input: &Prepared,
+        waited: f64,
         skipped: &mut u64,
         log: &mut MetricsLog,
     ) -> Result<Option<super::trainer::StepStats>> {
-        let batch = self.data.batch(step);
-        let stats = trainer.forward_backward(&StepInput::whole(&batch), step, &mut Solo)?;
+        let step = input.step;
+        let mut stats = trainer.forward_backward(input, &mut Solo)?;
+        stats.times.data = waited;
         match verdict(
             self.cfg.train.on_nonfinite,
             *skipped,
@@ -207,7 +215,7 @@ impl Run<'_> {
             &[stats.grad_norm],
         ) {
             Fate::Apply => {
-                trainer.update(step, batch.task);
+                stats.times.optimizer += trainer.update(step, input.task)?;
                 *skipped = 0;
             }
             Fate::Skip(reason) => {
@@ -219,12 +227,18 @@ impl Run<'_> {
             }
             Fate::Abort(reason) => return Err(Error::Usage(reason)),
         }
-        let seconds = stats.seconds();
+        let (_, epoch, batch) = self.data.plan.position(step);
+        let t = stats.times;
+        let seconds = t.total();
         log.write(&json!({
-            "event": "step", "step": step + 1, "epoch": batch.epoch, "task": self.data.tasks()[batch.task].name,
-            "batch": batch.index, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+            "event": "step", "step": step + 1, "epoch": epoch, "task": self.data.tasks()[input.task].name,
+            "batch": batch, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
             "pairs": stats.pairs, "tokens": stats.tokens, "seconds": seconds,
-            "pairs_per_s": stats.pairs as f64 / seconds, "compute_seconds": stats.compute_seconds,
+            "pairs_per_s": stats.pairs as f64 / seconds, "compute_seconds": t.compute(),
+            "data_seconds": t.data, "forward_seconds": t.forward, "backward_seconds": t.backward,
+            "gather_seconds": t.gather, "reduce_seconds": t.reduce,
+            "optimizer_seconds": t.optimizer, "sync_seconds": t.sync,
+            "elapsed": self.started.elapsed().as_secs_f64(),
         }))?;
         Ok(Some(stats))
     }
@@ -249,6 +263,114 @@ impl Run<'_> {
         self.data.remined(epoch, tasks)?;
         trainer.schedule.total = self.data.plan.total_steps;
         Ok(())
+    }
+}
+
+/// What the training loop carries from step to step.
+struct Loop {
+    start_step: u64,
+    pairs: u64,
+    last_loss: f64,
+    skipped: u64,
+    tracker: Option<Tracker>,
+    /// Where the run stopped early, and whether it was evaluated at that step already.
+    stopped_at: Option<u64>,
+    evaluated_last: bool,
+}
+
+impl Run<'_> {
+    /// Runs steps from `step` on, each prepared ahead (`train.prefetch`), until the run ends, stops
+    /// early, or must re-mine; returns the next step to run.
+    fn segment(
+        &self,
+        trainer: &mut Trainer,
+        log: &mut MetricsLog,
+        lp: &mut Loop,
+        bar: &Progress,
+        stop: &AtomicBool,
+        mut step: u64,
+    ) -> Result<u64> {
+        let first = step;
+        let total = self.data.plan.total_steps;
+        let preparer = trainer.preparer();
+        let data = &self.data;
+        std::thread::scope(|scope| {
+            let mut batches = Prefetch::start(scope, step..total, self.cfg.train.prefetch, {
+                move |k| preparer.prepare(&StepInput::whole(&data.batch(k)), k)
+            });
+            while step < total {
+                if step > first && self.data.remine_due(self.cfg, step).is_some() {
+                    break;
+                }
+                let waiting = Instant::now();
+                let input = batches.take(step)?;
+                let waited = waiting.elapsed().as_secs_f64();
+                if let Some(stats) = self.step(trainer, &input, waited, &mut lp.skipped, log)? {
+                    lp.pairs += stats.pairs as u64;
+                    lp.last_loss = stats.loss;
+                }
+                step += 1;
+                bar.step(step, lp.last_loss);
+                if self.after_step(trainer, log, lp, bar, stop, step)? {
+                    lp.stopped_at = Some(step);
+                    lp.evaluated_last = true;
+                    break;
+                }
+            }
+            Ok(step)
+        })
+    }
+
+    /// What follows step `done`: checkpoints, a stop by signal or step budget (errors that say how
+    /// to continue), validation; returns whether validation says to stop early.
+    fn after_step(
+        &self,
+        trainer: &Trainer,
+        log: &mut MetricsLog,
+        lp: &mut Loop,
+        bar: &Progress,
+        stop: &AtomicBool,
+        done: u64,
+    ) -> Result<bool> {
+        let (cfg, total) = (self.cfg, self.data.plan.total_steps);
+        let every = cfg.output.checkpoint_every_steps;
+        let budget_spent =
+            cfg.train.stop_after_steps > 0 && done - lp.start_step >= cfg.train.stop_after_steps;
+        let signalled = stop.load(std::sync::atomic::Ordering::SeqCst);
+        let unfinished = done < total;
+        if unfinished && ((every > 0 && done.is_multiple_of(every)) || budget_spent || signalled) {
+            let best = best_step(&lp.tracker);
+            bar.suspend(|| self.save_checkpoint(trainer, done, best, log))?;
+        }
+        if unfinished && signalled {
+            bar.finish();
+            return Err(Error::Usage(format!(
+                "stopped by a signal after step {done}; continue with --resume"
+            )));
+        }
+        if unfinished && budget_spent {
+            bar.finish();
+            return Err(Error::Stopped {
+                steps_done: done,
+                total,
+            });
+        }
+        let Some(e) = &cfg.eval else {
+            return Ok(false);
+        };
+        if !(e.every_steps > 0 && done.is_multiple_of(e.every_steps) && unfinished) {
+            return Ok(false);
+        }
+        let (m, stop_early) = bar.suspend(|| self.validate(trainer, done, log, &mut lp.tracker))?;
+        if let Some(m) = &m {
+            print_metrics(&format!("step {done}"), m);
+        }
+        if stop_early {
+            let best = best_step(&lp.tracker);
+            tracing::warn!(step = done, best_step = ?best, "stopping early: eval.patience evaluations without a new best");
+            log.write(&json!({"event": "early_stop", "step": done, "best_step": best}))?;
+        }
+        Ok(stop_early)
     }
 }
 
@@ -279,6 +401,7 @@ fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer,
             Some(e) => Some(IrDataset::load(&e.queries, &e.corpus, &e.qrels)?),
             None => None,
         },
+        started: Instant::now(),
     };
     let start_step = match &cfg.train.resume {
         Some(which) => {
@@ -340,12 +463,19 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
         cfg.train.batch_size,
     );
     let start = Instant::now();
-    let mut pairs = 0u64;
     // A resumed run reports its newest loss even when no step is left to run.
-    let mut last_loss = if start_step > 0 {
-        last_logged_loss(&String::from_utf8_lossy(&log.contents()?))
-    } else {
-        f64::NAN
+    let mut lp = Loop {
+        start_step,
+        pairs: 0,
+        last_loss: if start_step > 0 {
+            last_logged_loss(&String::from_utf8_lossy(&log.contents()?))
+        } else {
+            f64::NAN
+        },
+        skipped: 0,
+        tracker,
+        stopped_at: None,
+        evaluated_last: false,
     };
     if start_step >= run.data.plan.total_steps {
         tracing::info!(
@@ -353,67 +483,24 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
             "the run was already finished: nothing left to train"
         );
     }
-    // Whether the run stopped early, and whether it was evaluated at its last step already.
-    let mut stopped_at = None;
-    let mut evaluated_last = false;
-    let mut skipped = 0u64;
     let mut step = start_step;
-    // The step count can change while training: re-mined data is planned anew.
-    while step < run.data.plan.total_steps {
+    // The step count can change while training: re-mined data is planned anew, and the steps
+    // prepared ahead from the old plan are dropped.
+    while step < run.data.plan.total_steps && lp.stopped_at.is_none() {
         if let Some(epoch) = run.data.remine_due(cfg, step) {
             bar.suspend(|| run.remine(&mut trainer, epoch, &mut log))?;
             bar.set_total(run.data.plan.total_steps);
         }
-        let total = run.data.plan.total_steps;
-        if let Some(stats) = run.step(&mut trainer, step, &mut skipped, &mut log)? {
-            pairs += stats.pairs as u64;
-            last_loss = stats.loss;
-        }
-        let done = step + 1;
-        bar.step(done, last_loss);
-        let every = cfg.output.checkpoint_every_steps;
-        let budget_spent =
-            cfg.train.stop_after_steps > 0 && done - start_step >= cfg.train.stop_after_steps;
-        let signalled = stop.load(std::sync::atomic::Ordering::SeqCst);
-        let unfinished = done < total;
-        if unfinished && ((every > 0 && done % every == 0) || budget_spent || signalled) {
-            let best = best_step(&tracker);
-            bar.suspend(|| run.save_checkpoint(&trainer, done, best, &mut log))?;
-        }
-        if unfinished && signalled {
-            bar.finish();
-            return Err(Error::Usage(format!(
-                "stopped by a signal after step {done}; continue with --resume"
-            )));
-        }
-        if unfinished && budget_spent {
-            bar.finish();
-            return Err(Error::Stopped {
-                steps_done: done,
-                total,
-            });
-        }
-        if let Some(e) = &cfg.eval
-            && e.every_steps > 0
-            && done % e.every_steps == 0
-            && unfinished
-        {
-            let (m, stop_early) =
-                bar.suspend(|| run.validate(&trainer, done, &mut log, &mut tracker))?;
-            if let Some(m) = &m {
-                print_metrics(&format!("step {done}"), m);
-            }
-            if stop_early {
-                let best = tracker.as_ref().and_then(|t| t.best).map(|b| b.0);
-                tracing::warn!(step = done, best_step = ?best, "stopping early: eval.patience evaluations without a new best");
-                log.write(&json!({"event": "early_stop", "step": done, "best_step": best}))?;
-                stopped_at = Some(done);
-                evaluated_last = true;
-                break;
-            }
-        }
-        step += 1;
+        step = run.segment(&mut trainer, &mut log, &mut lp, &bar, &stop, step)?;
     }
+    let Loop {
+        pairs,
+        last_loss,
+        mut tracker,
+        stopped_at,
+        evaluated_last,
+        ..
+    } = lp;
     // The step the run ends at: the last, or where it stopped early.
     let last = stopped_at.unwrap_or(run.data.plan.total_steps);
     bar.finish();

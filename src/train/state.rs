@@ -1,11 +1,15 @@
 //! A replica's trainable state (docs/design.md §6): the encoder plus every task's loss head, under
 //! one naming — encoder tensors by their checkpoint names, head tensors as
-//! `heads.<task>.<name>`. AdamW, clipping, the gradient all-reduce, checkpoints, resume and peer
-//! healing all go through [`TrainState::parameters`], so a head is never left out of any of them.
+//! `heads.<task>.<name>`, all bound into one flat buffer ([`super::flat`]). AdamW, clipping, the
+//! gradient all-reduce, checkpoints, resume and peer healing all go through those names and buffers,
+//! so a head is never left out of any of them.
 use std::path::Path;
+use std::sync::Arc;
 
 use tch::Tensor;
 
+use super::flat::{FlatParams, Layout, Owner};
+use super::optim::decays;
 use super::task::TaskSpec;
 use crate::data::planner::mix_seed;
 use crate::error::Result;
@@ -20,34 +24,39 @@ pub struct TaskState {
     pub objective: Objective,
 }
 
-/// The encoder and the tasks' losses, and an exponential moving average of them when asked for.
+/// The encoder and the tasks' losses, their trainable tensors bound into flat buffers, and an
+/// exponential moving average of them when asked for.
 pub struct TrainState {
     pub model: SentenceModel,
     pub tasks: Vec<TaskState>,
     pub ema: Option<Ema>,
+    flat: FlatParams,
 }
 
 /// An exponential moving average of every trainable tensor (`train.ema_decay`), updated after each
-/// optimizer step: shadow ← decay·shadow + (1 − decay)·weights. Not trained itself; saved as
-/// `model-ema/` beside `model/` and in checkpoints, restored on resume, sent to healing peers.
+/// optimizer step: shadow ← decay·shadow + (1 − decay)·weights, one kernel over the flat buffer.
+/// Not trained itself; saved as `model-ema/` beside `model/` and in checkpoints, restored on resume,
+/// sent to healing peers.
 pub struct Ema {
     pub decay: f64,
-    /// Same names and order as [`TrainState::parameters`].
-    shadow: Vec<(String, Tensor)>,
+    layout: Arc<Layout>,
+    /// Laid out as the flat parameter buffer.
+    shadow: Tensor,
 }
 
 impl Ema {
-    /// The averaged tensors, by name.
-    pub fn tensors(&self) -> &[(String, Tensor)] {
-        &self.shadow
+    /// The averaged tensors, by name (views of the flat average).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.layout.views(&self.shadow)
     }
 }
 
 impl TrainState {
     /// The state for `tasks`; loss heads start from the run's `seed` (the same on every replica).
-    pub fn new(model: SentenceModel, tasks: &[TaskSpec], seed: u64) -> Self {
+    /// Every trainable tensor moves into the flat buffers here.
+    pub fn new(model: SentenceModel, tasks: &[TaskSpec], seed: u64) -> Result<Self> {
         let (dim, device) = (model.dimension(), model.device());
-        let tasks = tasks
+        let tasks: Vec<TaskState> = tasks
             .iter()
             .enumerate()
             .map(|(i, t)| TaskState {
@@ -55,33 +64,56 @@ impl TrainState {
                 objective: t.objective(dim, device, mix_seed(&[seed, i as u64, 0x6865_6164])),
             })
             .collect();
-        Self {
+        let mut owned: Vec<(String, Tensor, Owner, bool)> = model
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(n, t)| {
+                let d = decays(&n);
+                (n, t, Owner::Encoder, d)
+            })
+            .collect();
+        for (i, t) in tasks.iter().enumerate() {
+            let prefix = Self::head_prefix(&t.name);
+            owned.extend(t.objective.parameters().into_iter().map(|(n, v)| {
+                let name = format!("{prefix}{n}");
+                let d = decays(&name);
+                (name, v, Owner::Head(i), d)
+            }));
+        }
+        let flat = FlatParams::bind(owned)?;
+        Ok(Self {
             model,
             tasks,
             ema: None,
-        }
+            flat,
+        })
+    }
+
+    /// The trainable tensors' flat buffers.
+    pub fn flat(&self) -> &FlatParams {
+        &self.flat
+    }
+
+    /// The same, to change gradients (zeroing, clipping, the all-reduce).
+    pub fn flat_mut(&mut self) -> &mut FlatParams {
+        &mut self.flat
     }
 
     /// Starts averaging the current weights with `decay`.
     pub fn start_ema(&mut self, decay: f64) {
-        let shadow = self
-            .parameters()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach().copy()))
-            .collect();
-        self.ema = Some(Ema { decay, shadow });
+        self.ema = Some(Ema {
+            decay,
+            layout: self.flat.layout().clone(),
+            shadow: self.flat.values().detach().copy(),
+        });
     }
 
     /// Moves the average towards the current weights (after an optimizer step).
     pub fn update_ema(&mut self) {
-        let params = self.parameters();
         if let Some(ema) = self.ema.as_mut() {
-            tch::no_grad(|| {
-                for ((_, s), (_, p)) in ema.shadow.iter_mut().zip(&params) {
-                    // lerp with weight 1 − decay; decay 0 copies the weights exactly.
-                    let _ = s.lerp_(p, 1.0 - ema.decay);
-                }
-            });
+            // lerp with weight 1 − decay; decay 0 copies the weights exactly.
+            let _ = tch::no_grad(|| ema.shadow.lerp_(self.flat.values(), 1.0 - ema.decay));
         }
     }
 
@@ -90,19 +122,11 @@ impl TrainState {
         let Some(ema) = &self.ema else {
             return f(self);
         };
-        let params = self.parameters();
-        let saved: Vec<Tensor> = params.iter().map(|(_, t)| t.detach().copy()).collect();
-        tch::no_grad(|| {
-            for ((_, p), (_, s)) in params.iter().zip(&ema.shadow) {
-                p.shallow_clone().copy_(s);
-            }
-        });
+        let mut values = self.flat.values().shallow_clone();
+        let saved = values.copy();
+        tch::no_grad(|| values.copy_(&ema.shadow));
         let out = f(self);
-        tch::no_grad(|| {
-            for ((_, p), v) in params.iter().zip(&saved) {
-                p.shallow_clone().copy_(v);
-            }
-        });
+        tch::no_grad(|| values.copy_(&saved));
         out
     }
 
@@ -121,23 +145,13 @@ impl TrainState {
         if self.ema.is_none() {
             return Ok(());
         }
-        let weights = self.parameters();
-        let current: Vec<Tensor> = weights.iter().map(|(_, t)| t.detach().copy()).collect();
+        let mut values = self.flat.values().shallow_clone();
+        let current = values.copy();
         self.load_dir(dir)?;
-        let loaded: Vec<Tensor> = self
-            .parameters()
-            .iter()
-            .map(|(_, t)| t.detach().copy())
-            .collect();
-        tch::no_grad(|| {
-            for ((_, p), v) in weights.iter().zip(&current) {
-                p.shallow_clone().copy_(v);
-            }
-        });
+        let loaded = values.copy();
+        tch::no_grad(|| values.copy_(&current));
         if let Some(ema) = self.ema.as_mut() {
-            for ((_, s), v) in ema.shadow.iter_mut().zip(loaded) {
-                *s = v;
-            }
+            ema.shadow = loaded;
         }
         Ok(())
     }

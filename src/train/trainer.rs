@@ -3,6 +3,10 @@
 //! batch (own slice live, the others detached), backpropagate, all-reduce the gradients with SUM,
 //! clip. Applying the update is a separate call, so a worker can commit the step first.
 //!
+//! The step runs on a [`Prepared`] input (tokens, seeds and indices already on the device), queues
+//! its work without waiting for the device, and reads the device once at its end: the loss and the
+//! gradient norm together ([`Trainer::forward_backward`]).
+//!
 //! With `mini_batch_size` set (GradCache), the shard is embedded without autograd, the loss is
 //! taken on those cached embeddings to get d loss / d embedding, and each mini-batch is then
 //! embedded again with autograd (the same dropout masks: they are counter-based) and
@@ -11,13 +15,15 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
+use super::exchange;
+use super::flat::Owner;
 use super::optim::{AdamW, LinearSchedule};
+use super::prepare::{Prepared, Preparer};
 use super::state::TrainState;
-use crate::collective::{Collective, tensor_from_le_bytes, tensor_to_le_bytes};
-use crate::data::planner::mix_seed;
+use crate::collective::{Collective, Wire, tensor_from_le_bytes, tensor_to_le_bytes};
 use crate::error::{Error, Result};
 use crate::loss::Targets;
-use crate::model::dropout::RowSeeds;
+use crate::model::masks::MaskGenerator;
 
 /// What a step needs besides the model and the data.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,6 +35,12 @@ pub struct StepOptions {
     pub micro_batch: usize,
     /// GradCache: rows per forward with autograd (0 = off, the whole shard at once).
     pub mini_batch_size: usize,
+    /// The function that makes the dropout masks (a resumed run keeps its own).
+    pub masks: MaskGenerator,
+    /// How gradients cross between ranks.
+    pub wire: Wire,
+    /// Gradient bytes per bucket of the all-reduce.
+    pub bucket_bytes: usize,
 }
 
 /// One rank's part of a global batch.
@@ -55,6 +67,42 @@ impl<'a> StepInput<'a> {
     }
 }
 
+/// Where a step's wall time went, in seconds (the step profile of `metrics.jsonl`). On a GPU the
+/// host queues work faster than the device runs it: forward, backward and optimizer then measure
+/// the queueing, and the device's own time shows up as `sync`, the one wait for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTimes {
+    /// Waiting for the step's input (tokenizing, padding and copying when not prefetched).
+    pub data: f64,
+    pub forward: f64,
+    pub backward: f64,
+    /// All-gathers of embeddings.
+    pub gather: f64,
+    /// The gradient all-reduce.
+    pub reduce: f64,
+    /// Clipping, AdamW and the moving average.
+    pub optimizer: f64,
+    /// Waiting for the device to deliver the loss and gradient norm.
+    pub sync: f64,
+}
+
+impl StepTimes {
+    /// Everything.
+    pub fn total(&self) -> f64 {
+        self.data + self.compute() + self.comm() + self.sync
+    }
+
+    /// On this rank's device: forward, backward, optimizer.
+    pub fn compute(&self) -> f64 {
+        self.forward + self.backward + self.optimizer
+    }
+
+    /// In the collectives.
+    pub fn comm(&self) -> f64 {
+        self.gather + self.reduce
+    }
+}
+
 /// Numbers of one step.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct StepStats {
@@ -66,18 +114,9 @@ pub struct StepStats {
     pub pairs: usize,
     /// Real (non-padding) tokens this rank processed.
     pub tokens: usize,
-    pub compute_seconds: f64,
-    /// In the collectives: all-gathers of embeddings plus the all-reduce of gradients.
-    pub comm_seconds: f64,
-    pub gather_seconds: f64,
-    pub reduce_seconds: f64,
-}
-
-impl StepStats {
-    /// Wall time of the step.
-    pub fn seconds(&self) -> f64 {
-        self.compute_seconds + self.comm_seconds
-    }
+    pub times: StepTimes,
+    /// Gradient bytes that crossed between the device and the host (the all-reduce's buckets).
+    pub grad_host_bytes: u64,
 }
 
 /// A replica: trainable state, optimizer, schedule.
@@ -88,30 +127,52 @@ pub struct Trainer {
     pub opts: StepOptions,
 }
 
-/// Times what runs inside the collective calls apart from everything else.
-#[derive(Default)]
+/// Accumulates the seconds of the step's phases.
 struct Clock {
-    gather: f64,
-    reduce: f64,
+    times: StepTimes,
+    mark: Instant,
+}
+
+/// A phase of the step.
+#[derive(Clone, Copy)]
+enum Phase {
+    Forward,
+    Backward,
+    Gather,
+    Reduce,
+    Optimizer,
+    Sync,
 }
 
 impl Clock {
-    fn gather<T>(&mut self, f: impl FnOnce() -> T) -> T {
-        let start = Instant::now();
-        let out = f();
-        self.gather += start.elapsed().as_secs_f64();
-        out
+    fn new() -> Self {
+        Self {
+            times: StepTimes::default(),
+            mark: Instant::now(),
+        }
     }
 
-    fn reduce<T>(&mut self, f: impl FnOnce() -> T) -> T {
-        let start = Instant::now();
-        let out = f();
-        self.reduce += start.elapsed().as_secs_f64();
-        out
+    /// Charges the time since the previous charge to `phase`.
+    fn charge(&mut self, phase: Phase) {
+        let now = Instant::now();
+        let s = now.duration_since(self.mark).as_secs_f64();
+        self.mark = now;
+        let t = &mut self.times;
+        *match phase {
+            Phase::Forward => &mut t.forward,
+            Phase::Backward => &mut t.backward,
+            Phase::Gather => &mut t.gather,
+            Phase::Reduce => &mut t.reduce,
+            Phase::Optimizer => &mut t.optimizer,
+            Phase::Sync => &mut t.sync,
+        } += s;
     }
 
-    fn comm(&self) -> f64 {
-        self.gather + self.reduce
+    /// Charges a collective's time, if there was one: alone, its call costs nothing worth a phase.
+    fn charge_collective(&mut self, phase: Phase, coll: &dyn Collective) {
+        if coll.world() > 1 {
+            self.charge(phase);
+        }
     }
 }
 
@@ -123,7 +184,7 @@ impl Trainer {
         schedule: LinearSchedule,
         opts: StepOptions,
     ) -> Self {
-        let optim = AdamW::new(state.parameters(), adamw);
+        let optim = AdamW::new(state.flat().layout().clone(), state.model.device(), adamw);
         Self {
             state,
             optim,
@@ -132,67 +193,34 @@ impl Trainer {
         }
     }
 
-    /// Embeds one column of a shard. Texts are sorted by token count and run `micro_batch` at a
-    /// time (less padding; the result is the same), then put back in input order. `rows` are the
-    /// global batch indices of the texts: dropout masks come from (seed, step, column, row), so a
-    /// row draws the same masks however the batch is split into micro-batches, mini-batches or
-    /// shards, and in both GradCache passes.
-    pub fn embed_column(
-        &self,
-        texts: &[&str],
-        rows: &[u64],
-        step: u64,
-        column: usize,
-    ) -> Result<(Tensor, usize)> {
-        let model = &self.state.model;
-        let tokenizer = model.tokenizer();
-        let encodings = tokenizer.encode_each(texts)?;
-        let tokens = encodings.iter().map(|e| e.len()).sum();
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].len()));
-        let chunk = if self.opts.micro_batch == 0 {
-            texts.len()
-        } else {
-            self.opts.micro_batch
-        };
-        let mut parts = Vec::new();
-        for idx in order.chunks(chunk.max(1)) {
-            let batch = tokenizer.pad(&idx.iter().map(|&i| &encodings[i]).collect::<Vec<_>>());
-            let seeds = self.opts.dropout.then(|| {
-                RowSeeds(
-                    idx.iter()
-                        .map(|&i| mix_seed(&[self.opts.seed, step, column as u64, rows[i]]))
-                        .collect(),
-                )
-            });
-            parts.push(model.forward_t(&batch, seeds.as_ref()));
-        }
-        let sorted = Tensor::cat(&parts, 0);
-        let mut inverse = vec![0i64; order.len()];
-        for (pos, &i) in order.iter().enumerate() {
-            inverse[i] = pos as i64;
-        }
-        let inverse = Tensor::from_slice(&inverse).to_device(sorted.device());
-        Ok((sorted.index_select(0, &inverse), tokens))
+    /// What prepares this replica's steps (cloneable, for a prefetching thread).
+    pub fn preparer(&self) -> Preparer {
+        Preparer::new(
+            self.state.model.tokenizer().clone(),
+            self.state.model.device(),
+            self.opts,
+        )
     }
 
-    /// Embeds every column of a shard whose first row is global row `first_row`.
-    pub fn embed_shard(
-        &self,
-        columns: &[Vec<&str>],
-        step: u64,
-        first_row: u64,
-    ) -> Result<(Vec<Tensor>, usize)> {
-        let n = columns.first().map_or(0, Vec::len) as u64;
-        let rows: Vec<u64> = (first_row..first_row + n).collect();
-        let mut tokens = 0;
-        let mut out = Vec::with_capacity(columns.len());
-        for (c, texts) in columns.iter().enumerate() {
-            let (t, k) = self.embed_column(texts, &rows, step, c)?;
-            tokens += k;
-            out.push(t);
-        }
-        Ok((out, tokens))
+    /// Every column of a prepared shard embedded (autograd as the caller has it), in row order.
+    pub fn embed(&self, input: &Prepared) -> Vec<Tensor> {
+        input
+            .columns
+            .iter()
+            .map(|chunks| {
+                let parts: Vec<Tensor> = chunks
+                    .iter()
+                    .map(|chunk| {
+                        chunk.embed(|m| self.state.model.forward_t(&m.batch, m.seeds.as_ref()))
+                    })
+                    .collect();
+                if parts.len() == 1 {
+                    parts.into_iter().next().expect("one part")
+                } else {
+                    Tensor::cat(&parts, 0)
+                }
+            })
+            .collect()
     }
 
     /// The global columns: every rank's shard, in rank order, with this rank's `local` tensors in
@@ -202,7 +230,6 @@ impl Trainer {
         local: &[Tensor],
         step: u64,
         coll: &mut dyn Collective,
-        clock: &mut Clock,
     ) -> Result<Vec<Tensor>> {
         let world = coll.world();
         if world == 1 {
@@ -210,7 +237,7 @@ impl Trainer {
         }
         let (cols, n, dim) = (local.len() as i64, local[0].size()[0], local[0].size()[1]);
         let payload = tensor_to_le_bytes(&Tensor::cat(local, 0));
-        let blocks = clock.gather(|| coll.all_gather(step, payload))?;
+        let blocks = coll.all_gather(step, payload)?;
         let want = (cols * n * dim * 4) as usize;
         if let Some((r, b)) = blocks.iter().enumerate().find(|(_, b)| b.len() != want) {
             return Err(Error::Usage(format!(
@@ -221,7 +248,7 @@ impl Trainer {
         let device = self.state.model.device();
         let gathered: Vec<Tensor> = blocks
             .iter()
-            .map(|b| tensor_from_le_bytes(b, &[cols, n, dim]).to_device(device))
+            .map(|b| crate::device::upload(&tensor_from_le_bytes(b, &[cols, n, dim]), device))
             .collect();
         let rank = coll.rank();
         Ok((0..cols)
@@ -249,131 +276,123 @@ impl Trainer {
     }
 
     /// Embeds, gathers, computes the loss and backpropagates (plainly, or with GradCache); returns
-    /// the loss and the real tokens processed. Gradients accumulate in the trainable tensors.
+    /// the loss, still on the device. Gradients accumulate in the flat gradient buffer.
     fn backward(
         &self,
-        input: &StepInput<'_>,
-        step: u64,
+        input: &Prepared,
         coll: &mut dyn Collective,
         clock: &mut Clock,
-    ) -> Result<(f64, usize)> {
-        let mini = self.opts.mini_batch_size;
-        if mini == 0 {
-            let (local, tokens) = self.embed_shard(&input.columns, step, input.first_row)?;
-            let columns = self.gather(&local, step, coll, clock)?;
+    ) -> Result<Tensor> {
+        let step = input.step;
+        if self.opts.mini_batch_size == 0 {
+            let local = self.embed(input);
+            clock.charge(Phase::Forward);
+            let columns = self.gather(&local, step, coll)?;
+            clock.charge_collective(Phase::Gather, coll);
             let loss = self.loss(input.task, &columns, &input.targets)?;
+            clock.charge(Phase::Forward);
             loss.backward();
-            return Ok((loss.to_kind(Kind::Double).double_value(&[]), tokens));
+            clock.charge(Phase::Backward);
+            return Ok(loss.detach());
         }
         // Pass 1: embeddings without autograd, kept as leaves that will receive the loss's gradient.
-        let (cached, tokens) =
-            tch::no_grad(|| self.embed_shard(&input.columns, step, input.first_row))?;
+        let cached = tch::no_grad(|| self.embed(input));
         let leaves: Vec<Tensor> = cached
             .iter()
             .map(|t| t.detach().set_requires_grad(true))
             .collect();
+        clock.charge(Phase::Forward);
         // Pass 2: the loss over the global batch, backpropagated to the leaves (and loss heads).
-        let columns = self.gather(&leaves, step, coll, clock)?;
+        let columns = self.gather(&leaves, step, coll)?;
+        clock.charge_collective(Phase::Gather, coll);
         let loss = self.loss(input.task, &columns, &input.targets)?;
+        clock.charge(Phase::Forward);
         loss.backward();
+        clock.charge(Phase::Backward);
         // Pass 3: each mini-batch again with autograd, backpropagating its cached gradient.
-        let n = input.columns.first().map_or(0, Vec::len);
-        for (c, texts) in input.columns.iter().enumerate() {
-            let grad = leaves[c].grad();
+        for (leaf, chunks) in leaves.iter().zip(&input.columns) {
+            let grad = leaf.grad();
             if !grad.defined() {
                 continue;
             }
-            for start in (0..n).step_by(mini) {
-                let end = (start + mini).min(n);
-                let rows: Vec<u64> = (start..end).map(|i| input.first_row + i as u64).collect();
-                let (emb, _) = self.embed_column(&texts[start..end], &rows, step, c)?;
-                let g = grad.narrow(0, start as i64, (end - start) as i64);
-                (emb * g).sum(Kind::Float).backward();
+            for chunk in chunks {
+                let emb = chunk.embed(|m| self.state.model.forward_t(&m.batch, m.seeds.as_ref()));
+                let g = grad.narrow(0, chunk.start as i64, chunk.rows as i64);
+                let surrogate = (emb * g).sum(Kind::Float);
+                clock.charge(Phase::Forward);
+                surrogate.backward();
+                clock.charge(Phase::Backward);
             }
         }
-        Ok((loss.to_kind(Kind::Double).double_value(&[]), tokens))
+        Ok(loss.detach())
     }
 
     /// Everything of a step up to the update: the gradients end up summed over the ranks and
-    /// clipped, ready for [`Trainer::update`].
+    /// clipped, ready for [`Trainer::update`]. The host waits for the device once, at the end, for
+    /// the loss and the gradient norm together.
     pub fn forward_backward(
         &mut self,
-        input: &StepInput<'_>,
-        step: u64,
+        input: &Prepared,
         coll: &mut dyn Collective,
     ) -> Result<StepStats> {
-        let start = Instant::now();
-        let mut clock = Clock::default();
+        let mut clock = Clock::new();
         // A non-finite loss still goes through the all-reduce: every rank must take part, and
         // whether to apply is decided afterwards from every rank's numbers (`nonfinite::verdict`).
-        let (loss, tokens) = self.backward(input, step, coll, &mut clock)?;
+        let loss = self.backward(input, coll, &mut clock)?;
+        let mut grad_host_bytes = 0;
         if coll.world() > 1 {
             // Every rank computed the loss heads' gradients whole (they see the whole batch); the
             // encoder's are partial. So rank 0 alone contributes the heads' to the sum.
-            let rank = coll.rank();
-            let mut grads = self
-                .optim
-                .flat_grads(|name| rank == 0 || !TrainState::is_head(name));
-            clock.reduce(|| coll.all_reduce_sum(step, &mut grads))?;
-            self.optim.set_flat_grads(&grads);
+            if coll.rank() != 0 {
+                self.state.flat_mut().zero_head_grads();
+            }
+            clock.charge(Phase::Backward);
+            grad_host_bytes = exchange::all_reduce(
+                self.state.flat_mut(),
+                coll,
+                input.step,
+                self.opts.wire,
+                self.opts.bucket_bytes,
+            )?;
+            clock.charge(Phase::Reduce);
         }
-        let grad_norm = self.optim.clip_grad_norm(self.opts.max_grad_norm);
+        let norm = self
+            .state
+            .flat_mut()
+            .clip_grad_norm(self.opts.max_grad_norm);
+        clock.charge(Phase::Optimizer);
+        let read = Tensor::stack(&[loss.to_kind(Kind::Double), norm.to_kind(Kind::Double)], 0)
+            .to_device(tch::Device::Cpu);
+        let (loss, grad_norm) = (read.double_value(&[0]), read.double_value(&[1]));
+        clock.charge(Phase::Sync);
         Ok(StepStats {
             task: input.task,
             loss,
-            lr: self.schedule.lr(step),
+            lr: self.schedule.lr(input.step),
             grad_norm,
             pairs: input.targets.len(),
-            tokens,
-            compute_seconds: start.elapsed().as_secs_f64() - clock.comm(),
-            comm_seconds: clock.comm(),
-            gather_seconds: clock.gather,
-            reduce_seconds: clock.reduce,
+            tokens: input.tokens,
+            times: clock.times,
+            grad_host_bytes,
         })
     }
 
     /// Applies AdamW with the (reduced, clipped) gradients of a step of task `task` and clears
-    /// them; other tasks' loss heads, which took no part, stay as they are. Returns the rate used.
-    pub fn update(&mut self, step: u64, task: usize) -> f64 {
+    /// them; other tasks' loss heads, which took no part, stay as they are. Returns the seconds it
+    /// took (the host's share on a GPU).
+    pub fn update(&mut self, step: u64, task: usize) -> Result<f64> {
+        let start = Instant::now();
         let lr = self.schedule.lr(step);
-        let own = TrainState::head_prefix(&self.state.tasks[task].name);
-        self.optim.step(lr, |name| {
-            !TrainState::is_head(name) || name.starts_with(&own)
-        });
-        self.optim.zero_grad();
+        self.optim.step(self.state.flat(), lr, |owner| {
+            owner == Owner::Encoder || owner == Owner::Head(task)
+        })?;
+        self.state.flat_mut().zero_grad();
         self.state.update_ema();
-        lr
+        Ok(start.elapsed().as_secs_f64())
     }
 
     /// Drops the gradients of a step that will not be applied.
     pub fn discard(&mut self) {
-        self.optim.zero_grad();
-    }
-
-    /// A whole step on this rank's part of a global batch: forward, backward, all-reduce, update;
-    /// a non-finite loss or gradient is an error.
-    pub fn step(
-        &mut self,
-        input: &StepInput<'_>,
-        step: u64,
-        coll: &mut dyn Collective,
-    ) -> Result<StepStats> {
-        let stats = self.forward_backward(input, step, coll)?;
-        match super::nonfinite::verdict(
-            crate::config::NonFinite::Abort,
-            0,
-            step,
-            &[stats.loss],
-            &[stats.grad_norm],
-        ) {
-            super::nonfinite::Fate::Apply => {
-                self.update(step, input.task);
-                Ok(stats)
-            }
-            super::nonfinite::Fate::Skip(r) | super::nonfinite::Fate::Abort(r) => {
-                self.discard();
-                Err(Error::Usage(r))
-            }
-        }
+        self.state.flat_mut().zero_grad();
     }
 }

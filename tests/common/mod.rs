@@ -304,3 +304,39 @@ pub fn tiny_run_args(model: &Path, out: &Path, steps: u32) -> Vec<String> {
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
 }
+
+/// Runs `f` on every rank of a `world`-rank gRPC ring over loopback, each rank on a thread of its
+/// own (as a worker drives its ring from blocking code); returns the ranks' results in rank order.
+pub fn on_ring<T: Send>(
+    world: usize,
+    f: impl Fn(&mut dyn multipos::collective::Collective) -> T + Sync,
+) -> Vec<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let token = multipos::auth::Token::new("loopback-ring-token").unwrap();
+    let rings = rt.block_on(multipos::cluster::peer::loopback_rings(
+        world,
+        &token,
+        &token,
+        None,
+        64 << 10,
+        std::time::Duration::from_secs(60),
+    ));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rings
+            .iter()
+            .map(|ring| {
+                let (rt, f) = (&rt, &f);
+                s.spawn(move || {
+                    let _ctx = rt.enter();
+                    let (_never, abort) = tokio::sync::watch::channel(None);
+                    f(&mut multipos::collective::BlockingRing::new(ring, abort))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}

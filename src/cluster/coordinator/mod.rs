@@ -1142,14 +1142,14 @@ impl Coordinator {
                 ));
             }
         }
-        let compute = commits
-            .iter()
-            .map(|c| c.compute_seconds)
-            .fold(0.0, f64::max);
-        let comm = commits.iter().map(|c| c.comm_seconds).fold(0.0, f64::max);
-        let gather = commits.iter().map(|c| c.gather_seconds).fold(0.0, f64::max);
-        let reduce = commits.iter().map(|c| c.reduce_seconds).fold(0.0, f64::max);
-        let seconds = compute + comm;
+        // The slowest rank's time in each phase: the step waits for it.
+        let slowest = |f: fn(&CommitRequest) -> f64| commits.iter().map(f).fold(0.0, f64::max);
+        let compute = slowest(|c| c.compute_seconds);
+        let comm = slowest(|c| c.comm_seconds);
+        let gather = slowest(|c| c.gather_seconds);
+        let reduce = slowest(|c| c.reduce_seconds);
+        let (data_s, sync) = (slowest(|c| c.data_seconds), slowest(|c| c.sync_seconds));
+        let seconds = data_s + compute + comm + sync;
         let pairs = self.cfg.train.batch_size;
         let data = self.data();
         let (task, epoch, batch) = data.training.plan.position(step);
@@ -1157,6 +1157,8 @@ impl Coordinator {
             "event": "step", "step": step + 1, "epoch": epoch, "task": data.training.tasks()[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
             "pairs": pairs, "tokens": commits.iter().map(|c| c.tokens).sum::<u64>(), "seconds": seconds,
             "compute_seconds": compute, "comm_seconds": comm, "gather_seconds": gather, "reduce_seconds": reduce, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
+            "data_seconds": data_s, "forward_seconds": slowest(|c| c.forward_seconds), "backward_seconds": slowest(|c| c.backward_seconds),
+            "optimizer_seconds": slowest(|c| c.optimizer_seconds), "sync_seconds": sync,
             "workers": commits.len(), "generation": generation, "elapsed": self.started.elapsed().as_secs_f64(),
         }));
         self.record_batch(step, commits.len());
@@ -1170,7 +1172,7 @@ impl Coordinator {
                 compute,
                 all_gather: gather,
                 all_reduce: reduce,
-                waiting: interval.map_or(0.0, |d| (d.as_secs_f64() - compute - comm).max(0.0)),
+                waiting: interval.map_or(0.0, |d| (d.as_secs_f64() - seconds).max(0.0)),
             },
         );
         Ok(())
