@@ -19,20 +19,8 @@ fn command(model: &Path, out: &Path, extra: &[&str]) -> Command {
         .arg("--config")
         .arg(repo("configs/tiny.toml"))
         .env("RUST_LOG", "warn");
-    let data = repo("deploy/data/bible_paraphrase_tiny");
-    let mut sets = vec![
-        format!("model.path=\"{}\"", model.display()),
-        format!("output.dir=\"{}\"", out.display()),
-        format!("data.train=\"{}\"", data.join("train.jsonl").display()),
-        format!(
-            "eval.queries=\"{}\"",
-            data.join("dev_queries.jsonl").display()
-        ),
-        format!("eval.corpus=\"{}\"", data.join("corpus.jsonl").display()),
-        format!("eval.qrels=\"{}\"", data.join("dev_qrels.tsv").display()),
-        "eval.at_start=false".into(),
-        "output.checkpoint_every_steps=4".into(),
-    ];
+    let mut sets = common::tiny_config_sets(model, out);
+    sets.push("output.checkpoint_every_steps=4".into());
     sets.extend(extra.iter().map(|s| s.to_string()));
     for s in sets {
         c.arg("--set").arg(s);

@@ -20,21 +20,9 @@ fn repo(path: &str) -> PathBuf {
 
 /// The tiny run's config with `sets` on top.
 fn config(model: &Path, out: &Path, sets: &[&str]) -> RunConfig {
-    let data = repo("deploy/data/bible_paraphrase_tiny");
-    let mut all = vec![
-        format!("model.path=\"{}\"", model.display()),
-        format!("output.dir=\"{}\"", out.display()),
-        format!("data.train=\"{}\"", data.join("train.jsonl").display()),
-        format!(
-            "eval.queries=\"{}\"",
-            data.join("dev_queries.jsonl").display()
-        ),
-        format!("eval.corpus=\"{}\"", data.join("corpus.jsonl").display()),
-        format!("eval.qrels=\"{}\"", data.join("dev_qrels.tsv").display()),
-        "eval.at_start=false".into(),
-        // No clipping: the raw sums are compared.
-        "train.max_grad_norm=0.0".into(),
-    ];
+    let mut all = common::tiny_config_sets(model, out);
+    // No clipping: the raw sums are compared.
+    all.push("train.max_grad_norm=0.0".into());
     all.extend(sets.iter().map(|s| s.to_string()));
     RunConfig::load(&repo("configs/tiny.toml"), &all).unwrap()
 }

@@ -340,3 +340,21 @@ pub fn on_ring<T: Send>(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
+
+/// `--set` values that point `configs/tiny.toml` at `model`, at output `out`, and at the bundled
+/// tiny data by absolute path (so the run works from any directory), without evaluating at start.
+pub fn tiny_config_sets(model: &Path, out: &Path) -> Vec<String> {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/data/bible_paraphrase_tiny");
+    vec![
+        format!("model.path=\"{}\"", model.display()),
+        format!("output.dir=\"{}\"", out.display()),
+        format!("data.train=\"{}\"", data.join("train.jsonl").display()),
+        format!(
+            "eval.queries=\"{}\"",
+            data.join("dev_queries.jsonl").display()
+        ),
+        format!("eval.corpus=\"{}\"", data.join("corpus.jsonl").display()),
+        format!("eval.qrels=\"{}\"", data.join("dev_qrels.tsv").display()),
+        "eval.at_start=false".into(),
+    ]
+}
