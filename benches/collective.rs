@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use multipos::auth::Token;
 use multipos::cluster::peer::loopback_rings;
 use multipos::collective::{Ring, Wire, ring};
 use multipos::tls::{Tls, TlsConfig};
@@ -80,11 +79,10 @@ async fn raw_ring_bytes_per_s(world: usize, bytes: usize) -> f64 {
     bytes as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn rings(world: usize, token: &Token, tls: Option<&Tls>, chunk: usize) -> Vec<Arc<Ring>> {
+async fn rings(world: usize, tls: Option<&Tls>, chunk: usize) -> Vec<Arc<Ring>> {
     loopback_rings(
         world,
-        token,
-        token,
+        ("benchmark-key", "benchmark-key"),
         tls,
         chunk,
         std::time::Duration::from_secs(60),
@@ -134,7 +132,6 @@ fn main() {
     })
     .unwrap();
     rt.block_on(async {
-        let token = Token::new("benchmark-token-16").unwrap();
         let raw = raw_tcp_bytes_per_s(1 << 30).await;
         println!("raw TCP loopback, one stream: {:.0} MB/s", raw / 1e6);
         println!(
@@ -150,8 +147,8 @@ fn main() {
         );
         for world in [2usize, 4] {
             let raw_ring = raw_ring_bytes_per_s(world, 400 << 20).await;
-            let plain = rings(world, &token, None, 4 << 20).await;
-            let secure = rings(world, &token, Some(&tls), 4 << 20).await;
+            let plain = rings(world, None, 4 << 20).await;
+            let secure = rings(world, Some(&tls), 4 << 20).await;
             for mb in [10usize, 50, 100] {
                 let len = mb * 1_000_000 / 4;
                 let best = best_all_reduce(&plain, len).await;

@@ -45,6 +45,10 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// An invariant of multipos itself does not hold: a bug to report, not an input to fix.
+    /// Something received over the network passed its cap.
+    #[error("{0}")]
+    TooLarge(String),
+
     #[error("internal error (please report): {0}")]
     Internal(String),
 }

@@ -40,6 +40,8 @@ pub struct Tls {
     ca: Certificate,
     identity: Identity,
     client_auth: bool,
+    /// The common name of this host's certificate: a worker's name, which its ids carry.
+    name: String,
 }
 
 impl std::fmt::Debug for Tls {
@@ -60,11 +62,26 @@ impl Tls {
                 reason: "cluster.tls.key: no PEM private key (PKCS#8, PKCS#1 or SEC1) in it".into(),
             });
         }
+        let name = CertificateDer::pem_slice_iter(&cert)
+            .next()
+            .and_then(|c| common_name(c.ok()?.as_ref()))
+            .ok_or_else(|| Error::Invalid {
+                path: cfg.cert.clone(),
+                reason: "cluster.tls.cert: the certificate has no common name (issue it with \
+                         `multipos certs`)"
+                    .into(),
+            })?;
         Ok(Self {
             ca: Certificate::from_pem(ca),
             identity: Identity::from_pem(cert, key),
             client_auth: cfg.client_auth,
+            name,
         })
+    }
+
+    /// The common name of this host's certificate: the worker name it proves to the coordinator.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The coordinator's server side: its certificate, and clients' certificates asked for when
@@ -116,6 +133,19 @@ fn read_certificates(path: &Path, key: &str) -> Result<Vec<u8>> {
         });
     }
     Ok(pem)
+}
+
+/// The common name of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(name.to_string())
+}
+
+/// The common name of the client certificate a caller showed over mutual TLS (verified against
+/// the run's CA by the handshake), if it showed one.
+pub fn peer_name<T>(request: &tonic::Request<T>) -> Option<String> {
+    common_name(request.peer_certs()?.first()?.as_ref())
 }
 
 /// The URL scheme a client dials with.

@@ -348,8 +348,11 @@ fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
             .connect()
             .await
             .unwrap();
-        let mut client =
-            CoordinatorClient::with_interceptor(channel, Token::new(token).unwrap().attach());
+        let own = Token::new(token).unwrap().credential("ghost").unwrap();
+        let mut client = CoordinatorClient::with_interceptor(
+            channel,
+            multipos::auth::Secret::Worker(own).attach(),
+        );
         let mut req = tonic::Request::new(JoinRequest {
             worker_id: "ghost".into(),
             rank: 0,
@@ -358,7 +361,14 @@ fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
             ..Default::default()
         });
         req.set_timeout(Duration::from_millis(300));
-        assert!(client.join(req).await.is_err());
+        let e = client.join(req).await.unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "the ghost was a candidate until it gave up: {e}"
+        );
     });
     // The two real workers then form the ring by themselves and finish the run.
     let workers = start_workers(&addr, token, &model);
@@ -414,6 +424,56 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
     // The recorded config (also what workers receive) carries no secret.
     let recorded = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(!recorded.contains(token), "{recorded}");
+
+    // A worker that holds only its own credential (no cluster token on its host) trains too.
+    let made = Command::new(bin())
+        .args(["credential", "trainer-7", "--token-file"])
+        .arg(&token_file)
+        .env_remove("MULTIPOS_CLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let credential_file = dir.path().join("trainer-7.credential");
+    std::fs::write(&credential_file, &made.stdout).unwrap();
+    let by_credential = dir.path().join("by-credential");
+    let (mut coordinator, addr) = start_coordinator(
+        &model,
+        &by_credential,
+        token,
+        &["cluster.workers=1", "train.max_steps=3"],
+    );
+    let worker = Command::new(bin())
+        .args([
+            "worker",
+            "--coordinator",
+            &addr,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
+        .arg("--credential-file")
+        .arg(&credential_file)
+        .env_remove("MULTIPOS_CLUSTER_TOKEN")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&worker.stderr);
+    assert!(worker.status.success(), "{log}");
+    assert!(
+        log.contains("trainer-7:"),
+        "the worker id carries its credential's name: {log}"
+    );
+    assert!(coordinator.wait().unwrap().success());
+    assert_eq!(
+        losses(&by_credential),
+        losses(&out),
+        "the same run as with the token"
+    );
 
     // A worker whose local model differs is refused with a reason.
     let other = dir.path().join("other");

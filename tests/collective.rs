@@ -1,17 +1,16 @@
 //! Ring collectives over real gRPC on loopback, in one process: sums and gathers are exact, large
-//! buffers (far over tonic's 4 MiB default message limit) work, and a wrong token is refused.
+//! buffers (far over tonic's 4 MiB default message limit) work, and a wrong ring key is refused.
 use std::sync::Arc;
 use std::time::Duration;
 
-use multipos::auth::Token;
 use multipos::cluster::peer::loopback_rings;
 use multipos::collective::{Ring, Wire};
 
-async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<Arc<Ring>> {
+/// A loopback ring whose servers expect ring keys `expected-R` and whose ranks present `presented-R`.
+async fn rings(world: usize, expected: &str, presented: &str) -> Vec<Arc<Ring>> {
     loopback_rings(
         world,
-        server_token,
-        client_token,
+        (expected, presented),
         None,
         1 << 20,
         Duration::from_secs(5),
@@ -21,9 +20,8 @@ async fn rings(world: usize, server_token: &Token, client_token: &Token) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_reduce_and_all_gather_are_exact_for_large_buffers() {
-    let token = Token::new("collective-test-token").unwrap();
     for world in [1usize, 2, 3] {
-        let rings = rings(world, &token, &token).await;
+        let rings = rings(world, "k", "k").await;
         // 3M floats = 12 MB per rank; values chosen so every partial sum is exact in f32.
         let len = 3_000_001;
         let tasks: Vec<_> = rings
@@ -66,9 +64,8 @@ async fn all_reduce_and_all_gather_are_exact_for_large_buffers() {
 /// within half a bf16 step (relative 2^-8) of the exact f32 sum, whatever the world size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bf16_all_reduce_agrees_on_every_rank_and_stays_within_a_bf16_step() {
-    let token = Token::new("collective-test-token").unwrap();
     for world in [2usize, 3, 4] {
-        let rings = rings(world, &token, &token).await;
+        let rings = rings(world, "k", "k").await;
         let len = 100_003;
         let value =
             |rank: usize, i: usize| ((i * 7919 + rank * 104_729) % 20_011) as f32 / 977.0 - 9.5;
@@ -116,9 +113,7 @@ async fn a_bf16_all_reduce_agrees_on_every_rank_and_stays_within_a_bf16_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_with_the_wrong_token_cannot_feed_the_ring() {
-    let right = Token::new("the-right-one-of-16").unwrap();
-    let wrong = Token::new("not-the-right-one-16").unwrap();
+async fn a_peer_with_the_wrong_ring_key_cannot_feed_the_ring() {
     let gather_all = |rings: Vec<Arc<Ring>>| async move {
         let tasks: Vec<_> = rings
             .into_iter()
@@ -130,20 +125,20 @@ async fn a_peer_with_the_wrong_token_cannot_feed_the_ring() {
         }
         out
     };
-    // Both ranks take part, so only the token decides: with the right one the gather completes.
-    for r in gather_all(rings(2, &right, &right).await).await {
+    // Both ranks take part, so only the key decides: with the right one the gather completes.
+    for r in gather_all(rings(2, "right", "right").await).await {
         assert_eq!(r.unwrap().len(), 2);
     }
-    let results = gather_all(rings(2, &right, &wrong).await).await;
+    let results = gather_all(rings(2, "right", "wrong").await).await;
     for r in results {
         assert!(
             r.is_err(),
-            "a peer with the wrong token must not feed the ring"
+            "a peer with the wrong ring key must not feed the ring"
         );
     }
 }
 
-/// A token holder outside the ring opens streams to rank 0's Peer server: without a ring key, with
+/// A caller outside the ring opens streams to rank 0's Peer server: without a ring key, with
 /// a wrong one, and with the right one but chunks that claim another sender. Each is refused, and
 /// the ring's own all-gather, running meanwhile, is unharmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,13 +149,12 @@ async fn streams_are_bound_to_the_left_neighbour_and_its_key() {
     use multipos::pb::RingChunk;
     use multipos::pb::peer_client::PeerClient;
 
-    let token = Token::new("ring-binding-test").unwrap();
     let mut peers = Vec::new();
     let mut incomings = Vec::new();
     for _ in 0..2 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         peers.push(listener.local_addr().unwrap().to_string());
-        let (svc, rx) = peer_service(&token, 1 << 20, slot());
+        let (svc, rx) = peer_service(1 << 20, slot(), multipos::cluster::peer::pass_slot());
         incomings.push(rx);
         tokio::spawn(
             peer_server_builder(None)
@@ -180,7 +174,6 @@ async fn streams_are_bound_to_the_left_neighbour_and_its_key() {
             rank,
             &peers,
             5,
-            &token,
             None,
             &own,
             rx,
@@ -198,7 +191,7 @@ async fn streams_are_bound_to_the_left_neighbour_and_its_key() {
         .await
         .unwrap();
     let attack = |presented: Option<&str>, claimed_rank: u32| {
-        let mut client = PeerClient::with_interceptor(channel.clone(), token.attach());
+        let mut client = PeerClient::new(channel.clone());
         let chunk = RingChunk {
             from_rank: claimed_rank,
             generation: 5,

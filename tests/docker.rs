@@ -1,8 +1,9 @@
 //! The container files, tested where images cannot be built (no registry here): the entry point runs
-//! a real coordinator and two workers with the Compose run's config and a token file, refuses an
-//! unknown role, and passes plain commands through; the Compose file parses and asks only for
-//! variables the entry point reads and flags the binary has; the Dockerfile has both targets and
-//! copies only files that exist.
+//! a real coordinator and two workers with the Compose run's config over mutual TLS, the token on
+//! the coordinator only and a credential per worker (secrets from deploy/make-secrets.sh), refuses
+//! an unknown role, and passes plain commands through; the Compose file parses, mounts each service
+//! its own secrets and asks only for variables the entry point reads and flags the binary has; the
+//! Dockerfile has both targets and copies only files that exist.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -43,18 +44,36 @@ fn the_entrypoint_refuses_unknown_roles_and_passes_plain_commands_through() {
 }
 
 #[test]
-fn the_entrypoint_runs_the_compose_cluster_with_a_token_file() {
+fn the_entrypoint_runs_the_compose_cluster_over_mutual_tls_with_worker_credentials() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
-    let token = dir.path().join("token");
-    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    // The secrets as the README makes them, with 127.0.0.1 among the names (all run here).
+    let secrets = dir.path().join("secrets");
+    let made = Command::new(repo("deploy/make-secrets.sh"))
+        .arg(&secrets)
+        .args([
+            "coordinator,127.0.0.1",
+            "worker-0,127.0.0.1",
+            "worker-1,127.0.0.1",
+        ])
+        .env("MULTIPOS_BIN", env!("CARGO_BIN_EXE_multipos"))
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let port = common::free_port();
     let out = dir.path().join("run");
-    let token_file = token.to_str().unwrap();
+    let secrets_dir = secrets.to_str().unwrap();
+    let token_file = secrets.join("token");
     let config = repo("deploy/docker/cluster.toml");
     let mut coordinator = entrypoint(&[
         ("MULTIPOS_ROLE", "coordinator"),
         ("MULTIPOS_CONFIG", config.to_str().unwrap()),
-        ("MULTIPOS_TOKEN_FILE", token_file),
+        ("MULTIPOS_SECRETS", secrets_dir),
+        ("MULTIPOS_NAME", "coordinator"),
+        ("MULTIPOS_TOKEN_FILE", token_file.to_str().unwrap()),
     ]);
     for set in [
         format!("model.path=\"{}\"", model.display()),
@@ -71,6 +90,7 @@ fn the_entrypoint_runs_the_compose_cluster_with_a_token_file() {
     }
     let mut coordinator = coordinator.stdout(Stdio::null()).spawn().unwrap();
     let address = format!("127.0.0.1:{port}");
+    // The workers hold no token: only their certificates and credentials.
     let workers: Vec<_> = ["0", "1"]
         .into_iter()
         .map(|rank| {
@@ -78,11 +98,13 @@ fn the_entrypoint_runs_the_compose_cluster_with_a_token_file() {
                 ("MULTIPOS_ROLE", "worker"),
                 ("MULTIPOS_COORDINATOR", &address),
                 ("MULTIPOS_PEER_HOST", "127.0.0.1"),
-                ("MULTIPOS_TOKEN_FILE", token_file),
+                ("MULTIPOS_SECRETS", secrets_dir),
+                ("MULTIPOS_NAME", &format!("worker-{rank}")),
                 ("RANK", rank),
             ])
             .args(["--threads", "1", "--model"])
             .arg(&model)
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap()
         })
@@ -91,11 +113,24 @@ fn the_entrypoint_runs_the_compose_cluster_with_a_token_file() {
         coordinator.wait().unwrap().success(),
         "the coordinator failed"
     );
-    for mut w in workers {
-        assert!(w.wait().unwrap().success(), "a worker failed");
+    for w in workers {
+        let o = w.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "a worker failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     assert!(out.join("model/model.safetensors").exists());
     assert_eq!(common::step_losses(&out.join("metrics.jsonl")).len(), 6);
+    // The run was served over TLS: the recorded configuration says so.
+    let recorded: RunConfig =
+        toml::from_str(&std::fs::read_to_string(out.join("config.toml")).unwrap()).unwrap();
+    let tls = recorded
+        .cluster
+        .tls
+        .expect("the coordinator ran with cluster.tls");
+    assert!(tls.cert.ends_with("tls/coordinator.pem"), "{tls:?}");
 }
 
 fn load_yaml(path: &str) -> Yaml {
@@ -129,10 +164,43 @@ fn the_compose_file_uses_only_what_the_image_understands() {
                 );
             }
         }
-        assert_eq!(
-            service["secrets"][0].as_str(),
-            Some("multipos_token"),
-            "{name}: the token file the entry point reads"
+        // What the entry point reads: the token for the coordinator alone, certificates (and a
+        // credential for a worker) under the names the service's host name picks.
+        let host = service["hostname"].as_str().unwrap();
+        let targets: Vec<String> = service["secrets"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| s["target"].as_str().unwrap().to_string())
+            })
+            .collect();
+        let mut want = vec![
+            "tls/ca.pem".to_string(),
+            format!("tls/{host}.pem"),
+            format!("tls/{host}-key.pem"),
+        ];
+        if role == "coordinator" {
+            want.push("multipos_token".into());
+        } else {
+            want.push(format!("credentials/{host}"));
+            assert!(
+                !targets.contains(&"multipos_token".to_string()),
+                "{name} holds the token"
+            );
+        }
+        for w in want {
+            assert!(targets.contains(&w), "{name} lacks {w}: {targets:?}");
+        }
+    }
+    // Every secret comes from deploy/make-secrets.sh's files, never the CA key.
+    for (_, secret) in doc["secrets"].as_hash().unwrap() {
+        let file = secret["file"].as_str().unwrap();
+        assert!(
+            file.starts_with("./secrets/") && !file.contains("ca-key"),
+            "{file}"
         );
     }
     // The mounted config is a valid run configuration (its data paths are the container's).

@@ -1,9 +1,13 @@
 //! A hostile peer holding the cluster token attacks a running 2-worker run over every coordinator
 //! RPC: it speaks for ranks it does not hold (forged commits with a NaN loss, steps, validation
 //! pages, heartbeats that would keep a dead member alive), uploads a forged checkpoint and model,
-//! fetches the run's state, and sends oversized and truncated messages. Each attack is refused with
-//! a clear status and logged, and the run under attack ends bit-identical to an undisturbed one.
-//! Forged ring traffic between workers is refused in `tests/collective.rs`.
+//! fetches the run's state, and sends oversized and truncated messages. It also storms the
+//! coordinator with wrong tokens from the workers' own address, joins under a live member's id
+//! with another worker's credential (and with the bare token), and calls the workers' peer servers
+//! (state fetches and ring streams) without their generation's keys. Each attack is refused with a
+//! clear status and logged once a window (wrong tokens past the free ones answered late, the right
+//! one at once), and the run under attack ends bit-identical to an
+//! undisturbed one. Forged ring traffic between workers is also refused in `tests/collective.rs`.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -11,9 +15,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
-use multipos::auth::{MEMBER_HEADER, Token};
+use multipos::auth::{GENERATION_HEADER, MEMBER_HEADER, Secret, Token};
+use multipos::collective::RING_HEADER;
 use multipos::model::tiny::TinySpec;
 use multipos::pb::coordinator_client::CoordinatorClient;
+use multipos::pb::peer_client::PeerClient;
 use multipos::pb::*;
 use prost::Message;
 use tonic::Code;
@@ -198,6 +204,91 @@ async fn attack(
             }
         }
     }
+    let members = c
+        .status(StatusRequest {})
+        .await
+        .map(|r| r.into_inner().members)
+        .unwrap_or_default();
+    for m in &members {
+        // Joining under a live member's id: with another worker's credential, and with the bare
+        // token (which proves no worker). Either would end the ring if it were taken.
+        let join = JoinRequest {
+            worker_id: m.worker_id.clone(),
+            rank: -1,
+            peer_address: "127.0.0.1:1".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        };
+        let mallory = Secret::Worker(Token::new(TOKEN).unwrap().credential("mallory").unwrap());
+        for (who, attach) in [
+            ("another worker's credential", mallory.attach()),
+            ("the bare token", Token::new(TOKEN).unwrap().attach()),
+        ] {
+            let mut j = CoordinatorClient::with_interceptor(channel.clone(), attach);
+            match j.join(join.clone()).await {
+                Ok(_) => panic!("a join under live member {}'s id was taken", m.worker_id),
+                Err(s) => seen.push((
+                    format!("join under a live member's id with {who}"),
+                    s.code(),
+                )),
+            }
+        }
+        // The member's peer server: a state fetch and a ring stream without its generation's keys.
+        let Ok(peer) =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", m.peer_address))
+                .unwrap()
+                .connect()
+                .await
+        else {
+            continue;
+        };
+        let fetch = FetchStateRequest { generation };
+        for pass in [None, Some(format!("{generation}:guessed-generation-key"))] {
+            let mut request = tonic::Request::new(fetch);
+            if let Some(p) = &pass {
+                request
+                    .metadata_mut()
+                    .insert(GENERATION_HEADER, p.parse().unwrap());
+            }
+            match PeerClient::new(peer.clone()).fetch_state(request).await {
+                Ok(_) => panic!("a worker's state was served to a non-member"),
+                Err(s) => seen.push((
+                    format!("fetch a worker's state (pass {})", pass.is_some()),
+                    s.code(),
+                )),
+            }
+        }
+        let token_only =
+            PeerClient::with_interceptor(peer.clone(), Token::new(TOKEN).unwrap().attach())
+                .fetch_state(fetch)
+                .await;
+        match token_only {
+            Ok(_) => panic!("a worker's state was served for the cluster token"),
+            Err(s) => seen.push(("fetch a worker's state with the token".into(), s.code())),
+        }
+        for presented in [None, Some(format!("{generation}:guessed-ring-key"))] {
+            let chunk = RingChunk {
+                from_rank: 0,
+                generation,
+                data: vec![0u8; 16].into(),
+                total: 16,
+                ..Default::default()
+            };
+            let mut request = tonic::Request::new(tokio_stream::iter(vec![chunk]));
+            if let Some(p) = &presented {
+                request
+                    .metadata_mut()
+                    .insert(RING_HEADER, p.parse().unwrap());
+            }
+            match PeerClient::new(peer.clone()).ring(request).await {
+                Ok(_) => panic!("a ring stream of a non-member was taken"),
+                Err(s) => seen.push((
+                    format!("a ring stream into a worker (key {})", presented.is_some()),
+                    s.code(),
+                )),
+            }
+        }
+    }
     // Oversized: a validation page of 9 MiB, over the 8 MiB the coordinator decodes.
     let huge = EvalReport {
         generation,
@@ -231,6 +322,80 @@ async fn attack(
         Err(s) => seen.push(("a truncated message".into(), s.code())),
     }
     seen
+}
+
+/// A storm of wrong tokens from the workers' own address, all at once, and the right token from
+/// the same address in the middle of it. Returns (attack, code) for each wrong token answered.
+async fn storm(client: Client, addr: String) -> Vec<(String, Code)> {
+    const GUESSES: usize = 50;
+    // The guesser's own connection, as another process behind the workers' address would have.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // One call first: until the server's settings have arrived, a client may open more streams
+    // than it allows, and the excess is refused unseen (Unavailable).
+    let mut first =
+        CoordinatorClient::with_interceptor(channel.clone(), Token::new(TOKEN).unwrap().attach());
+    first
+        .heartbeat(HeartbeatRequest { member: u64::MAX })
+        .await
+        .unwrap();
+    let mut wrong = tokio::task::JoinSet::new();
+    for guess in 0..GUESSES {
+        let token = Token::new(&format!("a-wrong-guess-{guess:04}")).unwrap();
+        let mut w = CoordinatorClient::with_interceptor(channel.clone(), token.attach());
+        wrong.spawn(async move {
+            let t = std::time::Instant::now();
+            let answer = w.heartbeat(HeartbeatRequest { member: 0 }).await;
+            (answer.map(drop), t.elapsed())
+        });
+    }
+    let t = std::time::Instant::now();
+    let right = client
+        .clone()
+        .heartbeat(HeartbeatRequest { member: u64::MAX })
+        .await;
+    let right_took = t.elapsed();
+    let mut held = Vec::new();
+    while let Some(done) = wrong.join_next().await {
+        match done.unwrap() {
+            (Ok(()), _) => panic!("a wrong token was answered"),
+            (Err(s), took) if s.code() == Code::Unauthenticated => held.push(took),
+            // The run ended while the answer was held: the coordinator is gone.
+            (Err(_), _) => {}
+        }
+    }
+    assert!(
+        held.len() >= GUESSES / 2,
+        "the coordinator went away in the storm"
+    );
+    let right_took = right
+        .map(|_| right_took)
+        .expect("the right token was refused in a storm");
+    let late = held
+        .iter()
+        .filter(|&&t| t >= multipos::auth::throttle::FIRST_DELAY)
+        .count();
+    assert!(
+        late + multipos::auth::throttle::FREE_FAILURES as usize >= held.len(),
+        "only {late} of {} wrong tokens were held back",
+        held.len()
+    );
+    let slowest = held.iter().max().copied().unwrap_or_default();
+    assert!(
+        right_took < slowest,
+        "the right token ({right_took:?}) waited like the wrong ones (slowest {slowest:?})"
+    );
+    held.iter()
+        .map(|_| {
+            (
+                "a wrong token (storm from the workers' address)".to_string(),
+                Code::Unauthenticated,
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -296,18 +461,28 @@ fn every_attack_of_a_token_holder_is_refused_and_the_run_ends_as_if_none_happene
     // While the run goes on, attack round after round.
     let mut during = Vec::new();
     let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut stormed = None;
     while coordinator.try_wait().unwrap().is_none() {
         let steps = if hit.join("metrics.jsonl").exists() {
             common::step_losses(&hit.join("metrics.jsonl")).len()
         } else {
             0
         };
+        if steps >= 1 && stormed.is_none() {
+            stormed = Some(rt.spawn(storm(client.clone(), addr.clone())));
+        }
         let round = rt.block_on(attack(&client, channel.clone(), &forged, steps as u64));
-        if (1..40).contains(&steps) {
+        // A round that ran into the end of the run met workers shutting down (Cancelled).
+        let live_after = steps == 0 || common::step_losses(&hit.join("metrics.jsonl")).len() < 40;
+        if (1..40).contains(&steps) && live_after {
             during.extend(round);
             rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
+    let stormed = rt
+        .block_on(stormed.expect("the run ended before the storm"))
+        .unwrap();
+    during.extend(stormed);
     for w in workers {
         let o = w.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -323,15 +498,21 @@ fn every_attack_of_a_token_holder_is_refused_and_the_run_ends_as_if_none_happene
     );
     let mut table = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
     for (what, code) in before.iter().chain(&during) {
+        // A worker asked for a generation it has not joined yet (the ring is forming) can only
+        // say so: it knows no key to check, and serves nothing.
+        let not_joined_yet =
+            what.starts_with("fetch a worker's state (pass true)") && *code == Code::Unavailable;
         assert!(
-            matches!(
-                code,
-                Code::PermissionDenied
-                    | Code::OutOfRange
-                    | Code::ResourceExhausted
-                    | Code::Internal
-                    | Code::InvalidArgument
-            ),
+            not_joined_yet
+                || matches!(
+                    code,
+                    Code::PermissionDenied
+                        | Code::Unauthenticated
+                        | Code::OutOfRange
+                        | Code::ResourceExhausted
+                        | Code::Internal
+                        | Code::InvalidArgument
+                ),
             "{what}: {code:?}"
         );
         table
@@ -342,10 +523,42 @@ fn every_attack_of_a_token_holder_is_refused_and_the_run_ends_as_if_none_happene
     for (what, codes) in &table {
         println!("{what}: refused with {codes:?}");
     }
+    assert!(
+        table
+            .get("fetch a worker's state (pass true)")
+            .is_some_and(|codes| codes.contains("PermissionDenied")),
+        "a wrong generation key was never checked by a worker in that generation"
+    );
+    for must in [
+        "join under a live member's id with another worker's credential",
+        "join under a live member's id with the bare token",
+        "fetch a worker's state (pass true)",
+        "fetch a worker's state with the token",
+        "a ring stream into a worker (key true)",
+    ] {
+        assert!(
+            table.contains_key(must),
+            "never tried while the ring was live: {must}"
+        );
+    }
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("refused a call"),
         "attacks are logged: {text}"
+    );
+    // Logged once a window per cause and address, not once per refusal.
+    let storm = before
+        .iter()
+        .chain(&during)
+        .filter(|(w, _)| w.starts_with("a wrong token"))
+        .count();
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("refused a call") && l.contains("wrong cluster token"))
+        .count();
+    assert!(
+        storm >= 25 && (1..=3).contains(&lines),
+        "{storm} wrong tokens, {lines} log lines"
     );
     assert!(
         !hit.join("checkpoints")
@@ -356,21 +569,28 @@ fn every_attack_of_a_token_holder_is_refused_and_the_run_ends_as_if_none_happene
 }
 
 /// A heartbeat from `source` (a loopback address of its own) to `addr` with `token`.
-async fn heartbeat_from(source: &str, addr: &str, token: &str) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+async fn channel_from(source: &str, addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .local_address(Some(source.parse().unwrap()))
         .connect()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn heartbeat_on(
+    channel: tonic::transport::Channel,
+    token: &str,
+) -> Result<std::time::Duration, tonic::Status> {
+    let t = std::time::Instant::now();
     CoordinatorClient::with_interceptor(channel, Token::new(token).unwrap().attach())
         .heartbeat(HeartbeatRequest { member: 0 })
         .await
-        .map(drop)
+        .map(|_| t.elapsed())
 }
 
 #[test]
-fn an_address_that_guesses_the_token_too_often_is_refused_and_the_others_are_not() {
+fn wrong_guesses_never_lock_out_the_right_token_and_are_logged_once_a_window() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let mut child = command("coordinator", &model, &dir.path().join("run"))
         .stdout(Stdio::piped())
@@ -381,27 +601,51 @@ fn an_address_that_guesses_the_token_too_often_is_refused_and_the_others_are_not
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let guesser = "127.0.0.2";
-        for guess in 0..multipos::auth::MAX_FAILURES {
-            let e = heartbeat_from(guesser, &addr, &format!("guess-{guess:011}"))
-                .await
-                .unwrap_err();
-            assert_eq!(e.message(), "wrong cluster token", "guess {guess}");
+        let storm_channel = channel_from(guesser, &addr).await;
+        // One call first: until the server's settings have arrived, a client may open more streams
+        // than it allows, and the excess is refused unseen (Unavailable).
+        heartbeat_on(storm_channel.clone(), TOKEN).await.unwrap();
+        let mut storm = tokio::task::JoinSet::new();
+        for guess in 0..60 {
+            let channel = storm_channel.clone();
+            storm.spawn(async move {
+                let t = std::time::Instant::now();
+                let e = heartbeat_on(channel, &format!("guess-{guess:011}"))
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.code(), Code::Unauthenticated);
+                assert_eq!(e.message(), "wrong cluster token", "guess {guess}");
+                t.elapsed()
+            });
         }
-        // Locked out: even the right token is refused from that address now...
-        let e = heartbeat_from(guesser, &addr, TOKEN).await.unwrap_err();
-        assert_eq!(e.code(), Code::Unauthenticated);
+        // The right token from the very same address is answered while the guesses are held.
+        let right = heartbeat_on(channel_from(guesser, &addr).await, TOKEN)
+            .await
+            .unwrap();
+        heartbeat_on(channel_from("127.0.0.1", &addr).await, TOKEN)
+            .await
+            .unwrap();
+        let held: Vec<_> = storm.join_all().await;
+        let slowest = held.iter().max().copied().unwrap();
         assert!(
-            e.message().contains("too many failed token attempts"),
-            "{e:?}"
+            held.iter()
+                .filter(|&&t| t >= multipos::auth::throttle::FIRST_DELAY)
+                .count()
+                >= 60 - multipos::auth::throttle::FREE_FAILURES as usize,
+            "wrong guesses past the free ones were not held: {held:?}"
         );
-        // ... while the cluster's own addresses are answered.
-        heartbeat_from("127.0.0.1", &addr, TOKEN).await.unwrap();
+        assert!(
+            right < slowest,
+            "the right token ({right:?}) was held like a wrong one (slowest {slowest:?})"
+        );
     });
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        log.contains("too many failed token attempts") && log.contains("127.0.0.2"),
-        "{log}"
-    );
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused a call") && l.contains("wrong cluster token"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("127.0.0.2"), "{log}");
 }

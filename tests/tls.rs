@@ -1,6 +1,7 @@
 //! TLS on every connection: certificates made by `multipos certs`; a cluster over mutual TLS trains
 //! exactly as over plaintext; the coordinator and the peer ring refuse plaintext clients, clients of
-//! another CA and clients without a certificate; `certs` re-uses its CA and never overwrites.
+//! another CA and clients without a certificate; a worker certificate joins only as the worker it
+//! names; `certs` re-uses its CA and never overwrites.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -206,11 +207,9 @@ async fn the_peer_ring_runs_over_tls_and_refuses_other_cas_and_plaintext() {
     let files = make_certs(&dir.path().join("certs"), "127.0.0.1");
     let other = make_certs(&dir.path().join("other-ca"), "127.0.0.1");
     let tls = Tls::load(&files).unwrap();
-    let token = Token::new("tls-ring-test-token").unwrap();
     let rings = loopback_rings(
         3,
-        &token,
-        &token,
+        ("tls-ring-key", "tls-ring-key"),
         Some(&tls),
         1 << 16,
         Duration::from_secs(10),
@@ -233,7 +232,9 @@ async fn the_peer_ring_runs_over_tls_and_refuses_other_cas_and_plaintext() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let (svc, _rx) = peer_service(&token, 1 << 16, slot());
+    let pass = multipos::cluster::peer::pass_slot();
+    pass.send_replace(Some((1, "generation-key".into())));
+    let (svc, _rx) = peer_service(1 << 16, slot(), pass);
     tokio::spawn(
         peer_server_builder(Some(&tls))
             .unwrap()
@@ -242,12 +243,15 @@ async fn the_peer_ring_runs_over_tls_and_refuses_other_cas_and_plaintext() {
     );
     let quick = Duration::from_secs(2);
     let fetch = |channel| async move {
-        PeerClient::with_interceptor(channel, Token::new("tls-ring-test-token").unwrap().attach())
+        let pass =
+            multipos::auth::Attach::pass(multipos::auth::GENERATION_HEADER, 1, "generation-key")
+                .unwrap();
+        PeerClient::with_interceptor(channel, pass)
             .fetch_state(multipos::pb::FetchStateRequest { generation: 1 })
             .await
             .map(drop)
     };
-    // The right CA and certificate reach the service, which waits for a state to serve.
+    // The right CA, certificate and generation key reach the service, which waits for a state.
     let channel = connect_with_retry(&addr, quick, Some(&tls)).await.unwrap();
     assert!(
         tokio::time::timeout(quick, fetch(channel)).await.is_err(),
@@ -314,4 +318,50 @@ fn certs_reuses_its_ca_keeps_keys_private_and_never_overwrites() {
         !dir.path().join("bad").join("ca.pem").exists(),
         "a refused run left files"
     );
+}
+
+#[test]
+fn a_worker_certificate_for_one_name_cannot_join_as_another() {
+    let (dir, model) = common::tiny_model(&TinySpec::default());
+    let certs = dir.path().join("certs");
+    let server = make_certs(&certs, "127.0.0.1");
+    let node_a = make_certs(&certs, "node-a");
+    let (mut child, addr) = tls_coordinator(&model, &dir.path().join("out"), &server, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tls = Tls::load(&node_a).unwrap();
+        let channel = connect_with_retry(&addr, Duration::from_secs(10), Some(&tls))
+            .await
+            .unwrap();
+        let join = |id: &str| {
+            let mut request = tonic::Request::new(multipos::pb::JoinRequest {
+                worker_id: id.into(),
+                rank: -1,
+                peer_address: "127.0.0.1:1".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            });
+            request.set_timeout(Duration::from_secs(2));
+            let token = Token::new("the-right-token-16").unwrap();
+            let mut client = CoordinatorClient::with_interceptor(channel.clone(), token.attach());
+            async move { client.join(request).await }
+        };
+        // node-a's certificate, even with the cluster token, cannot join as another worker...
+        for other in ["node-b:17", "node-ab", "127.0.0.1:5"] {
+            let e = join(other).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{other}: {e}");
+            assert!(e.message().contains("node-a"), "{e}");
+        }
+        // ... and joins as itself: taken as a candidate, it waits for a ring to form.
+        let e = join("node-a:17").await.unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{e}"
+        );
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

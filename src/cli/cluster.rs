@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::{ConfigArgs, ProgressArgs};
-use crate::auth::Token;
+use crate::auth::{Credential, Secret, Token};
 use crate::cluster::coordinator::{self, Coordinator, Outcome};
 use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
 use crate::cluster::signals::Signals;
@@ -60,8 +60,13 @@ impl ConnectArgs {
     }
 
     pub(super) fn token(&self) -> anyhow::Result<Token> {
+        Self::token_from_file(self.token_file.clone())
+    }
+
+    /// The cluster token from `file`, or from the environment without one.
+    pub(super) fn token_from_file(file: Option<PathBuf>) -> anyhow::Result<Token> {
         token(&ClusterConfig {
-            token_file: self.token_file.clone(),
+            token_file: file,
             ..ClusterConfig::default()
         })
     }
@@ -99,9 +104,37 @@ pub struct WorkerArgs {
     /// Interface for this worker's peer server, as the other workers reach it.
     #[arg(long, default_value = "127.0.0.1")]
     pub peer_host: String,
+    /// The name other workers dial this worker's peer server by, when not --peer-host (a DNS
+    /// name that its TLS certificate carries, while --peer-host is the address it listens on).
+    #[arg(long, env = "MULTIPOS_PEER_NAME")]
+    pub peer_name: Option<String>,
     /// How long to keep trying to reach the coordinator, in seconds.
     #[arg(long, default_value_t = 120)]
     pub connect_timeout_s: u64,
+    /// File holding this worker's own credential (`multipos credential NAME` prints it), used
+    /// instead of the cluster token, which the worker's host then need not hold.
+    #[arg(
+        long,
+        env = "MULTIPOS_WORKER_CREDENTIAL_FILE",
+        conflicts_with = "token_file"
+    )]
+    pub credential_file: Option<PathBuf>,
+}
+
+impl WorkerArgs {
+    /// The worker's credential when it has a file of one, else the cluster token.
+    fn secret(&self) -> anyhow::Result<Secret> {
+        match &self.credential_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let credential = Credential::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                Ok(Secret::Worker(credential))
+            }
+            None => Ok(Secret::Token(self.connect.token()?)),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -189,10 +222,11 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let opts = WorkerOptions {
         coordinator,
         rank,
-        token: args.connect.token()?,
+        secret: args.secret()?,
         model: args.model,
         device: device::parse_device(&device_spec)?,
         threads: args.threads,
+        peer_name: args.peer_name.unwrap_or_else(|| args.peer_host.clone()),
         peer_host: args.peer_host,
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         tls: args.connect.tls()?,

@@ -3,6 +3,7 @@ mod average;
 mod certs;
 mod cluster;
 mod convert;
+mod credential;
 mod demo;
 mod embed;
 mod eval;
@@ -116,6 +117,9 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Make a private CA and per-host certificates for `cluster.tls`.
     Certs(certs::CertsArgs),
+    /// Print workers' own credentials (derived from the cluster token), so worker hosts need not
+    /// hold the token itself.
+    Credential(credential::CredentialArgs),
 }
 
 /// Runs the parsed command.
@@ -132,6 +136,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Launch(args) => cluster::run_launch(args),
         Command::Certs(args) => certs::run(args),
+        Command::Credential(args) => credential::run(args),
         Command::Status(args) => status::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Coordinator(args) => cluster::run_coordinator(args),

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 
 use crate::error::{Error, Result};
 use crate::io::atomic::StagedDir;
@@ -13,8 +12,31 @@ use crate::io::tree::{relative_files, safe_relative};
 use crate::pb::FileChunk;
 
 const CHUNK: usize = 1 << 20;
-/// Upper bound on an uploaded model (files together), so a bad peer cannot fill the disk.
-const MAX_UPLOAD_BYTES: u64 = 64 << 30;
+/// Upper bound on what a worker fetches from its coordinator (files together).
+pub const MAX_FETCH_BYTES: u64 = 64 << 30;
+/// Room beyond the expected size of an upload: tokenizer, configs, `state.json`, loss heads.
+const UPLOAD_SLACK: u64 = 64 << 20;
+
+/// The most a worker may upload, from the size of the model the run started from: a model saved
+/// in f32 is at most twice a 16-bit base (`copies` = 1), a checkpoint holds the weights, two AdamW
+/// moments and, with `train.ema_decay`, the moving average and `model-ema/` (`copies` = 5).
+pub fn upload_cap(model_dir_bytes: u64, copies: u64) -> u64 {
+    model_dir_bytes
+        .saturating_mul(2 * copies)
+        .saturating_add(UPLOAD_SLACK)
+}
+
+/// Bytes of the files under `dir`.
+pub fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for rel in relative_files(dir)? {
+        let path = dir.join(&rel);
+        total += std::fs::metadata(&path)
+            .map_err(Error::io("read", &path))?
+            .len();
+    }
+    Ok(total)
+}
 
 /// A 64-bit fingerprint of a model directory's files (names and bytes), as hex.
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
@@ -107,22 +129,24 @@ pub fn push_chunks(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
 }
 
 /// Receives a stream of files into `target`, atomically (staged beside it, renamed at the end);
-/// each chunk is written as it arrives, so memory holds one chunk, and the total is bounded.
-pub async fn receive_files(mut stream: Streaming<FileChunk>, target: &Path) -> Result<()> {
+/// each chunk is written as it arrives, so memory holds one chunk. A stream past `limit` bytes is
+/// refused before its chunk is written, and the staged files go with it.
+pub async fn receive_files<S>(mut stream: S, target: &Path, limit: u64) -> Result<()>
+where
+    S: tokio_stream::Stream<Item = std::result::Result<FileChunk, tonic::Status>> + Unpin,
+{
     use tokio::io::AsyncWriteExt;
+    use tokio_stream::StreamExt;
     let staged = StagedDir::create(target)?;
     let mut current: Option<(PathBuf, tokio::fs::File)> = None;
     let mut total = 0u64;
     let mut files = 0;
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|e| Error::Usage(format!("model stream broke: {e}")))?
-    {
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::Usage(format!("model stream broke: {e}")))?;
         total += chunk.data.len() as u64;
-        if total > MAX_UPLOAD_BYTES {
-            return Err(Error::Usage(format!(
-                "model upload exceeds {MAX_UPLOAD_BYTES} bytes"
+        if total > limit {
+            return Err(Error::TooLarge(format!(
+                "the files sent exceed their cap of {limit} bytes"
             )));
         }
         if !chunk.path.is_empty() {
@@ -167,4 +191,52 @@ pub async fn receive_files(mut stream: Streaming<FileChunk>, target: &Path) -> R
     }
     staged.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(
+        path: &str,
+        bytes: usize,
+        last: bool,
+    ) -> std::result::Result<FileChunk, tonic::Status> {
+        Ok(FileChunk {
+            path: path.into(),
+            data: vec![7u8; bytes].into(),
+            last,
+        })
+    }
+
+    #[tokio::test]
+    async fn an_upload_past_its_cap_is_refused_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("model");
+        let stream = tokio_stream::iter(vec![
+            chunk("a.bin", 600, false),
+            chunk("", 600, true),
+            chunk("b.bin", 10, true),
+        ]);
+        let e = receive_files(stream, &target, 1000).await.unwrap_err();
+        assert!(matches!(e, Error::TooLarge(_)), "{e}");
+        assert!(!target.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "staged files remain"
+        );
+        // Within the cap: taken whole.
+        let stream = tokio_stream::iter(vec![chunk("a.bin", 600, false), chunk("", 400, true)]);
+        receive_files(stream, &target, 1000).await.unwrap();
+        assert_eq!(std::fs::read(target.join("a.bin")).unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn caps_grow_with_the_model_and_keep_slack() {
+        assert_eq!(upload_cap(0, 5), UPLOAD_SLACK);
+        assert_eq!(upload_cap(100, 1), 200 + UPLOAD_SLACK);
+        assert_eq!(upload_cap(100, 5), 1000 + UPLOAD_SLACK);
+        assert_eq!(upload_cap(u64::MAX, 5), u64::MAX);
+    }
 }

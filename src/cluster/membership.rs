@@ -31,6 +31,8 @@ pub struct Formation {
     pub donor: Option<usize>,
     /// Each rank's ring key, handed out with the ring (random, chosen by the coordinator).
     pub keys: Vec<String>,
+    /// The key every member of this generation receives, and presents to fetch a donor's state.
+    pub generation_key: String,
 }
 
 /// The largest ring of at most `n` workers a run may use: no more than `workers`, no fewer than
@@ -71,6 +73,7 @@ pub fn form(
         heal,
         donor,
         keys: Vec::new(),
+        generation_key: String::new(),
     };
     (ring, rest, formation)
 }

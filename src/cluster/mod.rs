@@ -1,9 +1,10 @@
 //! The cluster: a coordinator (control plane) and workers (compute and the data-plane ring),
-//! connected over token-authenticated gRPC; `launch` runs a whole local cluster from one config.
+//! connected over authenticated gRPC; `launch` runs a whole local cluster from one config.
 pub mod coordinator;
 pub mod evaluation;
 pub mod files;
 pub mod launch;
+pub mod listen;
 pub mod membership;
 pub mod metrics;
 pub mod mining;

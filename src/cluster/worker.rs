@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::files::{model_fingerprint, receive_files};
-use super::peer::peer_service;
+use super::files::{MAX_FETCH_BYTES, model_fingerprint, receive_files};
+use super::peer::{PassSlot, pass_slot, peer_service};
 use super::state::StateSlot;
-use crate::auth::{Attach, Token};
+use crate::auth::{Attach, GENERATION_HEADER, Secret};
 use crate::collective::{
     BlockingRing, Incoming, Ring, RingKeys, connect_with_retry, tensor_to_le_bytes,
 };
@@ -46,13 +46,16 @@ pub struct WorkerOptions {
     pub coordinator: String,
     /// Requested rank, or any free one.
     pub rank: Option<usize>,
-    pub token: Token,
+    /// The cluster token or this worker's own credential.
+    pub secret: Secret,
     /// A local copy of the model; without it the worker fetches the coordinator's.
     pub model: Option<PathBuf>,
     pub device: Device,
     pub threads: usize,
-    /// Interface the peer server binds and advertises.
+    /// Interface the peer server binds.
     pub peer_host: String,
+    /// The host other workers dial the peer server by (usually `peer_host`).
+    pub peer_name: String,
     /// How long to keep trying to reach the coordinator before the first join.
     pub connect_timeout: Duration,
     /// TLS for the coordinator, the peer server and the ring.
@@ -126,6 +129,10 @@ struct Node {
     incoming: Incoming,
     /// The state this worker serves to healing members, when it is their donor.
     state: StateSlot,
+    /// The generation this worker is a member of, with its key, for the peer server's checks.
+    pass: PassSlot,
+    /// What this worker presents to the coordinator: its own credential, never the cluster token.
+    credential: Secret,
     /// Fingerprint of the local model directory (empty when the model is fetched), hashed once.
     fingerprint: String,
 }
@@ -137,14 +144,17 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
         .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", opts.peer_host)))?;
     let peer_address = format!(
         "{}:{}",
-        opts.peer_host,
+        opts.peer_name,
         listener
             .local_addr()
             .map_err(Error::io("read address of", "peer listener"))?
             .port()
     );
+    let name = worker_name(&opts)?;
+    let credential = opts.secret.worker_credential(&name).map_err(Error::Usage)?;
     let state = super::state::slot();
-    let (peer_svc, incoming) = peer_service(&opts.token, 16 << 20, state.clone());
+    let pass = pass_slot();
+    let (peer_svc, incoming) = peer_service(16 << 20, state.clone(), pass.clone());
     tokio::spawn(
         crate::collective::peer_server_builder(opts.tls.as_ref())
             .map_err(Error::Usage)?
@@ -163,10 +173,12 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
     };
     let node = Node {
         fingerprint,
-        worker_id: format!("{}:{}", hostname(), std::process::id()),
+        worker_id: format!("{name}:{}", std::process::id()),
+        credential: Secret::Worker(credential),
         peer_address,
         incoming,
         state,
+        pass,
         opts,
     };
 
@@ -248,7 +260,7 @@ async fn generation(
         ))
     })?;
     let mut client: Client =
-        CoordinatorClient::with_interceptor(channel.clone(), node.opts.token.attach())
+        CoordinatorClient::with_interceptor(channel.clone(), node.credential.attach())
             .max_decoding_message_size(256 << 20);
     let joined = client
         .join(with_deadline(
@@ -277,12 +289,13 @@ async fn generation(
     })?;
     // From now on every call proves this worker's membership with its ring key.
     let attach = node
-        .opts
-        .token
+        .credential
         .attach_member(joined.member, &joined.ring_key)
         .map_err(|e| Interrupt::Fatal(Error::Usage(e)))?;
     let mut client: Client =
         CoordinatorClient::with_interceptor(channel, attach).max_decoding_message_size(256 << 20);
+    node.pass
+        .send_replace(Some((joined.generation, joined.generation_key.clone())));
     let (rank, world) = (joined.rank as usize, joined.world_size as usize);
     tracing::info!(rank, world, generation = joined.generation, start_step = joined.start_step, heal = joined.heal, worker = %node.worker_id, "joined");
 
@@ -345,7 +358,6 @@ async fn generation(
         rank,
         &joined.peers,
         joined.generation,
-        &node.opts.token,
         node.opts.tls.as_ref(),
         &RingKeys {
             own: joined.ring_key.clone(),
@@ -386,7 +398,7 @@ fn check_join(j: &JoinResponse) -> std::result::Result<(), String> {
     if j.heartbeat_interval_ms == 0 {
         return Err("a heartbeat interval of 0 ms".into());
     }
-    if j.ring_key.is_empty() || j.left_key.is_empty() {
+    if j.ring_key.is_empty() || j.left_key.is_empty() || j.generation_key.is_empty() {
         return Err("no ring keys".into());
     }
     if j.start_step > j.total_steps {
@@ -432,7 +444,7 @@ async fn load_replica(
                 .await
                 .map_err(rpc_err("fetch model"))?
                 .into_inner();
-            receive_files(stream, &target).await?;
+            receive_files(stream, &target, MAX_FETCH_BYTES).await?;
             if model_fingerprint(&target)? != joined.model_fingerprint {
                 return Err(Interrupt::Fatal(Error::Usage(
                     "the fetched model's fingerprint differs from the coordinator's".into(),
@@ -476,7 +488,7 @@ async fn heal(client: &mut Client, replica: &mut Replica, step: u64) -> Result<(
         .await
         .map_err(rpc_err("fetch checkpoint"))?
         .into_inner();
-    receive_files(stream, &target)
+    receive_files(stream, &target, MAX_FETCH_BYTES)
         .await
         .map_err(|e| Interrupt::Rejoin(format!("fetch checkpoint: {e}")))?;
     let state = checkpoint::verify(&target)?;
@@ -503,17 +515,27 @@ async fn heal_from_peer(
         .map_err(|e| {
             Interrupt::Rejoin(format!("cannot reach the donor {}: {e}", joined.heal_from))
         })?;
-    let mut peer = PeerClient::with_interceptor(channel, node.opts.token.attach());
-    let stream = peer
-        .fetch_state(with_deadline(
-            FetchStateRequest {
-                generation: joined.generation,
-            },
-            TRANSFER_DEADLINE,
-        ))
-        .await
-        .map_err(rpc_err("fetch state"))?
-        .into_inner();
+    let pass = Attach::pass(GENERATION_HEADER, joined.generation, &joined.generation_key)
+        .map_err(|e| Interrupt::Fatal(Error::Usage(e)))?;
+    let mut peer = PeerClient::with_interceptor(channel, pass);
+    // The donor joined the same generation at the same moment, but may learn it a little later:
+    // "not joined yet" is retried while the donor can still be alive.
+    let stream = loop {
+        let fetched = peer
+            .fetch_state(with_deadline(
+                FetchStateRequest {
+                    generation: joined.generation,
+                },
+                TRANSFER_DEADLINE,
+            ))
+            .await;
+        match fetched {
+            Err(s) if s.code() == tonic::Code::Unavailable && started.elapsed() < timeout => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other.map_err(rpc_err("fetch state"))?.into_inner(),
+        }
+    };
     let step = super::state::restore(stream, &mut replica.trainer)
         .await
         .map_err(|e| Interrupt::Rejoin(e.to_string()))?;
@@ -874,6 +896,33 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// The name this worker proves to the coordinator, which its id (`NAME:PID`) carries: its TLS
+/// certificate's common name, else its credential's name, else (holding the cluster token) its
+/// host name. A certificate and a credential that name different workers are refused here rather
+/// than by the coordinator.
+fn worker_name(opts: &WorkerOptions) -> Result<String> {
+    let own = match &opts.secret {
+        Secret::Worker(c) => Some(c.name().to_string()),
+        Secret::Token(_) => None,
+    };
+    match (opts.tls.as_ref().map(|t| t.name().to_string()), own) {
+        (Some(cert), Some(own)) if cert != own => Err(Error::Usage(format!(
+            "the TLS certificate names worker {cert:?} but the credential {own:?}"
+        ))),
+        (Some(name), _) | (None, Some(name)) => Ok(name),
+        (None, None) => Ok(hostname()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -888,6 +937,7 @@ mod tests {
             total_steps: 10,
             ring_key: "k1".into(),
             left_key: "k0".into(),
+            generation_key: "g".into(),
             ..Default::default()
         };
         assert!(check_join(&good).is_ok());

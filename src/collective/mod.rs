@@ -14,7 +14,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
 
-use crate::auth::Token;
 use crate::pb::RingChunk;
 use crate::pb::peer_client::PeerClient;
 use crate::tls::{self, Tls};
@@ -386,7 +385,6 @@ impl Ring {
         rank: usize,
         peers: &[String],
         generation: u64,
-        token: &Token,
         tls: Option<&Tls>,
         keys: &RingKeys,
         incoming: Incoming,
@@ -411,8 +409,7 @@ impl Ring {
                     address: address.clone(),
                     reason,
                 })?;
-            let mut client = PeerClient::with_interceptor(channel, token.attach())
-                .max_encoding_message_size(chunk_bytes + 4096);
+            let mut client = PeerClient::new(channel).max_encoding_message_size(chunk_bytes + 4096);
             let mut request = tonic::Request::new(ReceiverStream::new(rx));
             let presented = format!("{generation}:{}", keys.own);
             request.metadata_mut().insert(

@@ -316,11 +316,9 @@ pub fn on_ring<T: Send>(
         .enable_all()
         .build()
         .unwrap();
-    let token = multipos::auth::Token::new("loopback-ring-token").unwrap();
     let rings = rt.block_on(multipos::cluster::peer::loopback_rings(
         world,
-        &token,
-        &token,
+        ("loopback-ring-key", "loopback-ring-key"),
         None,
         64 << 10,
         std::time::Duration::from_secs(60),

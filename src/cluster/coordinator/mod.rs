@@ -49,6 +49,9 @@ use crate::train::task::load_tasks;
 use crate::train::validation::{Tracker, Verdict};
 use crate::train::versions::TrainingData;
 
+/// Concurrent calls one connection may have open at the coordinator.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
 /// A graceful stop in progress.
 #[derive(Clone, Copy, PartialEq)]
 enum Stop {
@@ -151,6 +154,13 @@ pub enum Outcome {
     Aborted(String),
 }
 
+/// Caps on what rank 0 uploads, from the size of the model the run started from.
+#[derive(Debug, Clone, Copy)]
+struct UploadCaps {
+    model: u64,
+    checkpoint: u64,
+}
+
 /// The coordinator service and everything it knows about the run.
 pub struct Coordinator {
     state: Mutex<State>,
@@ -163,6 +173,8 @@ pub struct Coordinator {
     mine_job: Option<MineJob>,
     fingerprint: String,
     model_dir: PathBuf,
+    /// The most rank 0 may upload, by kind.
+    upload_caps: UploadCaps,
     /// `metrics.jsonl` and `batches.jsonl`, written by their own thread.
     journal: Journal,
     started: Instant,
@@ -264,6 +276,11 @@ impl Coordinator {
             .clone()
             .unwrap_or_else(crate::model::default_dir);
         let fingerprint = model_fingerprint(&model_dir)?;
+        let model_bytes = crate::cluster::files::dir_bytes(&model_dir)?;
+        let upload_caps = UploadCaps {
+            model: crate::cluster::files::upload_cap(model_bytes, 1),
+            checkpoint: crate::cluster::files::upload_cap(model_bytes, 5),
+        };
         let start_step = latest.as_ref().map_or(0, |(_, s)| s.step);
         if resuming {
             log.write(&json!({"event": "resume", "step": start_step}))?;
@@ -314,6 +331,7 @@ impl Coordinator {
             mine_job,
             fingerprint,
             model_dir,
+            upload_caps,
             eval_set,
             started: Instant::now(),
             progress,
@@ -425,6 +443,13 @@ impl Coordinator {
         }
     }
 
+    /// Workers that may wait in `Join` at once: the ring and as many replacements again, plus a few
+    /// for restarts in flight. Beyond, a join is refused as retryable, so a flood of joiners holds
+    /// no unbounded list.
+    fn max_candidates(&self) -> usize {
+        2 * self.cfg.cluster.workers + 4
+    }
+
     /// The largest ring of at most `n` workers the run may use.
     fn ring_size(&self, n: usize) -> Option<usize> {
         let c = &self.cfg.cluster;
@@ -503,6 +528,7 @@ impl Coordinator {
         formation.keys = (0..ring.len())
             .map(|_| Token::random().expose().to_string())
             .collect();
+        formation.generation_key = Token::random().expose().to_string();
         st.formation = Some(Arc::new(formation));
         if st.stop == Stop::Requested {
             // This ring's only work is the stop's checkpoint.
@@ -627,7 +653,9 @@ impl Coordinator {
         let server = CoordinatorServer::new(service::Service(self.clone()))
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(256 << 20);
-        let service = tonic::service::interceptor::InterceptedService::new(server, token.check());
+        let service = crate::auth::Throttled::new(
+            tonic::service::interceptor::InterceptedService::new(server, token.check()),
+        );
         let mut rx = self.changed.subscribe();
         let me = self.clone();
         let ended = async move {
@@ -663,6 +691,9 @@ impl Coordinator {
                 .map_err(|e| Error::Usage(format!("cluster.tls: {e}")))?;
         }
         builder
+            // With the per-address connection cap, this bounds the failures one address can have
+            // held at once (`auth::throttle`); a worker has a handful of calls open at a time.
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .timeout(
                 Duration::from_millis(
                     self.cfg
@@ -673,7 +704,10 @@ impl Coordinator {
             )
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                crate::cluster::listen::capped(
+                    listener,
+                    crate::cluster::listen::MAX_CONNECTIONS_PER_ADDRESS,
+                ),
                 ended,
             )
             .await

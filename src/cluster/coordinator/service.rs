@@ -6,8 +6,10 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use std::net::IpAddr;
+
 use super::{Coordinator, EvalWork, Member, Next, Shared, State, Stop};
-use crate::auth::{MEMBER_HEADER, MemberClaim};
+use crate::auth::{Identity, MEMBER_HEADER, MemberClaim, log_refusal, name_allows};
 use crate::cluster::files::{file_stream, receive_files};
 use crate::pb::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::pb::next_step_response::Status as StepStatus;
@@ -18,43 +20,68 @@ use crate::train::nonfinite::{Fate, verdict};
 /// The gRPC face of the coordinator.
 pub(super) struct Service(pub(super) Shared);
 
+/// Who is calling: the address it calls from, the identity its secret proved, and its claim to be
+/// a ring member, if it makes one.
+struct Caller {
+    from: Option<IpAddr>,
+    identity: Option<Identity>,
+    claim: Option<MemberClaim>,
+}
+
+impl Caller {
+    fn of<T>(request: &Request<T>) -> Self {
+        Self {
+            from: request.remote_addr().map(|a| a.ip()),
+            identity: Identity::of(request).cloned(),
+            claim: MemberClaim::of(request),
+        }
+    }
+
+    /// A refusal, logged once a window per cause and address: a caller with a secret that speaks
+    /// for someone else is hostile or lost.
+    fn refused(&self, cause: &'static str, detail: String) -> Status {
+        log_refusal(cause, self.from, &detail);
+        Status::permission_denied(detail)
+    }
+}
+
 /// The rank `rank` of the live generation `generation`, which the caller must prove to hold: its
-/// claim names the member at that rank and presents that member's ring key. A token alone lets a
-/// caller join; only a member speaks for a rank.
+/// claim names the member at that rank and presents that member's ring key. A secret alone lets a
+/// worker join; only a member speaks for a rank.
 fn check_member(
     st: &State,
     generation: u64,
     rank: u32,
-    claim: Option<&MemberClaim>,
+    caller: &Caller,
 ) -> std::result::Result<usize, Status> {
     let r = rank as usize;
-    let member = st.ring.get(r).ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "rank {rank} is outside a ring of {}",
-            st.ring.len()
-        ))
-    })?;
     let key = st
         .formation
         .as_ref()
         .filter(|f| f.generation == generation)
         .and_then(|f| f.keys.get(r));
-    match (claim, key) {
-        (Some(claim), Some(key)) if claim.proves(member.id, key) => Ok(r),
-        (None, _) => Err(refused(format!(
-            "{MEMBER_HEADER} is missing: not a member of the ring"
-        ))),
-        _ => Err(refused(format!(
-            "the caller is not rank {rank} of generation {generation}"
-        ))),
+    match (&caller.claim, st.ring.get(r), key) {
+        (Some(claim), Some(member), Some(key)) if claim.proves(member.id, key) => Ok(r),
+        (None, _, _) => Err(caller.refused(
+            "not a member",
+            format!("{MEMBER_HEADER} is missing: not a member of the ring"),
+        )),
+        _ => Err(caller.refused(
+            "not the rank it speaks for",
+            format!("the caller is not rank {rank} of generation {generation}"),
+        )),
     }
 }
 
 /// Some member of the ring being formed or live, as its claim proves (fetches of the model and of
 /// checkpoints come between `Join` and the first step).
-fn check_any_member(st: &State, claim: Option<&MemberClaim>) -> std::result::Result<(), Status> {
-    let claim =
-        claim.ok_or_else(|| refused(format!("{MEMBER_HEADER} is missing: not a member")))?;
+fn check_any_member(st: &State, caller: &Caller) -> std::result::Result<(), Status> {
+    let claim = caller.claim.as_ref().ok_or_else(|| {
+        caller.refused(
+            "not a member",
+            format!("{MEMBER_HEADER} is missing: not a member"),
+        )
+    })?;
     let proven = st.formation.as_ref().is_some_and(|f| {
         st.ring
             .iter()
@@ -64,14 +91,62 @@ fn check_any_member(st: &State, claim: Option<&MemberClaim>) -> std::result::Res
     if proven {
         Ok(())
     } else {
-        Err(refused(format!("member {} is not in the ring", claim.id)))
+        Err(caller.refused(
+            "not a member",
+            format!("member {} is not in the ring", claim.id),
+        ))
     }
 }
 
-/// A refusal, logged: a caller with the token that speaks for someone else is hostile or lost.
-fn refused(reason: String) -> Status {
-    tracing::warn!(%reason, "refused a call");
-    Status::permission_denied(reason)
+/// The worker name the caller proved (its TLS client certificate's, or its credential's), which
+/// the worker id it joins with must carry: a worker can join only as itself, so no one ends the
+/// ring by joining under a live member's id.
+fn check_identity(
+    caller: &Caller,
+    certificate: Option<&str>,
+    worker_id: &str,
+) -> std::result::Result<(), Status> {
+    let names: Vec<&str> = certificate
+        .into_iter()
+        .chain(match &caller.identity {
+            Some(Identity::Worker(name)) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    if names.is_empty() {
+        return Err(caller.refused(
+            "join without a worker identity",
+            "a worker joins with its own credential (`multipos credential NAME`, or the cluster \
+             token on the worker) or a client certificate"
+                .into(),
+        ));
+    }
+    match names.iter().find(|n| !name_allows(n, worker_id)) {
+        Some(name) => Err(caller.refused(
+            "join under another worker's id",
+            format!("worker {name:?} cannot join as {worker_id:?} (ids of {name:?} read {name} or {name}:...)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// An upload that could not be taken; one past its cap is logged as a refusal.
+fn upload_refused(caller: &Caller, e: crate::Error) -> Status {
+    match e {
+        crate::Error::TooLarge(why) => {
+            log_refusal("an upload past its cap", caller.from, &why);
+            Status::resource_exhausted(why)
+        }
+        other => Status::invalid_argument(other.to_string()),
+    }
+}
+
+/// Joins waiting beyond the cap: retryable (a worker backs off and tries again).
+fn caller_refused_busy(caller: &Caller, waiting: usize) -> Status {
+    log_refusal("too many joins waiting", caller.from, &waiting.to_string());
+    Status::resource_exhausted(format!(
+        "{waiting} workers already wait to join: try again later"
+    ))
 }
 
 /// A worker waiting in `Join`; when the call ends without a ring (dropped, timed out), the
@@ -116,7 +191,10 @@ impl CoordinatorRpc for Service {
         request: Request<JoinRequest>,
     ) -> std::result::Result<Response<JoinResponse>, Status> {
         let c = self.0.clone();
+        let caller = Caller::of(&request);
+        let certificate = crate::tls::peer_name(&request);
         let req = request.into_inner();
+        check_identity(&caller, certificate.as_deref(), &req.worker_id)?;
         let state_step = c.admit(&req)?;
         let id = {
             let mut st = c.lock();
@@ -140,6 +218,9 @@ impl CoordinatorRpc for Service {
                 c.end_generation(&mut st, format!("worker {rank} left the ring: {why}"));
             }
             st.candidates.retain(|m| m.worker_id != req.worker_id);
+            if st.candidates.len() >= c.max_candidates() {
+                return Err(caller_refused_busy(&caller, st.candidates.len()));
+            }
             let preference = st
                 .previous
                 .iter()
@@ -230,6 +311,7 @@ impl CoordinatorRpc for Service {
             ring_key: formation.keys[rank].clone(),
             left_key: formation.keys[crate::collective::ring::left(rank, formation.keys.len())]
                 .clone(),
+            generation_key: formation.generation_key.clone(),
         }))
     }
 
@@ -245,7 +327,7 @@ impl CoordinatorRpc for Service {
         request: Request<HeartbeatRequest>,
     ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
         let c = &self.0;
-        let claim = MemberClaim::of(&request);
+        let caller = Caller::of(&request);
         let id = request.into_inner().member;
         let mut st = c.lock();
         // Only the member itself keeps itself alive: a forged heartbeat must not hide a dead one.
@@ -253,7 +335,7 @@ impl CoordinatorRpc for Service {
         let in_ring = match rank {
             Some(r) if !st.forming => {
                 let generation = st.generation;
-                check_member(&st, generation, r as u32, claim.as_ref())?;
+                check_member(&st, generation, r as u32, &caller)?;
                 st.ring[r].last_seen = Instant::now();
                 true
             }
@@ -272,7 +354,7 @@ impl CoordinatorRpc for Service {
         request: Request<NextStepRequest>,
     ) -> std::result::Result<Response<NextStepResponse>, Status> {
         let c = self.0.clone();
-        let claim = MemberClaim::of(&request);
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let answer = |status: StepStatus, reason: String| NextStepResponse {
             status: status as i32,
@@ -280,6 +362,13 @@ impl CoordinatorRpc for Service {
             reason,
             ..Default::default()
         };
+        // Membership first: a caller that is not this rank waits for nothing.
+        {
+            let st = c.lock();
+            if !st.ended(req.generation) {
+                check_member(&st, req.generation, req.rank, &caller)?;
+            }
+        }
         let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
         let next = c
             .wait_for(timeout, "the previous step to be committed", |st| {
@@ -310,7 +399,7 @@ impl CoordinatorRpc for Service {
                 if st.ended(req.generation) {
                     break;
                 }
-                let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
+                let rank = check_member(&st, req.generation, req.rank, &caller)?;
                 // A stop skips validation (a resumed run makes it up); a wrong step is answered below.
                 if (st.stop != Stop::Running && req.step < st.end) || committed != req.step {
                     break;
@@ -359,8 +448,7 @@ impl CoordinatorRpc for Service {
                 && !st.ended(req.generation)
                 && !st.latest_is(req.step)
                 && !st.mine_pending
-                && check_member(&st, req.generation, req.rank, claim.as_ref())
-                    .is_ok_and(|rank| rank != 0)
+                && check_member(&st, req.generation, req.rank, &caller).is_ok_and(|rank| rank != 0)
         };
         if wait_for_rank_0 {
             let (step, generation) = (req.step, req.generation);
@@ -376,7 +464,7 @@ impl CoordinatorRpc for Service {
                 format!("generation {} ended", req.generation),
             )));
         }
-        let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
+        let rank = check_member(&st, req.generation, req.rank, &caller)?;
         if committed != req.step {
             return Ok(Response::new(answer(
                 StepStatus::Rejoin,
@@ -446,7 +534,7 @@ impl CoordinatorRpc for Service {
         request: Request<CommitRequest>,
     ) -> std::result::Result<Response<CommitResponse>, Status> {
         let c = self.0.clone();
-        let claim = MemberClaim::of(&request);
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let (step, generation) = (req.step, req.generation);
         let discard = |reason: String| {
@@ -464,7 +552,7 @@ impl CoordinatorRpc for Service {
             if st.ended(generation) {
                 return discard(format!("generation {generation} ended"));
             }
-            let rank = check_member(&st, generation, req.rank, claim.as_ref())?;
+            let rank = check_member(&st, generation, req.rank, &caller)?;
             if step != st.committed {
                 return discard(format!(
                     "commit for step {}, but step {} is open",
@@ -544,15 +632,16 @@ impl CoordinatorRpc for Service {
     ) -> std::result::Result<Response<UploadCheckpointResponse>, Status> {
         let c = self.0.clone();
         // Only rank 0 of the live ring, and only the checkpoint it was asked for.
-        let claim = MemberClaim::of(&request);
+        let caller = Caller::of(&request);
         let asked = {
             let st = c.lock();
             if st.forming {
-                return Err(refused(
+                return Err(caller.refused(
+                    "not a member",
                     "no live ring: checkpoints come from its rank 0".into(),
                 ));
             }
-            check_member(&st, st.generation, 0, claim.as_ref())?;
+            check_member(&st, st.generation, 0, &caller)?;
             st.checkpoint_asked
                 .ok_or_else(|| Status::failed_precondition("no checkpoint was asked for"))?
         };
@@ -567,9 +656,9 @@ impl CoordinatorRpc for Service {
             })?;
         let received = incoming.path().join("checkpoint");
         let start = Instant::now();
-        receive_files(request.into_inner(), &received)
+        receive_files(request.into_inner(), &received, c.upload_caps.checkpoint)
             .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| upload_refused(&caller, e))?;
         // Hashing and moving a checkpoint of hundreds of MB is blocking work: off the async threads.
         let me = c.clone();
         let (path, state) = tokio::task::spawn_blocking(move || me.adopt_upload(&received, asked))
@@ -600,7 +689,7 @@ impl CoordinatorRpc for Service {
         request: Request<EvalReport>,
     ) -> std::result::Result<Response<EvalReportResponse>, Status> {
         let c = self.0.clone();
-        let claim = MemberClaim::of(&request);
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         if !req.embeddings.len().is_multiple_of(4) {
             return Err(Status::invalid_argument(
@@ -618,7 +707,7 @@ impl CoordinatorRpc for Service {
                 // The page goes out again in the next generation; this worker learns to re-join.
                 return Ok(Response::new(EvalReportResponse {}));
             }
-            let rank = check_member(&st, req.generation, req.rank, claim.as_ref())?;
+            let rank = check_member(&st, req.generation, req.rank, &caller)?;
             let round = if req.mine {
                 st.mine_round.as_mut().filter(|r| r.step == req.step)
             } else {
@@ -675,7 +764,7 @@ impl CoordinatorRpc for Service {
         request: Request<FetchCheckpointRequest>,
     ) -> std::result::Result<Response<Self::FetchCheckpointStream>, Status> {
         let c = self.0.clone();
-        check_any_member(&c.lock(), MemberClaim::of(&request).as_ref())?;
+        check_any_member(&c.lock(), &Caller::of(&request))?;
         let step = request.into_inner().step;
         let timeout = Duration::from_millis(c.cfg.cluster.step_timeout_ms);
         let path = c
@@ -700,7 +789,7 @@ impl CoordinatorRpc for Service {
         &self,
         request: Request<FetchModelRequest>,
     ) -> std::result::Result<Response<Self::FetchModelStream>, Status> {
-        check_any_member(&self.0.lock(), MemberClaim::of(&request).as_ref())?;
+        check_any_member(&self.0.lock(), &Caller::of(&request))?;
         Ok(Response::new(transfer_stream(&self.0.model_dir)?))
     }
 
@@ -709,10 +798,10 @@ impl CoordinatorRpc for Service {
         request: Request<Streaming<FileChunk>>,
     ) -> std::result::Result<Response<UploadModelResponse>, Status> {
         let c = self.0.clone();
-        let claim = MemberClaim::of(&request);
+        let caller = Caller::of(&request);
         {
             let st = c.lock();
-            check_member(&st, st.generation, 0, claim.as_ref())?;
+            check_member(&st, st.generation, 0, &caller)?;
             if st.committed < st.end {
                 return Err(Status::failed_precondition("the run is not finished"));
             }
@@ -721,9 +810,9 @@ impl CoordinatorRpc for Service {
             }
         }
         let target = c.cfg.output.dir.join("model");
-        receive_files(request.into_inner(), &target)
+        receive_files(request.into_inner(), &target, c.upload_caps.model)
             .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| upload_refused(&caller, e))?;
         let (latest, steps) = {
             let st = c.lock();
             (st.latest.clone(), st.committed)
