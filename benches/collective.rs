@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use multipos::cluster::peer::loopback_rings;
-use multipos::collective::{Ring, Wire, ring};
-use multipos::tls::{Tls, TlsConfig};
+use multipos::cluster::ring::{Ring, steps};
+use multipos::collective::Wire;
+use multipos::net::tls::{Tls, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -122,10 +123,10 @@ fn main() {
         .build()
         .unwrap();
     let certs = tempfile::tempdir().unwrap();
-    let issued = multipos::certs::issue(certs.path(), &["127.0.0.1".into()], 1).unwrap();
+    let issued = multipos::net::certs::issue(certs.path(), &["127.0.0.1".into()], 1).unwrap();
     let (cert, key) = issued.hosts[0].clone();
     let tls = Tls::load(&TlsConfig {
-        ca: certs.path().join(multipos::certs::CA_CERT),
+        ca: certs.path().join(multipos::net::certs::CA_CERT),
         cert,
         key,
         client_auth: true,
@@ -154,7 +155,7 @@ fn main() {
                 let best = best_all_reduce(&plain, len).await;
                 let best_tls = best_all_reduce(&secure, len).await;
                 let bytes = (len * 4) as f64;
-                let per_rank = ring::all_reduce_bytes_per_rank(len * 4, world);
+                let per_rank = steps::all_reduce_bytes_per_rank(len * 4, world);
                 let busbw = per_rank / best;
                 let busbw_tls = per_rank / best_tls;
                 println!(

@@ -76,7 +76,7 @@ pub struct ClusterConfig {
     /// How long a worker keeps re-joining (with backoff) while the coordinator is unreachable.
     pub rejoin_timeout_ms: u64,
     /// TLS for every connection of the run (coordinator and peer ring); plaintext without it.
-    pub tls: Option<crate::tls::TlsConfig>,
+    pub tls: Option<crate::net::tls::TlsConfig>,
     /// Address the coordinator serves Prometheus metrics on (`/metrics`); none when unset.
     pub metrics_bind: Option<String>,
     /// Who embeds the texts `train.mine` searches: the workers, in pages, or the coordinator alone.
@@ -682,7 +682,7 @@ impl RunConfig {
             return Err(format!("train.mine.corpus: {why}"));
         }
         if let Some(tls) = &self.cluster.tls {
-            crate::tls::Tls::load(tls).map_err(|e| e.to_string())?;
+            crate::net::tls::Tls::load(tls).map_err(|e| e.to_string())?;
         }
         if let Some(e) = &self.eval {
             for (key, p) in [

@@ -44,11 +44,21 @@ pub enum Error {
     /// A request the caller made cannot be satisfied (bad device, bad option value).
     #[error("{0}")]
     Usage(String),
-    /// An invariant of multipos itself does not hold: a bug to report, not an input to fix.
+    /// A peer (the coordinator, a worker, a donor) broke the protocol: a malformed message or
+    /// stream, an unsafe path, an answer that contradicts this process's state.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The run was aborted because its numbers are not finite (`train.on_nonfinite = "abort"`),
+    /// here or, in a cluster, as the coordinator decided.
+    #[error("{0}")]
+    Diverged(String),
+    /// The run was interrupted (Ctrl-C, SIGTERM) before it could finish or save a checkpoint.
+    #[error("{0}")]
+    Interrupted(String),
     /// Something received over the network passed its cap.
     #[error("{0}")]
     TooLarge(String),
-
+    /// An invariant of multipos itself does not hold: a bug to report, not an input to fix.
     #[error("internal error (please report): {0}")]
     Internal(String),
 }

@@ -11,8 +11,6 @@
 //! - [`auth`], [`tls`], [`certs`]: the cluster token, TLS for its connections, and making
 //!   certificates.
 //! - [`pb`]: the gRPC protocol generated from `proto/multipos.proto`.
-pub mod auth;
-pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod collective;
@@ -29,9 +27,10 @@ pub mod loss;
 pub mod memory;
 pub mod mine;
 pub mod model;
+pub mod net;
 pub mod plot;
 pub mod progress;
-pub mod tls;
+pub mod seed;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -115,7 +115,8 @@ fn cluster_loss_is_the_global_batch_loss_not_the_mean_of_shard_losses() {
     let _serial = serial();
     use multipos::config::RunConfig;
     use multipos::loss::Targets;
-    use multipos::train::build::{load_model, plan_for, trainer_for};
+    use multipos::train::build::{plan_for, trainer_for};
+    use multipos::train::load::load_model;
     use multipos::train::task::{Task, load_tasks};
 
     let (dir, model) = common::tiny_model(&TinySpec::default());
@@ -289,7 +290,7 @@ fn wait_ok(children: Vec<std::process::Child>) {
 #[test]
 fn calls_without_the_right_token_are_refused() {
     let _serial = serial();
-    use multipos::auth::Token;
+    use multipos::net::auth::Token;
     use multipos::pb::HeartbeatRequest;
     use multipos::pb::coordinator_client::CoordinatorClient;
 
@@ -332,7 +333,7 @@ fn calls_without_the_right_token_are_refused() {
 #[test]
 fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
     let _serial = serial();
-    use multipos::auth::Token;
+    use multipos::net::auth::Token;
     use multipos::pb::JoinRequest;
     use multipos::pb::coordinator_client::CoordinatorClient;
 
@@ -351,7 +352,7 @@ fn a_worker_that_gives_up_joining_leaves_no_ghost_behind() {
         let own = Token::new(token).unwrap().credential("ghost").unwrap();
         let mut client = CoordinatorClient::with_interceptor(
             channel,
-            multipos::auth::Secret::Worker(own).attach(),
+            multipos::net::auth::Secret::Worker(own).attach(),
         );
         let mut req = tonic::Request::new(JoinRequest {
             worker_id: "ghost".into(),

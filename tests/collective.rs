@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use multipos::cluster::peer::loopback_rings;
-use multipos::collective::{Ring, Wire};
+use multipos::cluster::ring::Ring;
+use multipos::collective::Wire;
 
 /// A loopback ring whose servers expect ring keys `expected-R` and whose ranks present `presented-R`.
 async fn rings(world: usize, expected: &str, presented: &str) -> Vec<Arc<Ring>> {
@@ -144,8 +145,8 @@ async fn a_peer_with_the_wrong_ring_key_cannot_feed_the_ring() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_bound_to_the_left_neighbour_and_its_key() {
     use multipos::cluster::peer::peer_service;
+    use multipos::cluster::ring::{RING_HEADER, RingKeys, peer_server_builder};
     use multipos::cluster::state::slot;
-    use multipos::collective::{RING_HEADER, RingKeys, peer_server_builder};
     use multipos::pb::RingChunk;
     use multipos::pb::peer_client::PeerClient;
 

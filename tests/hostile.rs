@@ -15,9 +15,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
-use multipos::auth::{GENERATION_HEADER, MEMBER_HEADER, Secret, Token};
-use multipos::collective::RING_HEADER;
+use multipos::cluster::ring::RING_HEADER;
 use multipos::model::tiny::TinySpec;
+use multipos::net::auth::{GENERATION_HEADER, MEMBER_HEADER, Secret, Token};
 use multipos::pb::coordinator_client::CoordinatorClient;
 use multipos::pb::peer_client::PeerClient;
 use multipos::pb::*;
@@ -101,7 +101,7 @@ impl Decoder for RawCodec {
 type Client = CoordinatorClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        multipos::auth::Attach,
+        multipos::net::auth::Attach,
     >,
 >;
 
@@ -376,10 +376,10 @@ async fn storm(client: Client, addr: String) -> Vec<(String, Code)> {
         .expect("the right token was refused in a storm");
     let late = held
         .iter()
-        .filter(|&&t| t >= multipos::auth::throttle::FIRST_DELAY)
+        .filter(|&&t| t >= multipos::net::auth::throttle::FIRST_DELAY)
         .count();
     assert!(
-        late + multipos::auth::throttle::FREE_FAILURES as usize >= held.len(),
+        late + multipos::net::auth::throttle::FREE_FAILURES as usize >= held.len(),
         "only {late} of {} wrong tokens were held back",
         held.len()
     );
@@ -629,9 +629,9 @@ fn wrong_guesses_never_lock_out_the_right_token_and_are_logged_once_a_window() {
         let slowest = held.iter().max().copied().unwrap();
         assert!(
             held.iter()
-                .filter(|&&t| t >= multipos::auth::throttle::FIRST_DELAY)
+                .filter(|&&t| t >= multipos::net::auth::throttle::FIRST_DELAY)
                 .count()
-                >= 60 - multipos::auth::throttle::FREE_FAILURES as usize,
+                >= 60 - multipos::net::auth::throttle::FREE_FAILURES as usize,
             "wrong guesses past the free ones were not held: {held:?}"
         );
         assert!(

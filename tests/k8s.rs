@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use multipos::config::RunConfig;
-use multipos::tls::{Tls, TlsConfig};
+use multipos::net::tls::{Tls, TlsConfig};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const WORKER_HOSTS: [&str; 2] = [

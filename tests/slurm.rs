@@ -2,7 +2,8 @@
 //! munge when missing and starts a one-node cluster (munged, slurmctld, slurmd); the tests submit
 //! `deploy/slurm/multipos.sbatch` with the tiny model. One run finishes and its model loads; another
 //! is requeued mid-run (`scontrol requeue`, as a preemption does) and its resumed run ends exactly as
-//! an uninterrupted one. Both tests share the cluster and run one at a time.
+//! an uninterrupted one. Both tests share the cluster and run one at a time; the daemons stop when
+//! the test binary exits, also after a failure.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,22 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// The running cluster's `SLURM_CONF`, started once for this test binary.
+/// Where the test cluster keeps its state: one directory for every run of these tests, so that a
+/// start stops whatever an earlier, killed run left behind.
+fn cluster_dir() -> PathBuf {
+    std::env::temp_dir().join("multipos-slurm")
+}
+
+/// Stops the daemons when the test binary exits, whether its tests passed or failed (the harness
+/// ends through `exit(3)`, which runs `atexit` handlers; statics are never dropped).
+extern "C" fn stop_cluster() {
+    let _ = Command::new(repo("deploy/slurm/local-cluster.sh"))
+        .arg("stop")
+        .arg(cluster_dir())
+        .output();
+}
+
+/// The running cluster's `SLURM_CONF`, started once for this test binary and stopped at its exit.
 fn cluster() -> &'static (PathBuf, Mutex<()>) {
     static CLUSTER: OnceLock<(PathBuf, Mutex<()>)> = OnceLock::new();
     CLUSTER.get_or_init(|| {
@@ -25,9 +41,9 @@ fn cluster() -> &'static (PathBuf, Mutex<()>) {
             0,
             "a Slurm cluster needs root to start (CI runs as root)"
         );
-        // One directory for every run of these tests: starting there stops the previous cluster,
-        // so at most one is left running after the tests.
-        let dir = std::env::temp_dir().join("multipos-slurm");
+        let dir = cluster_dir();
+        // SAFETY: registers a plain function with no captured state.
+        assert_eq!(unsafe { libc::atexit(stop_cluster) }, 0);
         let o = Command::new(repo("deploy/slurm/local-cluster.sh"))
             .arg("start")
             .arg(&dir)

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use multipos::collective::{Collective, Solo, Wire};
 use multipos::config::RunConfig;
 use multipos::model::tiny::TinySpec;
-use multipos::train::build::{load_model, plan_for, trainer_for};
+use multipos::train::build::{plan_for, trainer_for};
+use multipos::train::load::load_model;
 use multipos::train::task::{Task, load_tasks};
 use multipos::train::{StepInput, StepStats};
 

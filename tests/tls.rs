@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use multipos::auth::Token;
 use multipos::cluster::peer::{loopback_rings, peer_service};
+use multipos::cluster::ring::{connect_with_retry, peer_server_builder};
 use multipos::cluster::state::slot;
-use multipos::collective::{Wire, connect_with_retry, peer_server_builder};
+use multipos::collective::Wire;
 use multipos::model::tiny::TinySpec;
+use multipos::net::auth::Token;
+use multipos::net::tls::{Tls, TlsConfig};
 use multipos::pb::HeartbeatRequest;
 use multipos::pb::coordinator_client::CoordinatorClient;
 use multipos::pb::peer_client::PeerClient;
-use multipos::tls::{Tls, TlsConfig};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -243,9 +244,12 @@ async fn the_peer_ring_runs_over_tls_and_refuses_other_cas_and_plaintext() {
     );
     let quick = Duration::from_secs(2);
     let fetch = |channel| async move {
-        let pass =
-            multipos::auth::Attach::pass(multipos::auth::GENERATION_HEADER, 1, "generation-key")
-                .unwrap();
+        let pass = multipos::net::auth::Attach::pass(
+            multipos::net::auth::GENERATION_HEADER,
+            1,
+            "generation-key",
+        )
+        .unwrap();
         PeerClient::with_interceptor(channel, pass)
             .fetch_state(multipos::pb::FetchStateRequest { generation: 1 })
             .await

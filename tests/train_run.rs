@@ -8,7 +8,8 @@ use assert_cmd::Command;
 use multipos::config::RunConfig;
 use multipos::model::tiny::TinySpec;
 use multipos::train::StepInput;
-use multipos::train::build::{load_model, plan_for, trainer_for};
+use multipos::train::build::{plan_for, trainer_for};
+use multipos::train::load::load_model;
 use multipos::train::task::{Task, load_tasks};
 use tch::Kind;
 

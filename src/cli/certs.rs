@@ -1,7 +1,7 @@
 //! `multipos certs`.
 use std::path::PathBuf;
 
-use crate::certs::{CA_CERT, CA_KEY, issue};
+use crate::net::certs::{CA_CERT, CA_KEY, issue};
 
 #[derive(clap::Args, Debug)]
 pub struct CertsArgs {

@@ -6,14 +6,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::{ConfigArgs, ProgressArgs};
-use crate::auth::{Credential, Secret, Token};
 use crate::cluster::coordinator::{self, Coordinator, Outcome};
 use crate::cluster::launch::{ANNOUNCE, LaunchOptions, launch};
 use crate::cluster::signals::Signals;
 use crate::cluster::worker::{self, WorkerOptions};
 use crate::config::{ClusterConfig, RunConfig, TOKEN_ENV};
 use crate::device;
-use crate::tls::{Tls, TlsConfig};
+use crate::net::auth::{Credential, Secret, Token};
+use crate::net::tls::{Tls, TlsConfig};
 use crate::train::build::FreshOutput;
 
 #[derive(clap::Args, Debug)]

@@ -142,7 +142,7 @@ where
     let mut total = 0u64;
     let mut files = 0;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Error::Usage(format!("model stream broke: {e}")))?;
+        let chunk = chunk.map_err(|e| Error::Protocol(format!("model stream broke: {e}")))?;
         total += chunk.data.len() as u64;
         if total > limit {
             return Err(Error::TooLarge(format!(
@@ -151,12 +151,12 @@ where
         }
         if !chunk.path.is_empty() {
             if current.is_some() {
-                return Err(Error::Usage(
+                return Err(Error::Protocol(
                     "a new file started before the previous one ended".into(),
                 ));
             }
             let rel = safe_relative(&chunk.path).ok_or_else(|| {
-                Error::Usage(format!("unsafe path {:?} in model stream", chunk.path))
+                Error::Protocol(format!("unsafe path {:?} in model stream", chunk.path))
             })?;
             let path = staged.path().join(&rel);
             if let Some(parent) = path.parent() {
@@ -174,7 +174,7 @@ where
         }
         let (path, file) = current
             .as_mut()
-            .ok_or_else(|| Error::Usage("chunk without a file".into()))?;
+            .ok_or_else(|| Error::Protocol("chunk without a file".into()))?;
         file.write_all(&chunk.data)
             .await
             .map_err(Error::io("write", &*path))?;
@@ -185,7 +185,7 @@ where
         }
     }
     if current.is_some() || files == 0 {
-        return Err(Error::Usage(
+        return Err(Error::Protocol(
             "the model stream ended inside a file or carried none".into(),
         ));
     }

@@ -13,13 +13,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::auth::Token;
 use crate::cluster::status::StatusClient;
 use crate::config::{RunConfig, TOKEN_ENV};
 use crate::error::{Error, Result};
 use crate::logging;
+use crate::net::auth::Token;
+use crate::net::tls::Tls;
 use crate::progress::{self, Display, Show};
-use crate::tls::Tls;
 
 /// The line a coordinator prints on stdout once it listens.
 pub const ANNOUNCE: &str = "MULTIPOS_COORDINATOR=";
@@ -282,7 +282,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
     // never on a command line where other users could read it.
     let token = match cfg.cluster.resolve_token()? {
         Some(t) => t,
-        None => crate::auth::Token::random().expose().to_string(),
+        None => crate::net::auth::Token::random().expose().to_string(),
     };
     let display = opts.progress.resolved();
     let console = Console {
@@ -455,7 +455,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
     }
     match ending {
         Some(Ending::Finished) => Ok(()),
-        Some(Ending::Interrupted) => Err(Error::Usage(
+        Some(Ending::Interrupted) => Err(Error::Interrupted(
             "stopped by a signal; continue with --resume".into(),
         )),
         Some(Ending::Failed(why)) => Err(Error::Usage(why)),

@@ -10,11 +10,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::state::StateSlot;
-use crate::auth::{GENERATION_HEADER, generation_pass, log_refusal, same_bytes};
-use crate::collective::{Inbox, Incoming, RING_HEADER, Ring, RingKeys, inbox, peer_server_builder};
+use crate::cluster::ring::{
+    Inbox, Incoming, RING_HEADER, Ring, RingKeys, inbox, peer_server_builder,
+};
+use crate::net::auth::{GENERATION_HEADER, generation_pass, log_refusal, same_bytes};
+use crate::net::tls::Tls;
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{FetchStateRequest, FileChunk, RingAck, RingChunk};
-use crate::tls::Tls;
 
 /// The service behind a worker's peer address.
 pub struct PeerService {
@@ -183,7 +185,7 @@ pub async fn loopback_rings(
     let (expected, presented) = keys;
     let mut out = Vec::new();
     for (rank, rx) in incomings.into_iter().enumerate() {
-        let left = crate::collective::ring::left(rank, world);
+        let left = crate::cluster::ring::steps::left(rank, world);
         let ring = Ring::connect(
             rank,
             &peers,

@@ -79,7 +79,7 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
 
 /// Receives a state stream and loads it into `trainer`; returns the steps it had applied.
 pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) -> Result<u64> {
-    let bad = |what: String| Error::Usage(format!("state stream from the peer: {what}"));
+    let bad = |what: String| Error::Protocol(format!("state stream from the peer: {what}"));
     // A donor sends exactly this replica's tensors (weights, moments, average) and a small meta
     // entry: anything beyond that is refused before it fills memory.
     let numel = |ts: &mut dyn Iterator<Item = i64>| ts.sum::<i64>() as u64 * 4;

@@ -1,19 +1,19 @@
 //! Asking a running coordinator how the run goes (`multipos status`, `launch`'s progress bar).
 use std::time::Duration;
 
-use crate::auth::Token;
-use crate::collective::connect_with_retry;
+use crate::cluster::ring::connect_with_retry;
 use crate::error::{Error, Result};
+use crate::net::auth::Token;
+use crate::net::tls::Tls;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::{StatusRequest, StatusResponse};
-use crate::tls::Tls;
 
 /// A client of one coordinator's `Status`.
 pub struct StatusClient {
     client: CoordinatorClient<
         tonic::service::interceptor::InterceptedService<
             tonic::transport::Channel,
-            crate::auth::Attach,
+            crate::net::auth::Attach,
         >,
     >,
 }

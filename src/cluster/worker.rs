@@ -20,22 +20,22 @@ use tonic::transport::Channel;
 
 use super::files::{MAX_FETCH_BYTES, model_fingerprint, receive_files};
 use super::peer::{PassSlot, pass_slot, peer_service};
+use super::ring::{BlockingRing, Incoming, Ring, RingKeys, connect_with_retry};
 use super::state::StateSlot;
-use crate::auth::{Attach, GENERATION_HEADER, Secret};
-use crate::collective::{
-    BlockingRing, Incoming, Ring, RingKeys, connect_with_retry, tensor_to_le_bytes,
-};
+use crate::collective::tensor_to_le_bytes;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, Targets};
 use crate::model::SentenceModel;
+use crate::net::auth::{Attach, GENERATION_HEADER, Secret};
+use crate::net::tls::Tls;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::*;
-use crate::tls::Tls;
-use crate::train::build::{configure_model, trainer_for};
+use crate::train::build::trainer_for;
 use crate::train::checkpoint::{self, CheckpointState};
+use crate::train::load::configure_model;
 use crate::train::task::TaskSpec;
 use crate::train::{StepInput, Trainer};
 
@@ -156,7 +156,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
     let pass = pass_slot();
     let (peer_svc, incoming) = peer_service(16 << 20, state.clone(), pass.clone());
     tokio::spawn(
-        crate::collective::peer_server_builder(opts.tls.as_ref())
+        crate::cluster::ring::peer_server_builder(opts.tls.as_ref())
             .map_err(Error::Usage)?
             .add_service(peer_svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
@@ -283,7 +283,7 @@ async fn generation(
         .map_err(rpc_err("join"))?
         .into_inner();
     check_join(&joined).map_err(|e| {
-        Interrupt::Fatal(Error::Usage(format!(
+        Interrupt::Fatal(Error::Protocol(format!(
             "the coordinator's answer to join is unusable: {e}"
         )))
     })?;
@@ -340,7 +340,7 @@ async fn generation(
         }
     }
     if replica.applied != joined.start_step {
-        return Err(Interrupt::Fatal(Error::Usage(format!(
+        return Err(Interrupt::Fatal(Error::Protocol(format!(
             "the coordinator starts at step {} but this replica holds step {}",
             joined.start_step, replica.applied
         ))));
@@ -429,10 +429,10 @@ async fn load_replica(
     joined: &JoinResponse,
 ) -> Result<Replica, Interrupt> {
     let cfg: RunConfig = toml::from_str(&joined.config_toml)
-        .map_err(|e| Error::Usage(format!("the coordinator sent an unreadable config: {e}")))?;
+        .map_err(|e| Error::Protocol(format!("the coordinator sent an unreadable config: {e}")))?;
     // The same checks the coordinator made: a zero interval or chunk size would panic or spin here.
     cfg.validate()
-        .map_err(|e| Error::Usage(format!("the coordinator sent an invalid config: {e}")))?;
+        .map_err(|e| Error::Protocol(format!("the coordinator sent an invalid config: {e}")))?;
     let mut fetched = None;
     let model_dir = match &node.opts.model {
         Some(dir) => dir.clone(),
@@ -446,7 +446,7 @@ async fn load_replica(
                 .into_inner();
             receive_files(stream, &target, MAX_FETCH_BYTES).await?;
             if model_fingerprint(&target)? != joined.model_fingerprint {
-                return Err(Interrupt::Fatal(Error::Usage(
+                return Err(Interrupt::Fatal(Error::Protocol(
                     "the fetched model's fingerprint differs from the coordinator's".into(),
                 )));
             }
@@ -599,7 +599,7 @@ fn step_input<'a>(
     world: usize,
 ) -> Result<StepInput<'a>> {
     let bad = |what: String| {
-        Error::Usage(format!(
+        Error::Protocol(format!(
             "the coordinator sent a malformed step {}: {what}",
             next.step + 1
         ))
@@ -709,13 +709,13 @@ async fn train_loop(
                 return Ok(());
             }
             Ok(StepStatus::Aborted) => {
-                return Err(Interrupt::Fatal(Error::Usage(format!(
+                return Err(Interrupt::Fatal(Error::Diverged(format!(
                     "the coordinator aborted the run: {}",
                     next.reason
                 ))));
             }
             Err(_) => {
-                return Err(Interrupt::Fatal(Error::Usage(format!(
+                return Err(Interrupt::Fatal(Error::Protocol(format!(
                     "unknown step status {}",
                     next.status
                 ))));
@@ -771,7 +771,7 @@ async fn train_loop(
         }
         // Told to apply what this replica knows is not finite: the coordinator is wrong.
         if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
-            return Err(Interrupt::Fatal(Error::Usage(format!(
+            return Err(Interrupt::Fatal(Error::Protocol(format!(
                 "the coordinator said to apply step {} although its loss ({}) or gradient norm ({}) is not finite",
                 step + 1,
                 stats.loss,
@@ -808,7 +808,7 @@ async fn report_eval(
 ) -> Result<(), Interrupt> {
     let n = next.eval_texts.len();
     if n == 0 || n > super::evaluation::MAX_PAGE {
-        return Err(Interrupt::Fatal(Error::Usage(format!(
+        return Err(Interrupt::Fatal(Error::Protocol(format!(
             "the coordinator sent a validation page of {n} texts (1 to {} expected)",
             super::evaluation::MAX_PAGE
         ))));

@@ -464,8 +464,7 @@ impl PairEpoch {
     /// Plans epoch `epoch` of `n` pairs.
     pub fn plan(n: usize, batch_size: usize, seed: u64, epoch: u64) -> Self {
         let mut order: Vec<u32> = (0..n as u32).collect();
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(super::planner::mix_seed(&[seed, epoch, 0x7061_6972]));
+        let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::mix_seed(&[seed, epoch, 0x7061_6972]));
         order.shuffle(&mut rng);
         let whole = n / batch_size * batch_size;
         order.truncate(whole);

@@ -18,6 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use rustc_hash::FxHashMap;
 
 use super::dataset::{Dataset, TextId};
+use crate::seed::mix_seed;
 
 /// How the positives of a query group become rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -106,26 +107,6 @@ impl<'a> Batch<'a> {
     /// The hard negatives of row `i`.
     pub fn row_negatives(&self, i: usize) -> &'a [TextId] {
         &self.negatives[i * self.negatives_per_row..(i + 1) * self.negatives_per_row]
-    }
-
-    /// Rank `rank`'s contiguous part of `world` equal parts (rank order).
-    pub fn shard(&self, rank: usize, world: usize) -> Result<Batch<'a>, String> {
-        if world == 0 || rank >= world {
-            return Err(format!("rank {rank} is outside a world of {world}"));
-        }
-        if !self.rows.len().is_multiple_of(world) {
-            return Err(format!(
-                "a batch of {} rows does not split into {world} equal shards",
-                self.rows.len()
-            ));
-        }
-        let n = self.rows.len() / world;
-        let k = self.negatives_per_row;
-        Ok(Batch {
-            rows: &self.rows[rank * n..(rank + 1) * n],
-            negatives: &self.negatives[rank * n * k..(rank + 1) * n * k],
-            negatives_per_row: k,
-        })
     }
 }
 
@@ -255,19 +236,6 @@ fn row_negatives(
             out.push(t);
         }
     }
-}
-
-/// Mixes words into one 64-bit seed (SplitMix64 finaliser over a running state).
-pub fn mix_seed(words: &[u64]) -> u64 {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    for &w in words {
-        state = state.wrapping_add(w).wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        state = z ^ (z >> 31);
-    }
-    state
 }
 
 /// The rows of one epoch before packing, in shuffled order, with their negatives.
@@ -516,27 +484,6 @@ mod tests {
             .map(|r| r.positive)
             .collect();
         assert_eq!(used.len(), 3, "each positive gets a turn in three epochs");
-    }
-
-    #[test]
-    fn shards_split_evenly_or_explain_why_not() {
-        let d = data(&[
-            ("q1", &["a"]),
-            ("q2", &["b"]),
-            ("q3", &["c"]),
-            ("q4", &["d"]),
-        ]);
-        let plan = plan_epoch(&d, &spec(4, Mode::Sample), 0);
-        let b = plan.batch(0);
-        let parts: Vec<Row> = (0..2)
-            .flat_map(|r| b.shard(r, 2).unwrap().rows.to_vec())
-            .collect();
-        assert_eq!(parts, b.rows);
-        assert!(
-            b.shard(0, 3)
-                .unwrap_err()
-                .contains("does not split into 3 equal shards")
-        );
     }
 
     #[test]

@@ -16,13 +16,13 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::data::planner::mix_seed;
 use crate::data::text::{hash_normalized, normalize};
 use crate::data::{Cluster, Dataset};
 use crate::error::{Error, Result};
 use crate::io::atomic::AtomicFile;
 use crate::model::SentenceModel;
 use crate::model::pooling::normalize_l2;
+use crate::seed::mix_seed;
 pub use select::Skipped;
 
 /// How negatives are picked from the qualifying pool.

@@ -10,10 +10,10 @@ use super::metrics::MetricsLog;
 use super::optim::{AdamWConfig, LinearSchedule};
 use super::plan::RunPlan;
 use super::state::TrainState;
+use super::step::StepOptions;
 use super::task::{Task, TaskSpec, data_fingerprint, load_tasks};
-use super::trainer::{StepOptions, Trainer};
-use crate::config::{Precision, RunConfig};
-use crate::device;
+use super::trainer::Trainer;
+use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::io::atomic;
 use crate::model::SentenceModel;
@@ -93,36 +93,6 @@ pub fn plan_for(cfg: &RunConfig, tasks: &[Task]) -> Result<RunPlan> {
         cfg.train.epochs,
         cfg.train.max_steps,
     )
-}
-
-/// Loads the model a config names onto its device.
-pub fn load_model(cfg: &RunConfig) -> Result<SentenceModel> {
-    device::set_threads(cfg.model.threads)?;
-    let dev = device::parse_device(cfg.model.device.as_deref().unwrap_or("auto"))?;
-    let dir = cfg
-        .model
-        .path
-        .clone()
-        .unwrap_or_else(crate::model::default_dir);
-    let mut model = SentenceModel::load(&dir, dev)?;
-    configure_model(cfg, &mut model)?;
-    Ok(model)
-}
-
-/// Applies the config's model settings (sequence length, precision) to a loaded model.
-pub fn configure_model(cfg: &RunConfig, model: &mut SentenceModel) -> Result<()> {
-    if let Some(n) = cfg.model.max_seq_length {
-        model.set_max_seq_length(n)?;
-    }
-    if cfg.model.precision == Precision::Bf16 {
-        if model.device() == tch::Device::Cpu {
-            return Err(Error::Usage(
-                "model.precision = \"bf16\" needs a CUDA device: CPU runs train in fp32".into(),
-            ));
-        }
-        model.set_bf16(true);
-    }
-    Ok(())
 }
 
 /// Creates the run directory and records the resolved configuration in it; returns that TOML. A

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::build::load_model;
+use super::load::load_model;
 use super::metrics::MetricsLog;
 use super::task::{Task, TaskData};
 use crate::config::RunConfig;

@@ -8,10 +8,11 @@ use rand_chacha::ChaCha8Rng;
 
 use super::task::{Task, TaskData};
 use crate::config::Sampler;
-use crate::data::planner::{self, mix_seed};
+use crate::data::planner;
 use crate::data::{EpochPlan, PairEpoch, PairTargets, PlanSpec, plan_epoch};
 use crate::error::{Error, Result};
 use crate::loss::Targets;
+use crate::seed::mix_seed;
 
 /// One task's batches in one epoch.
 #[derive(Debug, Clone)]
@@ -65,7 +66,14 @@ impl<'a> GlobalBatch<'a> {
     }
 
     /// Rank `rank`'s contiguous shard of `world` equal shards: its columns and first global row.
+    /// The config makes every batch a multiple of the world (`cluster.workers` divides
+    /// `train.batch_size`), so an uneven split is a bug, not an input.
     pub fn shard(&self, rank: usize, world: usize) -> (Vec<Vec<&'a str>>, usize) {
+        assert!(
+            rank < world && self.len().is_multiple_of(world),
+            "a batch of {} rows has no shard {rank} of {world} equal ones",
+            self.len()
+        );
         let n = self.len() / world;
         let columns = self
             .columns
@@ -358,6 +366,26 @@ pub fn task_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_are_contiguous_equal_and_in_rank_order() {
+        let texts = ["a", "b", "c", "d", "e", "f"];
+        let batch = GlobalBatch {
+            task: 0,
+            epoch: 0,
+            index: 0,
+            columns: vec![texts.to_vec(), texts.iter().rev().copied().collect()],
+            targets: Targets::Groups((0..6).collect()),
+            rows: (0..6).collect(),
+        };
+        let shards: Vec<_> = (0..3).map(|r| batch.shard(r, 3)).collect();
+        assert_eq!(shards.iter().map(|s| s.1).collect::<Vec<_>>(), [0, 2, 4]);
+        for c in 0..2 {
+            let joined: Vec<&str> = shards.iter().flat_map(|s| s.0[c].clone()).collect();
+            assert_eq!(joined, batch.columns[c]);
+        }
+        assert!(std::panic::catch_unwind(|| batch.shard(0, 4)).is_err());
+    }
 
     #[test]
     fn samplers_cover_what_sentence_transformers_covers() {

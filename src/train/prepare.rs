@@ -7,12 +7,12 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 use tokenizers::Encoding;
 
-use super::trainer::{StepInput, StepOptions};
-use crate::data::planner::mix_seed;
+use super::step::{StepInput, StepOptions};
 use crate::error::Result;
 use crate::loss::Targets;
 use crate::model::dropout::RowSeeds;
 use crate::model::tokenize::{TextTokenizer, TokenBatch};
+use crate::seed::mix_seed;
 
 /// Everything of one rank's part of a step that the device runs, already on the device.
 #[derive(Debug)]

@@ -9,14 +9,16 @@ use std::time::Instant;
 use crate::progress::{Progress, Show};
 use serde_json::json;
 
-use super::build::{FreshOutput, load_model, load_training_data, prepare_output, trainer_for};
+use super::build::{FreshOutput, load_training_data, prepare_output, trainer_for};
 use super::checkpoint::{self, CheckpointState};
+use super::load::load_model;
 use super::metrics::MetricsLog;
 use super::nonfinite::{Fate, verdict};
 use super::prefetch::Prefetch;
 use super::prepare::Prepared;
+use super::step::StepInput;
 use super::task::Task;
-use super::trainer::{StepInput, Trainer};
+use super::trainer::Trainer;
 use super::validation::{Tracker, Verdict};
 use super::versions::TrainingData;
 use crate::collective::Solo;
@@ -225,7 +227,7 @@ impl Run<'_> {
                 log.write(&json!({"event": "skip", "step": step + 1, "reason": reason}))?;
                 return Ok(None);
             }
-            Fate::Abort(reason) => return Err(Error::Usage(reason)),
+            Fate::Abort(reason) => return Err(Error::Diverged(reason)),
         }
         let (_, epoch, batch) = self.data.plan.position(step);
         let t = stats.times;
@@ -344,7 +346,7 @@ impl Run<'_> {
         }
         if unfinished && signalled {
             bar.finish();
-            return Err(Error::Usage(format!(
+            return Err(Error::Interrupted(format!(
                 "stopped by a signal after step {done}; continue with --resume"
             )));
         }
@@ -423,7 +425,7 @@ fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer,
     let total = run.data.plan.total_steps;
     tracing::info!(steps = total, start_step, warmup = trainer.schedule.warmup, batch_size = cfg.train.batch_size, device = ?trainer.state.model.device(), "training");
     if stop.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(Error::Usage(
+        return Err(Error::Interrupted(
             "interrupted before the first step: nothing was trained or saved".into(),
         ));
     }

@@ -11,11 +11,11 @@ use tch::Tensor;
 use super::flat::{FlatParams, Layout, Owner};
 use super::optim::decays;
 use super::task::TaskSpec;
-use crate::data::planner::mix_seed;
 use crate::error::Result;
 use crate::io::atomic;
 use crate::loss::Objective;
 use crate::model::SentenceModel;
+use crate::seed::mix_seed;
 
 /// One task's name and ready-to-run loss.
 #[derive(Debug)]

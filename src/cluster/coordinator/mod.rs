@@ -28,7 +28,6 @@ use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
 use super::membership::{self, Formation, Member};
 use super::mining::{MineJob, placeholder};
-use crate::auth::Token;
 use crate::cluster::metrics::{Metrics, StepTimes};
 use crate::config::MineOn;
 use crate::config::RunConfig;
@@ -36,11 +35,12 @@ use crate::data::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
 use crate::eval::{IrConfig, IrDataset, ir_metrics};
 use crate::loss::Targets;
+use crate::net::auth::Token;
+use crate::net::tls::Tls;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::progress::{Progress, Show};
-use crate::tls::Tls;
 use crate::train::build::{data_events, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
@@ -653,7 +653,7 @@ impl Coordinator {
         let server = CoordinatorServer::new(service::Service(self.clone()))
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(256 << 20);
-        let service = crate::auth::Throttled::new(
+        let service = crate::net::auth::Throttled::new(
             tonic::service::interceptor::InterceptedService::new(server, token.check()),
         );
         let mut rx = self.changed.subscribe();
@@ -704,9 +704,9 @@ impl Coordinator {
             )
             .add_service(service)
             .serve_with_incoming_shutdown(
-                crate::cluster::listen::capped(
+                crate::net::listen::capped(
                     listener,
-                    crate::cluster::listen::MAX_CONNECTIONS_PER_ADDRESS,
+                    crate::net::listen::MAX_CONNECTIONS_PER_ADDRESS,
                 ),
                 ended,
             )

@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status, Streaming};
 use std::net::IpAddr;
 
 use super::{Coordinator, EvalWork, Member, Next, Shared, State, Stop};
-use crate::auth::{Identity, MEMBER_HEADER, MemberClaim, log_refusal, name_allows};
 use crate::cluster::files::{file_stream, receive_files};
+use crate::net::auth::{Identity, MEMBER_HEADER, MemberClaim, log_refusal, name_allows};
 use crate::pb::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
@@ -137,6 +137,10 @@ fn upload_refused(caller: &Caller, e: crate::Error) -> Status {
             log_refusal("an upload past its cap", caller.from, &why);
             Status::resource_exhausted(why)
         }
+        crate::Error::Protocol(why) => {
+            log_refusal("a malformed upload", caller.from, &why);
+            Status::invalid_argument(why)
+        }
         other => Status::invalid_argument(other.to_string()),
     }
 }
@@ -192,7 +196,7 @@ impl CoordinatorRpc for Service {
     ) -> std::result::Result<Response<JoinResponse>, Status> {
         let c = self.0.clone();
         let caller = Caller::of(&request);
-        let certificate = crate::tls::peer_name(&request);
+        let certificate = crate::net::tls::peer_name(&request);
         let req = request.into_inner();
         check_identity(&caller, certificate.as_deref(), &req.worker_id)?;
         let state_step = c.admit(&req)?;
@@ -309,7 +313,7 @@ impl CoordinatorRpc for Service {
                 })
                 .collect(),
             ring_key: formation.keys[rank].clone(),
-            left_key: formation.keys[crate::collective::ring::left(rank, formation.keys.len())]
+            left_key: formation.keys[crate::cluster::ring::steps::left(rank, formation.keys.len())]
                 .clone(),
             generation_key: formation.generation_key.clone(),
         }))

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::auth::log_refusal;
+use crate::net::auth::log_refusal;
 
 /// Open connections one address may hold: a node's workers (one channel each, and one more while
 /// a generation re-forms), `status` calls and `launch`'s watcher, with room to spare.
