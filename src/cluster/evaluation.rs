@@ -12,12 +12,6 @@ pub fn page_size(texts: usize, world: usize) -> usize {
     texts.div_ceil(4 * world.max(1)).clamp(16, MAX_PAGE)
 }
 
-/// Whether the run evaluates before step `step` (after `step` steps): at the start when asked, every
-/// `every` steps, and at the end (`end`: the last step, or where patience stopped the run).
-pub fn due(step: u64, end: u64, every: u64, at_start: bool) -> bool {
-    (step == 0 && at_start) || step == end || (step > 0 && every > 0 && step.is_multiple_of(every))
-}
-
 #[derive(Debug, Clone, PartialEq)]
 enum Page {
     Open,
@@ -137,14 +131,6 @@ impl Round {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn evaluations_fall_at_the_start_every_n_steps_and_at_the_end() {
-        let steps: Vec<u64> = (0..=10).filter(|&s| due(s, 10, 4, true)).collect();
-        assert_eq!(steps, [0, 4, 8, 10]);
-        let steps: Vec<u64> = (0..=10).filter(|&s| due(s, 10, 0, false)).collect();
-        assert_eq!(steps, [10]);
-    }
 
     #[test]
     fn pages_are_a_few_per_worker_within_bounds() {

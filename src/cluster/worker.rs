@@ -844,19 +844,14 @@ async fn report_eval(
 /// Writes the replica's state as a checkpoint and streams it to the coordinator.
 async fn upload_checkpoint(client: &mut Client, replica: &Replica) -> Result<(), Interrupt> {
     let dir = scratch_dir()?;
-    let state = CheckpointState {
-        step: replica.applied,
-        optimizer_steps: replica.trainer.optim.steps_taken(),
-        seed: replica.cfg.train.seed,
-        data_fingerprint: replica.data_fingerprint.clone(),
-        config_fingerprint: checkpoint::config_fingerprint(&replica.cfg),
-        settings: checkpoint::resume_settings(&replica.cfg),
-        multipos_version: env!("CARGO_PKG_VERSION").into(),
-        // The coordinator, which holds the plan, fills in the cursor.
-        epoch: 0,
-        batch: 0,
-        dropout_masks: replica.trainer.opts.masks,
-    };
+    // The coordinator, which holds the plan, fills in the cursor.
+    let state = CheckpointState::of(
+        &replica.cfg,
+        &replica.trainer,
+        replica.applied,
+        &replica.data_fingerprint,
+        (0, 0),
+    );
     let trainer = &replica.trainer;
     let path = tokio::task::block_in_place(|| {
         checkpoint::write(

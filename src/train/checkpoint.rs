@@ -53,6 +53,32 @@ pub struct CheckpointState {
     pub dropout_masks: MaskGenerator,
 }
 
+impl CheckpointState {
+    /// The record of `trainer` after `step` steps of the run `cfg` describes, on data of
+    /// `data_fingerprint`, with the plan's cursor `(epoch, batch)` of that step. The one place a
+    /// checkpoint's record is made, by `multipos train` and by a cluster's rank 0 alike.
+    pub fn of(
+        cfg: &crate::config::RunConfig,
+        trainer: &Trainer,
+        step: u64,
+        data_fingerprint: &str,
+        (epoch, batch): (u64, u64),
+    ) -> Self {
+        Self {
+            step,
+            optimizer_steps: trainer.optim.steps_taken(),
+            seed: cfg.train.seed,
+            data_fingerprint: data_fingerprint.to_string(),
+            config_fingerprint: config_fingerprint(cfg),
+            settings: resume_settings(cfg),
+            multipos_version: env!("CARGO_PKG_VERSION").into(),
+            epoch,
+            batch,
+            dropout_masks: trainer.opts.masks,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct FileEntry {
     bytes: u64,

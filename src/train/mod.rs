@@ -11,6 +11,7 @@ pub mod mining;
 pub mod nonfinite;
 pub mod optim;
 pub mod plan;
+pub mod policy;
 pub mod prefetch;
 pub mod prepare;
 pub mod run;

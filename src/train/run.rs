@@ -14,6 +14,7 @@ use super::checkpoint::{self, CheckpointState};
 use super::load::load_model;
 use super::metrics::MetricsLog;
 use super::nonfinite::{Fate, verdict};
+use super::policy::RunPolicy;
 use super::prefetch::Prefetch;
 use super::prepare::Prepared;
 use super::step::StepInput;
@@ -108,19 +109,13 @@ impl Run<'_> {
         best: Option<u64>,
         log: &mut MetricsLog,
     ) -> Result<()> {
-        let (epoch, batch) = self.data.plan.cursor(steps_done);
-        let state = CheckpointState {
-            step: steps_done,
-            optimizer_steps: trainer.optim.steps_taken(),
-            seed: self.cfg.train.seed,
-            data_fingerprint: self.data.fingerprint.clone(),
-            config_fingerprint: checkpoint::config_fingerprint(self.cfg),
-            settings: checkpoint::resume_settings(self.cfg),
-            multipos_version: env!("CARGO_PKG_VERSION").into(),
-            epoch,
-            batch,
-            dropout_masks: trainer.opts.masks,
-        };
+        let state = CheckpointState::of(
+            self.cfg,
+            trainer,
+            steps_done,
+            &self.data.fingerprint,
+            self.data.plan.cursor(steps_done),
+        );
         let start = Instant::now();
         let path = checkpoint::write(
             &self.ckpt_dir,
@@ -334,13 +329,12 @@ impl Run<'_> {
         stop: &AtomicBool,
         done: u64,
     ) -> Result<bool> {
-        let (cfg, total) = (self.cfg, self.data.plan.total_steps);
-        let every = cfg.output.checkpoint_every_steps;
-        let budget_spent =
-            cfg.train.stop_after_steps > 0 && done - lp.start_step >= cfg.train.stop_after_steps;
+        let total = self.data.plan.total_steps;
+        let policy = RunPolicy::new(self.cfg);
+        let budget_spent = policy.budget_spent(lp.start_step, done);
         let signalled = stop.load(std::sync::atomic::Ordering::SeqCst);
         let unfinished = done < total;
-        if unfinished && ((every > 0 && done.is_multiple_of(every)) || budget_spent || signalled) {
+        if unfinished && (policy.checkpoint_due(done) || budget_spent || signalled) {
             let best = best_step(&lp.tracker);
             bar.suspend(|| self.save_checkpoint(trainer, done, best, log))?;
         }
@@ -357,10 +351,8 @@ impl Run<'_> {
                 total,
             });
         }
-        let Some(e) = &cfg.eval else {
-            return Ok(false);
-        };
-        if !(e.every_steps > 0 && done.is_multiple_of(e.every_steps) && unfinished) {
+        // The end's evaluation comes after the loop, once.
+        if !(unfinished && policy.eval_due(done, total)) {
             return Ok(false);
         }
         let (m, stop_early) = bar.suspend(|| self.validate(trainer, done, log, &mut lp.tracker))?;
@@ -447,15 +439,15 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
         let text = String::from_utf8_lossy(&log.contents()?).into_owned();
         t.replay(&text, start_step).map_err(Error::Usage)?;
     }
-    let eval_before = match &cfg.eval {
-        Some(e) if e.at_start && start_step == 0 => {
-            let (m, _) = run.validate(&trainer, 0, &mut log, &mut tracker)?;
-            if let Some(m) = &m {
-                print_metrics("before training", m);
-            }
-            m
+    let policy = RunPolicy::new(cfg);
+    let eval_before = if policy.eval_before_training() && start_step == 0 {
+        let (m, _) = run.validate(&trainer, 0, &mut log, &mut tracker)?;
+        if let Some(m) = &m {
+            print_metrics("before training", m);
         }
-        _ => None,
+        m
+    } else {
+        None
     };
 
     let bar = Progress::new(
@@ -517,12 +509,13 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
     }
     let model_dir = out_dir.join("model");
     let best_dir = out_dir.join("model-best");
-    if cfg.eval.as_ref().is_some_and(|e| e.keep_best) && best_dir.is_dir() {
+    let outputs = policy.final_outputs();
+    if outputs.model_from_best && best_dir.is_dir() {
         crate::io::atomic::copy_dir(&best_dir, &model_dir)?;
     } else {
         trainer.state.save(&model_dir)?;
     }
-    if trainer.state.ema.is_some() {
+    if outputs.ema {
         trainer.state.save_ema(&out_dir.join("model-ema"))?;
     }
     run.save_checkpoint(&trainer, last, best_step(&tracker), &mut log)?;

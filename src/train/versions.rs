@@ -5,6 +5,7 @@
 //! rebuilds the same versions and the same plan.
 use super::build::plan_for;
 use super::plan::{GlobalBatch, RunPlan};
+use super::policy::RunPolicy;
 use super::task::{Task, TaskData, data_fingerprint};
 use crate::config::RunConfig;
 use crate::data::{LoadOptions, load_files};
@@ -58,13 +59,13 @@ impl TrainingData {
 
     /// The epoch that begins at step `step` when the run re-mines before it and has not yet.
     pub fn remine_due(&self, cfg: &RunConfig, step: u64) -> Option<usize> {
-        let every = cfg.train.remine_every_epochs? as usize;
         self.source.as_ref()?;
         if step >= self.plan.total_steps {
             return None;
         }
         let (e, pos) = self.plan.locate(step);
-        (pos == 0 && e > 0 && e.is_multiple_of(every) && !self.begins.contains(&e)).then_some(e)
+        (pos == 0 && RunPolicy::new(cfg).remines_before(e) && !self.begins.contains(&e))
+            .then_some(e)
     }
 
     /// Epochs from `epoch` on train on `tasks`, a new data version.
@@ -112,11 +113,11 @@ impl TrainingData {
     }
 
     fn next_due_at_or_before(&self, cfg: &RunConfig, step: u64) -> Option<usize> {
-        let every = cfg.train.remine_every_epochs? as usize;
+        let policy = RunPolicy::new(cfg);
         self.source.as_ref()?;
         (1..)
-            .map(|k| k * every)
             .take_while(|&e| self.plan.epoch_start(e).is_some_and(|s| s <= step))
+            .filter(|&e| policy.remines_before(e))
             .find(|e| !self.begins.contains(e))
     }
 }

@@ -45,6 +45,7 @@ use crate::train::build::{data_events, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
 use crate::train::nonfinite::Fate;
+use crate::train::policy::RunPolicy;
 use crate::train::task::load_tasks;
 use crate::train::validation::{Tracker, Verdict};
 use crate::train::versions::TrainingData;
@@ -792,11 +793,9 @@ impl Coordinator {
         generation: u64,
         step: u64,
     ) -> Option<EvalWork> {
-        let (set, e) = (self.eval_set.as_ref()?, self.cfg.eval.as_ref()?);
+        let set = self.eval_set.as_ref()?;
         let last = st.tracker.as_ref().and_then(|t| t.last);
-        if last.is_some_and(|l| l >= step)
-            || !evaluation::due(step, st.end, e.every_steps, e.at_start)
-        {
+        if last.is_some_and(|l| l >= step) || !RunPolicy::new(&self.cfg).eval_due(step, st.end) {
             return None;
         }
         let texts = set.queries.len() + set.corpus.len();
@@ -1110,7 +1109,7 @@ impl Coordinator {
             crate::io::atomic::copy_dir(&ema, &out.join("model-ema"))?;
         }
         let best = out.join("model-best");
-        if self.cfg.eval.as_ref().is_some_and(|e| e.keep_best) && best.is_dir() {
+        if RunPolicy::new(&self.cfg).final_outputs().model_from_best && best.is_dir() {
             crate::io::atomic::copy_dir(&best, model)?;
         }
         Ok(())

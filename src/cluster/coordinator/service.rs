@@ -16,6 +16,7 @@ use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::train::checkpoint;
 use crate::train::nonfinite::{Fate, verdict};
+use crate::train::policy::RunPolicy;
 
 /// The gRPC face of the coordinator.
 pub(super) struct Service(pub(super) Shared);
@@ -479,7 +480,7 @@ impl CoordinatorRpc for Service {
             )));
         }
         // Rank 0 checkpoints the state before this step when one is due and none exists yet.
-        let every = c.cfg.output.checkpoint_every_steps;
+        let policy = RunPolicy::new(&c.cfg);
         // So does the step of a new best evaluation: pruning spares it, and it becomes model-best/.
         let best_here = Coordinator::best_step(&st) == Some(req.step);
         // Before `train.mine` is done no step ran on the run's data: nothing to checkpoint.
@@ -490,7 +491,7 @@ impl CoordinatorRpc for Service {
             let mut reply = answer(StepStatus::Done, String::new());
             // The end of a checkpointed run gets a checkpoint too (as a single process does); so
             // does a run with a moving average, which reaches model-ema/ through it.
-            reply.checkpoint = checkpoint(&st, every > 0 || c.cfg.train.ema_decay.is_some());
+            reply.checkpoint = checkpoint(&st, policy.checkpoint_at_end());
             if reply.checkpoint {
                 st.checkpoint_asked = Some(req.step);
             }
@@ -521,7 +522,7 @@ impl CoordinatorRpc for Service {
             )));
         }
         let start = st.formation.as_ref().map_or(0, |f| f.start_step);
-        let due = every > 0 && req.step > start && req.step.is_multiple_of(every);
+        let due = req.step > start && policy.checkpoint_due(req.step);
         let checkpoint = checkpoint(&st, due);
         if checkpoint {
             st.checkpoint_asked = Some(req.step);
@@ -821,18 +822,16 @@ impl CoordinatorRpc for Service {
             let st = c.lock();
             (st.latest.clone(), st.committed)
         };
-        let ema = match c.cfg.train.ema_decay {
-            Some(_) => Some(
-                latest
-                    .filter(|(_, s)| s.step == steps)
-                    .map(|(p, _)| p.join("model-ema"))
-                    .ok_or_else(|| {
-                        Status::failed_precondition(
-                            "the final checkpoint (with model-ema/) is missing",
-                        )
-                    })?,
-            ),
-            None => None,
+        let ema = if RunPolicy::new(&c.cfg).final_outputs().ema {
+            let ema = latest
+                .filter(|(_, s)| s.step == steps)
+                .map(|(p, _)| p.join("model-ema"))
+                .ok_or_else(|| {
+                    Status::failed_precondition("the final checkpoint (with model-ema/) is missing")
+                })?;
+            Some(ema)
+        } else {
+            None
         };
         // Copying model directories is blocking work: off the async threads.
         let me = c.clone();
