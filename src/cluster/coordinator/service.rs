@@ -470,68 +470,65 @@ impl CoordinatorRpc for Service {
             )));
         }
         let rank = check_member(&st, req.generation, req.rank, &caller)?;
-        if committed != req.step {
-            return Ok(Response::new(answer(
+        let facts = StepFacts {
+            step: req.step,
+            committed,
+            end: st.end,
+            rank,
+            start: st.formation.as_ref().map_or(0, |f| f.start_step),
+            stopping: st.stop != Stop::Running,
+            shards_out: st.shards_out,
+            grow: st.grow,
+            checkpointed: st.latest_is(req.step),
+            mine_pending: st.mine_pending,
+            best_here: Coordinator::best_step(&st) == Some(req.step),
+        };
+        let decided = step_answer(&facts, &RunPolicy::new(&c.cfg));
+        if let StepAnswer::Done { checkpoint: true }
+        | StepAnswer::Stop { checkpoint: true }
+        | StepAnswer::Shard { checkpoint: true } = decided
+        {
+            st.checkpoint_asked = Some(req.step);
+        }
+        let reply = match decided {
+            StepAnswer::Behind => answer(
                 StepStatus::Rejoin,
                 format!(
                     "asked for step {}, but the run is at step {committed}",
                     req.step + 1
                 ),
-            )));
-        }
-        // Rank 0 checkpoints the state before this step when one is due and none exists yet.
-        let policy = RunPolicy::new(&c.cfg);
-        // So does the step of a new best evaluation: pruning spares it, and it becomes model-best/.
-        let best_here = Coordinator::best_step(&st) == Some(req.step);
-        // Before `train.mine` is done no step ran on the run's data: nothing to checkpoint.
-        let checkpoint = |st: &State, due: bool| {
-            rank == 0 && (due || best_here) && !st.latest_is(req.step) && !st.mine_pending
+            ),
+            StepAnswer::Done { checkpoint } => NextStepResponse {
+                checkpoint,
+                ..answer(StepStatus::Done, String::new())
+            },
+            StepAnswer::Stop { checkpoint } => {
+                if let Some(told) = st.stop_told.get_mut(rank) {
+                    *told = true;
+                }
+                c.settle_stop(&mut st);
+                drop(st);
+                c.notify();
+                NextStepResponse {
+                    checkpoint,
+                    ..answer(StepStatus::Stop, "the coordinator was asked to stop".into())
+                }
+            }
+            StepAnswer::Grow => {
+                c.end_generation(&mut st, "a worker waits to join: growing the ring".into());
+                drop(st);
+                c.notify();
+                answer(StepStatus::Rejoin, "growing the ring".into())
+            }
+            StepAnswer::Shard { checkpoint } => {
+                st.step_started.get_or_insert_with(Instant::now);
+                st.shards_out = true;
+                let world = st.ring.len();
+                drop(st);
+                c.shard(rank, world, req.step, checkpoint)
+            }
         };
-        if req.step >= st.end {
-            let mut reply = answer(StepStatus::Done, String::new());
-            // The end of a checkpointed run gets a checkpoint too (as a single process does); so
-            // does a run with a moving average, which reaches model-ema/ through it.
-            reply.checkpoint = checkpoint(&st, policy.checkpoint_at_end());
-            if reply.checkpoint {
-                st.checkpoint_asked = Some(req.step);
-            }
-            return Ok(Response::new(reply));
-        }
-        // A stop takes effect at the first step no member was handed yet.
-        if st.stop != Stop::Running && !st.shards_out {
-            let mut reply = answer(StepStatus::Stop, "the coordinator was asked to stop".into());
-            reply.checkpoint = checkpoint(&st, true);
-            if reply.checkpoint {
-                st.checkpoint_asked = Some(req.step);
-            }
-            if let Some(told) = st.stop_told.get_mut(rank) {
-                *told = true;
-            }
-            c.settle_stop(&mut st);
-            drop(st);
-            c.notify();
-            return Ok(Response::new(reply));
-        }
-        if st.grow {
-            c.end_generation(&mut st, "a worker waits to join: growing the ring".into());
-            drop(st);
-            c.notify();
-            return Ok(Response::new(answer(
-                StepStatus::Rejoin,
-                "growing the ring".into(),
-            )));
-        }
-        let start = st.formation.as_ref().map_or(0, |f| f.start_step);
-        let due = req.step > start && policy.checkpoint_due(req.step);
-        let checkpoint = checkpoint(&st, due);
-        if checkpoint {
-            st.checkpoint_asked = Some(req.step);
-        }
-        st.step_started.get_or_insert_with(Instant::now);
-        st.shards_out = true;
-        let world = st.ring.len();
-        drop(st);
-        Ok(Response::new(c.shard(rank, world, req.step, checkpoint)))
+        Ok(Response::new(reply))
     }
 
     async fn commit(
@@ -850,5 +847,248 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(UploadModelResponse {
             saved_to: target.display().to_string(),
         }))
+    }
+}
+
+/// What `NextStep` knows once the step before is committed and any validation is done: the
+/// facts its answer depends on, read from the state under its lock.
+#[derive(Debug, Clone, Copy)]
+struct StepFacts {
+    /// The step asked for (steps done before it).
+    step: u64,
+    /// Steps the run has committed.
+    committed: u64,
+    /// The step the run ends at.
+    end: u64,
+    /// The caller's rank in the live ring.
+    rank: usize,
+    /// The step the live ring started at.
+    start: u64,
+    /// A stop was asked for.
+    stopping: bool,
+    /// Some member was already handed this step's shard.
+    shards_out: bool,
+    /// A worker waits to join: the ring should grow.
+    grow: bool,
+    /// A checkpoint of this step exists.
+    checkpointed: bool,
+    /// `train.mine` has not finished: no step ran on the run's data yet.
+    mine_pending: bool,
+    /// This step is the best evaluation's.
+    best_here: bool,
+}
+
+/// `NextStep`'s answer; `checkpoint` asks rank 0 to checkpoint the state before the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepAnswer {
+    /// The caller asked for another step than the run is at.
+    Behind,
+    /// The run is over.
+    Done { checkpoint: bool },
+    /// A stop takes effect here.
+    Stop { checkpoint: bool },
+    /// End the generation so the waiting worker joins.
+    Grow,
+    /// Train the step: the caller's shard.
+    Shard { checkpoint: bool },
+}
+
+/// The pure decision of `NextStep`. Rank 0 checkpoints the state before a step when one is due
+/// (the policy's period, the end of a checkpointed or averaged run, a stop) or the step is the
+/// best evaluation's, unless one exists already or no step has run on the run's data yet. A
+/// stop takes effect at the first step no member was handed yet, so a step handed out is
+/// finished by every member first.
+fn step_answer(f: &StepFacts, policy: &RunPolicy) -> StepAnswer {
+    let checkpoint =
+        |due: bool| f.rank == 0 && (due || f.best_here) && !f.checkpointed && !f.mine_pending;
+    if f.committed != f.step {
+        StepAnswer::Behind
+    } else if f.step >= f.end {
+        StepAnswer::Done {
+            checkpoint: checkpoint(policy.checkpoint_at_end()),
+        }
+    } else if f.stopping && !f.shards_out {
+        StepAnswer::Stop {
+            checkpoint: checkpoint(true),
+        }
+    } else if f.grow {
+        StepAnswer::Grow
+    } else {
+        StepAnswer::Shard {
+            checkpoint: checkpoint(f.step > f.start && policy.checkpoint_due(f.step)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A policy checkpointing every `every` steps (with a moving average when `ema`).
+    fn policy(every: u64, ema: bool) -> RunPolicy {
+        let mut text = format!("[output]\ndir = \"out\"\ncheckpoint_every_steps = {every}\n");
+        if ema {
+            text.push_str("[train]\nema_decay = 0.999\n");
+        }
+        RunPolicy::new(&toml::from_str(&text).unwrap())
+    }
+
+    /// Rank 0 asking for step 4 of a 10-step run on a ring started at step 0, nothing pending.
+    fn at(step: u64) -> StepFacts {
+        StepFacts {
+            step,
+            committed: step,
+            end: 10,
+            rank: 0,
+            start: 0,
+            stopping: false,
+            shards_out: false,
+            grow: false,
+            checkpointed: false,
+            mine_pending: false,
+            best_here: false,
+        }
+    }
+
+    #[test]
+    fn next_step_answers_every_case() {
+        use StepAnswer::*;
+        let p = policy(2, false);
+        let table: Vec<(&str, StepFacts, RunPolicy, StepAnswer)> = vec![
+            (
+                "a step off the period",
+                at(3),
+                p,
+                Shard { checkpoint: false },
+            ),
+            ("a step on the period", at(4), p, Shard { checkpoint: true }),
+            (
+                "only rank 0 checkpoints",
+                StepFacts { rank: 1, ..at(4) },
+                p,
+                Shard { checkpoint: false },
+            ),
+            (
+                "not twice",
+                StepFacts {
+                    checkpointed: true,
+                    ..at(4)
+                },
+                p,
+                Shard { checkpoint: false },
+            ),
+            (
+                "not the ring's first step",
+                StepFacts { start: 4, ..at(4) },
+                p,
+                Shard { checkpoint: false },
+            ),
+            (
+                "not before train.mine is done",
+                StepFacts {
+                    mine_pending: true,
+                    ..at(4)
+                },
+                p,
+                Shard { checkpoint: false },
+            ),
+            (
+                "the best evaluation's step",
+                StepFacts {
+                    best_here: true,
+                    ..at(3)
+                },
+                p,
+                Shard { checkpoint: true },
+            ),
+            (
+                "a caller behind the run",
+                StepFacts {
+                    committed: 5,
+                    ..at(4)
+                },
+                p,
+                Behind,
+            ),
+            (
+                "the end of a checkpointed run",
+                at(10),
+                p,
+                Done { checkpoint: true },
+            ),
+            (
+                "the end without checkpoints",
+                at(10),
+                policy(0, false),
+                Done { checkpoint: false },
+            ),
+            (
+                "the end of an averaged run",
+                at(10),
+                policy(0, true),
+                Done { checkpoint: true },
+            ),
+            (
+                "a stop before any shard",
+                StepFacts {
+                    stopping: true,
+                    ..at(3)
+                },
+                policy(0, false),
+                Stop { checkpoint: true },
+            ),
+            // The race already found: a stop after the step was handed out lets it finish first.
+            (
+                "a stop after a shard went out",
+                StepFacts {
+                    stopping: true,
+                    shards_out: true,
+                    ..at(3)
+                },
+                p,
+                Shard { checkpoint: false },
+            ),
+            (
+                "a stop at the end is the end",
+                StepFacts {
+                    stopping: true,
+                    ..at(10)
+                },
+                p,
+                Done { checkpoint: true },
+            ),
+            (
+                "a joiner waiting",
+                StepFacts {
+                    grow: true,
+                    ..at(3)
+                },
+                p,
+                Grow,
+            ),
+            (
+                "a stop wins over growing",
+                StepFacts {
+                    grow: true,
+                    stopping: true,
+                    ..at(3)
+                },
+                p,
+                Stop { checkpoint: true },
+            ),
+            (
+                "a joiner waiting, a shard out",
+                StepFacts {
+                    grow: true,
+                    shards_out: true,
+                    ..at(3)
+                },
+                p,
+                Grow,
+            ),
+        ];
+        for (case, facts, policy, want) in table {
+            assert_eq!(step_answer(&facts, &policy), want, "{case}");
+        }
     }
 }
