@@ -294,7 +294,8 @@ pub struct TrainConfig {
     /// Continue from a checkpoint: "latest" (the newest valid one in output.dir/checkpoints) or a path.
     pub resume: Option<String>,
     /// Stop cleanly (with a checkpoint) after this many steps in this invocation, while the
-    /// schedule still spans the whole run: for jobs with a time limit (0 = run to the end).
+    /// schedule still spans the whole run: for jobs with a time limit (0 = run to the end). One
+    /// process or a cluster alike (`train::policy`).
     pub stop_after_steps: u64,
     /// GradCache: rows per forward pass *with* autograd (0 = off). The global batch is embedded
     /// without autograd first, the loss gives the gradient of every embedding, then each

@@ -583,6 +583,57 @@ fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
     common::assert_same_run(&full, &on_two, "resumed on two workers", &[]);
 }
 
+#[test]
+fn a_cluster_stopped_after_n_steps_as_asked_resumes_exactly() {
+    let _serial = serial();
+    let extra = [
+        "train.batch_size=6",
+        "train.max_steps=9",
+        "train.micro_batch=2",
+    ];
+    let (dir, model, cfg, full) = reference_run(&extra, "2");
+    // train.stop_after_steps stops the cluster as it stops one process: a checkpoint of step 4,
+    // a success, and a resume that ends exactly where the uninterrupted run ends.
+    let part = dir.path().join("part");
+    let stopped = run(
+        "launch",
+        &cfg,
+        &sets(
+            &model,
+            &part,
+            &[&extra[..], &["train.stop_after_steps=4"]].concat(),
+        ),
+        &["--workers", "2"],
+    );
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    assert_eq!(losses(&part).len(), 4);
+    assert!(
+        part.join("checkpoints")
+            .join(multipos::train::checkpoint::name(4))
+            .is_dir(),
+        "the stop wrote the checkpoint of step 4"
+    );
+    assert!(
+        !part.join("model").exists(),
+        "no final model before the end"
+    );
+    launch_ok(
+        &cfg,
+        &sets(&model, &part, &extra),
+        &["--workers", "2", "--resume"],
+    );
+    assert_eq!(common::resumed_from(&part), vec![4]);
+    assert_eq!(common::losses_by_step(&full), common::losses_by_step(&part));
+    assert!(
+        same_bytes(&full, &part),
+        "the resumed model equals the uninterrupted one"
+    );
+}
+
 /// A `multipos launch` in the background, its stderr collected.
 struct Background {
     child: std::process::Child,

@@ -187,13 +187,30 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         println!("{ANNOUNCE}{addr}");
         let mut signals = Signals::new()?;
         let stop = async move { signals.recv().await };
+        let coord_steps = coord.total_steps();
         match coord.serve(listener, token, stop).await? {
             Outcome::Finished { steps, model_dir } => {
                 // Whoever read our announcement may be gone; the run's result is on disk either way.
                 let _ = writeln!(std::io::stdout(), "finished {steps} steps; model: {}", model_dir.display());
                 Ok(())
             }
-            Outcome::Stopped { steps, checkpoint } => match checkpoint {
+            Outcome::Stopped {
+                steps,
+                checkpoint: Some(path),
+                as_asked: true,
+            } => {
+                // A stop the config asked for is a success, as in `multipos train`.
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "stopped after {steps} of {} steps as asked (train.stop_after_steps); checkpoint {}; continue with --resume",
+                    coord_steps,
+                    path.display()
+                );
+                Ok(())
+            }
+            Outcome::Stopped {
+                steps, checkpoint, ..
+            } => match checkpoint {
                 Some(path) => bail!(
                     "stopped by a signal after {steps} steps; checkpoint {}; continue with --resume",
                     path.display()

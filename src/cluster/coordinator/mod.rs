@@ -86,6 +86,8 @@ struct State {
     aborted: Option<String>,
     model_saved: bool,
     stop: Stop,
+    /// The stop is the one `train.stop_after_steps` asked for, not a signal's.
+    stop_as_asked: bool,
     /// Ranks told to stop.
     stop_told: Vec<bool>,
     /// When the stop was asked for.
@@ -147,10 +149,12 @@ pub enum Outcome {
         steps: u64,
         model_dir: PathBuf,
     },
-    /// Stopped as asked after `steps` steps, with the checkpoint to resume from.
+    /// Stopped after `steps` steps, with the checkpoint to resume from: by a signal, or as the
+    /// config asked (`train.stop_after_steps`: `as_asked`).
     Stopped {
         steps: u64,
         checkpoint: Option<PathBuf>,
+        as_asked: bool,
     },
     Aborted(String),
 }
@@ -182,6 +186,9 @@ pub struct Coordinator {
     progress: Progress,
     metrics: Metrics,
     eval_set: Option<IrDataset>,
+    /// The step this invocation started at (where it resumed): `train.stop_after_steps` counts
+    /// from here.
+    start_step: u64,
 }
 
 type Shared = Arc<Coordinator>;
@@ -305,6 +312,7 @@ impl Coordinator {
             aborted: None,
             model_saved: false,
             stop: Stop::Running,
+            stop_as_asked: false,
             stop_told: Vec::new(),
             stop_asked: None,
             step_started: None,
@@ -337,6 +345,7 @@ impl Coordinator {
             started: Instant::now(),
             progress,
             metrics,
+            start_step,
             cfg,
         }))
     }
@@ -377,18 +386,38 @@ impl Coordinator {
     /// Asks for a graceful stop: the open step finishes, rank 0 checkpoints, every worker exits.
     pub fn request_stop(&self) {
         let mut st = self.lock();
+        self.begin_stop(
+            &mut st,
+            "stopping: finishing the open step and writing a checkpoint",
+        );
+        drop(st);
+        self.notify();
+    }
+
+    /// Starts a graceful stop (once), saying `why` in the log; the caller notifies.
+    fn begin_stop(&self, st: &mut State, why: &str) {
         if st.stop == Stop::Running {
-            tracing::warn!(
-                step = st.committed,
-                "stopping: finishing the open step and writing a checkpoint"
-            );
+            tracing::warn!(step = st.committed, "{why}");
             st.stop = Stop::Requested;
             st.stop_told = vec![false; st.ring.len()];
             st.stop_asked = Some(Instant::now());
-            self.settle_stop(&mut st);
+            self.settle_stop(st);
         }
-        drop(st);
-        self.notify();
+    }
+
+    /// After step `committed` is committed: stops the run when `train.stop_after_steps` steps of
+    /// this invocation are done and steps remain (the run policy decides).
+    fn stop_if_budget_spent(&self, st: &mut State) {
+        if st.committed < st.end
+            && RunPolicy::new(&self.cfg).budget_spent(self.start_step, st.committed)
+            && st.stop == Stop::Running
+        {
+            st.stop_as_asked = true;
+            self.begin_stop(
+                st,
+                "train.stop_after_steps reached: writing a checkpoint to resume from",
+            );
+        }
     }
 
     /// Ends the current generation: its open step is applied nowhere, and its live members join
@@ -725,6 +754,7 @@ impl Coordinator {
                 model_dir: self.cfg.output.dir.join("model"),
             },
             (None, false) => Outcome::Stopped {
+                as_asked: st.stop_as_asked,
                 steps: st.committed,
                 checkpoint: st
                     .latest

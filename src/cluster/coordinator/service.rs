@@ -586,6 +586,7 @@ impl CoordinatorRpc for Service {
                 st.committed += 1;
                 st.step_started = None;
                 st.shards_out = false;
+                c.stop_if_budget_spent(&mut st);
                 if let Fate::Skip(_) = fate {
                     st.skipped_in_a_row += 1;
                     st.last_skipped = Some(step);
