@@ -592,12 +592,14 @@ async fn heartbeat_on(
 #[test]
 fn wrong_guesses_never_lock_out_the_right_token_and_are_logged_once_a_window() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
-    let mut child = command("coordinator", &model, &dir.path().join("run"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = common::announced_address(&mut child);
+    let mut child = common::Reaped::new(
+        command("coordinator", &model, &dir.path().join("run"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = common::announced_address(child.child());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let guesser = "127.0.0.2";
@@ -639,6 +641,7 @@ fn wrong_guesses_never_lock_out_the_right_token_and_are_logged_once_a_window() {
             "the right token ({right:?}) was held like a wrong one (slowest {slowest:?})"
         );
     });
+    let mut child = child.into_inner();
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);

@@ -273,6 +273,64 @@ enum Ending {
 
 /// Runs the whole local cluster; Ok only when the coordinator finished the run.
 pub async fn launch(opts: LaunchOptions) -> Result<()> {
+    let (starter, console, mut rx) = prepare(&opts)?;
+    let mut run = Running {
+        coordinator: starter.coordinator(&[])?,
+        handles: (0..starter.cfg.cluster.workers).map(|_| None).collect(),
+        address: None,
+        running: 1,
+        restarts: 0,
+        ending: None,
+        starter,
+        console,
+    };
+    let mut signals = super::signals::Signals::new()?;
+    let mut signalled = false;
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = signals.recv() => {
+                run.signal(signalled);
+                signalled = true;
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        match event {
+            Event::Line(Role::Coordinator, line) if line.starts_with(ANNOUNCE) => {
+                run.announced(line[ANNOUNCE.len()..].trim())?;
+            }
+            Event::Line(role, line) => run.console.child(role, &line),
+            Event::Exited(role, status) => {
+                run.running -= 1;
+                let ok = matches!(&status, Ok(s) if s.success());
+                let how = match &status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                match role {
+                    Role::Coordinator => run.coordinator_exited(ok, &how)?,
+                    Role::Worker(rank) => run.worker_exited(rank, ok, &how)?,
+                }
+                if run.running == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    match run.ending {
+        Some(Ending::Finished) => Ok(()),
+        Some(Ending::Interrupted) => Err(Error::Interrupted(
+            "stopped by a signal; continue with --resume".into(),
+        )),
+        Some(Ending::Failed(why)) => Err(Error::Usage(why)),
+        None => Err(Error::Usage("the coordinator never started".into())),
+    }
+}
+
+/// The launch's config, token, console and process starter, and the channel its children's
+/// events arrive on.
+fn prepare(opts: &LaunchOptions) -> Result<(Starter, Console, mpsc::UnboundedReceiver<Event>)> {
     let mut sets = opts.sets.clone();
     if let Some(n) = opts.workers {
         sets.push(format!("cluster.workers={n}"));
@@ -302,7 +360,7 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
         opts.progress.every.as_secs().max(1).to_string(),
     ];
     let workers = cfg.cluster.workers;
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let starter = Starter {
         exe: std::env::current_exe().map_err(Error::io("locate", "the multipos executable"))?,
         config: opts.config.clone(),
@@ -318,147 +376,142 @@ pub async fn launch(opts: LaunchOptions) -> Result<()> {
         events: tx,
         cfg,
     };
-    let mut coordinator = starter.coordinator(&[])?;
-    let mut handles: Vec<Option<Handle>> = (0..workers).map(|_| None).collect();
-    let mut address: Option<String> = None;
-    let mut running = 1usize;
-    let mut restarts = 0usize;
-    let mut ending: Option<Ending> = None;
-    let mut signals = super::signals::Signals::new()?;
-    let mut signalled = false;
-    loop {
-        let event = tokio::select! {
-            e = rx.recv() => e,
-            _ = signals.recv() => {
-                if signalled {
-                    console.note("second signal: killing every process");
-                    coordinator.kill();
-                    for h in handles.iter_mut().flatten() {
-                        h.kill();
-                    }
-                } else {
-                    console.note("stopping: the coordinator checkpoints and stops the workers");
-                    coordinator.terminate();
-                }
-                signalled = true;
-                ending = Some(Ending::Interrupted);
-                continue;
+    Ok((starter, console, rx))
+}
+
+/// The processes of a launch and how it is ending.
+struct Running {
+    starter: Starter,
+    console: Console,
+    coordinator: Handle,
+    handles: Vec<Option<Handle>>,
+    /// The coordinator's address, once it announced it.
+    address: Option<String>,
+    /// Children not yet exited.
+    running: usize,
+    restarts: usize,
+    ending: Option<Ending>,
+}
+
+impl Running {
+    /// A first signal stops the run gracefully (the coordinator checkpoints); a second kills.
+    fn signal(&mut self, again: bool) {
+        if again {
+            self.console.note("second signal: killing every process");
+            self.coordinator.kill();
+            for h in self.handles.iter_mut().flatten() {
+                h.kill();
             }
-        };
-        let Some(event) = event else { break };
-        match event {
-            Event::Line(Role::Coordinator, line) if line.starts_with(ANNOUNCE) => {
-                if address.is_none() {
-                    let addr = line[ANNOUNCE.len()..].trim().to_string();
-                    for (rank, h) in handles.iter_mut().enumerate() {
-                        *h = Some(starter.worker(rank, &addr)?);
-                        running += 1;
-                    }
-                    if let Some(bar) = &console.bar {
-                        let token = Token::new(&starter.token).map_err(Error::Usage)?;
-                        let tls = starter
-                            .cfg
-                            .cluster
-                            .tls
-                            .as_ref()
-                            .map(Tls::load)
-                            .transpose()?;
-                        tokio::spawn(watch(addr.clone(), token, tls, bar.clone()));
-                    }
-                    address = Some(addr);
+        } else {
+            self.console
+                .note("stopping: the coordinator checkpoints and stops the workers");
+            self.coordinator.terminate();
+        }
+        self.ending = Some(Ending::Interrupted);
+    }
+
+    /// The coordinator listens at `addr`: the first time, start the workers (and the bar's
+    /// watcher).
+    fn announced(&mut self, addr: &str) -> Result<()> {
+        if self.address.is_some() {
+            return Ok(());
+        }
+        for (rank, h) in self.handles.iter_mut().enumerate() {
+            *h = Some(self.starter.worker(rank, addr)?);
+            self.running += 1;
+        }
+        if let Some(bar) = &self.console.bar {
+            let token = Token::new(&self.starter.token).map_err(Error::Usage)?;
+            let tls = self
+                .starter
+                .cfg
+                .cluster
+                .tls
+                .as_ref()
+                .map(Tls::load)
+                .transpose()?;
+            tokio::spawn(watch(addr.to_string(), token, tls, bar.clone()));
+        }
+        self.address = Some(addr.to_string());
+        Ok(())
+    }
+
+    /// The coordinator exited: the run is over, or it is restarted with `--resume` (within
+    /// `cluster.max_restarts`), or the launch fails.
+    fn coordinator_exited(&mut self, ok: bool, how: &str) -> Result<()> {
+        if ok {
+            self.ending.get_or_insert(Ending::Finished);
+            // Workers exit on their own once the run is done; give them a moment.
+            let stragglers: Vec<Handle> =
+                self.handles.iter_mut().filter_map(Option::take).collect();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                for mut h in stragglers {
+                    h.kill();
                 }
-            }
-            Event::Line(role, line) => console.child(role, &line),
-            Event::Exited(role, status) => {
-                running -= 1;
-                let ok = matches!(&status, Ok(s) if s.success());
-                let how = match &status {
-                    Ok(s) => s.to_string(),
-                    Err(e) => e.to_string(),
-                };
-                match role {
-                    Role::Coordinator if ok => {
-                        ending.get_or_insert(Ending::Finished);
-                        // Workers exit on their own once the run is done; give them a moment.
-                        let stragglers: Vec<Handle> =
-                            handles.iter_mut().filter_map(Option::take).collect();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_secs(30)).await;
-                            for mut h in stragglers {
-                                h.kill();
-                            }
-                        });
-                    }
-                    Role::Coordinator => {
-                        if ending.is_none()
-                            && restarts < starter.cfg.cluster.max_restarts
-                            && let Some(addr) = &address
-                        {
-                            restarts += 1;
-                            console.note(format!(
-                                "the coordinator failed ({how}): restarting it with --resume on {addr} (restart {restarts} of {})",
-                                starter.cfg.cluster.max_restarts
-                            ));
-                            coordinator = starter.coordinator(&[
-                                "train.resume=\"latest\"".into(),
-                                format!("cluster.bind=\"{addr}\""),
-                            ])?;
-                            running += 1;
-                            continue;
-                        }
-                        if ending.is_none() {
-                            console.note(format!(
-                                "the coordinator failed ({how}): stopping the workers"
-                            ));
-                            ending =
-                                Some(Ending::Failed(format!("the coordinator failed ({how})")));
-                        }
-                        for h in handles.iter_mut().flatten() {
-                            h.kill();
-                        }
-                    }
-                    Role::Worker(rank) => {
-                        handles[rank] = None;
-                        if ok || ending.is_some() {
-                            // Done, stopped, or the launch is ending anyway.
-                        } else if restarts < starter.cfg.cluster.max_restarts
-                            && let Some(addr) = &address
-                        {
-                            restarts += 1;
-                            console.note(format!(
-                                "worker {rank} failed ({how}): starting a replacement (restart {restarts} of {})",
-                                starter.cfg.cluster.max_restarts
-                            ));
-                            handles[rank] = Some(starter.worker(rank, addr)?);
-                            running += 1;
-                        } else if starter.cfg.cluster.min_workers() < workers {
-                            console.note(format!(
-                                "worker {rank} failed ({how}): the run goes on with fewer workers"
-                            ));
-                        } else {
-                            console.note(format!(
-                                "worker {rank} failed ({how}): stopping the other processes"
-                            ));
-                            ending = Some(Ending::Failed(format!("worker {rank} failed ({how})")));
-                            coordinator.kill();
-                            for h in handles.iter_mut().flatten() {
-                                h.kill();
-                            }
-                        }
-                    }
-                }
-                if running == 0 {
-                    break;
-                }
+            });
+            return Ok(());
+        }
+        let max = self.starter.cfg.cluster.max_restarts;
+        if self.ending.is_none()
+            && self.restarts < max
+            && let Some(addr) = &self.address
+        {
+            self.restarts += 1;
+            self.console.note(format!(
+                "the coordinator failed ({how}): restarting it with --resume on {addr} (restart {} of {max})",
+                self.restarts
+            ));
+            self.coordinator = self.starter.coordinator(&[
+                "train.resume=\"latest\"".into(),
+                format!("cluster.bind=\"{addr}\""),
+            ])?;
+            self.running += 1;
+            return Ok(());
+        }
+        if self.ending.is_none() {
+            self.console.note(format!(
+                "the coordinator failed ({how}): stopping the workers"
+            ));
+            self.ending = Some(Ending::Failed(format!("the coordinator failed ({how})")));
+        }
+        for h in self.handles.iter_mut().flatten() {
+            h.kill();
+        }
+        Ok(())
+    }
+
+    /// Worker `rank` exited: done, replaced (within `cluster.max_restarts`), left behind (the
+    /// ring may shrink), or the launch fails.
+    fn worker_exited(&mut self, rank: usize, ok: bool, how: &str) -> Result<()> {
+        self.handles[rank] = None;
+        let max = self.starter.cfg.cluster.max_restarts;
+        if ok || self.ending.is_some() {
+            // Done, stopped, or the launch is ending anyway.
+        } else if self.restarts < max
+            && let Some(addr) = &self.address
+        {
+            self.restarts += 1;
+            self.console.note(format!(
+                "worker {rank} failed ({how}): starting a replacement (restart {} of {max})",
+                self.restarts
+            ));
+            self.handles[rank] = Some(self.starter.worker(rank, addr)?);
+            self.running += 1;
+        } else if self.starter.cfg.cluster.min_workers() < self.handles.len() {
+            self.console.note(format!(
+                "worker {rank} failed ({how}): the run goes on with fewer workers"
+            ));
+        } else {
+            self.console.note(format!(
+                "worker {rank} failed ({how}): stopping the other processes"
+            ));
+            self.ending = Some(Ending::Failed(format!("worker {rank} failed ({how})")));
+            self.coordinator.kill();
+            for h in self.handles.iter_mut().flatten() {
+                h.kill();
             }
         }
-    }
-    match ending {
-        Some(Ending::Finished) => Ok(()),
-        Some(Ending::Interrupted) => Err(Error::Interrupted(
-            "stopped by a signal; continue with --resume".into(),
-        )),
-        Some(Ending::Failed(why)) => Err(Error::Usage(why)),
-        None => Err(Error::Usage("the coordinator never started".into())),
+        Ok(())
     }
 }

@@ -1,12 +1,8 @@
 //! The cluster: a coordinator (control plane) and workers (compute and the data-plane ring),
 //! connected over authenticated gRPC; `launch` runs a whole local cluster from one config.
 pub mod coordinator;
-pub mod evaluation;
 pub mod files;
 pub mod launch;
-pub mod membership;
-pub mod metrics;
-pub mod mining;
 pub mod peer;
 pub mod ring;
 pub mod signals;

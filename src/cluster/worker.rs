@@ -807,10 +807,10 @@ async fn report_eval(
     timeout: Duration,
 ) -> Result<(), Interrupt> {
     let n = next.eval_texts.len();
-    if n == 0 || n > super::evaluation::MAX_PAGE {
+    if n == 0 || n > super::coordinator::evaluation::MAX_PAGE {
         return Err(Interrupt::Fatal(Error::Protocol(format!(
             "the coordinator sent a validation page of {n} texts (1 to {} expected)",
-            super::evaluation::MAX_PAGE
+            super::coordinator::evaluation::MAX_PAGE
         ))));
     }
     let batch_size = if next.mine {

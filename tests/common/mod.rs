@@ -356,3 +356,32 @@ pub fn tiny_config_sets(model: &Path, out: &Path) -> Vec<String> {
         "eval.at_start=false".into(),
     ]
 }
+
+/// A child process killed when dropped: a test that fails leaves none behind.
+pub struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    /// Takes care of `child`.
+    pub fn new(child: std::process::Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The child, while it runs.
+    pub fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("not yet handed back")
+    }
+
+    /// The child back, to wait for it normally.
+    pub fn into_inner(mut self) -> std::process::Child {
+        self.0.take().expect("not yet handed back")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -20,15 +20,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
 
+pub(crate) mod evaluation;
 mod journal;
+mod membership;
+mod metrics;
+mod mining;
 mod service;
 
 use self::journal::{Journal, Log};
-use super::evaluation::{self, Round};
 use super::files::model_fingerprint;
-use super::membership::{self, Formation, Member};
-use super::mining::{MineJob, placeholder};
-use crate::cluster::metrics::{Metrics, StepTimes};
 use crate::config::MineOn;
 use crate::config::RunConfig;
 use crate::data::text::{hash_normalized, normalize};
@@ -49,6 +49,10 @@ use crate::train::policy::RunPolicy;
 use crate::train::task::load_tasks;
 use crate::train::validation::{Tracker, Verdict};
 use crate::train::versions::TrainingData;
+use evaluation::Round;
+use membership::{Formation, Member};
+use metrics::{Metrics, StepTimes};
+use mining::{MineJob, placeholder};
 
 /// Concurrent calls one connection may have open at the coordinator.
 const MAX_STREAMS_PER_CONNECTION: u32 = 32;
