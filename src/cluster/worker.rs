@@ -262,31 +262,7 @@ async fn generation(
     let mut client: Client =
         CoordinatorClient::with_interceptor(channel.clone(), node.credential.attach())
             .max_decoding_message_size(256 << 20);
-    let joined = client
-        .join(with_deadline(
-            JoinRequest {
-                worker_id: node.worker_id.clone(),
-                rank: node.opts.rank.map_or(-1, |r| r as i32),
-                peer_address: node.peer_address.clone(),
-                model_fingerprint: node.fingerprint.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                state_step: replica.as_ref().map_or(0, |r| r.applied),
-                run_fingerprint: replica
-                    .as_ref()
-                    .map(|r| checkpoint::run_fingerprint(&r.cfg, &r.data_fingerprint))
-                    .unwrap_or_default(),
-                reason: reason.into(),
-            },
-            TRANSFER_DEADLINE,
-        ))
-        .await
-        .map_err(rpc_err("join"))?
-        .into_inner();
-    check_join(&joined).map_err(|e| {
-        Interrupt::Fatal(Error::Protocol(format!(
-            "the coordinator's answer to join is unusable: {e}"
-        )))
-    })?;
+    let joined = join(node, replica.as_ref(), reason, &mut client).await?;
     // From now on every call proves this worker's membership with its ring key.
     let attach = node
         .credential
@@ -309,42 +285,7 @@ async fn generation(
         broken_tx,
     )));
 
-    // The data changed before the first step (`train.mine` on the workers): build the replica
-    // again for the run's real length and data.
-    if replica.as_ref().is_some_and(|r| {
-        r.applied == 0
-            && (r.total_steps != joined.total_steps
-                || r.data_fingerprint != joined.data_fingerprint)
-    }) {
-        *replica = None;
-    }
-    // Re-mined data planned anew (`train.remine_every_epochs`) can change the run's length: the
-    // learning-rate schedule follows, as in one process.
-    if let Some(r) = replica.as_mut()
-        && r.total_steps != joined.total_steps
-    {
-        r.trainer.schedule.total = joined.total_steps;
-        r.total_steps = joined.total_steps;
-    }
-    if replica.is_none() {
-        *replica = Some(load_replica(node, &mut client, &joined).await?);
-    }
-    let replica = replica.as_mut().expect("loaded above");
-    if joined.heal {
-        // A donor that dies meanwhile ends the generation: stop waiting for it then.
-        let mut waiting = broken.clone();
-        if joined.heal_from.is_empty() {
-            unless_broken(&mut waiting, heal(&mut client, replica, joined.start_step)).await?;
-        } else {
-            unless_broken(&mut waiting, heal_from_peer(node, replica, &joined)).await?;
-        }
-    }
-    if replica.applied != joined.start_step {
-        return Err(Interrupt::Fatal(Error::Protocol(format!(
-            "the coordinator starts at step {} but this replica holds step {}",
-            joined.start_step, replica.applied
-        ))));
-    }
+    let replica = up_to_date(node, replica, &mut client, &joined, &broken).await?;
     // A donor publishes its state until the ring's first step commits (the healers have it then).
     node.state.send_replace(joined.serve_state.then(|| {
         Arc::new(super::state::snapshot(
@@ -381,6 +322,88 @@ async fn generation(
     .await;
     drop(heartbeat);
     result
+}
+
+/// Asks the coordinator to join (as the replica it holds, if any) and checks its answer.
+async fn join(
+    node: &Node,
+    replica: Option<&Replica>,
+    reason: &str,
+    client: &mut Client,
+) -> Result<JoinResponse, Interrupt> {
+    let joined = client
+        .join(with_deadline(
+            JoinRequest {
+                worker_id: node.worker_id.clone(),
+                rank: node.opts.rank.map_or(-1, |r| r as i32),
+                peer_address: node.peer_address.clone(),
+                model_fingerprint: node.fingerprint.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                state_step: replica.map_or(0, |r| r.applied),
+                run_fingerprint: replica
+                    .map(|r| checkpoint::run_fingerprint(&r.cfg, &r.data_fingerprint))
+                    .unwrap_or_default(),
+                reason: reason.into(),
+            },
+            TRANSFER_DEADLINE,
+        ))
+        .await
+        .map_err(rpc_err("join"))?
+        .into_inner();
+    check_join(&joined).map_err(|e| {
+        Interrupt::Fatal(Error::Protocol(format!(
+            "the coordinator's answer to join is unusable: {e}"
+        )))
+    })?;
+    Ok(joined)
+}
+
+/// The replica brought to the generation's start: rebuilt when the run's data changed before
+/// its first step, loaded when missing, healed when behind; refused when it still disagrees.
+async fn up_to_date<'r>(
+    node: &Node,
+    replica: &'r mut Option<Replica>,
+    client: &mut Client,
+    joined: &JoinResponse,
+    broken: &watch::Receiver<Option<String>>,
+) -> Result<&'r mut Replica, Interrupt> {
+    // The data changed before the first step (`train.mine` on the workers): build the replica
+    // again for the run's real length and data.
+    if replica.as_ref().is_some_and(|r| {
+        r.applied == 0
+            && (r.total_steps != joined.total_steps
+                || r.data_fingerprint != joined.data_fingerprint)
+    }) {
+        *replica = None;
+    }
+    // Re-mined data planned anew (`train.remine_every_epochs`) can change the run's length: the
+    // learning-rate schedule follows, as in one process.
+    if let Some(r) = replica.as_mut()
+        && r.total_steps != joined.total_steps
+    {
+        r.trainer.schedule.total = joined.total_steps;
+        r.total_steps = joined.total_steps;
+    }
+    if replica.is_none() {
+        *replica = Some(load_replica(node, client, joined).await?);
+    }
+    let replica = replica.as_mut().expect("loaded above");
+    if joined.heal {
+        // A donor that dies meanwhile ends the generation: stop waiting for it then.
+        let mut waiting = broken.clone();
+        if joined.heal_from.is_empty() {
+            unless_broken(&mut waiting, heal(client, replica, joined.start_step)).await?;
+        } else {
+            unless_broken(&mut waiting, heal_from_peer(node, replica, joined)).await?;
+        }
+    }
+    if replica.applied != joined.start_step {
+        return Err(Interrupt::Fatal(Error::Protocol(format!(
+            "the coordinator starts at step {} but this replica holds step {}",
+            joined.start_step, replica.applied
+        ))));
+    }
+    Ok(replica)
 }
 
 /// What a worker relies on in the coordinator's answer to `Join`, checked before any use.
