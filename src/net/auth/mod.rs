@@ -5,6 +5,7 @@
 //! (`refusals`); the right credential is always answered at once.
 mod refusals;
 pub mod throttle;
+mod window;
 
 use std::sync::Arc;
 

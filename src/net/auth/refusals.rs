@@ -1,8 +1,9 @@
 //! The refusal log: a storm of refused calls costs one log line per cause and address a minute.
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
+
+use super::window::WindowCounts;
 
 /// The span over which refusals of one cause from one address share one log line.
 pub const LOG_WINDOW: Duration = Duration::from_secs(60);
@@ -11,51 +12,27 @@ const MAX_TRACKED: usize = 4096;
 
 /// Which refusals to log: the first of each (cause, address) in a window, with the count of those
 /// left unlogged in the window before. A pure function of the refusals and the clock passed in.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RefusalLog {
-    by_key: HashMap<(&'static str, Option<IpAddr>), Window>,
+    counts: WindowCounts<(&'static str, Option<IpAddr>)>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    since: Instant,
-    unlogged: u64,
+impl Default for RefusalLog {
+    fn default() -> Self {
+        Self {
+            counts: WindowCounts::new(LOG_WINDOW, MAX_TRACKED),
+        }
+    }
 }
 
 impl RefusalLog {
     /// Counts a refusal; `Some(n)` when it is to be logged, `n` being how many of its kind went
-    /// unlogged in the window before.
+    /// unlogged in the window before. One that cannot be tracked (the table is full) is logged.
     pub fn note(&mut self, cause: &'static str, from: Option<IpAddr>, now: Instant) -> Option<u64> {
-        if self.by_key.len() >= MAX_TRACKED && !self.by_key.contains_key(&(cause, from)) {
-            self.by_key
-                .retain(|_, w| now.duration_since(w.since) < LOG_WINDOW);
-            if self.by_key.len() >= MAX_TRACKED {
-                return Some(0);
-            }
-        }
-        match self.by_key.get_mut(&(cause, from)) {
-            Some(w) if now.duration_since(w.since) < LOG_WINDOW => {
-                w.unlogged += 1;
-                None
-            }
-            Some(w) => {
-                let before = w.unlogged;
-                *w = Window {
-                    since: now,
-                    unlogged: 0,
-                };
-                Some(before)
-            }
-            None => {
-                self.by_key.insert(
-                    (cause, from),
-                    Window {
-                        since: now,
-                        unlogged: 0,
-                    },
-                );
-                Some(0)
-            }
+        match self.counts.count((cause, from), now) {
+            None => Some(0),
+            Some(c) if c.nth == 1 => Some(c.before.saturating_sub(1)),
+            Some(_) => None,
         }
     }
 }
@@ -114,8 +91,8 @@ mod tests {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a02_0000 + i));
             assert!(log.note("x", Some(ip), t0).is_some());
         }
-        assert!(log.by_key.len() <= MAX_TRACKED);
+        assert!(log.counts.keys() <= MAX_TRACKED);
         log.note("y", None, t0 + LOG_WINDOW);
-        assert!(log.by_key.len() <= MAX_TRACKED);
+        assert!(log.counts.keys() <= MAX_TRACKED);
     }
 }

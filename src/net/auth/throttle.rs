@@ -2,7 +2,6 @@
 //! address and presented identity, while the right secret is answered at once. The old lockout
 //! refused everything from an address after 20 failures, so a stranger behind the workers' NAT could
 //! stop the run; delaying only the failures costs a guesser time and costs the cluster nothing.
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,6 +9,8 @@ use std::time::{Duration, Instant};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
+
+use super::window::WindowCounts;
 
 /// The span over which one address and identity's failures are counted.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -25,16 +26,18 @@ pub const MAX_DELAY: Duration = Duration::from_millis(3200);
 /// expired the failure is held for the longest delay.
 const MAX_TRACKED: usize = 4096;
 
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    since: Instant,
-    failures: u32,
+/// How long to hold each failure: a pure function of the failures seen and the clock passed in.
+#[derive(Debug)]
+pub struct FailureThrottle {
+    counts: WindowCounts<Key>,
 }
 
-/// How long to hold each failure: a pure function of the failures seen and the clock passed in.
-#[derive(Debug, Default)]
-pub struct FailureThrottle {
-    by_key: HashMap<Key, Window>,
+impl Default for FailureThrottle {
+    fn default() -> Self {
+        Self {
+            counts: WindowCounts::new(WINDOW, MAX_TRACKED),
+        }
+    }
 }
 
 /// A client address and a presented identity, or the address under any identity (`None`).
@@ -45,41 +48,22 @@ impl FailureThrottle {
     /// of what that identity's failures from the address call for and what the address's failures
     /// under any identity call for (so inventing names does not buy fresh free failures).
     pub fn failed(&mut self, from: Option<IpAddr>, identity: &str, now: Instant) -> Duration {
-        let one = self.count((from, Some(identity.to_string())), now);
-        let all = self.count((from, None), now);
-        hold(one, FREE_FAILURES).max(hold(all, FREE_FAILURES * ANY_IDENTITY_FACTOR))
-    }
-
-    fn count(&mut self, key: Key, now: Instant) -> Option<u32> {
-        if self.by_key.len() >= MAX_TRACKED && !self.by_key.contains_key(&key) {
-            self.by_key
-                .retain(|_, w| now.duration_since(w.since) < WINDOW);
-            if self.by_key.len() >= MAX_TRACKED {
-                return None;
-            }
-        }
-        let w = self.by_key.entry(key).or_insert(Window {
-            since: now,
-            failures: 0,
-        });
-        if now.duration_since(w.since) >= WINDOW {
-            *w = Window {
-                since: now,
-                failures: 0,
-            };
-        }
-        w.failures = w.failures.saturating_add(1);
-        Some(w.failures)
+        let one = self.counts.count((from, Some(identity.to_string())), now);
+        let all = self.counts.count((from, None), now);
+        hold(one.map(|c| c.nth), FREE_FAILURES).max(hold(
+            all.map(|c| c.nth),
+            FREE_FAILURES * ANY_IDENTITY_FACTOR,
+        ))
     }
 }
 
 /// The hold of the `failures`-th failure in a window with `free` answered at once; untracked
 /// (`None`, the table full) is held longest.
-fn hold(failures: Option<u32>, free: u32) -> Duration {
+fn hold(failures: Option<u64>, free: u32) -> Duration {
     let Some(failures) = failures else {
         return MAX_DELAY;
     };
-    match failures.checked_sub(free + 1) {
+    match failures.checked_sub(u64::from(free) + 1) {
         None => Duration::ZERO,
         Some(past) => FIRST_DELAY
             .saturating_mul(1u32 << past.min(16))
@@ -220,9 +204,9 @@ mod tests {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a02_0000 + i));
             t.failed(Some(ip), "token", t0);
         }
-        assert!(t.by_key.len() <= MAX_TRACKED);
+        assert!(t.counts.keys() <= MAX_TRACKED);
         t.failed(None, "token", t0 + WINDOW);
-        assert!(t.by_key.len() <= MAX_TRACKED);
+        assert!(t.counts.keys() <= MAX_TRACKED);
     }
 
     #[test]
