@@ -193,6 +193,8 @@ pub struct Coordinator {
     /// The step this invocation started at (where it resumed): `train.stop_after_steps` counts
     /// from here.
     start_step: u64,
+    /// When the run evaluates, checkpoints and stops, read from `cfg` once.
+    policy: RunPolicy,
 }
 
 type Shared = Arc<Coordinator>;
@@ -350,6 +352,7 @@ impl Coordinator {
             progress,
             metrics,
             start_step,
+            policy: RunPolicy::new(&cfg),
             cfg,
         }))
     }
@@ -413,7 +416,7 @@ impl Coordinator {
     /// this invocation are done and steps remain (the run policy decides).
     fn stop_if_budget_spent(&self, st: &mut State) {
         if st.committed < st.end
-            && RunPolicy::new(&self.cfg).budget_spent(self.start_step, st.committed)
+            && self.policy.budget_spent(self.start_step, st.committed)
             && st.stop == Stop::Running
         {
             st.stop_as_asked = true;
@@ -829,7 +832,7 @@ impl Coordinator {
     ) -> Option<EvalWork> {
         let set = self.eval_set.as_ref()?;
         let last = st.tracker.as_ref().and_then(|t| t.last);
-        if last.is_some_and(|l| l >= step) || !RunPolicy::new(&self.cfg).eval_due(step, st.end) {
+        if last.is_some_and(|l| l >= step) || !self.policy.eval_due(step, st.end) {
             return None;
         }
         let texts = set.queries.len() + set.corpus.len();
@@ -1143,7 +1146,7 @@ impl Coordinator {
             crate::io::atomic::copy_dir(&ema, &out.join("model-ema"))?;
         }
         let best = out.join("model-best");
-        if RunPolicy::new(&self.cfg).final_outputs().model_from_best && best.is_dir() {
+        if self.policy.final_outputs().model_from_best && best.is_dir() {
             crate::io::atomic::copy_dir(&best, model)?;
         }
         Ok(())

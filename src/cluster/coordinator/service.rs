@@ -483,7 +483,7 @@ impl CoordinatorRpc for Service {
             mine_pending: st.mine_pending,
             best_here: Coordinator::best_step(&st) == Some(req.step),
         };
-        let decided = step_answer(&facts, &RunPolicy::new(&c.cfg));
+        let decided = step_answer(&facts, &c.policy);
         if let StepAnswer::Done { checkpoint: true }
         | StepAnswer::Stop { checkpoint: true }
         | StepAnswer::Shard { checkpoint: true } = decided
@@ -820,7 +820,7 @@ impl CoordinatorRpc for Service {
             let st = c.lock();
             (st.latest.clone(), st.committed)
         };
-        let ema = if RunPolicy::new(&c.cfg).final_outputs().ema {
+        let ema = if c.policy.final_outputs().ema {
             let ema = latest
                 .filter(|(_, s)| s.step == steps)
                 .map(|(p, _)| p.join("model-ema"))
