@@ -105,13 +105,18 @@ type Client = CoordinatorClient<
     >,
 >;
 
-/// A request claiming membership `claim` ("ID:KEY"), when given.
-fn claimed<T>(msg: T, claim: Option<&str>) -> tonic::Request<T> {
+/// A request presenting `value` under `header`, when given.
+fn presenting<T>(msg: T, header: &'static str, value: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    if let Some(c) = claim {
-        r.metadata_mut().insert(MEMBER_HEADER, c.parse().unwrap());
+    if let Some(v) = value {
+        r.metadata_mut().insert(header, v.parse().unwrap());
     }
     r
+}
+
+/// A request claiming membership `claim` ("ID:KEY"), when given.
+fn claimed<T>(msg: T, claim: Option<&str>) -> tonic::Request<T> {
+    presenting(msg, MEMBER_HEADER, claim)
 }
 
 /// One round of every attack; returns (attack, status code) for each, panicking on any success
@@ -244,12 +249,7 @@ async fn attack(
         };
         let fetch = FetchStateRequest { generation };
         for pass in [None, Some(format!("{generation}:guessed-generation-key"))] {
-            let mut request = tonic::Request::new(fetch);
-            if let Some(p) = &pass {
-                request
-                    .metadata_mut()
-                    .insert(GENERATION_HEADER, p.parse().unwrap());
-            }
+            let request = presenting(fetch, GENERATION_HEADER, pass.as_deref());
             match PeerClient::new(peer.clone()).fetch_state(request).await {
                 Ok(_) => panic!("a worker's state was served to a non-member"),
                 Err(s) => seen.push((
@@ -274,12 +274,11 @@ async fn attack(
                 total: 16,
                 ..Default::default()
             };
-            let mut request = tonic::Request::new(tokio_stream::iter(vec![chunk]));
-            if let Some(p) = &presented {
-                request
-                    .metadata_mut()
-                    .insert(RING_HEADER, p.parse().unwrap());
-            }
+            let request = presenting(
+                tokio_stream::iter(vec![chunk]),
+                RING_HEADER,
+                presented.as_deref(),
+            );
             match PeerClient::new(peer.clone()).ring(request).await {
                 Ok(_) => panic!("a ring stream of a non-member was taken"),
                 Err(s) => seen.push((
