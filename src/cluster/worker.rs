@@ -30,14 +30,13 @@ use crate::model::SentenceModel;
 use crate::net::auth::{Attach, GENERATION_HEADER, Secret};
 use crate::net::tls::Tls;
 use crate::pb::coordinator_client::CoordinatorClient;
-use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::*;
 use crate::train::build::trainer_for;
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::load::configure_model;
 use crate::train::task::TaskSpec;
-use crate::train::{StepInput, Trainer};
+use crate::train::{StepInput, StepStats, Trainer};
 
 /// How a worker starts.
 #[derive(Debug, Clone)]
@@ -139,6 +138,14 @@ struct Node {
 
 /// Runs a worker until the run is done or stopped (Ok) or fails for good (Err).
 pub async fn run(opts: WorkerOptions) -> Result<()> {
+    let node = start(opts).await?;
+    tokio::spawn(take_orders_from_the_coordinator()?);
+    rejoin_until_done(&node).await
+}
+
+/// Starts the worker's `Peer` server (on an ephemeral port of `peer_host`) and learns who it is:
+/// its name, credential and model fingerprint.
+async fn start(opts: WorkerOptions) -> Result<Node> {
     let listener = TcpListener::bind((opts.peer_host.as_str(), 0))
         .await
         .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", opts.peer_host)))?;
@@ -161,7 +168,6 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
             .add_service(peer_svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    tokio::spawn(take_orders_from_the_coordinator()?);
     let fingerprint = match &opts.model {
         Some(dir) => {
             let dir = dir.clone();
@@ -171,7 +177,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
         }
         None => String::new(),
     };
-    let node = Node {
+    Ok(Node {
         fingerprint,
         worker_id: format!("{name}:{}", std::process::id()),
         credential: Secret::Worker(credential),
@@ -180,15 +186,19 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
         state,
         pass,
         opts,
-    };
+    })
+}
 
+/// Takes part in generation after generation until the run ends for this worker: joins again
+/// after a ring breaks up (with backoff), and gives up once no ring worked for the rejoin window.
+async fn rejoin_until_done(node: &Node) -> Result<()> {
     let mut replica: Option<Replica> = None;
     let mut reason = String::new();
     let mut failing_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
         let applied_before = replica.as_ref().map(|r| r.applied);
-        let outcome = generation(&node, &mut replica, &reason).await;
+        let outcome = generation(node, &mut replica, &reason).await;
         if replica.as_ref().map(|r| r.applied) != applied_before {
             // Steps were applied: the retry window and backoff start afresh.
             failing_since = None;
@@ -242,6 +252,30 @@ fn take_orders_from_the_coordinator() -> Result<impl Future<Output = ()> + Send 
 }
 
 /// One generation: join, heal if behind, connect the ring, train until it ends.
+/// Connects this member's ring stream to its right neighbour, and takes its left one's.
+async fn connect_ring(
+    node: &Node,
+    joined: &JoinResponse,
+    cfg: &RunConfig,
+) -> Result<Ring, Interrupt> {
+    Ring::connect(
+        joined.rank as usize,
+        &joined.peers,
+        joined.generation,
+        node.opts.tls.as_ref(),
+        &RingKeys {
+            own: joined.ring_key.clone(),
+            left: joined.left_key.clone(),
+        },
+        node.incoming.clone(),
+        cfg.cluster.chunk_kib * 1024,
+        Duration::from_millis(cfg.cluster.step_timeout_ms),
+        Duration::from_millis(cfg.cluster.heartbeat_timeout_ms),
+    )
+    .await
+    .map_err(|e| Interrupt::Rejoin(format!("ring: {e}")))
+}
+
 async fn generation(
     node: &Node,
     replica: &mut Option<Replica>,
@@ -272,7 +306,7 @@ async fn generation(
         CoordinatorClient::with_interceptor(channel, attach).max_decoding_message_size(256 << 20);
     node.pass
         .send_replace(Some((joined.generation, joined.generation_key.clone())));
-    let (rank, world) = (joined.rank as usize, joined.world_size as usize);
+    let (rank, world) = (joined.rank, joined.world_size);
     tracing::info!(rank, world, generation = joined.generation, start_step = joined.start_step, heal = joined.heal, worker = %node.worker_id, "joined");
 
     // Heartbeats start at once: loading or healing must not look like silence.
@@ -295,22 +329,7 @@ async fn generation(
         ))
     }));
     let step_timeout = Duration::from_millis(replica.cfg.cluster.step_timeout_ms);
-    let ring = Ring::connect(
-        rank,
-        &joined.peers,
-        joined.generation,
-        node.opts.tls.as_ref(),
-        &RingKeys {
-            own: joined.ring_key.clone(),
-            left: joined.left_key.clone(),
-        },
-        node.incoming.clone(),
-        replica.cfg.cluster.chunk_kib * 1024,
-        step_timeout,
-        Duration::from_millis(replica.cfg.cluster.heartbeat_timeout_ms),
-    )
-    .await
-    .map_err(|e| Interrupt::Rejoin(format!("ring: {e}")))?;
+    let ring = connect_ring(node, &joined, &replica.cfg).await?;
     let result = train_loop(
         &mut client,
         &ring,
@@ -617,55 +636,66 @@ async fn heartbeats(
 
 /// The step's input as the coordinator sent it, checked against this replica's tasks.
 fn step_input<'a>(
-    next: &'a NextStepResponse,
+    shard: &'a Shard,
+    step: u64,
     tasks: &[TaskSpec],
     world: usize,
 ) -> Result<StepInput<'a>> {
     let bad = |what: String| {
         Error::Protocol(format!(
             "the coordinator sent a malformed step {}: {what}",
-            next.step + 1
+            step + 1
         ))
     };
     let task = tasks
-        .get(next.task as usize)
-        .ok_or_else(|| bad(format!("task {} of {}", next.task, tasks.len())))?;
-    let n = next.rows.len();
-    let negatives = next.rows.first().map_or(0, |r| r.negatives.len());
-    if n == 0 || next.rows.iter().any(|r| r.negatives.len() != negatives) {
+        .get(shard.task as usize)
+        .ok_or_else(|| bad(format!("task {} of {}", shard.task, tasks.len())))?;
+    let n = shard.rows.len();
+    let negatives = shard.rows.first().map_or(0, |r| r.negatives.len());
+    if n == 0 || shard.rows.iter().any(|r| r.negatives.len() != negatives) {
         return Err(bad(
             "an empty shard or rows with unequal negative counts".into()
         ));
     }
     let global = n * world;
-    let targets = match task.loss {
-        LossConfig::Mnrl(_) => Targets::Groups(next.groups.clone()),
-        LossConfig::CosineSimilarity(_) | LossConfig::Cosent(_) => {
-            Targets::Scores(next.scores.clone())
+    let targets = match (&task.loss, &shard.targets) {
+        (LossConfig::Mnrl(_), Some(shard::Targets::Groups(g))) => Targets::Groups(g.values.clone()),
+        (
+            LossConfig::CosineSimilarity(_) | LossConfig::Cosent(_),
+            Some(shard::Targets::Scores(s)),
+        ) => Targets::Scores(s.values.clone()),
+        (LossConfig::Softmax(_), Some(shard::Targets::Labels(l))) => {
+            Targets::Labels(l.values.clone())
         }
-        LossConfig::Softmax(_) => Targets::Labels(next.labels.clone()),
+        _ => {
+            return Err(bad(format!(
+                "targets of another kind than task {:?} takes",
+                task.name
+            )));
+        }
     };
-    if targets.len() != global || next.first_row as usize + n > global {
+    if targets.len() != global || shard.first_row as usize + n > global {
         return Err(bad(format!(
             "{} targets and first row {} for {n} rows x {world} ranks",
             targets.len(),
-            next.first_row
+            shard.first_row
         )));
     }
     let mut columns = vec![
-        next.rows.iter().map(|r| r.query.as_str()).collect(),
-        next.rows
+        shard.rows.iter().map(|r| r.query.as_str()).collect(),
+        shard
+            .rows
             .iter()
             .map(|r| r.positive.as_str())
             .collect::<Vec<_>>(),
     ];
     for j in 0..negatives {
-        columns.push(next.rows.iter().map(|r| r.negatives[j].as_str()).collect());
+        columns.push(shard.rows.iter().map(|r| r.negatives[j].as_str()).collect());
     }
     Ok(StepInput {
-        task: next.task as usize,
+        task: shard.task as usize,
         columns,
-        first_row: next.first_row,
+        first_row: shard.first_row,
         targets,
     })
 }
@@ -684,6 +714,16 @@ async fn unless_broken<T>(
     }
 }
 
+/// What the coordinator tells a member to do at a step, once the pages before it are embedded.
+enum Told {
+    Train(Shard),
+    /// Every step ran.
+    Done,
+    /// A graceful stop.
+    Stop,
+}
+
+/// Trains the ring's steps until the run is done (rank 0 then uploads the model) or stops.
 async fn train_loop(
     client: &mut Client,
     ring: &Ring,
@@ -692,62 +732,19 @@ async fn train_loop(
     step_timeout: Duration,
     node_state: &StateSlot,
 ) -> Result<(), Interrupt> {
-    let (rank, generation) = (ring.rank, ring.generation);
+    let rank = ring.rank;
     // Made after healing, which may have set the run's dropout generator.
     let preparer = replica.trainer.preparer();
     // The previous update's seconds, reported with the next commit (it runs after its own).
     let mut updated = 0.0;
     loop {
         let step = replica.applied;
-        let next = client
-            .next_step(with_deadline(
-                NextStepRequest {
-                    rank: rank as u32,
-                    step,
-                    generation,
-                },
-                step_timeout,
-            ))
-            .await
-            .map_err(rpc_err("next step"))?
-            .into_inner();
-        match StepStatus::try_from(next.status) {
-            Ok(StepStatus::Step) => {}
-            Ok(StepStatus::Done) => {
-                if next.checkpoint {
-                    upload_checkpoint(client, replica).await?;
-                }
-                break;
-            }
-            Ok(StepStatus::Eval) => {
-                report_eval(client, replica, &next, rank, generation, step_timeout).await?;
-                continue;
-            }
-            Ok(StepStatus::Rejoin) => return Err(Interrupt::Rejoin(next.reason)),
-            Ok(StepStatus::Stop) => {
-                if next.checkpoint {
-                    upload_checkpoint(client, replica).await?;
-                }
-                tracing::info!(rank, step, "stopping as the coordinator asked");
-                return Ok(());
-            }
-            Ok(StepStatus::Aborted) => {
-                return Err(Interrupt::Fatal(Error::Diverged(format!(
-                    "the coordinator aborted the run: {}",
-                    next.reason
-                ))));
-            }
-            Err(_) => {
-                return Err(Interrupt::Fatal(Error::Protocol(format!(
-                    "unknown step status {}",
-                    next.status
-                ))));
-            }
-        }
-        if next.checkpoint {
-            upload_checkpoint(client, replica).await?;
-        }
-        let input = step_input(&next, &replica.tasks, ring.world)?;
+        let shard = match told(client, replica, ring, step, step_timeout).await? {
+            Told::Train(shard) => shard,
+            Told::Done => break,
+            Told::Stop => return Ok(()),
+        };
+        let input = step_input(&shard, step, &replica.tasks, ring.world)?;
         let trainer = &mut replica.trainer;
         let stats = tokio::task::block_in_place(|| {
             let prepared = preparer.prepare(&input, step)?;
@@ -757,105 +754,196 @@ async fn train_loop(
             Ok::<_, Error>(stats)
         })
         .map_err(step_err(step))?;
-        let t = stats.times;
-        let decision = client
-            .commit(with_deadline(
-                CommitRequest {
-                    rank: rank as u32,
-                    step,
-                    loss: stats.loss,
-                    grad_norm: stats.grad_norm,
-                    lr: stats.lr,
-                    tokens: stats.tokens as u64,
-                    compute_seconds: t.compute(),
-                    comm_seconds: t.comm(),
-                    generation,
-                    gather_seconds: t.gather,
-                    reduce_seconds: t.reduce,
-                    data_seconds: t.data,
-                    forward_seconds: t.forward,
-                    backward_seconds: t.backward,
-                    optimizer_seconds: t.optimizer + updated,
-                    sync_seconds: t.sync,
-                },
-                step_timeout,
-            ))
-            .await
-            .map_err(rpc_err("commit"))?
-            .into_inner();
+        let decision = commit(client, ring, step, &stats, updated, step_timeout).await?;
         if decision.skip {
             trainer.discard();
-            replica.applied = step + 1;
-            node_state.send_replace(None);
-            continue;
-        }
-        if !decision.apply {
+        } else if !decision.apply {
             return Err(Interrupt::Rejoin(decision.reason));
+        } else {
+            // Told to apply what this replica knows is not finite: the coordinator is wrong.
+            if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
+                return Err(Interrupt::Fatal(Error::Protocol(format!(
+                    "the coordinator said to apply step {} although its loss ({}) or gradient norm ({}) is not finite",
+                    step + 1,
+                    stats.loss,
+                    stats.grad_norm
+                ))));
+            }
+            updated = tokio::task::block_in_place(|| trainer.update(step, input.task))
+                .map_err(step_err(step))?;
         }
-        // Told to apply what this replica knows is not finite: the coordinator is wrong.
-        if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
-            return Err(Interrupt::Fatal(Error::Protocol(format!(
-                "the coordinator said to apply step {} although its loss ({}) or gradient norm ({}) is not finite",
-                step + 1,
-                stats.loss,
-                stats.grad_norm
-            ))));
-        }
-        updated = tokio::task::block_in_place(|| trainer.update(step, input.task))
-            .map_err(step_err(step))?;
         replica.applied = step + 1;
         node_state.send_replace(None);
     }
     if rank == 0 {
-        let dir = scratch_dir()?;
-        let out = dir.path().join("model");
-        replica.trainer.state.save(&out)?;
-        let chunks = super::files::upload_stream(&out)?;
-        client
-            .upload_model(with_deadline(chunks, TRANSFER_DEADLINE))
-            .await
-            .map_err(rpc_err("upload model"))?;
-        tracing::info!(world = ring.world, "uploaded the trained model");
+        upload_model(client, replica, ring.world).await?;
     }
     Ok(())
 }
 
-/// Embeds a page of validation texts with the replica's current weights and sends it back.
+/// Asks the coordinator for `step` until the answer is a shard, the end or a stop: pages due
+/// before the step are embedded and reported on the way, and rank 0 uploads the checkpoint it is
+/// asked for.
+async fn told(
+    client: &mut Client,
+    replica: &Replica,
+    ring: &Ring,
+    step: u64,
+    timeout: Duration,
+) -> Result<Told, Interrupt> {
+    use next_step_response::Answer;
+    let (rank, generation) = (ring.rank, ring.generation);
+    loop {
+        let next = client
+            .next_step(with_deadline(
+                NextStepRequest {
+                    rank: rank as u32,
+                    step,
+                    generation,
+                },
+                timeout,
+            ))
+            .await
+            .map_err(rpc_err("next step"))?
+            .into_inner();
+        let protocol = |what: String| Interrupt::Fatal(Error::Protocol(what));
+        if next.step != step {
+            return Err(protocol(format!(
+                "the coordinator answered for step {} when asked for step {}",
+                next.step + 1,
+                step + 1
+            )));
+        }
+        let answer = next
+            .answer
+            .ok_or_else(|| protocol("the coordinator's answer to NextStep is empty".into()))?;
+        match answer {
+            Answer::Shard(shard) => {
+                if shard.checkpoint {
+                    upload_checkpoint(client, replica).await?;
+                }
+                return Ok(Told::Train(shard));
+            }
+            Answer::Page(page) => {
+                report_eval(client, replica, &page, step, ring, timeout).await?;
+            }
+            Answer::Done(f) => {
+                if f.checkpoint {
+                    upload_checkpoint(client, replica).await?;
+                }
+                return Ok(Told::Done);
+            }
+            Answer::Stop(f) => {
+                if f.checkpoint {
+                    upload_checkpoint(client, replica).await?;
+                }
+                tracing::info!(rank, step, "stopping as the coordinator asked");
+                return Ok(Told::Stop);
+            }
+            Answer::Rejoin(reason) => return Err(Interrupt::Rejoin(reason)),
+            Answer::Aborted(reason) => {
+                return Err(Interrupt::Fatal(Error::Diverged(format!(
+                    "the coordinator aborted the run: {reason}"
+                ))));
+            }
+        }
+    }
+}
+
+/// Reports the step's statistics to the coordinator (phase one of the commit) and waits for
+/// its decision: apply, skip or discard.
+async fn commit(
+    client: &mut Client,
+    ring: &Ring,
+    step: u64,
+    stats: &StepStats,
+    updated: f64,
+    timeout: Duration,
+) -> Result<CommitResponse, Interrupt> {
+    let t = &stats.times;
+    let decision = client
+        .commit(with_deadline(
+            CommitRequest {
+                rank: ring.rank as u32,
+                step,
+                loss: stats.loss,
+                grad_norm: stats.grad_norm,
+                lr: stats.lr,
+                tokens: stats.tokens as u64,
+                compute_seconds: t.compute(),
+                comm_seconds: t.comm(),
+                generation: ring.generation,
+                gather_seconds: t.gather,
+                reduce_seconds: t.reduce,
+                data_seconds: t.data,
+                forward_seconds: t.forward,
+                backward_seconds: t.backward,
+                optimizer_seconds: t.optimizer + updated,
+                sync_seconds: t.sync,
+            },
+            timeout,
+        ))
+        .await
+        .map_err(rpc_err("commit"))?
+        .into_inner();
+    Ok(decision)
+}
+
+/// Rank 0's last act: the trained model, saved and streamed to the coordinator.
+async fn upload_model(
+    client: &mut Client,
+    replica: &Replica,
+    world: usize,
+) -> Result<(), Interrupt> {
+    let dir = scratch_dir()?;
+    let out = dir.path().join("model");
+    replica.trainer.state.save(&out)?;
+    let chunks = super::files::upload_stream(&out)?;
+    client
+        .upload_model(with_deadline(chunks, TRANSFER_DEADLINE))
+        .await
+        .map_err(rpc_err("upload model"))?;
+    tracing::info!(world, "uploaded the trained model");
+    Ok(())
+}
+
+/// Embeds a page of texts (validation or `train.mine`) with the replica's current weights and
+/// sends it back.
 async fn report_eval(
     client: &mut Client,
     replica: &Replica,
-    next: &NextStepResponse,
-    rank: usize,
-    generation: u64,
+    page: &Page,
+    step: u64,
+    ring: &Ring,
     timeout: Duration,
 ) -> Result<(), Interrupt> {
-    let n = next.eval_texts.len();
+    let n = page.texts.len();
     if n == 0 || n > super::coordinator::evaluation::MAX_PAGE {
         return Err(Interrupt::Fatal(Error::Protocol(format!(
             "the coordinator sent a validation page of {n} texts (1 to {} expected)",
             super::coordinator::evaluation::MAX_PAGE
         ))));
     }
-    let batch_size = if next.mine {
+    let batch_size = if page.mine {
         replica.cfg.train.mine.as_ref().map_or(32, |m| m.batch_size)
     } else {
         replica.cfg.eval.as_ref().map_or(64, |e| e.batch_size)
     };
-    let texts: Vec<&str> = next.eval_texts.iter().map(String::as_str).collect();
+    let texts: Vec<&str> = page.texts.iter().map(String::as_str).collect();
     let model = &replica.trainer.state.model;
-    let embeddings = tokio::task::block_in_place(|| model.embed(&texts, batch_size))
-        .map_err(step_err(next.step))?;
+    let embeddings =
+        tokio::task::block_in_place(|| model.embed(&texts, batch_size)).map_err(step_err(step))?;
     client
         .report_eval(with_deadline(
             EvalReport {
-                generation,
-                rank: rank as u32,
-                step: next.step,
-                offset: next.eval_offset,
+                generation: ring.generation,
+                rank: ring.rank as u32,
+                step,
+                offset: page.offset,
                 count: n as u32,
                 dim: embeddings.size()[1] as u32,
                 embeddings: tensor_to_le_bytes(&embeddings).into(),
-                mine: next.mine,
+                mine: page.mine,
             },
             timeout,
         ))

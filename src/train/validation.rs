@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::EvalConfig;
+use crate::train::metrics::MetricsLog;
 
 /// What an evaluation means for the run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,6 +70,23 @@ impl Tracker {
         Ok(Verdict::NotBetter {
             stop: self.patience > 0 && self.since_best >= self.patience,
         })
+    }
+
+    /// The tracker of a run with an eval set (`cfg`), with the evaluations its log holds up to
+    /// `resumed` (the step a resumed run starts from) replayed.
+    pub fn resumed(
+        cfg: Option<&EvalConfig>,
+        resumed: Option<u64>,
+        log: &mut MetricsLog,
+    ) -> crate::Result<Option<Self>> {
+        let mut tracker = cfg.map(Self::new);
+        if let Some(t) = tracker.as_mut()
+            && let Some(step) = resumed
+        {
+            let text = String::from_utf8_lossy(&log.contents()?).into_owned();
+            t.replay(&text, step).map_err(crate::Error::Usage)?;
+        }
+        Ok(tracker)
     }
 
     /// Rebuilds the record from a run's logged `eval` events up to `step` (inclusive).

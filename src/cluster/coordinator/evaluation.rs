@@ -31,6 +31,8 @@ pub struct Round {
     page: usize,
     dim: Option<usize>,
     pages: Vec<Page>,
+    /// The embeddings went to be scored or mined (once, whatever generations come).
+    taken: bool,
 }
 
 impl Round {
@@ -43,6 +45,7 @@ impl Round {
             page,
             dim: None,
             pages: vec![Page::Open; texts.div_ceil(page)],
+            taken: false,
         }
     }
 
@@ -112,11 +115,13 @@ impl Round {
         })
     }
 
-    /// Every embedding in text order, with the dimension; `None` until complete.
-    pub fn embeddings(&self) -> Option<(Vec<f32>, usize)> {
-        if !self.complete() {
+    /// Every embedding in text order, with the dimension, once every page is back; only the
+    /// first time, so a round is scored or mined once.
+    pub fn take(&mut self) -> Option<(Vec<f32>, usize)> {
+        if !self.complete() || self.taken {
             return None;
         }
+        self.taken = true;
         let dim = self.dim.unwrap_or(0);
         let mut out = Vec::with_capacity(self.texts * dim);
         for p in &self.pages {
@@ -157,13 +162,14 @@ mod tests {
         assert!(r.deliver(1, 7, PAGE as u64, 10, 2, nan).is_err());
         assert!(r.deliver(1, 7, 5, 10, 2, vec![0.0; 20]).is_err());
         r.deliver(1, 7, PAGE as u64, 10, 2, vec![2.0; 20]).unwrap();
-        assert!(!r.complete() && r.embeddings().is_none());
+        assert!(!r.complete() && r.take().is_none());
         // Another dimension than the first page's is refused.
         assert!(r.deliver(0, 7, 0, PAGE, 3, vec![0.0; PAGE * 3]).is_err());
         r.deliver(0, 7, 0, PAGE, 2, vec![1.0; PAGE * 2]).unwrap();
-        let (all, dim) = r.embeddings().unwrap();
+        let (all, dim) = r.take().unwrap();
         assert_eq!((all.len(), dim), ((PAGE + 10) * 2, 2));
         assert_eq!((all[0], all[PAGE * 2]), (1.0, 2.0));
+        assert!(r.take().is_none(), "a round is taken once");
     }
 
     #[test]

@@ -20,62 +20,58 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
 
+mod callers;
+mod commits;
 pub(crate) mod evaluation;
+mod joins;
 mod journal;
 mod membership;
 mod metrics;
 mod mining;
+mod pages;
+mod phase;
 mod service;
+mod steps;
+mod transfers;
 
 use self::journal::{Journal, Log};
 use super::files::model_fingerprint;
 use crate::config::MineOn;
 use crate::config::RunConfig;
-use crate::data::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
 use crate::eval::{IrConfig, IrDataset, ir_metrics};
-use crate::loss::Targets;
 use crate::net::auth::Token;
 use crate::net::tls::Tls;
 use crate::pb::coordinator_server::CoordinatorServer;
-use crate::pb::next_step_response::Status as StepStatus;
 use crate::pb::*;
 use crate::progress::{Progress, Show};
 use crate::train::build::{data_events, prepare_output, schedule_for};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::metrics::MetricsLog;
-use crate::train::nonfinite::Fate;
 use crate::train::policy::RunPolicy;
 use crate::train::task::load_tasks;
 use crate::train::validation::{Tracker, Verdict};
 use crate::train::versions::TrainingData;
 use evaluation::Round;
 use membership::{Formation, Member};
-use metrics::{Metrics, StepTimes};
+use metrics::Metrics;
 use mining::{MineJob, placeholder};
+use phase::{Ending, Phase, StopEnd};
 
 /// Concurrent calls one connection may have open at the coordinator.
 const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
-/// A graceful stop in progress.
-#[derive(Clone, Copy, PartialEq)]
-enum Stop {
-    Running,
-    /// Asked to stop: finish the open step, checkpoint, and end.
-    Requested,
-    Done,
-}
-
 struct State {
+    /// What the run is doing; changed only by its transitions (`phase.rs`).
+    phase: Phase,
     generation: u64,
-    /// Members of the current generation, by rank (empty while a new one forms).
+    /// Members of the current generation, by rank: empty exactly while a new one forms (and
+    /// still so when the run ends then).
     ring: Vec<Member>,
     /// The previous generation's members, for rank preferences of re-joining workers.
     previous: Vec<Member>,
     /// Workers waiting in `Join` for the next generation.
     candidates: Vec<Member>,
-    forming: bool,
-    forming_since: Instant,
     formation: Option<Arc<Formation>>,
     ever_formed: bool,
     /// A worker waits to join a running ring that would grow: re-form at the next step boundary.
@@ -87,29 +83,18 @@ struct State {
     commits: Vec<Option<CommitRequest>>,
     /// The newest checkpoint on disk (the one healing workers fetch).
     latest: Option<(PathBuf, CheckpointState)>,
-    aborted: Option<String>,
-    model_saved: bool,
-    stop: Stop,
-    /// The stop is the one `train.stop_after_steps` asked for, not a signal's.
-    stop_as_asked: bool,
-    /// Ranks told to stop.
-    stop_told: Vec<bool>,
-    /// When the stop was asked for.
-    stop_asked: Option<Instant>,
     step_started: Option<Instant>,
     /// A shard of the open step went out: a stop waits for the step to finish, so every member
     /// runs it (one already in its collectives would wait for the others forever otherwise).
     shards_out: bool,
     /// When the last generation ended, until the first step after it commits.
     broken_since: Option<Instant>,
-    /// The evaluation being embedded by the workers, and whether its scores are being computed.
+    /// The evaluation being embedded by the workers (or scored).
     eval: Option<Round>,
-    scoring: bool,
-    /// `train.mine` still to be done by the ring (before step 0), its pages, and whether the
-    /// coordinator is mining from them.
+    /// `train.mine` still to be done by the ring (before step 0), and the pages of the mining
+    /// being embedded (or mined).
     mine_pending: bool,
     mine_round: Option<Round>,
-    mining: bool,
     /// When the ring was handed the first mining page.
     mine_started: Option<Instant>,
     /// The run's evaluations so far (`eval.metric`, patience); `None` without an eval set.
@@ -127,23 +112,6 @@ struct State {
 fn checkpoint_age(path: &Path) -> Option<f64> {
     let written = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
     Some(written.elapsed().ok()?.as_secs_f64())
-}
-
-/// What the run is doing, in one word.
-fn phase(st: &State) -> &'static str {
-    if st.aborted.is_some() {
-        "aborted"
-    } else if st.model_saved || st.stop == Stop::Done {
-        "finished"
-    } else if st.stop == Stop::Requested {
-        "stopping"
-    } else if st.forming {
-        "forming"
-    } else if st.mine_pending {
-        "mining"
-    } else {
-        "training"
-    }
 }
 
 /// How a run ended.
@@ -168,6 +136,37 @@ pub enum Outcome {
 struct UploadCaps {
     model: u64,
     checkpoint: u64,
+}
+
+impl UploadCaps {
+    /// The caps for a run that starts from the model in `model_dir`.
+    fn of(model_dir: &Path) -> Result<Self> {
+        let bytes = crate::cluster::files::dir_bytes(model_dir)?;
+        Ok(Self {
+            model: crate::cluster::files::upload_cap(bytes, 1),
+            checkpoint: crate::cluster::files::upload_cap(bytes, 5),
+        })
+    }
+}
+
+/// The checkpoint `train.resume` names, checked against the run, if one exists.
+fn resume_from(
+    cfg: &RunConfig,
+    training: &TrainingData,
+) -> Result<Option<(PathBuf, CheckpointState)>> {
+    let Some(which) = &cfg.train.resume else {
+        return Ok(None);
+    };
+    let found = checkpoint::find(&cfg.output.dir.join("checkpoints"), which)?;
+    if let Some((path, state)) = &found {
+        checkpoint::check_compatible(path, state, &training.fingerprint, cfg)?;
+        tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
+    } else {
+        tracing::warn!(
+            "no checkpoint to resume from: continuing from what the workers hold, or the beginning"
+        );
+    }
+    Ok(found)
 }
 
 /// The coordinator service and everything it knows about the run.
@@ -217,24 +216,6 @@ impl RunData {
     }
 }
 
-/// What a blocked `NextStep` learned.
-enum Next {
-    Ready(u64),
-    Rejoin(String),
-}
-
-/// What validation asks of a worker before its step.
-enum EvalWork {
-    /// Embed the texts of this range.
-    Page(std::ops::Range<usize>),
-    /// Embed this range of the `train.mine` texts.
-    MinePage(std::ops::Range<usize>),
-    /// Wait: the other workers' pages, or the scores, are still to come.
-    Wait,
-    /// Wait: the other workers' mining pages, or the mining itself, are still to come.
-    MineWait,
-}
-
 impl Coordinator {
     /// Loads data and model metadata and plans the run (no network yet).
     pub fn new(cfg: RunConfig, show: Show) -> Result<Shared> {
@@ -252,32 +233,13 @@ impl Coordinator {
         };
         let mut log = open(out.join("metrics.jsonl"))?;
         let (mut training, mine_job, mine_pending) = load_data(&cfg, &mut log)?;
-        let latest = match &cfg.train.resume {
-            Some(which) => {
-                let found = checkpoint::find(&out.join("checkpoints"), which)?;
-                if let Some((path, state)) = &found {
-                    checkpoint::check_compatible(path, state, &training.fingerprint, &cfg)?;
-                    tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
-                } else {
-                    tracing::warn!(
-                        "no checkpoint to resume from: continuing from what the workers hold, or the beginning"
-                    );
-                }
-                found
-            }
-            None => None,
-        };
+        let latest = resume_from(&cfg, &training)?;
         let eval_set = match &cfg.eval {
             Some(e) => Some(IrDataset::load(&e.queries, &e.corpus, &e.qrels)?),
             None => None,
         };
-        let mut tracker = cfg.eval.as_ref().map(Tracker::new);
-        if let Some(t) = tracker.as_mut()
-            && let Some((_, s)) = &latest
-        {
-            let text = String::from_utf8_lossy(&log.contents()?).into_owned();
-            t.replay(&text, s.step).map_err(Error::Usage)?;
-        }
+        let resumed = latest.as_ref().map(|(_, s)| s.step);
+        let tracker = Tracker::resumed(cfg.eval.as_ref(), resumed, &mut log)?;
         if let Some((_, state)) = &latest {
             // The data versions re-mined before the checkpoint, from their records.
             training.restore_versions(&cfg, state.step)?;
@@ -290,52 +252,13 @@ impl Coordinator {
             .clone()
             .unwrap_or_else(crate::model::default_dir);
         let fingerprint = model_fingerprint(&model_dir)?;
-        let model_bytes = crate::cluster::files::dir_bytes(&model_dir)?;
-        let upload_caps = UploadCaps {
-            model: crate::cluster::files::upload_cap(model_bytes, 1),
-            checkpoint: crate::cluster::files::upload_cap(model_bytes, 5),
-        };
+        let upload_caps = UploadCaps::of(&model_dir)?;
         let start_step = latest.as_ref().map_or(0, |(_, s)| s.step);
         if resuming {
             log.write(&json!({"event": "resume", "step": start_step}))?;
         }
         let progress = Progress::new(show, total_steps, start_step, cfg.train.batch_size);
-        let state = State {
-            generation: first_generation(),
-            ring: Vec::new(),
-            previous: Vec::new(),
-            candidates: Vec::new(),
-            forming: true,
-            forming_since: Instant::now(),
-            formation: None,
-            ever_formed: false,
-            grow: false,
-            next_member: 1,
-            committed: start_step,
-            logged: start_step,
-            commits: Vec::new(),
-            latest,
-            aborted: None,
-            model_saved: false,
-            stop: Stop::Running,
-            stop_as_asked: false,
-            stop_told: Vec::new(),
-            stop_asked: None,
-            step_started: None,
-            shards_out: false,
-            broken_since: None,
-            eval: None,
-            scoring: false,
-            mine_pending,
-            mine_round: None,
-            mining: false,
-            mine_started: None,
-            tracker,
-            end: total_steps,
-            checkpoint_asked: None,
-            skipped_in_a_row: 0,
-            last_skipped: None,
-        };
+        let state = State::new(latest, mine_pending, tracker, total_steps);
         let metrics = Metrics::new(cfg.cluster.workers, total_steps);
         Ok(Arc::new(Self {
             state: Mutex::new(state),
@@ -382,12 +305,17 @@ impl Coordinator {
 
     fn abort(&self, reason: String) {
         let mut st = self.lock();
-        if st.aborted.is_none() {
-            tracing::error!(%reason, "aborting the run");
-            st.aborted = Some(reason);
-        }
+        Self::abort_locked(&mut st, reason);
         drop(st);
         self.notify();
+    }
+
+    /// Aborts the run under the lock (once; a run that is over stays as it ended); the caller
+    /// notifies.
+    fn abort_locked(st: &mut State, reason: String) {
+        if st.phase.abort(reason.clone()) {
+            tracing::error!(%reason, "aborting the run");
+        }
     }
 
     /// Asks for a graceful stop: the open step finishes, rank 0 checkpoints, every worker exits.
@@ -395,19 +323,19 @@ impl Coordinator {
         let mut st = self.lock();
         self.begin_stop(
             &mut st,
+            false,
             "stopping: finishing the open step and writing a checkpoint",
         );
         drop(st);
         self.notify();
     }
 
-    /// Starts a graceful stop (once), saying `why` in the log; the caller notifies.
-    fn begin_stop(&self, st: &mut State, why: &str) {
-        if st.stop == Stop::Running {
+    /// Starts a graceful stop (once; `as_asked`: by `train.stop_after_steps`), saying `why` in
+    /// the log; the caller notifies.
+    fn begin_stop(&self, st: &mut State, as_asked: bool, why: &str) {
+        let members = st.ring.len();
+        if st.phase.stop(Instant::now(), as_asked, members) {
             tracing::warn!(step = st.committed, "{why}");
-            st.stop = Stop::Requested;
-            st.stop_told = vec![false; st.ring.len()];
-            st.stop_asked = Some(Instant::now());
             self.settle_stop(st);
         }
     }
@@ -415,13 +343,10 @@ impl Coordinator {
     /// After step `committed` is committed: stops the run when `train.stop_after_steps` steps of
     /// this invocation are done and steps remain (the run policy decides).
     fn stop_if_budget_spent(&self, st: &mut State) {
-        if st.committed < st.end
-            && self.policy.budget_spent(self.start_step, st.committed)
-            && st.stop == Stop::Running
-        {
-            st.stop_as_asked = true;
+        if st.committed < st.end && self.policy.budget_spent(self.start_step, st.committed) {
             self.begin_stop(
                 st,
+                true,
                 "train.stop_after_steps reached: writing a checkpoint to resume from",
             );
         }
@@ -430,13 +355,11 @@ impl Coordinator {
     /// Ends the current generation: its open step is applied nowhere, and its live members join
     /// again.
     fn end_generation(&self, st: &mut State, reason: String) {
-        if st.forming {
+        if !st.phase.ring_ended(Instant::now()) {
             return;
         }
         tracing::warn!(generation = st.generation, step = st.committed + 1, %reason, "the ring breaks up; it re-forms with the live workers");
         self.write_log(json!({"event": "generation_end", "generation": st.generation, "step": st.committed + 1, "reason": reason}));
-        st.forming = true;
-        st.forming_since = Instant::now();
         st.previous = std::mem::take(&mut st.ring);
         st.commits.clear();
         // The next ring's rank 0 is asked again if the checkpoint is still missing.
@@ -448,35 +371,18 @@ impl Coordinator {
         self.metrics.ring_ended();
     }
 
-    /// Ends a requested stop when it is complete (`stop_end`), saying so when it loses steps.
+    /// Ends a requested stop when it is complete, saying so when it loses steps.
     fn settle_stop(&self, st: &mut State) {
-        if st.stop != Stop::Requested {
-            return;
-        }
-        let waited = st
-            .stop_asked
-            .map_or(Duration::ZERO, |t| t.elapsed())
-            .min(st.forming_since.elapsed());
-        let end = stop_end(
-            st.forming,
-            st.stop_told.iter().all(|t| *t),
-            // Before `train.mine` is done no step ran: a resumed run mines again.
-            st.latest_is(st.committed) || st.mine_pending,
-            waited,
-            Duration::from_millis(self.cfg.cluster.rejoin_grace_ms),
-        );
-        match end {
-            None => {}
-            Some(StopEnd::Checkpointed) => st.stop = Stop::Done,
-            Some(StopEnd::Lost) => {
-                let newest = st.latest.as_ref().map(|(_, s)| s.step);
-                tracing::error!(
-                    step = st.committed,
-                    newest_checkpoint = ?newest,
-                    "stopping without a checkpoint of the last step: no ring formed within cluster.rejoin_grace_ms to write it"
-                );
-                st.stop = Stop::Done;
-            }
+        // Before `train.mine` is done no step ran: a resumed run mines again.
+        let checkpointed = st.latest_is(st.committed) || st.mine_pending;
+        let grace = Duration::from_millis(self.cfg.cluster.rejoin_grace_ms);
+        if st.phase.settle(checkpointed, Instant::now(), grace) == Some(StopEnd::Lost) {
+            let newest = st.latest.as_ref().map(|(_, s)| s.step);
+            tracing::error!(
+                step = st.committed,
+                newest_checkpoint = ?newest,
+                "stopping without a checkpoint of the last step: no ring formed within cluster.rejoin_grace_ms to write it"
+            );
         }
     }
 
@@ -496,14 +402,17 @@ impl Coordinator {
     /// Forms the next generation when enough workers wait: all of `cluster.workers` at once, or
     /// (after a failure, once `rejoin_grace_ms` passed) as many as the run can use.
     fn try_form(&self, st: &mut State) {
-        if !st.forming || st.candidates.is_empty() || st.aborted.is_some() {
+        let Some(since) = st.phase.forming_since() else {
+            return;
+        };
+        if st.candidates.is_empty() {
             return;
         }
         let n = st.candidates.len();
         let grace = Duration::from_millis(self.cfg.cluster.rejoin_grace_ms);
         let size = if n >= self.cfg.cluster.workers {
             Some(self.cfg.cluster.workers)
-        } else if st.ever_formed && st.forming_since.elapsed() >= grace {
+        } else if st.ever_formed && since.elapsed() >= grace {
             self.ring_size(n)
         } else {
             None
@@ -526,8 +435,7 @@ impl Coordinator {
         }
         let start = formation.start_step;
         if let Err(e) = self.restore_versions(st, start) {
-            tracing::error!(error = %e, "aborting the run");
-            st.aborted = Some(e.to_string());
+            Self::abort_locked(st, e.to_string());
             return;
         }
         if start != st.committed || !st.ever_formed {
@@ -545,7 +453,7 @@ impl Coordinator {
         st.committed = start;
         st.logged = start;
         st.generation += 1;
-        st.forming = false;
+        st.phase.ring_formed(ring.len());
         st.grow = false;
         st.ever_formed = true;
         st.commits = vec![None; ring.len()];
@@ -567,10 +475,6 @@ impl Coordinator {
             .collect();
         formation.generation_key = Token::random().expose().to_string();
         st.formation = Some(Arc::new(formation));
-        if st.stop == Stop::Requested {
-            // This ring's only work is the stop's checkpoint.
-            st.stop_told = vec![false; ring.len()];
-        }
         st.ring = ring;
         self.progress.jump(start);
     }
@@ -590,8 +494,8 @@ impl Coordinator {
                 if let Some(v) = ready(&mut st) {
                     return Ok(v);
                 }
-                if let Some(reason) = &st.aborted {
-                    return Err(Status::aborted(reason.clone()));
+                if let Some(reason) = st.phase.aborted() {
+                    return Err(Status::aborted(reason));
                 }
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -618,18 +522,22 @@ impl Coordinator {
         loop {
             tick.tick().await;
             let mut st = self.lock();
-            if st.aborted.is_some() || st.model_saved || st.stop == Stop::Done {
+            if st.phase.over() {
                 return;
             }
-            if st.forming {
+            if st.phase.forming() {
                 self.try_form(&mut st);
                 self.settle_stop(&mut st);
-                if st.stop == Stop::Done {
+                if st.phase.over() {
                     drop(st);
                     self.notify();
                     return;
                 }
-                if st.forming && st.forming_since.elapsed() > join_timeout {
+                if st
+                    .phase
+                    .forming_since()
+                    .is_some_and(|t| t.elapsed() > join_timeout)
+                {
                     let reason = format!(
                         "no ring of at least {} workers formed within cluster.join_timeout_ms ({} joined)",
                         self.cfg.cluster.min_workers(),
@@ -639,7 +547,7 @@ impl Coordinator {
                     self.abort(reason);
                     return;
                 }
-                let formed = !st.forming;
+                let formed = !st.phase.forming();
                 drop(st);
                 if formed {
                     self.notify();
@@ -693,33 +601,8 @@ impl Coordinator {
         let service = crate::net::auth::Throttled::new(
             tonic::service::interceptor::InterceptedService::new(server, token.check()),
         );
-        let mut rx = self.changed.subscribe();
-        let me = self.clone();
-        let ended = async move {
-            loop {
-                {
-                    let st = me.lock();
-                    if st.aborted.is_some() || st.model_saved || st.stop == Stop::Done {
-                        break;
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-            // Let workers read the final answer (DONE / STOP / ABORTED) before the server goes.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        };
-        {
-            let me = self.clone();
-            tokio::spawn(async move {
-                shutdown.await;
-                me.request_stop();
-                // A stop that cannot finish (a worker hangs) must not hang the coordinator.
-                tokio::time::sleep(Duration::from_millis(me.cfg.cluster.step_timeout_ms)).await;
-                me.abort("the graceful stop did not finish within cluster.step_timeout_ms".into());
-            });
-        }
+        let ended = self.clone().over();
+        tokio::spawn(self.clone().stop_on(shutdown));
         tokio::spawn(self.clone().monitor());
         let mut builder = tonic::transport::Server::builder();
         if let Some(files) = &self.cfg.cluster.tls {
@@ -753,15 +636,42 @@ impl Coordinator {
         if let Err(e) = self.journal.flushed().await {
             tracing::error!(error = %e, "the metrics log is incomplete");
         }
+        Ok(self.outcome())
+    }
+
+    /// Resolves once the run is over, a moment after, so workers read the final answer (done,
+    /// stop, aborted) before the server goes.
+    async fn over(self: Shared) {
+        let mut rx = self.changed.subscribe();
+        while !self.lock().phase.over() {
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// Asks for a graceful stop when `shutdown` fires, and aborts the run when the stop cannot
+    /// finish (a worker hangs) within the step timeout: the coordinator never hangs on it.
+    async fn stop_on(self: Shared, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        self.request_stop();
+        tokio::time::sleep(self.step_timeout()).await;
+        self.abort("the graceful stop did not finish within cluster.step_timeout_ms".into());
+    }
+
+    /// How the run ended, once the server is done.
+    fn outcome(&self) -> Outcome {
         let st = self.lock();
-        Ok(match (&st.aborted, st.model_saved) {
-            (Some(reason), _) => Outcome::Aborted(reason.clone()),
-            (None, true) => Outcome::Finished {
+        match &st.phase {
+            Phase::Aborted(reason) => Outcome::Aborted(reason.clone()),
+            Phase::Done(Ending::Finished) => Outcome::Finished {
                 steps: st.committed,
                 model_dir: self.cfg.output.dir.join("model"),
             },
-            (None, false) => Outcome::Stopped {
-                as_asked: st.stop_as_asked,
+            // Stopped, or ended by the server failing to serve on.
+            phase => Outcome::Stopped {
+                as_asked: matches!(phase, Phase::Done(Ending::Stopped { as_asked: true })),
                 steps: st.committed,
                 checkpoint: st
                     .latest
@@ -769,129 +679,6 @@ impl Coordinator {
                     .filter(|(_, s)| s.step == st.committed)
                     .map(|(p, _)| p.clone()),
             },
-        })
-    }
-
-    fn shard(&self, rank: usize, world: usize, step: u64, checkpoint: bool) -> NextStepResponse {
-        let data = self.data();
-        let batch = data.training.batch(step);
-        let (columns, first_row) = batch.shard(rank, world);
-        let rows = (0..columns[0].len())
-            .map(|i| ShardRow {
-                query: columns[0][i].to_string(),
-                positive: columns[1][i].to_string(),
-                negatives: columns[2..].iter().map(|c| c[i].to_string()).collect(),
-            })
-            .collect();
-        let (mut groups, mut scores, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-        match batch.targets {
-            Targets::Groups(g) => groups = g,
-            Targets::Scores(s) => scores = s,
-            Targets::Labels(l) => labels = l,
-        }
-        NextStepResponse {
-            status: StepStatus::Step as i32,
-            step,
-            first_row: first_row as u64,
-            rows,
-            groups,
-            reason: String::new(),
-            checkpoint,
-            task: batch.task as u32,
-            scores,
-            labels,
-            eval_offset: 0,
-            eval_texts: Vec::new(),
-            mine: false,
-        }
-    }
-
-    fn record_batch(&self, step: u64, world: usize) {
-        let data = self.data();
-        let batch = data.training.batch(step);
-        let hash = |t: &str| format!("{:016x}", hash_normalized(&normalize(t)));
-        let shards: Vec<Vec<Vec<String>>> = (0..world)
-            .map(|r| {
-                let (columns, _) = batch.shard(r, world);
-                (0..columns[0].len())
-                    .map(|i| columns.iter().map(|c| hash(c[i])).collect())
-                    .collect()
-            })
-            .collect();
-        self.journal.write(Log::Batches, json!({"step": step + 1, "epoch": batch.epoch, "task": data.training.tasks()[batch.task].name, "batch": batch.index, "rows": batch.rows, "shards": shards}));
-    }
-
-    /// Validation work for `rank` before step `step`, when an evaluation is due there and not yet
-    /// scored.
-    fn eval_work(
-        &self,
-        st: &mut State,
-        rank: usize,
-        generation: u64,
-        step: u64,
-    ) -> Option<EvalWork> {
-        let set = self.eval_set.as_ref()?;
-        let last = st.tracker.as_ref().and_then(|t| t.last);
-        if last.is_some_and(|l| l >= step) || !self.policy.eval_due(step, st.end) {
-            return None;
-        }
-        let texts = set.queries.len() + set.corpus.len();
-        let page = evaluation::page_size(texts, st.ring.len());
-        let round = match &mut st.eval {
-            Some(r) if r.step == step => r,
-            slot => slot.insert(Round::new(step, texts, page)),
-        };
-        Some(
-            match hand_out(round, &mut st.step_started, rank, generation) {
-                Some(range) => EvalWork::Page(range),
-                None => EvalWork::Wait,
-            },
-        )
-    }
-
-    /// The `train.mine` work for `rank` before step `step`: the first mining (before step 0) or
-    /// a re-mining (before an epoch `train.remine_every_epochs` names), while the ring embeds.
-    fn mine_work(
-        &self,
-        st: &mut State,
-        rank: usize,
-        generation: u64,
-        step: u64,
-    ) -> Option<EvalWork> {
-        let job = self.mine_job.as_ref()?;
-        let due = if st.mine_pending {
-            step == 0
-        } else {
-            self.data().training.remine_due(&self.cfg, step).is_some()
-        };
-        if !due {
-            return None;
-        }
-        let texts = job.texts(st.mine_pending).len();
-        let page = evaluation::page_size(texts, st.ring.len());
-        if st.mine_round.as_ref().is_none_or(|r| r.step != step) {
-            st.mine_round = Some(Round::new(step, texts, page));
-            st.mine_started = Some(Instant::now());
-        }
-        let round = st.mine_round.as_mut()?;
-        Some(
-            match hand_out(round, &mut st.step_started, rank, generation) {
-                Some(range) => EvalWork::MinePage(range),
-                None => EvalWork::MineWait,
-            },
-        )
-    }
-
-    /// The reply that hands out a page of the `train.mine` texts (`first`: of the first mining).
-    fn mine_page(&self, step: u64, range: std::ops::Range<usize>, first: bool) -> NextStepResponse {
-        let texts = self.mine_job.as_ref().map_or(&[][..], |j| j.texts(first));
-        NextStepResponse {
-            status: StepStatus::Eval as i32,
-            step,
-            eval_offset: range.start as u64,
-            eval_texts: texts[range].to_vec(),
-            mine: true,
-            ..Default::default()
         }
     }
 
@@ -949,7 +736,7 @@ impl Coordinator {
         let mut st = self.lock();
         let first = std::mem::replace(&mut st.mine_pending, false);
         st.mine_round = None;
-        st.mining = false;
+        st.phase.work_done();
         let changed = match self.install(&mut st, training) {
             Ok(changed) => changed,
             Err(e) => {
@@ -1002,29 +789,6 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// The reply that hands out a page of validation texts.
-    fn eval_page(&self, step: u64, range: std::ops::Range<usize>) -> NextStepResponse {
-        let set = self
-            .eval_set
-            .as_ref()
-            .expect("pages exist only with an eval set");
-        let nq = set.queries.len();
-        let text = |i: usize| {
-            if i < nq {
-                set.queries[i].clone()
-            } else {
-                set.corpus[i - nq].clone()
-            }
-        };
-        NextStepResponse {
-            status: StepStatus::Eval as i32,
-            step,
-            eval_offset: range.start as u64,
-            eval_texts: range.map(text).collect(),
-            ..Default::default()
-        }
-    }
-
     /// Scores a complete evaluation off the async threads, then records it.
     async fn score(self: Shared, step: u64, values: Vec<f32>, dim: usize) {
         let start = Instant::now();
@@ -1052,7 +816,7 @@ impl Coordinator {
     fn record_eval(&self, step: u64, metrics: BTreeMap<String, f64>, seconds: f64) {
         let mut st = self.lock();
         st.eval = None;
-        st.scoring = false;
+        st.phase.work_done();
         st.step_started = None;
         self.write_log(
             json!({"event": "eval", "step": step, "seconds": seconds, "metrics": metrics}),
@@ -1090,162 +854,9 @@ impl Coordinator {
         self.notify();
     }
 
-    /// Checks a received checkpoint (whole, of the asked step, of this run), adds the cursor and
-    /// the metrics so far, moves it into place (pruning spares the best), and refreshes
-    /// `model-best/` when it is the best step's. Blocking: file hashing and moves.
-    fn adopt_upload(
-        &self,
-        received: &std::path::Path,
-        asked: u64,
-    ) -> std::result::Result<(PathBuf, CheckpointState), Status> {
-        let uploaded =
-            checkpoint::verify(received).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let data = self.data();
-        if uploaded.step != asked
-            || uploaded.data_fingerprint != data.training.fingerprint
-            || uploaded.config_fingerprint != checkpoint::config_fingerprint(&self.cfg)
-        {
-            return Err(Status::failed_precondition(format!(
-                "the upload is a checkpoint of step {} of {} data and config; step {asked} of this run was asked for",
-                uploaded.step,
-                if uploaded.data_fingerprint == data.training.fingerprint {
-                    "this run's"
-                } else {
-                    "other"
-                }
-            )));
-        }
-        let internal = |e: Error| Status::internal(e.to_string());
-        let metrics = self.journal.metrics_contents().map_err(internal)?;
-        let state = checkpoint::annotate(
-            received,
-            uploaded,
-            |state| (state.epoch, state.batch) = data.training.plan.cursor(state.step),
-            &[("metrics.jsonl", &metrics)],
-        )
-        .map_err(internal)?;
-        let keep = checkpoint::Keep {
-            newest: self.cfg.output.keep_checkpoints,
-            best: Self::best_step(&self.lock()),
-        };
-        let dir = self.cfg.output.dir.join("checkpoints");
-        let (path, state) = checkpoint::adopt(&dir, received, state, keep).map_err(internal)?;
-        if keep.best == Some(state.step) {
-            let best = self.cfg.output.dir.join("model-best");
-            crate::io::atomic::copy_dir(&path.join("model"), &best).map_err(internal)?;
-            tracing::info!(step = state.step, model = %best.display(), "best model so far saved");
-        }
-        Ok((path, state))
-    }
-
-    /// Beside the uploaded final model: `model-ema/` from the final checkpoint, and the best
-    /// model in place of the final one when `eval.keep_best` asks for it.
-    fn install_extra_models(&self, ema: Option<PathBuf>, model: &Path) -> Result<()> {
-        let out = &self.cfg.output.dir;
-        if let Some(ema) = ema {
-            crate::io::atomic::copy_dir(&ema, &out.join("model-ema"))?;
-        }
-        let best = out.join("model-best");
-        if self.policy.final_outputs().model_from_best && best.is_dir() {
-            crate::io::atomic::copy_dir(&best, model)?;
-        }
-        Ok(())
-    }
-
     /// The step of the best evaluation so far.
     fn best_step(st: &State) -> Option<u64> {
         st.tracker.as_ref().and_then(|t| t.best).map(|b| b.0)
-    }
-
-    /// Logs a step every worker committed, waits until its records are written, and only then
-    /// lets the workers apply it: a coordinator killed now never leaves an applied step unlogged.
-    async fn log_step(
-        self: Shared,
-        step: u64,
-        generation: u64,
-        commits: Vec<CommitRequest>,
-        broken_since: Option<Instant>,
-        fate: Fate,
-    ) {
-        if let Fate::Skip(reason) = &fate {
-            tracing::warn!(%reason, "skipping the step on every worker");
-            self.write_log(json!({"event": "skip", "step": step + 1, "reason": reason}));
-        } else if let Err(reason) = self.finish_step(step, commits, generation) {
-            return self.abort(reason);
-        }
-        if let Some(t) = broken_since {
-            let seconds = t.elapsed().as_secs_f64();
-            tracing::info!(
-                seconds = format!("{seconds:.2}"),
-                step = step + 1,
-                "recovered: first step after the ring broke up"
-            );
-            self.write_log(json!({"event": "recovered", "step": step + 1, "generation": generation, "seconds": seconds}));
-        }
-        if let Err(e) = self.journal.flushed().await {
-            return self.abort(format!("step {}: {e}", step + 1));
-        }
-        let mut st = self.lock();
-        // A rollback in the meantime (a new ring from an older state) re-runs the step instead.
-        if st.committed > step {
-            st.logged = st.logged.max(step + 1);
-        }
-        drop(st);
-        self.notify();
-    }
-
-    fn finish_step(
-        &self,
-        step: u64,
-        commits: Vec<CommitRequest>,
-        generation: u64,
-    ) -> std::result::Result<(), String> {
-        let loss = commits[0].loss;
-        for c in &commits {
-            // Every worker computes the same global loss; disagreement means the replicas diverged.
-            if (c.loss - loss).abs() > 1e-4 * loss.abs().max(1e-3) {
-                return Err(format!(
-                    "workers disagree on the loss of step {}: {} vs {}",
-                    step + 1,
-                    c.loss,
-                    loss
-                ));
-            }
-        }
-        // The slowest rank's time in each phase: the step waits for it.
-        let slowest = |f: fn(&CommitRequest) -> f64| commits.iter().map(f).fold(0.0, f64::max);
-        let compute = slowest(|c| c.compute_seconds);
-        let comm = slowest(|c| c.comm_seconds);
-        let gather = slowest(|c| c.gather_seconds);
-        let reduce = slowest(|c| c.reduce_seconds);
-        let (data_s, sync) = (slowest(|c| c.data_seconds), slowest(|c| c.sync_seconds));
-        let seconds = data_s + compute + comm + sync;
-        let pairs = self.cfg.train.batch_size;
-        let data = self.data();
-        let (task, epoch, batch) = data.training.plan.position(step);
-        self.write_log(json!({
-            "event": "step", "step": step + 1, "epoch": epoch, "task": data.training.tasks()[task].name, "batch": batch, "loss": loss, "lr": commits[0].lr, "grad_norm": commits[0].grad_norm,
-            "pairs": pairs, "tokens": commits.iter().map(|c| c.tokens).sum::<u64>(), "seconds": seconds,
-            "compute_seconds": compute, "comm_seconds": comm, "gather_seconds": gather, "reduce_seconds": reduce, "pairs_per_s": pairs as f64 / seconds.max(1e-9),
-            "data_seconds": data_s, "forward_seconds": slowest(|c| c.forward_seconds), "backward_seconds": slowest(|c| c.backward_seconds),
-            "optimizer_seconds": slowest(|c| c.optimizer_seconds), "sync_seconds": sync,
-            "workers": commits.len(), "generation": generation, "elapsed": self.started.elapsed().as_secs_f64(),
-        }));
-        self.record_batch(step, commits.len());
-        let interval = self.progress.step(step + 1, loss);
-        self.metrics.step(
-            step + 1,
-            loss,
-            commits[0].lr,
-            self.progress.snapshot().pairs_per_s,
-            StepTimes {
-                compute,
-                all_gather: gather,
-                all_reduce: reduce,
-                waiting: interval.map_or(0.0, |d| (d.as_secs_f64() - seconds).max(0.0)),
-            },
-        );
-        Ok(())
     }
 
     /// The Prometheus exposition of the run now.
@@ -1295,14 +906,14 @@ impl Coordinator {
         let p = self.progress.snapshot();
         let st = self.lock();
         let now = Instant::now();
-        let members = if st.forming { &[][..] } else { &st.ring[..] };
         StatusResponse {
-            phase: phase(&st).into(),
+            phase: st.phase.name().into(),
             generation: st.generation,
             step: st.committed,
             total_steps: st.end,
             workers_wanted: self.cfg.cluster.workers as u32,
-            members: members
+            members: st
+                .ring
                 .iter()
                 .enumerate()
                 .map(|(rank, m)| MemberStatus {
@@ -1322,60 +933,9 @@ impl Coordinator {
             eta_s: p.eta.map_or(-1.0, |d| d.as_secs_f64()),
             checkpoint_step,
             checkpoint_age_s,
-            aborted: st.aborted.clone().unwrap_or_default(),
+            aborted: st.phase.aborted().unwrap_or_default().into(),
         }
     }
-
-    /// Checks a joining worker against the run; returns its usable state step.
-    fn admit(&self, req: &JoinRequest) -> std::result::Result<u64, Status> {
-        if req.version != env!("CARGO_PKG_VERSION") {
-            return Err(Status::failed_precondition(format!(
-                "worker runs multipos {}, the coordinator {}",
-                req.version,
-                env!("CARGO_PKG_VERSION")
-            )));
-        }
-        if !req.model_fingerprint.is_empty() && req.model_fingerprint != self.fingerprint {
-            return Err(Status::failed_precondition(format!(
-                "the worker's model (fingerprint {}) differs from the coordinator's {} ({}): use the same model or let the worker fetch it",
-                req.model_fingerprint,
-                self.fingerprint,
-                self.model_dir.display()
-            )));
-        }
-        if req.rank >= 0 && req.rank as usize >= self.cfg.cluster.workers {
-            return Err(Status::failed_precondition(format!(
-                "rank {} asked for, but cluster.workers = {}: ranks are 0..{}",
-                req.rank, self.cfg.cluster.workers, self.cfg.cluster.workers
-            )));
-        }
-        let data = self.data();
-        if req.state_step > 0 && req.run_fingerprint != data.run_fingerprint {
-            return Err(Status::failed_precondition(
-                "the worker holds the state of another run (other data or settings): restart it",
-            ));
-        }
-        if req.state_step > data.training.plan.total_steps {
-            return Err(Status::failed_precondition(format!(
-                "the worker reports {} steps applied, but the run has {}",
-                req.state_step, data.training.plan.total_steps
-            )));
-        }
-        Ok(req.state_step)
-    }
-}
-
-/// Hands `rank` the next open page of `round`, if any. The step clock covers embedding too: a
-/// worker stuck on a page ends its ring.
-fn hand_out(
-    round: &mut Round,
-    step_started: &mut Option<Instant>,
-    rank: usize,
-    generation: u64,
-) -> Option<std::ops::Range<usize>> {
-    let range = round.assign(rank, generation)?;
-    step_started.get_or_insert_with(Instant::now);
-    Some(range)
 }
 
 /// Loads the tasks a config names, and what `train.mine` makes of them: mined by the coordinator
@@ -1427,43 +987,52 @@ fn first_generation() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// How a requested stop ends.
-#[derive(Debug, PartialEq)]
-enum StopEnd {
-    /// The committed state is in the newest checkpoint.
-    Checkpointed,
-    /// No ring formed to write it: the steps since the newest checkpoint are lost.
-    Lost,
-}
-
-/// Whether a requested stop is over (docs/design.md §9): once every member of the live ring was
-/// told and the committed state is checkpointed. While a ring forms, the stop waits for it (its
-/// rank 0 writes the checkpoint), unless that state is checkpointed already, or `grace` passed
-/// since the stop or the ring's end without a ring forming.
-fn stop_end(
-    forming: bool,
-    told_all: bool,
-    checkpointed: bool,
-    waited: Duration,
-    grace: Duration,
-) -> Option<StopEnd> {
-    if checkpointed && (forming || told_all) {
-        Some(StopEnd::Checkpointed)
-    } else if forming && waited >= grace {
-        Some(StopEnd::Lost)
-    } else {
-        None
-    }
-}
-
 impl State {
+    /// A run's state before its first ring: at the step of `latest` (the checkpoint it resumes
+    /// from), `train.mine` still to do when `mine_pending`, ending at step `end`.
+    fn new(
+        latest: Option<(PathBuf, CheckpointState)>,
+        mine_pending: bool,
+        tracker: Option<Tracker>,
+        end: u64,
+    ) -> Self {
+        let start = latest.as_ref().map_or(0, |(_, s)| s.step);
+        Self {
+            phase: Phase::start(Instant::now()),
+            generation: first_generation(),
+            ring: Vec::new(),
+            previous: Vec::new(),
+            candidates: Vec::new(),
+            formation: None,
+            ever_formed: false,
+            grow: false,
+            next_member: 1,
+            committed: start,
+            logged: start,
+            commits: Vec::new(),
+            latest,
+            step_started: None,
+            shards_out: false,
+            broken_since: None,
+            eval: None,
+            mine_pending,
+            mine_round: None,
+            mine_started: None,
+            tracker,
+            end,
+            checkpoint_asked: None,
+            skipped_in_a_row: 0,
+            last_skipped: None,
+        }
+    }
+
     fn latest_is(&self, step: u64) -> bool {
         self.latest.as_ref().is_some_and(|(_, s)| s.step == step)
     }
 
     /// Whether `generation` is over (a new one forms or formed).
     fn ended(&self, generation: u64) -> bool {
-        self.forming || self.generation != generation
+        self.ring.is_empty() || self.generation != generation
     }
 }
 
@@ -1488,41 +1057,4 @@ pub async fn bind(cfg: &RunConfig) -> Result<TcpListener> {
             cfg.cluster.bind
         ))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GRACE: Duration = Duration::from_secs(3);
-
-    #[test]
-    fn a_stop_on_a_live_ring_waits_for_every_member_and_the_checkpoint() {
-        let early = Duration::ZERO;
-        assert_eq!(stop_end(false, false, true, early, GRACE), None);
-        assert_eq!(stop_end(false, true, false, early, GRACE), None);
-        // However long it takes: the step timeout, not the stop, ends a stalled ring.
-        assert_eq!(stop_end(false, true, false, GRACE * 10, GRACE), None);
-        assert_eq!(
-            stop_end(false, true, true, early, GRACE),
-            Some(StopEnd::Checkpointed)
-        );
-    }
-
-    #[test]
-    fn a_stop_while_the_ring_forms_waits_for_the_ring_within_the_grace() {
-        let early = GRACE / 2;
-        // Steps since the newest checkpoint: wait for a ring to write them.
-        assert_eq!(stop_end(true, false, false, early, GRACE), None);
-        assert_eq!(stop_end(true, true, false, early, GRACE), None);
-        assert_eq!(
-            stop_end(true, false, false, GRACE, GRACE),
-            Some(StopEnd::Lost)
-        );
-        // Nothing to lose: end at once.
-        assert_eq!(
-            stop_end(true, false, true, early, GRACE),
-            Some(StopEnd::Checkpointed)
-        );
-    }
 }
