@@ -417,6 +417,100 @@ fn default_keep() -> usize {
     3
 }
 
+impl TrainConfig {
+    /// Checks the training settings on their own.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let t = self;
+        if t.batch_size < 2 {
+            return Err(format!(
+                "train.batch_size must be at least 2, got {}",
+                t.batch_size
+            ));
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(format!("train.lr must be a positive number, got {}", t.lr));
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            return Err("set train.epochs or train.max_steps to at least 1".into());
+        }
+        if t.warmup_steps.is_some() && t.warmup_ratio.is_some() {
+            return Err("set either train.warmup_steps or train.warmup_ratio, not both".into());
+        }
+        if let Some(r) = t.warmup_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(format!("train.warmup_ratio must be within [0, 1], got {r}"));
+        }
+        if t.max_steps > 0
+            && let Some(w) = t.warmup_steps
+            && w > t.max_steps
+        {
+            return Err(format!(
+                "train.warmup_steps = {w} exceeds train.max_steps = {}",
+                t.max_steps
+            ));
+        }
+        if t.scale.is_nan() || t.scale <= 0.0 {
+            return Err(format!("train.scale must be positive, got {}", t.scale));
+        }
+        if let Some(d) = t.ema_decay
+            && !(0.0..1.0).contains(&d)
+        {
+            return Err(format!("train.ema_decay must be within [0, 1), got {d}"));
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
+            return Err("train.weight_decay and train.max_grad_norm must not be negative".into());
+        }
+        if t.prefetch > 64 {
+            return Err(format!(
+                "train.prefetch must be within 0..=64, got {}",
+                t.prefetch
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ClusterConfig {
+    /// Checks the cluster settings, for a global batch of `batch_size`.
+    fn validate(&self, batch_size: usize) -> std::result::Result<(), String> {
+        let c = self;
+        if c.workers == 0 {
+            return Err("cluster.workers must be at least 1".into());
+        }
+        if !batch_size.is_multiple_of(c.workers) {
+            return Err(format!(
+                "train.batch_size {} does not split into cluster.workers = {} equal shards: make it a multiple",
+                batch_size, c.workers
+            ));
+        }
+        if c.min_workers > c.workers {
+            return Err(format!(
+                "cluster.min_workers = {} exceeds cluster.workers = {}",
+                c.min_workers, c.workers
+            ));
+        }
+        if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+            return Err(
+                "cluster.heartbeat_timeout_ms must exceed cluster.heartbeat_interval_ms > 0".into(),
+            );
+        }
+        if c.bucket_mib == 0 || c.bucket_mib > 4096 {
+            return Err(format!(
+                "cluster.bucket_mib must be within 1..=4096, got {}",
+                c.bucket_mib
+            ));
+        }
+        if c.chunk_kib == 0 || c.chunk_kib > 16 * 1024 {
+            return Err(format!(
+                "cluster.chunk_kib must be within 1..=16384, got {}",
+                c.chunk_kib
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl RunConfig {
     /// Reads `file`, then environment overrides, then `sets` (`section.key=value`), and validates.
     pub fn load(file: &Path, sets: &[String]) -> Result<Self> {
@@ -460,86 +554,8 @@ impl RunConfig {
     /// Checks values that are impossible on their own (data-dependent checks come at planning); what
     /// a worker checks of the config the coordinator sends.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let t = &self.train;
-        if t.batch_size < 2 {
-            return Err(format!(
-                "train.batch_size must be at least 2, got {}",
-                t.batch_size
-            ));
-        }
-        if !(t.lr > 0.0 && t.lr.is_finite()) {
-            return Err(format!("train.lr must be a positive number, got {}", t.lr));
-        }
-        if t.epochs == 0 && t.max_steps == 0 {
-            return Err("set train.epochs or train.max_steps to at least 1".into());
-        }
-        if t.warmup_steps.is_some() && t.warmup_ratio.is_some() {
-            return Err("set either train.warmup_steps or train.warmup_ratio, not both".into());
-        }
-        if let Some(r) = t.warmup_ratio
-            && !(0.0..=1.0).contains(&r)
-        {
-            return Err(format!("train.warmup_ratio must be within [0, 1], got {r}"));
-        }
-        if t.max_steps > 0
-            && let Some(w) = t.warmup_steps
-            && w > t.max_steps
-        {
-            return Err(format!(
-                "train.warmup_steps = {w} exceeds train.max_steps = {}",
-                t.max_steps
-            ));
-        }
-        if t.scale.is_nan() || t.scale <= 0.0 {
-            return Err(format!("train.scale must be positive, got {}", t.scale));
-        }
-        if let Some(d) = t.ema_decay
-            && !(0.0..1.0).contains(&d)
-        {
-            return Err(format!("train.ema_decay must be within [0, 1), got {d}"));
-        }
-        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
-            return Err("train.weight_decay and train.max_grad_norm must not be negative".into());
-        }
-        let c = &self.cluster;
-        if c.workers == 0 {
-            return Err("cluster.workers must be at least 1".into());
-        }
-        if !t.batch_size.is_multiple_of(c.workers) {
-            return Err(format!(
-                "train.batch_size {} does not split into cluster.workers = {} equal shards: make it a multiple",
-                t.batch_size, c.workers
-            ));
-        }
-        if c.min_workers > c.workers {
-            return Err(format!(
-                "cluster.min_workers = {} exceeds cluster.workers = {}",
-                c.min_workers, c.workers
-            ));
-        }
-        if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
-            return Err(
-                "cluster.heartbeat_timeout_ms must exceed cluster.heartbeat_interval_ms > 0".into(),
-            );
-        }
-        if c.bucket_mib == 0 || c.bucket_mib > 4096 {
-            return Err(format!(
-                "cluster.bucket_mib must be within 1..=4096, got {}",
-                c.bucket_mib
-            ));
-        }
-        if self.train.prefetch > 64 {
-            return Err(format!(
-                "train.prefetch must be within 0..=64, got {}",
-                self.train.prefetch
-            ));
-        }
-        if c.chunk_kib == 0 || c.chunk_kib > 16 * 1024 {
-            return Err(format!(
-                "cluster.chunk_kib must be within 1..=16384, got {}",
-                c.chunk_kib
-            ));
-        }
+        self.train.validate()?;
+        self.cluster.validate(self.train.batch_size)?;
         if self.output.keep_checkpoints == 0 {
             return Err("output.keep_checkpoints must be at least 1".into());
         }

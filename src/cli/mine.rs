@@ -8,7 +8,7 @@ use crate::data::{LoadOptions, load_files};
 use crate::device;
 use crate::embed::read_inputs;
 use crate::io::output::{Kind, Output};
-use crate::mine::{Corpus, MineOptions, Sampling, cache, mine, write_groups};
+use crate::mine::{Corpus, MineOptions, MineReport, Sampling, cache, mine, write_groups};
 use crate::model::SentenceModel;
 
 #[derive(clap::Args, Debug)]
@@ -92,20 +92,7 @@ pub fn run(args: MineArgs) -> anyhow::Result<()> {
         overwrite: args.overwrite,
     }
     .check(&inputs)?;
-    let opts = MineOptions {
-        range_min: args.range_min,
-        range_max: args.range_max,
-        max_score: args.max_score,
-        min_score: args.min_score,
-        absolute_margin: args.absolute_margin,
-        relative_margin: args.relative_margin,
-        num_negatives: args.num_negatives,
-        sampling_strategy: args.sampling_strategy,
-        seed: args.seed,
-        batch_size: args.batch_size as usize,
-        clusters: args.clusters,
-        corpus: None,
-    };
+    let opts = options(&args);
     opts.validate().map_err(anyhow::Error::msg)?;
     device::set_threads(args.runtime.threads)?;
     let device = device::parse_device(&args.runtime.device)?;
@@ -151,15 +138,38 @@ pub fn run(args: MineArgs) -> anyhow::Result<()> {
         output = %args.output.display(),
         "mined"
     );
+    warn_short(&report, opts.num_negatives);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// The mining options the flags ask for.
+fn options(args: &MineArgs) -> MineOptions {
+    MineOptions {
+        range_min: args.range_min,
+        range_max: args.range_max,
+        max_score: args.max_score,
+        min_score: args.min_score,
+        absolute_margin: args.absolute_margin,
+        relative_margin: args.relative_margin,
+        num_negatives: args.num_negatives,
+        sampling_strategy: args.sampling_strategy,
+        seed: args.seed,
+        batch_size: args.batch_size as usize,
+        clusters: args.clusters,
+        corpus: None,
+    }
+}
+
+/// Says how many queries found fewer negatives than asked: they are kept with what they found.
+fn warn_short(report: &MineReport, wanted: usize) {
     if report.queries_short > 0 {
         tracing::warn!(
             "{} of {} queries found fewer than {} qualifying negatives ({} found none); they are written with what they found",
             report.queries_short,
             report.queries,
-            opts.num_negatives,
+            wanted,
             report.queries_without
         );
     }
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
 }

@@ -77,32 +77,48 @@ pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
     Snapshot { generation, chunks }
 }
 
+/// A refusal of a state stream, saying what was wrong with it.
+fn bad(what: String) -> Error {
+    Error::Protocol(format!("state stream from the peer: {what}"))
+}
+
 /// Receives a state stream and loads it into `trainer`; returns the steps it had applied.
-pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) -> Result<u64> {
-    let bad = |what: String| Error::Protocol(format!("state stream from the peer: {what}"));
-    // A donor sends exactly this replica's tensors (weights, moments, average) and a small meta
-    // entry: anything beyond that is refused before it fills memory.
-    let numel = |ts: &mut dyn Iterator<Item = i64>| ts.sum::<i64>() as u64 * 4;
-    let limit = numel(
+pub async fn restore(stream: Streaming<FileChunk>, trainer: &mut Trainer) -> Result<u64> {
+    let entries = receive(stream, state_bytes(trainer)).await?;
+    load(&entries, trainer)
+}
+
+/// What a donor sends for `trainer`: exactly this replica's tensors (weights, moments, average)
+/// and a small meta entry. Anything beyond that is refused before it fills memory.
+fn state_bytes(trainer: &Trainer) -> u64 {
+    let bytes = |ts: &mut dyn Iterator<Item = i64>| ts.sum::<i64>() as u64 * 4;
+    let weights = bytes(
         &mut trainer
             .state
             .parameters()
             .iter()
             .map(|(_, t)| t.numel() as i64),
-    ) + numel(
+    );
+    let moments = bytes(
         &mut trainer
             .optim
             .state()
             .into_iter()
             .map(|(_, t)| t.numel() as i64),
-    ) + numel(
+    );
+    let averages = bytes(
         &mut trainer
             .state
             .ema
             .iter()
             .flat_map(|e| e.tensors())
             .map(|(_, t)| t.numel() as i64),
-    ) + (1 << 16);
+    );
+    weights + moments + averages + (1 << 16)
+}
+
+/// The stream's entries by name, at most `limit` bytes in all.
+async fn receive(mut stream: Streaming<FileChunk>, limit: u64) -> Result<HashMap<String, Vec<u8>>> {
     let mut total = 0u64;
     let mut entries: HashMap<String, Vec<u8>> = HashMap::new();
     let mut current: Option<String> = None;
@@ -131,15 +147,22 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
             current = None;
         }
     }
+    Ok(entries)
+}
+
+/// Loads received entries into `trainer`: the steps they had applied. Everything is checked
+/// before anything is loaded, so a stream that broke, or a caller that gave up waiting, leaves
+/// the replica as it was.
+fn load(entries: &HashMap<String, Vec<u8>>, trainer: &mut Trainer) -> Result<u64> {
     let meta: Meta = serde_json::from_slice(
         entries
             .get("meta")
             .ok_or_else(|| bad("no meta entry".into()))?,
     )
     .map_err(|e| bad(format!("meta: {e}")))?;
-    let shaped = |key: &str, like: &Tensor| -> Result<Tensor> {
+    let shaped = |key: String, like: &Tensor| -> Result<Tensor> {
         let bytes = entries
-            .get(key)
+            .get(&key)
             .ok_or_else(|| bad(format!("no entry {key}")))?;
         if bytes.len() != like.numel() * 4 {
             return Err(bad(format!(
@@ -148,16 +171,14 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
                 like.numel() * 4
             )));
         }
-        Ok(tensor_from_le_bytes(bytes, &like.size()))
+        Ok(tensor_from_le_bytes(bytes, &like.size()).to_device(like.device()))
     };
-    // Everything is received and checked before anything is loaded: a stream that breaks, or a
-    // caller that gives up waiting, leaves the replica as it was.
     let weights: Vec<(Tensor, Tensor)> = trainer
         .state
         .parameters()
         .into_iter()
         .map(|(name, var)| {
-            let t = shaped(&format!("w/{name}"), &var)?.to_device(var.device());
+            let t = shaped(format!("w/{name}"), &var)?;
             Ok((var, t))
         })
         .collect::<Result<_>>()?;
@@ -166,7 +187,7 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
         .state()
         .into_iter()
         .map(|(name, like)| {
-            let t = shaped(&format!("m/{name}"), &like)?.to_device(like.device());
+            let t = shaped(format!("m/{name}"), &like)?;
             Ok((name, t))
         })
         .collect::<Result<_>>()?;
@@ -176,7 +197,7 @@ pub async fn restore(mut stream: Streaming<FileChunk>, trainer: &mut Trainer) ->
         .iter()
         .flat_map(|e| e.tensors())
         .map(|(name, avg)| {
-            let t = shaped(&format!("e/{name}"), &avg)?.to_device(avg.device());
+            let t = shaped(format!("e/{name}"), &avg)?;
             Ok((avg, t))
         })
         .collect::<Result<_>>()?;

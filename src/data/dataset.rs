@@ -257,6 +257,48 @@ impl DatasetBuilder {
         negatives: &[&str],
         cluster: Option<&Cluster>,
     ) -> Result<(), RecordError> {
+        let (q_norm, pos_norm, neg_norm) = self.checked(query, positives, negatives, cluster)?;
+        self.data.stats.records += 1;
+        let q = self.intern(query, &q_norm);
+        let g = self.group_of(q);
+        if let Some(label) = cluster {
+            let next = self.cluster_ids.len() as u32;
+            let c = *self.cluster_ids.entry(label.clone()).or_insert_with(|| {
+                self.data.cluster_labels.push(label.clone());
+                next
+            });
+            self.pending_cluster[g] = Some(c);
+        }
+        for (p, norm) in positives.iter().zip(&pos_norm) {
+            let id = self.intern(p, norm);
+            if id == q {
+                self.data.stats.positives_equal_to_query_removed += 1;
+            } else if self.pending_pos[g].contains(&id) {
+                self.data.stats.duplicate_positives_merged += 1;
+            } else {
+                self.pending_pos[g].push(id);
+            }
+        }
+        for (n, norm) in negatives.iter().zip(&neg_norm) {
+            let id = self.intern(n, norm);
+            if self.pending_neg[g].contains(&id) {
+                self.data.stats.duplicate_negatives_merged += 1;
+            } else {
+                self.pending_neg[g].push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a record before anything of it is kept: its normalized query, positives and
+    /// negatives. A query seen before keeps its cluster.
+    fn checked(
+        &self,
+        query: &str,
+        positives: &[&str],
+        negatives: &[&str],
+        cluster: Option<&Cluster>,
+    ) -> Result<(String, Vec<String>, Vec<String>), RecordError> {
         let q_norm = normalize(query);
         if q_norm.is_empty() {
             return Err(RecordError::EmptyQuery);
@@ -286,51 +328,23 @@ impl DatasetBuilder {
                 return Err(RecordError::ClusterConflict(was.clone(), now.clone()));
             }
         }
+        Ok((q_norm, pos_norm, neg_norm))
+    }
 
-        self.data.stats.records += 1;
-        let q = self.intern(query, &q_norm);
-        let g = match self.group_of_query.get(&q) {
-            Some(&g) => {
-                self.data.stats.duplicate_queries_merged += 1;
-                g
-            }
-            None => {
-                let g = self.data.queries.len();
-                self.data.queries.push(q);
-                self.pending_pos.push(Vec::new());
-                self.pending_neg.push(Vec::new());
-                self.pending_cluster.push(None);
-                self.group_of_query.insert(q, g);
-                g
-            }
-        };
-        if let Some(label) = cluster {
-            let next = self.cluster_ids.len() as u32;
-            let c = *self.cluster_ids.entry(label.clone()).or_insert_with(|| {
-                self.data.cluster_labels.push(label.clone());
-                next
-            });
-            self.pending_cluster[g] = Some(c);
+    /// The group of query text `q`: its group so far (a duplicate query merges into it), or a
+    /// new one.
+    fn group_of(&mut self, q: TextId) -> usize {
+        if let Some(&g) = self.group_of_query.get(&q) {
+            self.data.stats.duplicate_queries_merged += 1;
+            return g;
         }
-        for (p, norm) in positives.iter().zip(&pos_norm) {
-            let id = self.intern(p, norm);
-            if id == q {
-                self.data.stats.positives_equal_to_query_removed += 1;
-            } else if self.pending_pos[g].contains(&id) {
-                self.data.stats.duplicate_positives_merged += 1;
-            } else {
-                self.pending_pos[g].push(id);
-            }
-        }
-        for (n, norm) in negatives.iter().zip(&neg_norm) {
-            let id = self.intern(n, norm);
-            if self.pending_neg[g].contains(&id) {
-                self.data.stats.duplicate_negatives_merged += 1;
-            } else {
-                self.pending_neg[g].push(id);
-            }
-        }
-        Ok(())
+        let g = self.data.queries.len();
+        self.data.queries.push(q);
+        self.pending_pos.push(Vec::new());
+        self.pending_neg.push(Vec::new());
+        self.pending_cluster.push(None);
+        self.group_of_query.insert(q, g);
+        g
     }
 
     /// Counts a record skipped under `skip_invalid`.

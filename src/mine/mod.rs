@@ -334,22 +334,7 @@ pub fn mine_embedded(
     show_progress: bool,
 ) -> Result<(Mined, MineReport)> {
     let max_positives = max_positives(data);
-    opts.validate().map_err(Error::Usage)?;
-    let (q, c) = (query_emb.size(), corpus_emb.size());
-    if q.get(1) != c.get(1) {
-        return Err(Error::Usage(format!(
-            "query embeddings of shape {q:?} and corpus embeddings of shape {c:?} differ in \
-             dimension (a corrupt embedding cache file?)"
-        )));
-    }
-    if let Some(k) = opts.clusters
-        && k > data.len()
-    {
-        return Err(Error::Usage(format!(
-            "cannot cluster {} queries into clusters = {k}: lower clusters",
-            data.len()
-        )));
-    }
+    check_inputs(data, query_emb, corpus_emb, opts)?;
     let range_max = opts.range_max(max_positives);
     let mut report = MineReport {
         queries: data.len() as u64,
@@ -375,16 +360,7 @@ pub fn mine_embedded(
             .iter()
             .map(|&p| corpus.by_hash[&data.hash(p)] as i64)
             .collect();
-        let weakest = tch::no_grad(|| {
-            corpus_emb
-                .index_select(
-                    0,
-                    &Tensor::from_slice(&positive_rows).to_device(corpus_emb.device()),
-                )
-                .matmul(&query_emb.get(g as i64).unsqueeze(1))
-                .min()
-                .double_value(&[])
-        }) as f32;
+        let weakest = weakest_positive(&query_emb.get(g as i64), corpus_emb, &positive_rows);
         let picked = select::select(
             candidates,
             |i| own.contains(&corpus.hashes[i as usize]),
@@ -404,22 +380,68 @@ pub fn mine_embedded(
                 .collect(),
         );
     }
-    let clusters = opts.clusters.map(|k| {
-        let c = kmeans::cluster(query_emb, k, opts.seed);
-        let sizes = c.sizes(k);
-        report.clusters = Some(ClusterReport {
-            count: k as u64,
-            smallest: sizes.iter().copied().min().unwrap_or(0),
-            largest: sizes.iter().copied().max().unwrap_or(0),
-            rounds: c.rounds as u64,
-        });
-        c.labels
-    });
+    let clusters = opts
+        .clusters
+        .map(|k| cluster_queries(query_emb, k, opts.seed, &mut report));
     let mined = Mined {
         negatives: mined,
         clusters,
     };
     Ok((mined, report))
+}
+
+/// Refuses options out of range, embeddings of unequal dimension, and more clusters than queries.
+fn check_inputs(
+    data: &Dataset,
+    query_emb: &Tensor,
+    corpus_emb: &Tensor,
+    opts: &MineOptions,
+) -> Result<()> {
+    opts.validate().map_err(Error::Usage)?;
+    let (q, c) = (query_emb.size(), corpus_emb.size());
+    if q.get(1) != c.get(1) {
+        return Err(Error::Usage(format!(
+            "query embeddings of shape {q:?} and corpus embeddings of shape {c:?} differ in \
+             dimension (a corrupt embedding cache file?)"
+        )));
+    }
+    if let Some(k) = opts.clusters
+        && k > data.len()
+    {
+        return Err(Error::Usage(format!(
+            "cannot cluster {} queries into clusters = {k}: lower clusters",
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The similarity of `query` to its least similar positive (the corpus rows `positive_rows`):
+/// what a negative may not exceed.
+fn weakest_positive(query: &Tensor, corpus_emb: &Tensor, positive_rows: &[i64]) -> f32 {
+    tch::no_grad(|| {
+        corpus_emb
+            .index_select(
+                0,
+                &Tensor::from_slice(positive_rows).to_device(corpus_emb.device()),
+            )
+            .matmul(&query.unsqueeze(1))
+            .min()
+            .double_value(&[])
+    }) as f32
+}
+
+/// The queries' topic labels from a spherical k-means into `k` clusters, reported in `report`.
+fn cluster_queries(query_emb: &Tensor, k: usize, seed: u64, report: &mut MineReport) -> Vec<u32> {
+    let c = kmeans::cluster(query_emb, k, seed);
+    let sizes = c.sizes(k);
+    report.clusters = Some(ClusterReport {
+        count: k as u64,
+        smallest: sizes.iter().copied().min().unwrap_or(0),
+        largest: sizes.iter().copied().max().unwrap_or(0),
+        rounds: c.rounds as u64,
+    });
+    c.labels
 }
 
 #[derive(Serialize)]

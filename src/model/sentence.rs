@@ -201,6 +201,47 @@ pub fn max_seq_length_of(dir: &Path, configured: Option<usize>) -> Result<usize>
     }
 }
 
+/// The pooling of `pooling_file` (mean pooling without one), checked against the encoder's
+/// `config` read from `config_path`.
+fn read_pooling(
+    pooling_file: Option<&Path>,
+    config: &BertConfig,
+    config_path: &Path,
+) -> Result<PoolingConfig> {
+    let Some(path) = pooling_file else {
+        return Ok(PoolingConfig {
+            dimension: config.hidden_size,
+            modes: vec![PoolingMode::Mean],
+            include_prompt: true,
+        });
+    };
+    let p = PoolingConfig::load(path)?;
+    if p.dimension != config.hidden_size {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "word_embedding_dimension {} differs from hidden_size {} in {}",
+                p.dimension,
+                config.hidden_size,
+                config_path.display()
+            ),
+        ));
+    }
+    Ok(p)
+}
+
+/// The tokenizer files of the transformer directory `tdir`, as they are, to save them unchanged.
+fn read_tokenizer_files(tdir: &Path) -> Result<BTreeMap<&'static str, Vec<u8>>> {
+    let mut files = BTreeMap::new();
+    for name in TOKENIZER_FILES {
+        let path = tdir.join(name);
+        if path.exists() {
+            files.insert(*name, fs::read(&path).map_err(Error::io("read", &path))?);
+        }
+    }
+    Ok(files)
+}
+
 impl SentenceModel {
     /// Loads a sentence-transformers directory onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
@@ -218,29 +259,7 @@ impl SentenceModel {
 
         let sbert = read_sbert(tdir, &config)?;
 
-        let pooling = match &pipeline.pooling_file {
-            Some(path) => {
-                let p = PoolingConfig::load(path)?;
-                if p.dimension != config.hidden_size {
-                    return Err(Error::invalid(
-                        path,
-                        format!(
-                            "word_embedding_dimension {} differs from hidden_size {} in {}",
-                            p.dimension,
-                            config.hidden_size,
-                            config_path.display()
-                        ),
-                    ));
-                }
-                p
-            }
-            None => PoolingConfig {
-                dimension: config.hidden_size,
-                modes: vec![PoolingMode::Mean],
-                include_prompt: true,
-            },
-        };
-
+        let pooling = read_pooling(pipeline.pooling_file.as_deref(), &config, &config_path)?;
         let tokenizer_path = tdir.join("tokenizer.json");
         if !tokenizer_path.exists() {
             return Err(Error::invalid(
@@ -250,13 +269,7 @@ impl SentenceModel {
         }
         let tokenizer =
             TextTokenizer::load(&tokenizer_path, sbert.max_seq_length, sbert.do_lower_case)?;
-        let mut tokenizer_files = BTreeMap::new();
-        for name in TOKENIZER_FILES {
-            let path = tdir.join(name);
-            if path.exists() {
-                tokenizer_files.insert(*name, fs::read(&path).map_err(Error::io("read", &path))?);
-            }
-        }
+        let tokenizer_files = read_tokenizer_files(tdir)?;
 
         let weights_path = tdir.join("model.safetensors");
         if !weights_path.exists() {

@@ -275,6 +275,27 @@ struct Loop {
     evaluated_last: bool,
 }
 
+impl Loop {
+    /// The loop of a run starting at `start_step`. A resumed run reports its newest logged loss
+    /// even when no step is left to run.
+    fn new(start_step: u64, tracker: Option<Tracker>, log: &mut MetricsLog) -> Result<Self> {
+        let last_loss = if start_step > 0 {
+            last_logged_loss(&String::from_utf8_lossy(&log.contents()?))
+        } else {
+            f64::NAN
+        };
+        Ok(Self {
+            start_step,
+            pairs: 0,
+            last_loss,
+            skipped: 0,
+            tracker,
+            stopped_at: None,
+            evaluated_last: false,
+        })
+    }
+}
+
 impl Run<'_> {
     /// Runs steps from `step` on, each prepared ahead (`train.prefetch`), until the run ends, stops
     /// early, or must re-mine; returns the next step to run.
@@ -425,6 +446,23 @@ fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer,
 }
 
 /// Runs training as the config says, showing progress as `show` says.
+/// Writes the run's final models into `out_dir` as the policy says (the model trained, or the
+/// best; the moving average's): where the model lies.
+fn save_models(out_dir: &Path, policy: &RunPolicy, trainer: &Trainer) -> Result<PathBuf> {
+    let model_dir = out_dir.join("model");
+    let best_dir = out_dir.join("model-best");
+    let outputs = policy.final_outputs();
+    if outputs.model_from_best && best_dir.is_dir() {
+        crate::io::atomic::copy_dir(&best_dir, &model_dir)?;
+    } else {
+        trainer.state.save(&model_dir)?;
+    }
+    if outputs.ema {
+        trainer.state.save_ema(&out_dir.join("model-ema"))?;
+    }
+    Ok(model_dir)
+}
+
 pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
     // First of all: a signal during start-up (loading, mining, planning) must not be lost.
     let stop = stop_flag()?;
@@ -432,13 +470,8 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
     let fresh = FreshOutput::watch(cfg);
     let (mut run, mut trainer, mut log, start_step) = start(cfg, &stop)?;
     fresh.keep();
-    let mut tracker = cfg.eval.as_ref().map(Tracker::new);
-    if let Some(t) = tracker.as_mut()
-        && start_step > 0
-    {
-        let text = String::from_utf8_lossy(&log.contents()?).into_owned();
-        t.replay(&text, start_step).map_err(Error::Usage)?;
-    }
+    let resumed = (start_step > 0).then_some(start_step);
+    let mut tracker = Tracker::resumed(cfg.eval.as_ref(), resumed, &mut log)?;
     let policy = RunPolicy::new(cfg);
     let eval_before = if policy.eval_before_training() && start_step == 0 {
         let (m, _) = run.validate(&trainer, 0, &mut log, &mut tracker)?;
@@ -457,20 +490,7 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
         cfg.train.batch_size,
     );
     let start = Instant::now();
-    // A resumed run reports its newest loss even when no step is left to run.
-    let mut lp = Loop {
-        start_step,
-        pairs: 0,
-        last_loss: if start_step > 0 {
-            last_logged_loss(&String::from_utf8_lossy(&log.contents()?))
-        } else {
-            f64::NAN
-        },
-        skipped: 0,
-        tracker,
-        stopped_at: None,
-        evaluated_last: false,
-    };
+    let mut lp = Loop::new(start_step, tracker, &mut log)?;
     if start_step >= run.data.plan.total_steps {
         tracing::info!(
             steps = run.data.plan.total_steps,
@@ -507,17 +527,7 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
     if let Some(m) = &eval_after {
         print_metrics("after training", m);
     }
-    let model_dir = out_dir.join("model");
-    let best_dir = out_dir.join("model-best");
-    let outputs = policy.final_outputs();
-    if outputs.model_from_best && best_dir.is_dir() {
-        crate::io::atomic::copy_dir(&best_dir, &model_dir)?;
-    } else {
-        trainer.state.save(&model_dir)?;
-    }
-    if outputs.ema {
-        trainer.state.save_ema(&out_dir.join("model-ema"))?;
-    }
+    let model_dir = save_models(out_dir, &policy, &trainer)?;
     run.save_checkpoint(&trainer, last, best_step(&tracker), &mut log)?;
     let summary = RunSummary {
         steps: last,
