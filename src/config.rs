@@ -11,10 +11,10 @@ use crate::error::{Error, Result};
 use crate::loss::{LossConfig, MnrlConfig};
 
 /// The name of the one task a `[data]` section describes.
-pub const DEFAULT_TASK: &str = "default";
+pub(crate) const DEFAULT_TASK: &str = "default";
 
 /// Warmup when neither `warmup_steps` nor `warmup_ratio` is set (sentence-transformers' examples).
-pub const DEFAULT_WARMUP_RATIO: f64 = 0.1;
+pub(crate) const DEFAULT_WARMUP_RATIO: f64 = 0.1;
 
 /// Everything a training run needs.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -128,11 +128,11 @@ impl Default for ClusterConfig {
 }
 
 /// The environment variable that carries the cluster token (wins over the config).
-pub const TOKEN_ENV: &str = "MULTIPOS_CLUSTER_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "MULTIPOS_CLUSTER_TOKEN";
 
 impl ClusterConfig {
     /// The token from MULTIPOS_CLUSTER_TOKEN, else `token_file`, else `token`.
-    pub fn resolve_token(&self) -> Result<Option<String>> {
+    pub(crate) fn resolve_token(&self) -> Result<Option<String>> {
         if let Ok(t) = std::env::var(TOKEN_ENV)
             && !t.trim().is_empty()
         {
@@ -147,7 +147,7 @@ impl ClusterConfig {
     }
 
     /// The fewest workers a re-formed ring may have.
-    pub fn min_workers(&self) -> usize {
+    pub(crate) fn min_workers(&self) -> usize {
         if self.min_workers == 0 {
             self.workers
         } else {
@@ -193,7 +193,7 @@ pub enum Paths {
 
 impl Paths {
     /// All paths as a list.
-    pub fn to_vec(&self) -> Vec<PathBuf> {
+    pub(crate) fn to_vec(&self) -> Vec<PathBuf> {
         match self {
             Paths::One(p) => vec![p.clone()],
             Paths::Many(v) => v.clone(),
@@ -685,7 +685,7 @@ impl RunConfig {
     }
 
     /// Checks that the files the run reads exist (on the coordinator, or the one process).
-    pub fn validate_files(&self) -> std::result::Result<(), String> {
+    pub(crate) fn validate_files(&self) -> std::result::Result<(), String> {
         for t in self.tasks() {
             for p in t.train.to_vec() {
                 if let Some(why) = not_a_file(&p) {
@@ -716,7 +716,7 @@ impl RunConfig {
     }
 
     /// Total warmup steps for a run of `total` steps.
-    pub fn warmup_steps(&self, total: u64) -> u64 {
+    pub(crate) fn warmup_steps(&self, total: u64) -> u64 {
         match (self.train.warmup_steps, self.train.warmup_ratio) {
             (Some(w), _) => w,
             (None, Some(r)) => (r * total as f64).ceil() as u64,

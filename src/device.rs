@@ -93,14 +93,14 @@ pub fn load_cuda() -> &'static CudaLibrary {
 }
 
 /// How many GPUs libtorch sees, its CUDA half loaded first if it can be.
-pub fn cuda_devices() -> usize {
+pub(crate) fn cuda_devices() -> usize {
     load_cuda();
     tch::Cuda::device_count().max(0) as usize
 }
 
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` picks the first GPU when one is usable and
 /// logs which device it chose and why.
-pub fn parse_device(spec: &str) -> Result<Device> {
+pub(crate) fn parse_device(spec: &str) -> Result<Device> {
     let library = load_cuda();
     let device = match spec {
         "auto" => {
@@ -150,7 +150,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 /// `t` on `device`, without making the host wait for the device: a CPU tensor bound for CUDA is
 /// pinned and copied asynchronously, in stream order before whatever is queued after it.
-pub fn upload(t: &Tensor, device: Device) -> Tensor {
+pub(crate) fn upload(t: &Tensor, device: Device) -> Tensor {
     match (t.device(), device) {
         (from, to) if from == to => t.shallow_clone(),
         (Device::Cpu, Device::Cuda(_)) => {
@@ -162,7 +162,7 @@ pub fn upload(t: &Tensor, device: Device) -> Tensor {
 }
 
 /// Sets libtorch's intra-op thread count; 0 keeps libtorch's default (one per core).
-pub fn set_threads(threads: usize) -> Result<()> {
+pub(crate) fn set_threads(threads: usize) -> Result<()> {
     if threads > MAX_THREADS {
         return Err(Error::Usage(format!(
             "--threads {threads} is more than {MAX_THREADS}; this machine has {} cores",
@@ -179,7 +179,7 @@ pub fn set_threads(threads: usize) -> Result<()> {
 /// libtorch thread, but no more than there are batches, nor than half of `available` memory holds
 /// at `per_stream` bytes each — many cores and a large model at full length would otherwise
 /// hold one batch's activations per core at once. At least one.
-pub fn inference_streams(
+pub(crate) fn inference_streams(
     threads: usize,
     batches: usize,
     per_stream: u64,
@@ -193,7 +193,7 @@ pub fn inference_streams(
 }
 
 /// The most CPU threads a process may ask libtorch for (each is an OS thread with its own stack).
-pub const MAX_THREADS: usize = 1024;
+pub(crate) const MAX_THREADS: usize = 1024;
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,7 @@ use crate::model::SentenceModel;
 
 /// One text to embed, with the optional id it had in a JSONL input.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct InputText {
+pub(crate) struct InputText {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<serde_json::Value>,
     pub text: String,
@@ -19,7 +19,7 @@ pub struct InputText {
 
 /// Reads `.txt` (one text per line, no blank lines) or `.jsonl` (objects with a `"text"` string;
 /// blank lines allowed). Every problem names the file and line; an empty input is an error.
-pub fn read_inputs(path: &Path) -> Result<Vec<InputText>> {
+pub(crate) fn read_inputs(path: &Path) -> Result<Vec<InputText>> {
     let jsonl = match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") => true,
         Some("txt") => false,
@@ -90,7 +90,7 @@ struct OutputLine<'a> {
 }
 
 /// Embeds `inputs` and writes `output` atomically: it appears whole or not at all.
-pub fn embed_to_file(
+pub(crate) fn embed_to_file(
     model: &SentenceModel,
     inputs: &[InputText],
     output: &Path,

@@ -55,6 +55,9 @@ pub enum Error {
     /// The run was interrupted (Ctrl-C, SIGTERM) before it could finish or save a checkpoint.
     #[error("{0}")]
     Interrupted(String),
+    /// A listener, a connection or a server failed (the address and the cause are in the text).
+    #[error("{0}")]
+    Network(String),
     /// Something received over the network passed its cap.
     #[error("{0}")]
     TooLarge(String),
@@ -68,7 +71,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Wraps an I/O error with what was being done and to which path.
-    pub fn io(
+    pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(std::io::Error) -> Error {
@@ -81,7 +84,7 @@ impl Error {
     }
 
     /// An invalid-content error for `path`.
-    pub fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+    pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
         Error::Invalid {
             path: path.into(),
             reason: reason.into(),

@@ -56,7 +56,7 @@ fn architecture(dir: &Path) -> Result<serde_json::Value> {
 }
 
 /// Refuses models that are not the same network with the same tokenizer as the first.
-pub fn check_compatible(models: &[PathBuf]) -> Result<()> {
+pub(crate) fn check_compatible(models: &[PathBuf]) -> Result<()> {
     let first = &models[0];
     let files = weight_files(first)?;
     let arch = architecture(first)?;

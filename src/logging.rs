@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// The environment variable of `--log-format`, inherited by the processes `launch` starts.
-pub const LOG_FORMAT_ENV: &str = "MULTIPOS_LOG_FORMAT";
+pub(crate) const LOG_FORMAT_ENV: &str = "MULTIPOS_LOG_FORMAT";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,6 +31,6 @@ pub fn init(format: LogFormat) {
 }
 
 /// Whether this process logs JSON.
-pub fn json() -> bool {
+pub(crate) fn json() -> bool {
     std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v == "json")
 }

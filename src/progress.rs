@@ -36,7 +36,7 @@ impl Show {
     };
 
     /// `Auto` made definite: a bar when stderr is a terminal, lines otherwise.
-    pub fn resolved(self) -> Display {
+    pub(crate) fn resolved(self) -> Display {
         match self.display {
             Display::Auto if std::io::stderr().is_terminal() => Display::Bar,
             Display::Auto => Display::Lines,
@@ -49,7 +49,7 @@ impl Show {
 const WINDOW: usize = 20;
 
 /// A run's progress: where it is, how fast it goes, how it is shown.
-pub struct Progress {
+pub(crate) struct Progress {
     bar: ProgressBar,
     /// Lines every this often, when shown as lines.
     every: Option<Duration>,
@@ -79,7 +79,7 @@ pub struct Snapshot {
 
 impl Progress {
     /// Progress of a run of `total` steps starting at `start`, each of `pairs_per_step` pairs.
-    pub fn new(show: Show, total: u64, start: u64, pairs_per_step: usize) -> Self {
+    pub(crate) fn new(show: Show, total: u64, start: u64, pairs_per_step: usize) -> Self {
         let display = show.resolved();
         let every = show.every;
         let bar = if display == Display::Bar {
@@ -107,7 +107,7 @@ impl Progress {
     }
 
     /// The run continues from `step` (a resume, or a rollback to a checkpoint): rates start over.
-    pub fn jump(&self, step: u64) {
+    pub(crate) fn jump(&self, step: u64) {
         let mut p = self.lock();
         p.step = step;
         p.recent.clear();
@@ -115,13 +115,13 @@ impl Progress {
     }
 
     /// The run now ends at `total` (early stopping).
-    pub fn set_total(&self, total: u64) {
+    pub(crate) fn set_total(&self, total: u64) {
         self.lock().total = total;
         self.bar.set_length(total);
     }
 
     /// Step `step` finished with `loss`; returns the time since the step before it, when known.
-    pub fn step(&self, step: u64, loss: f64) -> Option<Duration> {
+    pub(crate) fn step(&self, step: u64, loss: f64) -> Option<Duration> {
         self.step_at(step, loss, Instant::now())
     }
 
@@ -154,23 +154,23 @@ impl Progress {
     }
 
     /// Where the run is and how fast it goes.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         snapshot(&self.lock(), self.pairs_per_step)
     }
 
     /// Runs `f` (which may log) with the bar out of the way.
-    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+    pub(crate) fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
         self.bar.suspend(f)
     }
 
     /// Removes the bar.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.bar.finish_and_clear();
     }
 }
 
 /// A bar of `total` steps on stderr, in multipos's style.
-pub fn bar(total: u64) -> ProgressBar {
+pub(crate) fn bar(total: u64) -> ProgressBar {
     ProgressBar::new(total).with_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
@@ -199,7 +199,7 @@ fn snapshot(p: &Inner, pairs_per_step: usize) -> Snapshot {
 }
 
 /// `1h02m03s`, `2m05s`, `7s`.
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     match (s / 3600, s / 60 % 60, s % 60) {
         (0, 0, sec) => format!("{sec}s"),

@@ -3,7 +3,7 @@
 //! exactly whatever the number of workers or where a run resumed.
 
 /// Mixes words into one 64-bit seed (SplitMix64 finaliser over a running state).
-pub fn mix_seed(words: &[u64]) -> u64 {
+pub(crate) fn mix_seed(words: &[u64]) -> u64 {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     for &w in words {
         state = state.wrapping_add(w).wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -169,7 +169,7 @@ fn env_usize(keys: &[&str]) -> Option<usize> {
         .find_map(|k| std::env::var(k).ok()?.parse().ok())
 }
 
-pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+pub(crate) fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config.config, &args.config.overrides())?;
     let token = token(&cfg.cluster)?;
     runtime()?.block_on(async move {
@@ -222,7 +222,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+pub(crate) fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let coordinator = args.connect.address()?;
     device::set_threads(args.threads)?;
     let rank = args
@@ -252,7 +252,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
+pub(crate) fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(launch(LaunchOptions {
         sets: args.config.overrides(),
         config: args.config.config,

@@ -9,7 +9,7 @@ use signal_hook::iterator::Signals;
 use crate::io::atomic;
 
 /// Installs the handlers: a thread that waits for the first signal.
-pub fn exit_on_signal() -> anyhow::Result<()> {
+pub(crate) fn exit_on_signal() -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
         .name("signals".into())

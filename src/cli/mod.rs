@@ -48,7 +48,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// The overrides, with `--resume` as `train.resume = "latest"`.
-    pub fn overrides(&self) -> Vec<String> {
+    pub(crate) fn overrides(&self) -> Vec<String> {
         let mut sets = self.sets.clone();
         if self.resume {
             sets.push("train.resume=\"latest\"".into());
@@ -70,7 +70,7 @@ pub struct ProgressArgs {
 
 impl ProgressArgs {
     /// As the library takes it.
-    pub fn show(&self) -> Show {
+    pub(crate) fn show(&self) -> Show {
         Show {
             display: self.progress,
             every: std::time::Duration::from_secs(self.progress_every_s),

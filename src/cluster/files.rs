@@ -13,21 +13,21 @@ use crate::pb::FileChunk;
 
 const CHUNK: usize = 1 << 20;
 /// Upper bound on what a worker fetches from its coordinator (files together).
-pub const MAX_FETCH_BYTES: u64 = 64 << 30;
+pub(crate) const MAX_FETCH_BYTES: u64 = 64 << 30;
 /// Room beyond the expected size of an upload: tokenizer, configs, `state.json`, loss heads.
 const UPLOAD_SLACK: u64 = 64 << 20;
 
 /// The most a worker may upload, from the size of the model the run started from: a model saved
 /// in f32 is at most twice a 16-bit base (`copies` = 1), a checkpoint holds the weights, two AdamW
 /// moments and, with `train.ema_decay`, the moving average and `model-ema/` (`copies` = 5).
-pub fn upload_cap(model_dir_bytes: u64, copies: u64) -> u64 {
+pub(crate) fn upload_cap(model_dir_bytes: u64, copies: u64) -> u64 {
     model_dir_bytes
         .saturating_mul(2 * copies)
         .saturating_add(UPLOAD_SLACK)
 }
 
 /// Bytes of the files under `dir`.
-pub fn dir_bytes(dir: &Path) -> Result<u64> {
+pub(crate) fn dir_bytes(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for rel in relative_files(dir)? {
         let path = dir.join(&rel);
@@ -39,7 +39,7 @@ pub fn dir_bytes(dir: &Path) -> Result<u64> {
 }
 
 /// A 64-bit fingerprint of a model directory's files (names and bytes), as hex.
-pub fn model_fingerprint(dir: &Path) -> Result<String> {
+pub(crate) fn model_fingerprint(dir: &Path) -> Result<String> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for rel in relative_files(dir)? {
         let path = dir.join(&rel);
@@ -53,7 +53,7 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
 /// chunk), read by a blocking thread a few chunks ahead of the consumer: memory stays a few MiB
 /// whatever the directory's size, and no file is read on the async threads. A read error ends the
 /// stream with it.
-pub fn file_stream(dir: &Path) -> Result<ReceiverStream<Result<FileChunk>>> {
+pub(crate) fn file_stream(dir: &Path) -> Result<ReceiverStream<Result<FileChunk>>> {
     let files = relative_files(dir)?;
     let dir = dir.to_path_buf();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -108,7 +108,7 @@ pub fn upload_stream(dir: &Path) -> Result<impl tokio_stream::Stream<Item = File
 }
 
 /// Appends one entry as chunks of at most 1 MiB: `path` on the first, `last` on the final one.
-pub fn push_chunks(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
+pub(crate) fn push_chunks(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
     let mut offset = 0;
     loop {
         let end = (offset + CHUNK).min(data.len());
@@ -131,7 +131,7 @@ pub fn push_chunks(out: &mut Vec<FileChunk>, path: String, data: Bytes) {
 /// Receives a stream of files into `target`, atomically (staged beside it, renamed at the end);
 /// each chunk is written as it arrives, so memory holds one chunk. A stream past `limit` bytes is
 /// refused before its chunk is written, and the staged files go with it.
-pub async fn receive_files<S>(mut stream: S, target: &Path, limit: u64) -> Result<()>
+pub(crate) async fn receive_files<S>(mut stream: S, target: &Path, limit: u64) -> Result<()>
 where
     S: tokio_stream::Stream<Item = std::result::Result<FileChunk, tonic::Status>> + Unpin,
 {

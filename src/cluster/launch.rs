@@ -22,11 +22,11 @@ use crate::net::tls::Tls;
 use crate::progress::{self, Display, Show};
 
 /// The line a coordinator prints on stdout once it listens.
-pub const ANNOUNCE: &str = "MULTIPOS_COORDINATOR=";
+pub(crate) const ANNOUNCE: &str = "MULTIPOS_COORDINATOR=";
 
 /// What to launch.
 #[derive(Debug, Clone)]
-pub struct LaunchOptions {
+pub(crate) struct LaunchOptions {
     pub config: PathBuf,
     pub sets: Vec<String>,
     /// Overrides `cluster.workers`.
@@ -272,7 +272,7 @@ enum Ending {
 }
 
 /// Runs the whole local cluster; Ok only when the coordinator finished the run.
-pub async fn launch(opts: LaunchOptions) -> Result<()> {
+pub(crate) async fn launch(opts: LaunchOptions) -> Result<()> {
     let (starter, console, mut rx) = prepare(&opts)?;
     let mut run = Running {
         coordinator: starter.coordinator(&[])?,

@@ -26,7 +26,7 @@ pub struct PeerService {
 }
 
 /// The generation this worker is a member of, and that generation's key (from its `Join`).
-pub type PassSlot = Arc<watch::Sender<Option<(u64, String)>>>;
+pub(crate) type PassSlot = Arc<watch::Sender<Option<(u64, String)>>>;
 
 /// An empty pass: a member of no generation yet.
 pub fn pass_slot() -> PassSlot {

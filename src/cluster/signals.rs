@@ -5,14 +5,14 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::error::{Error, Result};
 
 /// Receives SIGINT and SIGTERM (installed for the life of the process once created).
-pub struct Signals {
+pub(crate) struct Signals {
     term: Signal,
     int: Signal,
 }
 
 impl Signals {
     /// Installs the handlers; must run inside a tokio runtime.
-    pub fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         let install = |kind| {
             signal(kind).map_err(|e| Error::Usage(format!("cannot install a signal handler: {e}")))
         };
@@ -23,7 +23,7 @@ impl Signals {
     }
 
     /// Waits for the next SIGINT or SIGTERM.
-    pub async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}

@@ -25,7 +25,7 @@ pub struct Snapshot {
 }
 
 /// Where a worker's Peer server finds the state to serve (none most of the time).
-pub type StateSlot = Arc<watch::Sender<Option<Arc<Snapshot>>>>;
+pub(crate) type StateSlot = Arc<watch::Sender<Option<Arc<Snapshot>>>>;
 
 /// An empty slot.
 pub fn slot() -> StateSlot {
@@ -41,7 +41,7 @@ struct Meta {
 }
 
 /// The state of `trainer` after `step` steps, for generation `generation`.
-pub fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
+pub(crate) fn snapshot(trainer: &Trainer, step: u64, generation: u64) -> Snapshot {
     let mut chunks = Vec::new();
     let meta = Meta {
         step,
@@ -83,7 +83,7 @@ fn bad(what: String) -> Error {
 }
 
 /// Receives a state stream and loads it into `trainer`; returns the steps it had applied.
-pub async fn restore(stream: Streaming<FileChunk>, trainer: &mut Trainer) -> Result<u64> {
+pub(crate) async fn restore(stream: Streaming<FileChunk>, trainer: &mut Trainer) -> Result<u64> {
     let entries = receive(stream, state_bytes(trainer)).await?;
     load(&entries, trainer)
 }

@@ -9,7 +9,7 @@ use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::{StatusRequest, StatusResponse};
 
 /// A client of one coordinator's `Status`.
-pub struct StatusClient {
+pub(crate) struct StatusClient {
     client: CoordinatorClient<
         tonic::service::interceptor::InterceptedService<
             tonic::transport::Channel,
@@ -20,7 +20,7 @@ pub struct StatusClient {
 
 impl StatusClient {
     /// Connects to `address`, trying for at most `timeout`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         address: &str,
         token: &Token,
         tls: Option<&Tls>,
@@ -28,21 +28,23 @@ impl StatusClient {
     ) -> Result<Self> {
         let channel = connect_with_retry(address, timeout, tls)
             .await
-            .map_err(|e| Error::Usage(format!("cannot reach the coordinator at {address}: {e}")))?;
+            .map_err(|e| {
+                Error::Network(format!("cannot reach the coordinator at {address}: {e}"))
+            })?;
         Ok(Self {
             client: CoordinatorClient::with_interceptor(channel, token.attach()),
         })
     }
 
     /// The run as the coordinator sees it now.
-    pub async fn get(&mut self) -> Result<StatusResponse> {
+    pub(crate) async fn get(&mut self) -> Result<StatusResponse> {
         let mut request = tonic::Request::new(StatusRequest {});
         request.set_timeout(Duration::from_secs(10));
         let reply = self
             .client
             .status(request)
             .await
-            .map_err(|s| Error::Usage(format!("the coordinator refused: {}", s.message())))?;
+            .map_err(|s| Error::Network(format!("the coordinator refused: {}", s.message())))?;
         Ok(reply.into_inner())
     }
 }

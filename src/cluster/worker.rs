@@ -148,7 +148,7 @@ pub async fn run(opts: WorkerOptions) -> Result<()> {
 async fn start(opts: WorkerOptions) -> Result<Node> {
     let listener = TcpListener::bind((opts.peer_host.as_str(), 0))
         .await
-        .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", opts.peer_host)))?;
+        .map_err(|e| Error::Network(format!("cannot listen on {}: {e}", opts.peer_host)))?;
     let peer_address = format!(
         "{}:{}",
         opts.peer_name,
@@ -369,11 +369,7 @@ async fn join(
         .await
         .map_err(rpc_err("join"))?
         .into_inner();
-    check_join(&joined).map_err(|e| {
-        Interrupt::Fatal(Error::Protocol(format!(
-            "the coordinator's answer to join is unusable: {e}"
-        )))
-    })?;
+    check_join(&joined).map_err(Interrupt::Fatal)?;
     Ok(joined)
 }
 
@@ -426,31 +422,39 @@ async fn up_to_date<'r>(
 }
 
 /// What a worker relies on in the coordinator's answer to `Join`, checked before any use.
-fn check_join(j: &JoinResponse) -> std::result::Result<(), String> {
+fn check_join(j: &JoinResponse) -> Result<()> {
+    let unusable = |what: String| {
+        Error::Protocol(format!(
+            "the coordinator's answer to join is unusable: {what}"
+        ))
+    };
     if j.world_size == 0 || j.rank >= j.world_size {
-        return Err(format!("rank {} in a ring of {}", j.rank, j.world_size));
+        return Err(unusable(format!(
+            "rank {} in a ring of {}",
+            j.rank, j.world_size
+        )));
     }
     if j.peers.len() != j.world_size as usize {
-        return Err(format!(
+        return Err(unusable(format!(
             "{} peer addresses for a ring of {}",
             j.peers.len(),
             j.world_size
-        ));
+        )));
     }
     if j.heartbeat_interval_ms == 0 {
-        return Err("a heartbeat interval of 0 ms".into());
+        return Err(unusable("a heartbeat interval of 0 ms".into()));
     }
     if j.ring_key.is_empty() || j.left_key.is_empty() || j.generation_key.is_empty() {
-        return Err("no ring keys".into());
+        return Err(unusable("no ring keys".into()));
     }
     if j.start_step > j.total_steps {
-        return Err(format!(
+        return Err(unusable(format!(
             "start step {} beyond the run's {} steps",
             j.start_step, j.total_steps
-        ));
+        )));
     }
     if j.heal && !j.heal_from.is_empty() && j.serve_state {
-        return Err("told both to heal and to serve its state".into());
+        return Err(unusable("told both to heal and to serve its state".into()));
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 compile_error!("the wire format is little-endian f32; big-endian hosts are not supported");
 
 /// A tensor as the wire carries it: its values as little-endian f32 bytes (row-major).
-pub fn tensor_to_le_bytes(t: &tch::Tensor) -> Vec<u8> {
+pub(crate) fn tensor_to_le_bytes(t: &tch::Tensor) -> Vec<u8> {
     let t = t
         .detach()
         .to_device(tch::Device::Cpu)
@@ -21,7 +21,7 @@ pub fn tensor_to_le_bytes(t: &tch::Tensor) -> Vec<u8> {
 
 /// The inverse of [`tensor_to_le_bytes`]: `bytes` (4 per value, any alignment) as a CPU f32
 /// tensor of `shape`.
-pub fn tensor_from_le_bytes(bytes: &[u8], shape: &[i64]) -> tch::Tensor {
+pub(crate) fn tensor_from_le_bytes(bytes: &[u8], shape: &[i64]) -> tch::Tensor {
     let v: Vec<f32> = bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -61,7 +61,7 @@ pub enum Wire {
 
 impl Wire {
     /// Bytes per value on the wire.
-    pub fn value_bytes(self) -> usize {
+    pub(crate) fn value_bytes(self) -> usize {
         match self {
             Wire::F32 => 4,
             Wire::Bf16 => 2,

@@ -23,7 +23,7 @@ pub enum Cluster {
 
 impl Cluster {
     /// The label of a delimited file's field: a number when it is one, else the text.
-    pub fn parse(field: &str) -> Cluster {
+    pub(crate) fn parse(field: &str) -> Cluster {
         let field = field.trim();
         match field.parse() {
             Ok(id) if !field.starts_with('+') => Cluster::Id(id),
@@ -137,17 +137,17 @@ impl Dataset {
     }
 
     /// The cluster of group `g`, as an index below [`Dataset::cluster_count`], if labelled.
-    pub fn cluster(&self, g: usize) -> Option<u32> {
+    pub(crate) fn cluster(&self, g: usize) -> Option<u32> {
         self.clusters[g]
     }
 
     /// The label of cluster index `c`.
-    pub fn cluster_label(&self, c: u32) -> &Cluster {
+    pub(crate) fn cluster_label(&self, c: u32) -> &Cluster {
         &self.cluster_labels[c as usize]
     }
 
     /// How many distinct cluster labels the groups carry.
-    pub fn cluster_count(&self) -> usize {
+    pub(crate) fn cluster_count(&self) -> usize {
         self.cluster_labels.len()
     }
 
@@ -168,7 +168,7 @@ impl Dataset {
 
     /// A 64-bit fingerprint of the content (groups in order, texts by identity): plans and
     /// checkpoints are tied to it.
-    pub fn fingerprint(&self) -> u64 {
+    pub(crate) fn fingerprint(&self) -> u64 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for g in 0..self.len() {
             h.update(&self.hash(self.query(g)).to_le_bytes());
@@ -348,7 +348,7 @@ impl DatasetBuilder {
     }
 
     /// Counts a record skipped under `skip_invalid`.
-    pub fn note_skipped(&mut self) {
+    pub(crate) fn note_skipped(&mut self) {
         self.data.stats.invalid_skipped += 1;
     }
 

@@ -47,17 +47,17 @@ pub struct PairSet {
 
 impl PairSet {
     /// Number of pairs.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.first.len()
     }
 
     /// True when there are no pairs.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.first.is_empty()
     }
 
     /// Class names by id (empty for scores).
-    pub fn label_names(&self) -> &[String] {
+    pub(crate) fn label_names(&self) -> &[String] {
         match &self.targets {
             PairTargets::Labels { names, .. } => names,
             PairTargets::Scores(_) => &[],
@@ -65,7 +65,7 @@ impl PairSet {
     }
 
     /// A 64-bit fingerprint of the content (texts by identity, targets bit for bit).
-    pub fn fingerprint(&self) -> u64 {
+    pub(crate) fn fingerprint(&self) -> u64 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for i in 0..self.len() {
             h.update(&hash_normalized(&normalize(&self.first[i])).to_le_bytes());
@@ -87,7 +87,7 @@ impl PairSet {
     /// Pairs from query groups: every (query, positive) scored 1 and every (query, listed negative)
     /// scored 0; or, for labels, every (query, positive) labelled with its query (one class per
     /// query, named by the query text).
-    pub fn from_groups(data: &Dataset, kind: TargetKind) -> Self {
+    pub(crate) fn from_groups(data: &Dataset, kind: TargetKind) -> Self {
         let (mut first, mut second) = (Vec::new(), Vec::new());
         let mut scores = Vec::new();
         let mut ids = Vec::new();
@@ -265,7 +265,7 @@ fn label_ids(labels: &[&RawLabel]) -> PairTargets {
 
 /// Whether a file holds scored or labelled pairs (rather than query groups): its first record has
 /// a `score` or `label` field (JSONL) or column (CSV/TSV).
-pub fn is_pair_file(path: &Path) -> Result<bool> {
+pub(crate) fn is_pair_file(path: &Path) -> Result<bool> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
     let Some(first) = reader
@@ -288,7 +288,7 @@ pub fn is_pair_file(path: &Path) -> Result<bool> {
 }
 
 /// Loads scored or labelled pair files; every bad record names file, line and field.
-pub fn load_pair_files(
+pub(crate) fn load_pair_files(
     paths: &[std::path::PathBuf],
     kind: TargetKind,
     opts: LoadOptions,
@@ -462,7 +462,7 @@ pub struct PairEpoch {
 
 impl PairEpoch {
     /// Plans epoch `epoch` of `n` pairs.
-    pub fn plan(n: usize, batch_size: usize, seed: u64, epoch: u64) -> Self {
+    pub(crate) fn plan(n: usize, batch_size: usize, seed: u64, epoch: u64) -> Self {
         let mut order: Vec<u32> = (0..n as u32).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(crate::seed::mix_seed(&[seed, epoch, 0x7061_6972]));
         order.shuffle(&mut rng);
@@ -476,12 +476,12 @@ impl PairEpoch {
     }
 
     /// Number of whole batches.
-    pub fn num_batches(&self) -> usize {
+    pub(crate) fn num_batches(&self) -> usize {
         self.order.len() / self.batch_size
     }
 
     /// The pair indices of batch `k`.
-    pub fn batch(&self, k: usize) -> &[u32] {
+    pub(crate) fn batch(&self, k: usize) -> &[u32] {
         &self.order[k * self.batch_size..(k + 1) * self.batch_size]
     }
 }

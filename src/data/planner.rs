@@ -105,7 +105,7 @@ pub struct Batch<'a> {
 
 impl<'a> Batch<'a> {
     /// The hard negatives of row `i`.
-    pub fn row_negatives(&self, i: usize) -> &'a [TextId] {
+    pub(crate) fn row_negatives(&self, i: usize) -> &'a [TextId] {
         &self.negatives[i * self.negatives_per_row..(i + 1) * self.negatives_per_row]
     }
 }

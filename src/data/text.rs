@@ -31,8 +31,9 @@ pub fn hash_normalized(normalized: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(normalized.as_bytes())
 }
 
+#[cfg(test)]
 /// Normalises and hashes in one call.
-pub fn text_hash(text: &str) -> u64 {
+pub(crate) fn text_hash(text: &str) -> u64 {
     hash_normalized(&normalize(text))
 }
 

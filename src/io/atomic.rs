@@ -36,7 +36,7 @@ fn lock_unfinished() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 
 /// Removes every temporary file and staging directory still being written: for a process about to
 /// end on a signal, which runs no destructors (docs/design.md, "Interrupts").
-pub fn remove_unfinished() {
+pub(crate) fn remove_unfinished() {
     remove_unfinished_where(|_| true);
 }
 
@@ -58,7 +58,7 @@ fn parent_of(path: &Path) -> &Path {
 }
 
 /// Flushes a directory's entries (the rename itself) to disk.
-pub fn fsync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io("fsync directory", dir))
@@ -66,7 +66,7 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 
 /// A file being written under a temporary name; becomes visible at its final path only on
 /// [`AtomicFile::commit`]. Dropped without commit, it disappears.
-pub struct AtomicFile {
+pub(crate) struct AtomicFile {
     target: PathBuf,
     writer: BufWriter<tempfile::NamedTempFile>,
     _listed: Listed,
@@ -74,7 +74,7 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     /// Starts writing `target` (its directory must exist), readable as the umask allows.
-    pub fn create(target: impl Into<PathBuf>) -> Result<Self> {
+    pub(crate) fn create(target: impl Into<PathBuf>) -> Result<Self> {
         let file = Self::create_private(target)?;
         let mode = 0o666 & !umask();
         std::fs::set_permissions(
@@ -86,7 +86,7 @@ impl AtomicFile {
     }
 
     /// Starts writing `target` readable by its owner only (keys, secrets).
-    pub fn create_private(target: impl Into<PathBuf>) -> Result<Self> {
+    pub(crate) fn create_private(target: impl Into<PathBuf>) -> Result<Self> {
         let target = target.into();
         let dir = parent_of(&target);
         let tmp = tempfile::Builder::new()
@@ -101,17 +101,17 @@ impl AtomicFile {
     }
 
     /// The temporary file's path, for writers that take a path instead of [`AtomicFile::writer`].
-    pub fn temp_path(&self) -> &Path {
+    pub(crate) fn temp_path(&self) -> &Path {
         self.writer.get_ref().path()
     }
 
     /// The buffered writer for the content.
-    pub fn writer(&mut self) -> &mut impl Write {
+    pub(crate) fn writer(&mut self) -> &mut impl Write {
         &mut self.writer
     }
 
     /// Flushes, fsyncs and renames the file into place.
-    pub fn commit(self) -> Result<()> {
+    pub(crate) fn commit(self) -> Result<()> {
         let target = self.target;
         let tmp = self
             .writer
@@ -127,12 +127,12 @@ impl AtomicFile {
 }
 
 /// Writes `bytes` to `path` atomically.
-pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(AtomicFile::create(path)?, path, bytes)
 }
 
 /// Writes `bytes` to `path` atomically, readable by its owner only.
-pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(AtomicFile::create_private(path)?, path, bytes)
 }
 
@@ -157,7 +157,7 @@ fn umask() -> u32 {
 }
 
 /// A directory being filled under a temporary name beside its final path.
-pub struct StagedDir {
+pub(crate) struct StagedDir {
     target: PathBuf,
     staging: Option<tempfile::TempDir>,
     _listed: Listed,
@@ -165,7 +165,7 @@ pub struct StagedDir {
 
 impl StagedDir {
     /// Starts staging `target`; its parent is created if missing.
-    pub fn create(target: impl Into<PathBuf>) -> Result<Self> {
+    pub(crate) fn create(target: impl Into<PathBuf>) -> Result<Self> {
         let target = target.into();
         let parent = parent_of(&target).to_path_buf();
         fs::create_dir_all(&parent).map_err(Error::io("create directory", &parent))?;
@@ -181,7 +181,7 @@ impl StagedDir {
     }
 
     /// Where to write the content before [`StagedDir::commit`].
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.staging
             .as_ref()
             .expect("staging dir present until commit")
@@ -190,7 +190,7 @@ impl StagedDir {
 
     /// Fsyncs every file and directory under the staging dir, then swaps it into place. An existing
     /// target is moved aside first and removed only after the new one is in place.
-    pub fn commit(mut self) -> Result<PathBuf> {
+    pub(crate) fn commit(mut self) -> Result<PathBuf> {
         let staging = self.staging.take().expect("commit called once").keep();
         fsync_tree(&staging)?;
         let parent = parent_of(&self.target).to_path_buf();
@@ -235,7 +235,7 @@ fn fsync_tree(dir: &Path) -> Result<()> {
 }
 
 /// Copies the directory `src` to `dst` atomically (staged beside `dst`, then renamed into place).
-pub fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
     let staged = StagedDir::create(dst)?;
     for rel in super::tree::relative_files(src)? {
         let to = staged.path().join(&rel);

@@ -12,7 +12,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Feeds the bytes of `path` to `h`, a chunk at a time, and returns how many there were; the hash
 /// equals that of the whole file's bytes fed at once.
-pub fn update_with_file(h: &mut Xxh3, path: &Path) -> Result<u64> {
+pub(crate) fn update_with_file(h: &mut Xxh3, path: &Path) -> Result<u64> {
     let mut file = File::open(path).map_err(Error::io("open", path))?;
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
@@ -30,7 +30,7 @@ pub fn update_with_file(h: &mut Xxh3, path: &Path) -> Result<u64> {
 }
 
 /// A file's length and XXH3-64 hash, equal to `xxh3_64` of its bytes (checkpoint manifests hold it).
-pub fn file_digest(path: &Path) -> Result<(u64, u64)> {
+pub(crate) fn file_digest(path: &Path) -> Result<(u64, u64)> {
     let mut h = Xxh3::new();
     let len = update_with_file(&mut h, path)?;
     Ok((len, h.digest()))

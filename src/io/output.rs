@@ -9,14 +9,14 @@ use crate::error::{Error, Result};
 
 /// What the output is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     File,
     Dir,
 }
 
 /// An output path as a command was given it, named as its flag (`--output`) in every error.
 #[derive(Debug, Clone, Copy)]
-pub struct Output<'a> {
+pub(crate) struct Output<'a> {
     pub flag: &'a str,
     pub path: &'a Path,
     pub kind: Kind,
@@ -28,7 +28,7 @@ impl Output<'_> {
     /// Refuses the output when it is one of `inputs` or holds one (even with `overwrite`: the
     /// command would destroy what it reads), exists without `overwrite`, exists as the other kind,
     /// or its directory is missing or not writable.
-    pub fn check(&self, inputs: &[&Path]) -> Result<()> {
+    pub(crate) fn check(&self, inputs: &[&Path]) -> Result<()> {
         let Output {
             flag,
             path,

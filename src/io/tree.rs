@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 /// A relative path from the outside (a network peer, a manifest) that is safe to join under a
 /// directory: plain names only — no root, `..`, `.` or prefix — and none hidden (staging directories
 /// and skipped files start with `.`). The one check every received name goes through.
-pub fn safe_relative(path: &str) -> Option<PathBuf> {
+pub(crate) fn safe_relative(path: &str) -> Option<PathBuf> {
     let p = Path::new(path);
     let plain = |c: Component<'_>| match c {
         Component::Normal(n) => !n.to_string_lossy().starts_with('.'),
@@ -17,7 +17,7 @@ pub fn safe_relative(path: &str) -> Option<PathBuf> {
 
 /// Regular files under `dir`, relative to it, sorted; hidden entries (names starting with `.`,
 /// such as a model snapshot's `.gitattributes` or a staging directory) are skipped.
-pub fn relative_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn relative_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -25,7 +25,7 @@ pub struct CosineConfig {
 }
 
 /// Row-wise cosine of two (B, d) matrices.
-pub fn pairwise_cosine(a: &Tensor, b: &Tensor) -> Tensor {
+pub(crate) fn pairwise_cosine(a: &Tensor, b: &Tensor) -> Tensor {
     (normalize_l2(a) * normalize_l2(b)).sum_dim_intlist([1].as_slice(), false, Kind::Float)
 }
 

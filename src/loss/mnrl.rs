@@ -70,7 +70,7 @@ impl Default for MnrlConfig {
 
 impl MnrlConfig {
     /// Checks values that are impossible on their own.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if !(self.scale > 0.0 && self.scale.is_finite()) {
             return Err(format!(
                 "the MNRL scale must be positive, got {}",

@@ -27,17 +27,12 @@ pub enum Targets {
 
 impl Targets {
     /// Rows covered.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Targets::Groups(v) => v.len(),
             Targets::Scores(v) => v.len(),
             Targets::Labels(v) => v.len(),
         }
-    }
-
-    /// True when no row is covered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The targets of rows `start..start + len`.
@@ -74,12 +69,12 @@ impl Default for LossConfig {
 impl LossConfig {
     /// Whether the loss ranks each anchor against the other rows of its batch: then its batches must
     /// be conflict-free; the other (pointwise) losses take shuffled batches of scored or labelled pairs.
-    pub fn in_batch_negatives(&self) -> bool {
+    pub(crate) fn in_batch_negatives(&self) -> bool {
         matches!(self, LossConfig::Mnrl(_))
     }
 
     /// Checks values that are impossible on their own.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         match self {
             LossConfig::Mnrl(c) => c.validate(),
             LossConfig::Cosent(c) if !(c.scale > 0.0 && c.scale.is_finite()) => {

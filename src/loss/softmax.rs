@@ -37,7 +37,7 @@ impl Default for SoftmaxConfig {
 
 impl SoftmaxConfig {
     /// How many d-wide blocks the features concatenate.
-    pub fn blocks(&self) -> i64 {
+    pub(crate) fn blocks(&self) -> i64 {
         2 * i64::from(self.concatenation_sent_rep)
             + i64::from(self.concatenation_sent_difference)
             + i64::from(self.concatenation_sent_multiplication)
@@ -47,7 +47,7 @@ impl SoftmaxConfig {
 /// What `heads/<task>.json` records: enough to rebuild the classifier and name its classes.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct HeadInfo {
+pub(crate) struct HeadInfo {
     pub loss: String,
     pub sentence_embedding_dimension: i64,
     pub num_labels: usize,
@@ -130,7 +130,7 @@ impl SoftmaxHead {
     }
 
     /// Class logits (B, num_labels) of pairs (u_i, v_i).
-    pub fn logits(&self, u: &Tensor, v: &Tensor) -> Tensor {
+    pub(crate) fn logits(&self, u: &Tensor, v: &Tensor) -> Tensor {
         let mut parts = Vec::new();
         if self.cfg.concatenation_sent_rep {
             parts.push(u.shallow_clone());
@@ -146,7 +146,7 @@ impl SoftmaxHead {
     }
 
     /// Cross-entropy of the pairs against `labels` (B, int64).
-    pub fn loss(&self, u: &Tensor, v: &Tensor, labels: &Tensor) -> Tensor {
+    pub(crate) fn loss(&self, u: &Tensor, v: &Tensor, labels: &Tensor) -> Tensor {
         self.logits(u, v).cross_entropy_for_logits(labels)
     }
 
@@ -164,7 +164,7 @@ impl SoftmaxHead {
     }
 
     /// Writes the classifier of task `task` into a model directory being written (not staged here).
-    pub fn write(&self, dir: &Path, task: &str) -> Result<()> {
+    pub(crate) fn write(&self, dir: &Path, task: &str) -> Result<()> {
         let (weights, info) = Self::paths(dir, task);
         let parent = weights.parent().expect("heads/ has a parent");
         std::fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
@@ -209,7 +209,7 @@ impl SoftmaxHead {
     }
 
     /// Replaces the classifier's values with those in `weights` (same shapes required).
-    pub fn load_weights(&self, weights: &Path) -> Result<()> {
+    pub(crate) fn load_weights(&self, weights: &Path) -> Result<()> {
         let saved = Tensor::read_safetensors(weights).map_err(Error::Torch)?;
         for (name, mut var) in self.parameters() {
             let Some((_, t)) = saved.iter().find(|(k, _)| *k == name) else {

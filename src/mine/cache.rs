@@ -10,7 +10,7 @@ use crate::io::atomic::AtomicFile;
 use crate::io::hash::update_with_file;
 
 /// A key for a model directory: its weights, configuration and tokenizer files, by content.
-pub fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
+pub(crate) fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for name in [
         "model.safetensors",
@@ -30,7 +30,7 @@ pub fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
 }
 
 /// The default cache directory: `$MULTIPOS_CACHE/embeddings`, else `~/.cache/multipos/embeddings`.
-pub fn default_dir() -> PathBuf {
+pub(crate) fn default_dir() -> PathBuf {
     std::env::var_os("MULTIPOS_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -46,7 +46,7 @@ fn file(dir: &Path, model_key: u64, corpus_key: u64) -> PathBuf {
 }
 
 /// The cached embeddings, when a whole file of the expected row count exists.
-pub fn load(
+pub(crate) fn load(
     dir: &Path,
     model_key: u64,
     corpus_key: u64,
@@ -76,7 +76,12 @@ pub fn load(
 }
 
 /// Stores embeddings for later runs.
-pub fn store(dir: &Path, model_key: u64, corpus_key: u64, embeddings: &Tensor) -> Result<()> {
+pub(crate) fn store(
+    dir: &Path,
+    model_key: u64,
+    corpus_key: u64,
+    embeddings: &Tensor,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
     let out = AtomicFile::create(file(dir, model_key, corpus_key))?;
     let cpu = embeddings.to_device(Device::Cpu);

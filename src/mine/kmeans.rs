@@ -13,14 +13,14 @@ const MAX_ROUNDS: usize = 100;
 
 /// The clustering: a label below `k` per row, and the Lloyd rounds it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Clusters {
+pub(crate) struct Clusters {
     pub labels: Vec<u32>,
     pub rounds: usize,
 }
 
 impl Clusters {
     /// Rows per label, for `k` labels.
-    pub fn sizes(&self, k: usize) -> Vec<u64> {
+    pub(crate) fn sizes(&self, k: usize) -> Vec<u64> {
         let mut sizes = vec![0u64; k];
         for &l in &self.labels {
             sizes[l as usize] += 1;
@@ -30,7 +30,7 @@ impl Clusters {
 }
 
 /// Clusters the unit rows of `emb` (n × d) into `k` groups; `k` must be in 1..=n.
-pub fn cluster(emb: &Tensor, k: usize, seed: u64) -> Clusters {
+pub(crate) fn cluster(emb: &Tensor, k: usize, seed: u64) -> Clusters {
     tch::no_grad(|| {
         let emb = emb.to_kind(Kind::Float);
         let mut centroids = seed_centroids(&emb, k, seed);

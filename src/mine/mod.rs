@@ -99,7 +99,7 @@ impl MineOptions {
 
     /// Checks values that cannot work, as sentence-transformers refuses them. Needs no data: the
     /// default `range_max` always leaves `num_negatives` candidates past `range_min`.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
         if self.num_negatives == 0 {
             return Err("num_negatives must be at least 1".into());
         }
@@ -214,7 +214,7 @@ impl<'a> Corpus<'a> {
     }
 
     /// A fingerprint of the corpus content, in order.
-    pub fn fingerprint(&self) -> u64 {
+    pub(crate) fn fingerprint(&self) -> u64 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for x in &self.hashes {
             h.update(&x.to_le_bytes());
@@ -310,12 +310,12 @@ pub fn mine(
 
 /// The query of every group of `data`, in group order: the texts whose embeddings `mine_embedded`
 /// takes as `query_emb`.
-pub fn query_texts(data: &Dataset) -> Vec<&str> {
+pub(crate) fn query_texts(data: &Dataset) -> Vec<&str> {
     (0..data.len()).map(|g| data.text(data.query(g))).collect()
 }
 
 /// The most positives a group of `data` has.
-pub fn max_positives(data: &Dataset) -> usize {
+pub(crate) fn max_positives(data: &Dataset) -> usize {
     (0..data.len())
         .map(|g| data.positives(g).len())
         .max()
@@ -325,7 +325,7 @@ pub fn max_positives(data: &Dataset) -> usize {
 /// Mines every group of `data` from embeddings already made: `query_emb` of `query_texts(data)`
 /// and `corpus_emb` of `corpus.texts`, unit rows on one device (in a cluster the workers embed
 /// them; `mine` embeds them itself).
-pub fn mine_embedded(
+pub(crate) fn mine_embedded(
     data: &Dataset,
     corpus: &Corpus<'_>,
     query_emb: &Tensor,
@@ -456,7 +456,7 @@ struct GroupLine<'a> {
 /// Writes every group of `data` with its negatives — those the input listed, then the mined ones not
 /// already among them — and its cluster — the mined one, else the input's label — as query-grouped
 /// JSONL, atomically.
-pub fn write_groups(path: &Path, data: &Dataset, mined: &Mined) -> Result<()> {
+pub(crate) fn write_groups(path: &Path, data: &Dataset, mined: &Mined) -> Result<()> {
     let mut out = AtomicFile::create(path)?;
     for (g, extra) in mined.negatives.iter().enumerate() {
         let mut negatives: Vec<&str> = data.negatives(g).iter().map(|&n| data.text(n)).collect();

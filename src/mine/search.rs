@@ -4,9 +4,9 @@
 use tch::{Kind, Tensor};
 
 /// Queries per chunk.
-pub const QUERY_CHUNK: i64 = 256;
+pub(crate) const QUERY_CHUNK: i64 = 256;
 /// Corpus rows per chunk.
-pub const CORPUS_CHUNK: i64 = 16_384;
+pub(crate) const CORPUS_CHUNK: i64 = 16_384;
 
 /// The `k` best corpus rows (index, score) of each query, best first: `queries` (n, d) and `corpus`
 /// (m, d) hold unit vectors, so the score is the cosine. `tick(done)` reports query rows done.

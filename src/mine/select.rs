@@ -52,7 +52,7 @@ fn passes(score: f32, weakest_positive: f32, o: &MineOptions, skipped: &mut Skip
 /// over, the first `range_max` remaining are the pool, the first `range_min` of it are skipped, and
 /// `num_negatives` are taken from the rest, the best (`top`) or drawn with `seed` (`random`), best
 /// first. Fewer come back when fewer qualify.
-pub fn select(
+pub(crate) fn select(
     ranked: &[(u32, f32)],
     excluded: impl Fn(u32) -> bool,
     weakest_positive: f32,

@@ -11,7 +11,7 @@ use super::dropout::{RowSeeds, dropout};
 
 /// How new parameters are filled before a checkpoint (if any) is copied in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Init {
+pub(crate) enum Init {
     /// tch's default random initialisation (draws from libtorch's global RNG).
     Random,
     /// Zeros: for parameters a checkpoint overwrites; draws nothing and costs less.
@@ -41,7 +41,7 @@ fn linear(p: nn::Path, in_dim: i64, out_dim: i64, init: Init) -> nn::Linear {
 /// LayerNorm, softmax (computed in f32) and everything after the encoder in f32, and gradients
 /// reaching the f32 weights. Activations between two products stay in the reduced kind, so each
 /// block casts its input once and its output once.
-pub type Compute = Option<Kind>;
+pub(crate) type Compute = Option<Kind>;
 
 /// `l.forward(xs)` with the product in `compute`; the result stays in that kind (`xs` is cast when
 /// it is not in it already).
@@ -278,14 +278,14 @@ impl Layer {
 
 /// The encoder: embeddings and a stack of layers; returns token states, the caller pools.
 #[derive(Debug)]
-pub struct BertModel {
+pub(crate) struct BertModel {
     embeddings: Embeddings,
     layers: Vec<Layer>,
 }
 
 impl BertModel {
     /// Creates the parameters under `p` (the checkpoint's root, no `bert.` prefix).
-    pub fn load(p: nn::Path, cfg: &BertConfig, init: Init) -> Self {
+    pub(crate) fn load(p: nn::Path, cfg: &BertConfig, init: Init) -> Self {
         let encoder = &p / "encoder" / "layer";
         Self {
             embeddings: Embeddings::load(&p / "embeddings", cfg, init),
@@ -298,7 +298,7 @@ impl BertModel {
     /// Token states (batch, seq, hidden, f32) for `input_ids`, with `attention_mask` 1 on real
     /// tokens. `seeds` (one per row) turns dropout on; `None` is inference. `compute` is the kind
     /// of the matrix products.
-    pub fn forward_t(
+    pub(crate) fn forward_t(
         &self,
         input_ids: &Tensor,
         token_type_ids: &Tensor,

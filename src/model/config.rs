@@ -11,7 +11,7 @@ const BERT_FAMILY: &[&str] = &["bert"];
 
 /// The Hugging Face `config.json` of a BERT encoder (only the fields the encoder uses).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct BertConfig {
+pub(crate) struct BertConfig {
     pub model_type: String,
     pub vocab_size: i64,
     pub hidden_size: i64,
@@ -55,7 +55,7 @@ fn default_position_type() -> String {
 
 impl BertConfig {
     /// Reads `config.json` and rejects what the encoder cannot run.
-    pub fn load(path: &Path) -> Result<Self> {
+    pub(crate) fn load(path: &Path) -> Result<Self> {
         let cfg: BertConfig = json::read(path)?;
         cfg.validate(path)?;
         Ok(cfg)
@@ -122,13 +122,13 @@ impl BertConfig {
     /// `tokens` tokens holds at its peak in f32: one layer's feed-forward activations (before and
     /// after the activation function) beside a few hidden-state copies. The fused attention kernel
     /// keeps no (tokens × tokens) scores, and under `no_grad` earlier layers' activations are freed.
-    pub fn inference_bytes(&self, rows: usize, tokens: usize) -> u64 {
+    pub(crate) fn inference_bytes(&self, rows: usize, tokens: usize) -> u64 {
         let per_token = 2 * self.intermediate_size as u64 + 4 * self.hidden_size as u64;
         4 * rows as u64 * tokens as u64 * per_token
     }
 
     /// all-MiniLM-L6-v2's shape, the default model.
-    pub fn all_mini_lm_l6_v2() -> Self {
+    pub(crate) fn all_mini_lm_l6_v2() -> Self {
         Self {
             model_type: "bert".into(),
             vocab_size: 30522,
@@ -149,7 +149,7 @@ impl BertConfig {
 
 /// `sentence_bert_config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct SentenceBertConfig {
+pub(crate) struct SentenceBertConfig {
     pub max_seq_length: usize,
     #[serde(default)]
     pub do_lower_case: bool,
@@ -157,7 +157,7 @@ pub struct SentenceBertConfig {
 
 /// One entry of `modules.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct ModuleEntry {
+pub(crate) struct ModuleEntry {
     pub idx: usize,
     pub name: String,
     pub path: String,
@@ -177,7 +177,7 @@ pub enum PoolingMode {
 
 /// `1_Pooling/config.json`, in the legacy (v5) boolean spelling or the newer `pooling_mode` string.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PoolingConfig {
+pub(crate) struct PoolingConfig {
     pub dimension: i64,
     pub modes: Vec<PoolingMode>,
     pub include_prompt: bool,
@@ -209,7 +209,7 @@ fn default_true() -> bool {
 
 impl PoolingConfig {
     /// Reads a pooling config; unknown or unsupported modes are errors naming the file.
-    pub fn load(path: &Path) -> Result<Self> {
+    pub(crate) fn load(path: &Path) -> Result<Self> {
         let raw: RawPooling = json::read(path)?;
         let unsupported = |reason: String| Error::Unsupported {
             path: path.to_path_buf(),
@@ -263,7 +263,7 @@ impl PoolingConfig {
     }
 
     /// The legacy (v5) JSON that sentence-transformers 5.x and 6.x both load.
-    pub fn to_legacy_json(&self) -> serde_json::Value {
+    pub(crate) fn to_legacy_json(&self) -> serde_json::Value {
         let has = |m| self.modes.contains(&m);
         serde_json::json!({
             "word_embedding_dimension": self.dimension,

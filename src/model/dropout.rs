@@ -46,13 +46,8 @@ impl RowSeeds {
     }
 
     /// Rows covered.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.seeds.len()
-    }
-
-    /// True when no row is covered.
-    pub fn is_empty(&self) -> bool {
-        self.seeds.is_empty()
     }
 
     /// The keep mask of a tensor of `shape` at `site` (bool, on `device`), made on the device.

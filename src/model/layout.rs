@@ -27,7 +27,7 @@ fn module(idx: usize, path: &str, kind: &str) -> ModuleEntry {
 
 /// Writes `modules.json`, `config_sentence_transformers.json`, `sentence_bert_config.json`,
 /// `1_Pooling/config.json` and (when normalising) `2_Normalize/` into `root`.
-pub fn write_metadata(
+pub(crate) fn write_metadata(
     root: &Path,
     sbert: &SentenceBertConfig,
     pooling: &PoolingConfig,

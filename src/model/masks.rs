@@ -14,7 +14,7 @@
 //!   `cₙ mod 4`). Written as tensor ops that is one broadcast add and the eleven integer ops of
 //!   `mix` over a quarter of the elements, on whatever device the activations are: few kernels, no
 //!   host work per element, and the same bits on the CPU and on CUDA (on the CPU it is also faster
-//!   than V1 in Rust: `cargo bench --bench masks`). A scalar Rust version ([`v2_lanes`]) is the
+//!   than V1 in Rust: `cargo bench --bench masks`). A scalar Rust version (`v2_lanes`) is the
 //!   reference the tests hold the tensor ops to, bit for bit.
 //!
 //! A lane is a uniform signed 16-bit value `u`; the element is kept when `u ≥ t` with
@@ -39,7 +39,7 @@ impl MaskGenerator {
     pub const CURRENT: MaskGenerator = MaskGenerator::V2;
 
     /// What a checkpoint that names no generator was written with.
-    pub fn before_versions() -> Self {
+    pub(crate) fn before_versions() -> Self {
         MaskGenerator::V1
     }
 }
@@ -127,13 +127,15 @@ fn check_v2_shape(outer_dims: &[usize], inner: usize, site: u64) {
 
 /// The V2 key of a row at `site`: everything of its counter word that is not a coordinate.
 #[inline]
+#[cfg(test)]
 fn v2_key(seed: u64, site: u64) -> u64 {
     absorb(0, seed).wrapping_add((site << (FIELD * MAX_FIELDS as u32)).wrapping_mul(GAMMA))
 }
 
 /// V2's lanes for a tensor of `shape`, row r seeded by `seeds[r]`, computed element by element: the
 /// reference the tensor ops are tested against.
-pub fn v2_lanes(shape: &[i64], seeds: &[u64], site: u64) -> Vec<i16> {
+#[cfg(test)]
+pub(crate) fn v2_lanes(shape: &[i64], seeds: &[u64], site: u64) -> Vec<i16> {
     let (rows, outer_dims, inner) = split_shape(shape);
     assert_eq!(rows, seeds.len(), "one seed per batch row");
     check_v2_shape(&outer_dims, inner, site);

@@ -5,7 +5,7 @@ use super::config::PoolingMode;
 
 /// Pools token states (batch, seq, hidden) under `mask` (batch, seq; 1 = real token) with each
 /// mode in turn and concatenates the results along the feature axis.
-pub fn pool(states: &Tensor, mask: &Tensor, modes: &[PoolingMode]) -> Tensor {
+pub(crate) fn pool(states: &Tensor, mask: &Tensor, modes: &[PoolingMode]) -> Tensor {
     let parts: Vec<Tensor> = modes.iter().map(|&m| pool_one(states, mask, m)).collect();
     if parts.len() == 1 {
         parts.into_iter().next().expect("one part")
@@ -46,7 +46,7 @@ pub fn normalize_l2(v: &Tensor) -> Tensor {
 }
 
 /// Cosine similarity matrix between the rows of `a` and `b`.
-pub fn cosine_matrix(a: &Tensor, b: &Tensor) -> Tensor {
+pub(crate) fn cosine_matrix(a: &Tensor, b: &Tensor) -> Tensor {
     normalize_l2(a).matmul(&normalize_l2(b).transpose(0, 1))
 }
 

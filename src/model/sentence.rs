@@ -192,7 +192,7 @@ fn check_max_seq_length(n: usize, config: &BertConfig) -> Result<()> {
 
 /// The `max_seq_length` the model in `dir` runs with — `configured` (an override) when given —
 /// as `load` and `set_max_seq_length` would set it, without loading the weights.
-pub fn max_seq_length_of(dir: &Path, configured: Option<usize>) -> Result<usize> {
+pub(crate) fn max_seq_length_of(dir: &Path, configured: Option<usize>) -> Result<usize> {
     let tdir = read_pipeline(dir)?.transformer_dir;
     let config = BertConfig::load(&tdir.join("config.json"))?;
     match configured {
@@ -301,7 +301,7 @@ impl SentenceModel {
     }
 
     /// The device the parameters live on.
-    pub fn device(&self) -> Device {
+    pub(crate) fn device(&self) -> Device {
         self.vs.device()
     }
 
@@ -315,11 +315,6 @@ impl SentenceModel {
         &self.tokenizer
     }
 
-    /// The encoder's `config.json`.
-    pub fn config(&self) -> &BertConfig {
-        &self.config
-    }
-
     /// Length of the sentence vector.
     pub fn dimension(&self) -> i64 {
         self.pooling.dimension * self.pooling.modes.len() as i64
@@ -331,7 +326,7 @@ impl SentenceModel {
     }
 
     /// Overrides `max_seq_length` (clamped to the position table), e.g. for faster training.
-    pub fn set_max_seq_length(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn set_max_seq_length(&mut self, n: usize) -> Result<()> {
         check_max_seq_length(n, &self.config)?;
         self.tokenizer.set_max_length(n)?;
         self.sbert.max_seq_length = n;
@@ -491,7 +486,7 @@ impl SentenceModel {
 
     /// Writes the directory's files into `root` (created if missing), without staging: for callers
     /// that stage a larger directory themselves (checkpoints).
-    pub fn write_dir(&self, root: &Path) -> Result<()> {
+    pub(crate) fn write_dir(&self, root: &Path) -> Result<()> {
         fs::create_dir_all(root).map_err(Error::io("create directory", root))?;
         let write = |name: &str, bytes: &[u8]| -> Result<()> {
             let path = root.join(name);
@@ -509,7 +504,7 @@ impl SentenceModel {
     }
 
     /// Replaces the weights with those of a `model.safetensors` of the same architecture.
-    pub fn load_weights(&mut self, path: &Path) -> Result<()> {
+    pub(crate) fn load_weights(&mut self, path: &Path) -> Result<()> {
         self.passthrough = weights::load_into(&mut self.vs, path)?;
         Ok(())
     }

@@ -17,7 +17,7 @@ pub struct TokenBatch {
 
 impl TokenBatch {
     /// The batch on `device` (copied asynchronously from the host: nothing waits for the device).
-    pub fn to(&self, device: Device) -> TokenBatch {
+    pub(crate) fn to(&self, device: Device) -> TokenBatch {
         let move_to = |t: &Tensor| crate::device::upload(t, device);
         TokenBatch {
             input_ids: move_to(&self.input_ids),
@@ -44,7 +44,7 @@ fn is_python_space(c: char) -> bool {
 impl TextTokenizer {
     /// Loads `tokenizer.json` and overrides its truncation (to `max_seq_length`) and padding (to the
     /// longest text in each batch): the shipped files often pad every text to a fixed length.
-    pub fn load(path: &Path, max_seq_length: usize, lower_case: bool) -> Result<Self> {
+    pub(crate) fn load(path: &Path, max_seq_length: usize, lower_case: bool) -> Result<Self> {
         let mut inner = Tokenizer::from_file(path)
             .map_err(|e| Error::invalid(path, format!("cannot load tokenizer: {e}")))?;
         let truncation = TruncationParams {
@@ -70,7 +70,7 @@ impl TextTokenizer {
     }
 
     /// Changes the truncation length (special tokens included).
-    pub fn set_max_length(&mut self, max_length: usize) -> Result<()> {
+    pub(crate) fn set_max_length(&mut self, max_length: usize) -> Result<()> {
         let truncation = TruncationParams {
             max_length,
             strategy: TruncationStrategy::LongestFirst,
@@ -92,7 +92,7 @@ impl TextTokenizer {
     }
 
     /// Tokenizes each text without padding (truncated at `max_seq_length`).
-    pub fn encode_each(&self, texts: &[&str]) -> Result<Vec<Encoding>> {
+    pub(crate) fn encode_each(&self, texts: &[&str]) -> Result<Vec<Encoding>> {
         let inputs: Vec<String> = texts.iter().map(|t| self.prepare(t)).collect();
         self.inner
             .encode_batch(inputs, true)
@@ -111,7 +111,7 @@ impl TextTokenizer {
     }
 
     /// Pads already tokenized texts to the longest of them.
-    pub fn pad(&self, encodings: &[&Encoding]) -> TokenBatch {
+    pub(crate) fn pad(&self, encodings: &[&Encoding]) -> TokenBatch {
         let rows = encodings.len();
         let cols = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
         let mut ids = vec![self.pad_id; rows * cols];

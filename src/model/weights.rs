@@ -18,7 +18,7 @@ fn is_passthrough(name: &str) -> bool {
 
 /// A tensor read from disk: raw f32 values and shape, independent of any device.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
+pub(crate) struct HostTensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
 }
@@ -68,7 +68,7 @@ pub(crate) fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>>
 
 /// Copies every variable of `vs` from the safetensors file at `path`, accepting an optional
 /// `bert.` prefix. Returns the passthrough tensors found (e.g. the pooler) to be written back on save.
-pub fn load_into(vs: &mut VarStore, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+pub(crate) fn load_into(vs: &mut VarStore, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let bytes = map_file(path)?;
     let st = parse(path, &bytes)?;
     let names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
@@ -142,7 +142,7 @@ pub fn load_into(vs: &mut VarStore, path: &Path) -> Result<BTreeMap<String, Host
 }
 
 /// Copies a tensor to host f32 values.
-pub fn to_host(t: &Tensor) -> HostTensor {
+pub(crate) fn to_host(t: &Tensor) -> HostTensor {
     let t = t
         .detach()
         .to_device(tch::Device::Cpu)
@@ -155,7 +155,7 @@ pub fn to_host(t: &Tensor) -> HostTensor {
 }
 
 /// Serialises the variables of `vs` plus `extra` tensors as F32 safetensors bytes, names unprefixed.
-pub fn serialize(vs: &VarStore, extra: &BTreeMap<String, HostTensor>) -> Result<Vec<u8>> {
+pub(crate) fn serialize(vs: &VarStore, extra: &BTreeMap<String, HostTensor>) -> Result<Vec<u8>> {
     let mut host: BTreeMap<String, HostTensor> = extra.clone();
     for (name, var) in vs.variables() {
         host.insert(name, to_host(&var));

@@ -12,7 +12,7 @@ use crate::{Error, Result};
 
 /// File names of the CA inside the output directory.
 pub const CA_CERT: &str = "ca.pem";
-pub const CA_KEY: &str = "ca-key.pem";
+pub(crate) const CA_KEY: &str = "ca-key.pem";
 
 /// What `issue` wrote.
 #[derive(Debug)]

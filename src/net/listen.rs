@@ -15,12 +15,12 @@ use crate::net::auth::log_refusal;
 
 /// Open connections one address may hold: a node's workers (one channel each, and one more while
 /// a generation re-forms), `status` calls and `launch`'s watcher, with room to spare.
-pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+pub(crate) const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 
 type Open = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// An accepted connection, counted against its address until dropped.
-pub struct Counted {
+pub(crate) struct Counted {
     inner: TcpStream,
     ip: IpAddr,
     open: Open,
@@ -40,7 +40,7 @@ impl Drop for Counted {
 
 /// The connections of `listener`, each address's beyond `cap` closed at once (and logged once a
 /// window).
-pub fn capped(
+pub(crate) fn capped(
     listener: TcpListener,
     cap: usize,
 ) -> impl Stream<Item = std::io::Result<Counted>> + Send + 'static {

@@ -86,7 +86,7 @@ impl Tls {
 
     /// The coordinator's server side: its certificate, and clients' certificates asked for when
     /// `client_auth` is on.
-    pub fn coordinator_server(&self) -> ServerTlsConfig {
+    pub(crate) fn coordinator_server(&self) -> ServerTlsConfig {
         let server = self.server();
         if self.client_auth {
             server.client_ca_root(self.ca.clone())
@@ -96,7 +96,7 @@ impl Tls {
     }
 
     /// A peer server: every client is a worker and must show a certificate of the run's CA.
-    pub fn peer_server(&self) -> ServerTlsConfig {
+    pub(crate) fn peer_server(&self) -> ServerTlsConfig {
         self.server().client_ca_root(self.ca.clone())
     }
 
@@ -107,7 +107,7 @@ impl Tls {
     }
 
     /// A client: trusts only the run's CA and shows this host's certificate.
-    pub fn client(&self) -> ClientTlsConfig {
+    pub(crate) fn client(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(self.ca.clone())
             .identity(self.identity.clone())
@@ -144,11 +144,11 @@ fn common_name(der: &[u8]) -> Option<String> {
 
 /// The common name of the client certificate a caller showed over mutual TLS (verified against
 /// the run's CA by the handshake), if it showed one.
-pub fn peer_name<T>(request: &tonic::Request<T>) -> Option<String> {
+pub(crate) fn peer_name<T>(request: &tonic::Request<T>) -> Option<String> {
     common_name(request.peer_certs()?.first()?.as_ref())
 }
 
 /// The URL scheme a client dials with.
-pub fn scheme(tls: Option<&Tls>) -> &'static str {
+pub(crate) fn scheme(tls: Option<&Tls>) -> &'static str {
     if tls.is_some() { "https" } else { "http" }
 }

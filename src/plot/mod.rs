@@ -29,7 +29,7 @@ type Curve = Vec<(f64, f64)>;
 
 /// What a run logged, by quantity.
 #[derive(Debug, Default)]
-pub struct RunCurves {
+pub(crate) struct RunCurves {
     /// Names the run in legends (its directory's name).
     pub label: String,
     pub loss: Curve,
@@ -46,7 +46,7 @@ pub struct RunCurves {
 
 impl RunCurves {
     /// Reads `dir/metrics.jsonl`; a bad line is an error naming it.
-    pub fn read(dir: &Path) -> Result<Self> {
+    pub(crate) fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         let text = std::fs::read_to_string(&path).map_err(Error::io("read", &path))?;
         let mut run = RunCurves {
@@ -114,7 +114,7 @@ impl RunCurves {
 }
 
 /// Draws `runs` into `out/training.png` and `out/training.svg` (written atomically); returns them.
-pub fn plot(runs: &[RunCurves], out: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn plot(runs: &[RunCurves], out: &Path) -> Result<Vec<PathBuf>> {
     // Registering the same font again is harmless; it fails only on bytes that are not a font.
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| Error::Usage("the compiled-in font is not readable".into()))?;

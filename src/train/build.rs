@@ -27,7 +27,7 @@ fn default_micro_batch(device: tch::Device) -> usize {
 
 /// Step options a config describes, for a model on `device`. New runs draw dropout masks with the
 /// current generator; a resumed run sets the one its checkpoint recorded.
-pub fn step_options(cfg: &RunConfig, device: tch::Device) -> StepOptions {
+pub(crate) fn step_options(cfg: &RunConfig, device: tch::Device) -> StepOptions {
     StepOptions {
         dropout: cfg.train.dropout,
         seed: cfg.train.seed,
@@ -44,7 +44,7 @@ pub fn step_options(cfg: &RunConfig, device: tch::Device) -> StepOptions {
 }
 
 /// The learning-rate schedule of a run of `total` steps; a warmup longer than the run is refused.
-pub fn schedule_for(cfg: &RunConfig, total: u64) -> Result<LinearSchedule> {
+pub(crate) fn schedule_for(cfg: &RunConfig, total: u64) -> Result<LinearSchedule> {
     let warmup = cfg.warmup_steps(total);
     if warmup > total {
         return Err(Error::Usage(format!(
@@ -99,17 +99,17 @@ pub fn plan_for(cfg: &RunConfig, tasks: &[Task]) -> Result<RunPlan> {
 /// `cluster.token` is left out: the file and the copies workers receive carry no secret.
 /// An output directory this run created, removed again unless the run gets as far as
 /// [`FreshOutput::keep`]: a run refused at start-up leaves nothing behind (docs/design.md §13).
-pub struct FreshOutput(Option<PathBuf>);
+pub(crate) struct FreshOutput(Option<PathBuf>);
 
 impl FreshOutput {
     /// Watches `cfg.output.dir` if it does not exist yet.
-    pub fn watch(cfg: &RunConfig) -> Self {
+    pub(crate) fn watch(cfg: &RunConfig) -> Self {
         let dir = &cfg.output.dir;
         Self((!dir.exists()).then(|| dir.clone()))
     }
 
     /// The run started: the directory is its output now.
-    pub fn keep(mut self) {
+    pub(crate) fn keep(mut self) {
         self.0 = None;
     }
 }
@@ -122,7 +122,7 @@ impl Drop for FreshOutput {
     }
 }
 
-pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
+pub(crate) fn prepare_output(cfg: &RunConfig) -> Result<String> {
     let out_dir = &cfg.output.dir;
     let earlier = [out_dir.join("model"), out_dir.join("checkpoints")]
         .into_iter()
@@ -155,7 +155,7 @@ pub fn prepare_output(cfg: &RunConfig) -> Result<String> {
 /// Loads the tasks a config names and records what loading did in `log`: the tasks as loaded
 /// (what re-mining starts from; kept only when the run re-mines) and as trained on (with mined
 /// negatives under `train.mine`).
-pub fn load_training_data(
+pub(crate) fn load_training_data(
     cfg: &RunConfig,
     log: &mut MetricsLog,
 ) -> Result<(Option<Vec<Task>>, Vec<Task>)> {
@@ -169,7 +169,7 @@ pub fn load_training_data(
 }
 
 /// The `data` events of the tasks a run trains on: each task, then their joint fingerprint.
-pub fn data_events(tasks: &[Task]) -> Vec<serde_json::Value> {
+pub(crate) fn data_events(tasks: &[Task]) -> Vec<serde_json::Value> {
     tasks
         .iter()
         .map(|t| json!({"event": "data", "task": t.name, "description": t.describe(), "fingerprint": format!("{:016x}", t.fingerprint())}))

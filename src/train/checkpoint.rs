@@ -57,7 +57,7 @@ impl CheckpointState {
     /// The record of `trainer` after `step` steps of the run `cfg` describes, on data of
     /// `data_fingerprint`, with the plan's cursor `(epoch, batch)` of that step. The one place a
     /// checkpoint's record is made, by `multipos train` and by a cluster's rank 0 alike.
-    pub fn of(
+    pub(crate) fn of(
         cfg: &crate::config::RunConfig,
         trainer: &Trainer,
         step: u64,
@@ -139,7 +139,7 @@ fn hex(hash: u64) -> String {
 /// Which checkpoints pruning keeps: the newest `newest`, and the one of step `best` (the best
 /// validation so far) however old.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keep {
+pub(crate) struct Keep {
     pub newest: usize,
     pub best: Option<u64>,
 }
@@ -151,7 +151,7 @@ pub fn name(step: u64) -> String {
 
 /// Writes a checkpoint into `dir` (created if needed), with `extra` files (relative path,
 /// contents) beside the tensors, and prunes the others as `keep` says.
-pub fn write(
+pub(crate) fn write(
     dir: &Path,
     state: &CheckpointState,
     train: &TrainState,
@@ -208,7 +208,7 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Moves a received checkpoint directory (verified, with `state`) to its place under `dir`,
 /// replacing any older copy of the same step, and prunes; returns its final path.
-pub fn adopt(
+pub(crate) fn adopt(
     dir: &Path,
     received: &Path,
     state: CheckpointState,
@@ -225,7 +225,7 @@ pub fn adopt(
 }
 
 /// Finds the checkpoint a `resume` setting names: "latest" in `dir`, or an explicit path.
-pub fn find(dir: &Path, which: &str) -> Result<Option<(PathBuf, CheckpointState)>> {
+pub(crate) fn find(dir: &Path, which: &str) -> Result<Option<(PathBuf, CheckpointState)>> {
     if which == "latest" {
         return latest_valid(dir);
     }
@@ -235,7 +235,7 @@ pub fn find(dir: &Path, which: &str) -> Result<Option<(PathBuf, CheckpointState)
 }
 
 /// Checks that a checkpoint belongs to this data and configuration.
-pub fn check_compatible(
+pub(crate) fn check_compatible(
     path: &Path,
     state: &CheckpointState,
     data_fingerprint: &str,
@@ -267,10 +267,10 @@ pub fn check_compatible(
 }
 
 /// The prefix of directories that receive uploaded checkpoints (removed when the upload ends).
-pub const INCOMING: &str = ".multipos-incoming-";
+pub(crate) const INCOMING: &str = ".multipos-incoming-";
 
 /// Removes what uploads left behind when their process died; only at start, when none is running.
-pub fn remove_incoming(dir: &Path) {
+pub(crate) fn remove_incoming(dir: &Path) {
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         if entry.file_name().to_string_lossy().starts_with(INCOMING) {
             let _ = fs::remove_dir_all(entry.path());
@@ -374,7 +374,7 @@ pub fn latest_valid(dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
 
 /// Loads a checkpoint's weights and loss heads, its AdamW moments and its dropout generator into
 /// `trainer`.
-pub fn restore(ckpt: &Path, state: &CheckpointState, trainer: &mut Trainer) -> Result<()> {
+pub(crate) fn restore(ckpt: &Path, state: &CheckpointState, trainer: &mut Trainer) -> Result<()> {
     let train = &mut trainer.state;
     train.load_dir(&ckpt.join("model"))?;
     if train.ema.is_some() {
@@ -404,12 +404,12 @@ pub fn restore(ckpt: &Path, state: &CheckpointState, trainer: &mut Trainer) -> R
 
 /// The identity of a run that a worker's in-memory state must belong to before the coordinator
 /// adopts it: the config fingerprint and the data fingerprint.
-pub fn run_fingerprint(cfg: &crate::config::RunConfig, data_fingerprint: &str) -> String {
+pub(crate) fn run_fingerprint(cfg: &crate::config::RunConfig, data_fingerprint: &str) -> String {
     format!("{}-{data_fingerprint}", config_fingerprint(cfg))
 }
 
 /// A fingerprint of the settings that must not change across a resume (model, data, training).
-pub fn config_fingerprint(cfg: &crate::config::RunConfig) -> String {
+pub(crate) fn config_fingerprint(cfg: &crate::config::RunConfig) -> String {
     checksum(resume_settings(cfg).to_string().as_bytes())
 }
 
@@ -452,7 +452,7 @@ fn differences(
 }
 
 /// The settings that must not change across a resume (model, data, training).
-pub fn resume_settings(cfg: &crate::config::RunConfig) -> serde_json::Value {
+pub(crate) fn resume_settings(cfg: &crate::config::RunConfig) -> serde_json::Value {
     serde_json::json!({"model": cfg.model.max_seq_length, "tasks": cfg.tasks(), "train": {
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "sampler": cfg.train.sampler, "ema_decay": cfg.train.ema_decay,
         "seed": cfg.train.seed, "dropout": cfg.train.dropout, "weight_decay": cfg.train.weight_decay,

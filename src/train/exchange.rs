@@ -64,7 +64,7 @@ fn to_device(grads: &Tensor, (at, n): (i64, i64), values: &[f32], wire: Wire) {
 
 /// Sums the gradients of `flat` over the ranks of `coll` for step `step`, in buckets of
 /// `bucket_bytes`; returns the gradient bytes that crossed between device and host.
-pub fn all_reduce(
+pub(crate) fn all_reduce(
     flat: &mut FlatParams,
     coll: &mut dyn Collective,
     step: u64,

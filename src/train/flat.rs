@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 
 /// Who a trainable tensor belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Owner {
+pub(crate) enum Owner {
     Encoder,
     /// The loss head of task i (it trains only on that task's steps).
     Head(usize),
@@ -24,7 +24,7 @@ pub enum Owner {
 
 /// One tensor's place in the flat buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Slot {
+pub(crate) struct Slot {
     pub name: String,
     pub shape: Vec<i64>,
     pub owner: Owner,
@@ -36,7 +36,7 @@ pub struct Slot {
 /// A contiguous range of slots that share an owner and a weight-decay setting: what the optimizer
 /// updates with one set of kernels.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Run {
+pub(crate) struct Run {
     pub owner: Owner,
     pub decay: bool,
     pub range: Range<i64>,
@@ -44,7 +44,7 @@ pub struct Run {
 
 /// Where each trainable tensor sits in a flat buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
+pub(crate) struct Layout {
     slots: Vec<Slot>,
     runs: Vec<Run>,
     numel: i64,
@@ -52,7 +52,7 @@ pub struct Layout {
 
 impl Layout {
     /// The layout of tensors `(name, shape, owner, decays)`.
-    pub fn new(mut tensors: Vec<(String, Vec<i64>, Owner, bool)>) -> Self {
+    pub(crate) fn new(mut tensors: Vec<(String, Vec<i64>, Owner, bool)>) -> Self {
         tensors.sort_by(|a, b| (a.2, !a.3, &a.0).cmp(&(b.2, !b.3, &b.0)));
         let mut slots = Vec::with_capacity(tensors.len());
         let mut runs: Vec<Run> = Vec::new();
@@ -84,23 +84,25 @@ impl Layout {
         }
     }
 
+    #[cfg(test)]
     /// Elements in all.
-    pub fn numel(&self) -> i64 {
+    pub(crate) fn numel(&self) -> i64 {
         self.numel
     }
 
+    #[cfg(test)]
     /// The slots in buffer order.
-    pub fn slots(&self) -> &[Slot] {
+    pub(crate) fn slots(&self) -> &[Slot] {
         &self.slots
     }
 
     /// The runs in buffer order.
-    pub fn runs(&self) -> &[Run] {
+    pub(crate) fn runs(&self) -> &[Run] {
         &self.runs
     }
 
     /// `buf` (a flat buffer of this layout) as one view per tensor, by name.
-    pub fn views(&self, buf: &Tensor) -> Vec<(String, Tensor)> {
+    pub(crate) fn views(&self, buf: &Tensor) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
             .map(|s| (s.name.clone(), Self::view(buf, s)))
@@ -113,7 +115,7 @@ impl Layout {
     }
 
     /// A zero buffer of this layout.
-    pub fn zeros(&self, device: Device) -> Tensor {
+    pub(crate) fn zeros(&self, device: Device) -> Tensor {
         Tensor::zeros([self.numel], (Kind::Float, device))
     }
 }
@@ -140,7 +142,7 @@ impl FlatParams {
     /// Moves `tensors` (name, tensor, owner, decays; f32, all on one device) into flat buffers: each
     /// tensor keeps its identity (modules hold it) but its data becomes a view of the value buffer,
     /// and its gradient a view of the gradient buffer.
-    pub fn bind(tensors: Vec<(String, Tensor, Owner, bool)>) -> Result<Self> {
+    pub(crate) fn bind(tensors: Vec<(String, Tensor, Owner, bool)>) -> Result<Self> {
         let device = tensors.first().map_or(Device::Cpu, |t| t.1.device());
         if let Some((name, t, ..)) = tensors
             .iter()
@@ -192,12 +194,12 @@ impl FlatParams {
     }
 
     /// The layout.
-    pub fn layout(&self) -> &Arc<Layout> {
+    pub(crate) fn layout(&self) -> &Arc<Layout> {
         &self.layout
     }
 
     /// Every trainable value, in layout order.
-    pub fn values(&self) -> &Tensor {
+    pub(crate) fn values(&self) -> &Tensor {
         &self.values
     }
 
@@ -207,12 +209,12 @@ impl FlatParams {
     }
 
     /// Clears the gradients (one kernel).
-    pub fn zero_grad(&mut self) {
+    pub(crate) fn zero_grad(&mut self) {
         let _ = self.grads.zero_();
     }
 
     /// Zeroes the gradients of every loss head (what ranks other than 0 send to the sum).
-    pub fn zero_head_grads(&mut self) {
+    pub(crate) fn zero_head_grads(&mut self) {
         for run in self
             .layout
             .runs
@@ -229,7 +231,7 @@ impl FlatParams {
     /// Scales the gradients so their global L2 norm is at most `max_norm` (torch's
     /// `clip_grad_norm_`; `max_norm` ≤ 0 leaves them), on the device. Returns the norm before
     /// clipping as a device scalar: reading it is the caller's one wait for the device.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
+    pub(crate) fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
         let norm = self.grads.norm();
         if max_norm > 0.0 {
             let coef = (norm.g_add_scalar(1e-6).reciprocal() * max_norm).clamp_max(1.0);
@@ -238,9 +240,10 @@ impl FlatParams {
         norm
     }
 
+    #[cfg(test)]
     /// Whether every tensor of `tensors` (by name) still points into the value and gradient buffers:
     /// true unless something gave a tensor new storage behind the layout's back.
-    pub fn holds(&self, tensors: &[(String, Tensor)]) -> bool {
+    pub(crate) fn holds(&self, tensors: &[(String, Tensor)]) -> bool {
         let by_name: std::collections::HashMap<&str, &Tensor> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         self.layout.slots.iter().all(|s| {

@@ -19,7 +19,7 @@ pub fn load_model(cfg: &RunConfig) -> Result<SentenceModel> {
 }
 
 /// Applies the config's model settings (sequence length, precision) to a loaded model.
-pub fn configure_model(cfg: &RunConfig, model: &mut SentenceModel) -> Result<()> {
+pub(crate) fn configure_model(cfg: &RunConfig, model: &mut SentenceModel) -> Result<()> {
     if let Some(n) = cfg.model.max_seq_length {
         model.set_max_seq_length(n)?;
     }

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Machine-readable metrics, one JSON object per line, flushed as they come.
-pub struct MetricsLog {
+pub(crate) struct MetricsLog {
     path: PathBuf,
     out: BufWriter<File>,
 }
 
 impl MetricsLog {
     /// Creates (truncates) the log.
-    pub fn create(path: &Path) -> Result<Self> {
+    pub(crate) fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).map_err(Error::io("create", path))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -22,7 +22,7 @@ impl MetricsLog {
     }
 
     /// Opens the log for appending (a resumed run continues its predecessor's log).
-    pub fn append(path: &Path) -> Result<Self> {
+    pub(crate) fn append(path: &Path) -> Result<Self> {
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -39,7 +39,7 @@ impl MetricsLog {
     /// appended in increasing order, so only the file's tail after the last kept step is read and
     /// rewritten: the cost is that of the steps since the checkpoint, not of the whole run
     /// (docs/design.md §9).
-    pub fn remove_steps_after(&mut self, step: u64) -> Result<usize> {
+    pub(crate) fn remove_steps_after(&mut self, step: u64) -> Result<usize> {
         self.out.flush().map_err(Error::io("write", &self.path))?;
         let mut file = File::options()
             .read(true)
@@ -111,13 +111,13 @@ impl MetricsLog {
     }
 
     /// Everything logged so far.
-    pub fn contents(&mut self) -> Result<Vec<u8>> {
+    pub(crate) fn contents(&mut self) -> Result<Vec<u8>> {
         self.out.flush().map_err(Error::io("write", &self.path))?;
         fs::read(&self.path).map_err(Error::io("read", &self.path))
     }
 
     /// Appends one record.
-    pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
+    pub(crate) fn write(&mut self, record: &serde_json::Value) -> Result<()> {
         serde_json::to_writer(&mut self.out, record)
             .map_err(|e| Error::io("write", &self.path)(e.into()))?;
         self.out

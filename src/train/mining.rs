@@ -19,7 +19,7 @@ use crate::model::SentenceModel;
 
 /// Where a task's mined data is recorded: mined with the base model, or (`epoch`) again before
 /// that epoch (0-based; the file names it 1-based, as logs do).
-pub fn record_path(cfg: &RunConfig, task: &str, epoch: Option<usize>) -> PathBuf {
+pub(crate) fn record_path(cfg: &RunConfig, task: &str, epoch: Option<usize>) -> PathBuf {
     let name = match epoch {
         None => format!("{task}.jsonl"),
         Some(e) => format!("{task}.epoch-{}.jsonl", e + 1),
@@ -29,7 +29,7 @@ pub fn record_path(cfg: &RunConfig, task: &str, epoch: Option<usize>) -> PathBuf
 
 /// Replaces the data of every MNRL task with its mined version: read back from the record when
 /// resuming, else mined now with the base model and recorded.
-pub fn apply(cfg: &RunConfig, tasks: &mut [Task], log: &mut MetricsLog) -> Result<()> {
+pub(crate) fn apply(cfg: &RunConfig, tasks: &mut [Task], log: &mut MetricsLog) -> Result<()> {
     let Some(opts) = &cfg.train.mine else {
         return Ok(());
     };
@@ -82,7 +82,7 @@ fn mine_task(
 
 /// Puts recorded mined data in place when resuming; returns the indices of the query-grouped
 /// tasks that still need mining (every one, for a fresh run).
-pub fn use_records(
+pub(crate) fn use_records(
     cfg: &RunConfig,
     tasks: &mut [Task],
     log: &mut MetricsLog,
@@ -114,7 +114,7 @@ pub fn use_records(
 }
 
 /// The texts of `train.mine.corpus`, which join every task's positives in its corpus.
-pub fn extra_corpus(opts: &MineOptions) -> Result<Vec<String>> {
+pub(crate) fn extra_corpus(opts: &MineOptions) -> Result<Vec<String>> {
     Ok(match &opts.corpus {
         Some(p) => read_inputs(p)?.into_iter().map(|t| t.text).collect(),
         None => Vec::new(),
@@ -124,7 +124,7 @@ pub fn extra_corpus(opts: &MineOptions) -> Result<Vec<String>> {
 /// Records what mining found for `task` (its whole data with the mined negatives, written
 /// atomically), says what was short, and makes the task train on the record — the very file a
 /// resumed run reads. Returns the `mine` event for the metrics log.
-pub fn record(
+pub(crate) fn record(
     cfg: &RunConfig,
     task: &mut Task,
     epoch: Option<usize>,
@@ -165,7 +165,7 @@ pub fn record(
 /// Mines every query-grouped task of `source` (the data as loaded) again with `model` — the
 /// weights as trained so far — before epoch `epoch`, and records each; returns the tasks to train
 /// on from that epoch and the `mine` events. No embedding cache: the weights changed.
-pub fn remine(
+pub(crate) fn remine(
     cfg: &RunConfig,
     model: &SentenceModel,
     source: &[Task],

@@ -4,11 +4,11 @@
 use crate::config::NonFinite;
 
 /// Skipped steps in a row after which a `skip` run gives up: the run has diverged.
-pub const MAX_SKIPS_IN_A_ROW: u64 = 3;
+pub(crate) const MAX_SKIPS_IN_A_ROW: u64 = 3;
 
 /// The fate of a step.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Fate {
+pub(crate) enum Fate {
     Apply,
     /// Discard the gradients; the step counts as done, the weights and optimizer stay as they were.
     Skip(String),
@@ -17,7 +17,7 @@ pub enum Fate {
 
 /// Decides step `step` (0-based) from the losses and gradient norms every rank reported, after
 /// `skipped_in_a_row` skipped steps just before it.
-pub fn verdict(
+pub(crate) fn verdict(
     policy: NonFinite,
     skipped_in_a_row: u64,
     step: u64,

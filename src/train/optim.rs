@@ -10,7 +10,7 @@ use crate::error::Error;
 
 /// AdamW hyper-parameters (torch's defaults; weight decay as in Hugging Face's Trainer examples).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWConfig {
+pub(crate) struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -29,7 +29,7 @@ impl Default for AdamWConfig {
 }
 
 /// Biases and LayerNorm parameters are not decayed (Hugging Face's `get_decay_parameter_names`).
-pub fn decays(name: &str) -> bool {
+pub(crate) fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm"))
 }
 
@@ -45,7 +45,7 @@ pub struct AdamW {
 
 impl AdamW {
     /// Moments (zero) for the parameters laid out as `layout`, on `device`.
-    pub fn new(layout: Arc<Layout>, device: tch::Device, cfg: AdamWConfig) -> Self {
+    pub(crate) fn new(layout: Arc<Layout>, device: tch::Device, cfg: AdamWConfig) -> Self {
         Self {
             exp_avg: layout.zeros(device),
             exp_avg_sq: layout.zeros(device),
@@ -56,7 +56,7 @@ impl AdamW {
     }
 
     /// Optimizer steps taken so far.
-    pub fn steps_taken(&self) -> u64 {
+    pub(crate) fn steps_taken(&self) -> u64 {
         self.step
     }
 
@@ -65,7 +65,7 @@ impl AdamW {
     /// formulation: p ← p·(1 − lr·wd); m ← lerp(m, g, 1 − β1); v ← β2·v + (1 − β2)·g²;
     /// p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε). ATen's fused AdamW does it: one
     /// kernel per weight-decay setting on CUDA, one pass over memory on the CPU.
-    pub fn step(
+    pub(crate) fn step(
         &mut self,
         params: &FlatParams,
         lr: f64,
@@ -110,7 +110,7 @@ impl AdamW {
 
     /// The moments by name (`exp_avg.<param>`, `exp_avg_sq.<param>`), for checkpoints: views of
     /// the flat buffers.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn state(&self) -> Vec<(String, Tensor)> {
         let (m, v) = (
             self.layout.views(&self.exp_avg),
             self.layout.views(&self.exp_avg_sq),
@@ -128,7 +128,7 @@ impl AdamW {
 
     /// Restores moments and step count saved by [`AdamW::state`] (any version: the names are the
     /// parameters', whatever the layout).
-    pub fn load_state(
+    pub(crate) fn load_state(
         &mut self,
         step: u64,
         mut get: impl FnMut(&str) -> Option<Tensor>,
@@ -167,7 +167,7 @@ pub struct LinearSchedule {
 
 impl LinearSchedule {
     /// The learning rate of optimizer step `k` (0-based).
-    pub fn lr(&self, k: u64) -> f64 {
+    pub(crate) fn lr(&self, k: u64) -> f64 {
         if k < self.warmup {
             self.peak * k as f64 / self.warmup.max(1) as f64
         } else {

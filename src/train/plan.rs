@@ -56,13 +56,8 @@ pub struct GlobalBatch<'a> {
 
 impl<'a> GlobalBatch<'a> {
     /// Rows in the batch.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.rows.len()
-    }
-
-    /// True for a batch without rows.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
     }
 
     /// Rank `rank`'s contiguous shard of `world` equal shards: its columns and first global row.
@@ -104,7 +99,7 @@ struct Sizing {
 
 impl RunPlan {
     /// Plans enough epochs to know the exact step count (`max_steps` wins over `epochs`).
-    pub fn new(
+    pub(crate) fn new(
         tasks: &[Task],
         batch_size: usize,
         seed: u64,
@@ -129,7 +124,12 @@ impl RunPlan {
 
     /// Plans the epochs from `epoch` on anew, on `tasks` (data version `version`); the epochs
     /// before keep their batches. The step count follows (unless `max_steps` fixes it).
-    pub fn replan_from(&mut self, epoch: usize, tasks: &[Task], version: usize) -> Result<()> {
+    pub(crate) fn replan_from(
+        &mut self,
+        epoch: usize,
+        tasks: &[Task],
+        version: usize,
+    ) -> Result<()> {
         self.epochs.truncate(epoch);
         self.extend(tasks, version)
     }
@@ -158,12 +158,12 @@ impl RunPlan {
     }
 
     /// The step epoch `e` starts at, while it is planned.
-    pub fn epoch_start(&self, e: usize) -> Option<u64> {
+    pub(crate) fn epoch_start(&self, e: usize) -> Option<u64> {
         (e < self.epochs.len()).then(|| self.epochs[..e].iter().map(|x| x.order.len() as u64).sum())
     }
 
     /// (epoch, position in that epoch's order) of global step `step` (0-based).
-    pub fn locate(&self, step: u64) -> (usize, usize) {
+    pub(crate) fn locate(&self, step: u64) -> (usize, usize) {
         match self.find(step) {
             Some(at) => at,
             None => unreachable!("step {step} beyond the planned {} steps", self.total_steps),
@@ -189,7 +189,7 @@ impl RunPlan {
     }
 
     /// (task, epoch, batch index within the task's epoch) of step `step`.
-    pub fn position(&self, step: u64) -> (usize, usize, usize) {
+    pub(crate) fn position(&self, step: u64) -> (usize, usize, usize) {
         let (e, pos) = self.locate(step);
         let (t, index) = self.epochs[e].order[pos];
         (t, e, index)
@@ -258,7 +258,7 @@ impl RunPlan {
 }
 
 /// The planner settings of a query-group task.
-pub fn spec(task: &Task, batch_size: usize, seed: u64) -> PlanSpec {
+pub(crate) fn spec(task: &Task, batch_size: usize, seed: u64) -> PlanSpec {
     PlanSpec {
         batch_size,
         mode: task.mode,
@@ -329,7 +329,7 @@ fn plan_run_epoch(
 }
 
 /// The order in which tasks with `counts` batches take turns in one epoch, as (task, batch index).
-pub fn task_order(
+pub(crate) fn task_order(
     counts: &[usize],
     sampler: Sampler,
     seed: u64,

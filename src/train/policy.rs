@@ -5,7 +5,7 @@ use crate::config::RunConfig;
 
 /// What the config says about the run's rhythm, read once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RunPolicy {
+pub(crate) struct RunPolicy {
     checkpoint_every: u64,
     eval_every: Option<u64>,
     eval_at_start: bool,
@@ -17,7 +17,7 @@ pub struct RunPolicy {
 
 /// The models a finished run writes besides its final checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FinalOutputs {
+pub(crate) struct FinalOutputs {
     /// `model/` is the best evaluated step's model (`eval.keep_best`, when one was saved), not
     /// the last step's.
     pub model_from_best: bool,
@@ -27,7 +27,7 @@ pub struct FinalOutputs {
 
 impl RunPolicy {
     /// The policy of `cfg`.
-    pub fn new(cfg: &RunConfig) -> Self {
+    pub(crate) fn new(cfg: &RunConfig) -> Self {
         Self {
             checkpoint_every: cfg.output.checkpoint_every_steps,
             eval_every: cfg.eval.as_ref().map(|e| e.every_steps),
@@ -40,20 +40,20 @@ impl RunPolicy {
     }
 
     /// Whether a periodic checkpoint falls after `step` steps (`output.checkpoint_every_steps`).
-    pub fn checkpoint_due(&self, step: u64) -> bool {
+    pub(crate) fn checkpoint_due(&self, step: u64) -> bool {
         self.checkpoint_every > 0 && step > 0 && step.is_multiple_of(self.checkpoint_every)
     }
 
     /// Whether the end of a run gets a checkpoint of its own in a cluster: a checkpointed run
     /// does, and so does a run with a moving average, which reaches `model-ema/` through it.
-    pub fn checkpoint_at_end(&self) -> bool {
+    pub(crate) fn checkpoint_at_end(&self) -> bool {
         self.checkpoint_every > 0 || self.ema
     }
 
     /// Whether the run evaluates after `step` steps of a run that ends at `end` (the last step,
     /// or where patience stopped it): before training when asked, every `eval.every_steps`, and
     /// at the end. Never without an eval set.
-    pub fn eval_due(&self, step: u64, end: u64) -> bool {
+    pub(crate) fn eval_due(&self, step: u64, end: u64) -> bool {
         let Some(every) = self.eval_every else {
             return false;
         };
@@ -64,24 +64,24 @@ impl RunPolicy {
 
     /// Whether the run re-mines its data before epoch `epoch` (0-based) begins
     /// (`train.remine_every_epochs`).
-    pub fn remines_before(&self, epoch: usize) -> bool {
+    pub(crate) fn remines_before(&self, epoch: usize) -> bool {
         self.remine_every_epochs
             .is_some_and(|every| epoch > 0 && (epoch as u64).is_multiple_of(every))
     }
 
     /// Whether the run evaluates before its first step (`eval.at_start`, with an eval set).
-    pub fn eval_before_training(&self) -> bool {
+    pub(crate) fn eval_before_training(&self) -> bool {
         self.eval_every.is_some() && self.eval_at_start
     }
 
     /// Whether a run that resumed at `start` has spent its budget of steps after `done`
     /// (`train.stop_after_steps`; it then stops with a checkpoint to resume from).
-    pub fn budget_spent(&self, start: u64, done: u64) -> bool {
+    pub(crate) fn budget_spent(&self, start: u64, done: u64) -> bool {
         self.stop_after_steps > 0 && done - start >= self.stop_after_steps
     }
 
     /// The models a finished run writes besides its final checkpoint.
-    pub fn final_outputs(&self) -> FinalOutputs {
+    pub(crate) fn final_outputs(&self) -> FinalOutputs {
         FinalOutputs {
             model_from_best: self.keep_best,
             ema: self.ema,

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 
 /// Prepared steps of a range, in order: made ahead on a scoped thread (`depth` ≥ 1), or on demand
 /// (`depth` = 0).
-pub struct Prefetch<'s> {
+pub(crate) struct Prefetch<'s> {
     source: Source<'s>,
     next: u64,
     end: u64,
@@ -26,7 +26,7 @@ enum Source<'s> {
 impl<'s> Prefetch<'s> {
     /// Prepares `steps` with `make`, `depth` steps ahead on a thread of `scope` (0: in
     /// [`Prefetch::take`] itself).
-    pub fn start<'env>(
+    pub(crate) fn start<'env>(
         scope: &'s Scope<'s, 'env>,
         steps: Range<u64>,
         depth: usize,
@@ -57,7 +57,7 @@ impl<'s> Prefetch<'s> {
     }
 
     /// Prepared step `step`, which must be the next of the range.
-    pub fn take(&mut self, step: u64) -> Result<Prepared> {
+    pub(crate) fn take(&mut self, step: u64) -> Result<Prepared> {
         if step != self.next || step >= self.end {
             return Err(Error::Internal(format!(
                 "step {step} asked of a prefetch at step {} of ..{}",

@@ -59,7 +59,7 @@ pub struct Preparer {
 
 impl Preparer {
     /// A preparer for a model's `tokenizer` on `device`.
-    pub fn new(tokenizer: TextTokenizer, device: Device, opts: StepOptions) -> Self {
+    pub(crate) fn new(tokenizer: TextTokenizer, device: Device, opts: StepOptions) -> Self {
         Self {
             tokenizer,
             device,
@@ -156,7 +156,7 @@ impl Preparer {
 
 impl Chunk {
     /// The chunk's rows embedded by `embed` (one micro-batch at a time), back in row order.
-    pub fn embed(&self, mut embed: impl FnMut(&Micro) -> Tensor) -> Tensor {
+    pub(crate) fn embed(&self, mut embed: impl FnMut(&Micro) -> Tensor) -> Tensor {
         let mut parts: Vec<Tensor> = self.micro.iter().map(&mut embed).collect();
         let sorted = if parts.len() == 1 {
             parts.pop().expect("one part")

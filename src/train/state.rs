@@ -46,7 +46,7 @@ pub struct Ema {
 
 impl Ema {
     /// The averaged tensors, by name (views of the flat average).
-    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn tensors(&self) -> Vec<(String, Tensor)> {
         self.layout.views(&self.shadow)
     }
 }
@@ -54,7 +54,7 @@ impl Ema {
 impl TrainState {
     /// The state for `tasks`; loss heads start from the run's `seed` (the same on every replica).
     /// Every trainable tensor moves into the flat buffers here.
-    pub fn new(model: SentenceModel, tasks: &[TaskSpec], seed: u64) -> Result<Self> {
+    pub(crate) fn new(model: SentenceModel, tasks: &[TaskSpec], seed: u64) -> Result<Self> {
         let (dim, device) = (model.dimension(), model.device());
         let tasks: Vec<TaskState> = tasks
             .iter()
@@ -96,12 +96,12 @@ impl TrainState {
     }
 
     /// The same, to change gradients (zeroing, clipping, the all-reduce).
-    pub fn flat_mut(&mut self) -> &mut FlatParams {
+    pub(crate) fn flat_mut(&mut self) -> &mut FlatParams {
         &mut self.flat
     }
 
     /// Starts averaging the current weights with `decay`.
-    pub fn start_ema(&mut self, decay: f64) {
+    pub(crate) fn start_ema(&mut self, decay: f64) {
         self.ema = Some(Ema {
             decay,
             layout: self.flat.layout().clone(),
@@ -110,7 +110,7 @@ impl TrainState {
     }
 
     /// Moves the average towards the current weights (after an optimizer step).
-    pub fn update_ema(&mut self) {
+    pub(crate) fn update_ema(&mut self) {
         if let Some(ema) = self.ema.as_mut() {
             // lerp with weight 1 − decay; decay 0 copies the weights exactly.
             let _ = tch::no_grad(|| ema.shadow.lerp_(self.flat.values(), 1.0 - ema.decay));
@@ -131,17 +131,17 @@ impl TrainState {
     }
 
     /// Writes the averaged model (a sentence-transformers directory, heads included) into `root`.
-    pub fn write_ema_dir(&self, root: &Path) -> Result<()> {
+    pub(crate) fn write_ema_dir(&self, root: &Path) -> Result<()> {
         self.with_ema_weights(|s| s.write_dir(root))
     }
 
     /// Writes the averaged model at `dir`, atomically.
-    pub fn save_ema(&self, dir: &Path) -> Result<()> {
+    pub(crate) fn save_ema(&self, dir: &Path) -> Result<()> {
         self.with_ema_weights(|s| s.save(dir))
     }
 
     /// Loads the average from a model directory [`TrainState::write_ema_dir`] wrote.
-    pub fn load_ema_dir(&mut self, dir: &Path) -> Result<()> {
+    pub(crate) fn load_ema_dir(&mut self, dir: &Path) -> Result<()> {
         if self.ema.is_none() {
             return Ok(());
         }
@@ -157,17 +157,12 @@ impl TrainState {
     }
 
     /// The prefix of task `task`'s head tensors.
-    pub fn head_prefix(task: &str) -> String {
+    pub(crate) fn head_prefix(task: &str) -> String {
         format!("heads.{task}.")
     }
 
-    /// Whether a parameter name belongs to a loss head.
-    pub fn is_head(name: &str) -> bool {
-        name.starts_with("heads.")
-    }
-
     /// Every trainable tensor, named.
-    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+    pub(crate) fn parameters(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> =
             self.model.var_store().variables().into_iter().collect();
         for t in &self.tasks {
@@ -184,7 +179,7 @@ impl TrainState {
     }
 
     /// Writes the model directory's files, the loss heads (`heads/<task>.*`) included, into `root`.
-    pub fn write_dir(&self, root: &Path) -> Result<()> {
+    pub(crate) fn write_dir(&self, root: &Path) -> Result<()> {
         self.model.write_dir(root)?;
         for t in &self.tasks {
             if let Objective::Softmax(head) = &t.objective {
@@ -195,7 +190,7 @@ impl TrainState {
     }
 
     /// Writes a complete model directory at `dir`, atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
         let staged = atomic::StagedDir::create(dir)?;
         self.write_dir(staged.path())?;
         staged.commit()?;
@@ -203,7 +198,7 @@ impl TrainState {
     }
 
     /// Loads weights and loss heads from a model directory this state wrote.
-    pub fn load_dir(&mut self, dir: &Path) -> Result<()> {
+    pub(crate) fn load_dir(&mut self, dir: &Path) -> Result<()> {
         self.model.load_weights(&dir.join("model.safetensors"))?;
         for t in &self.tasks {
             if let Objective::Softmax(head) = &t.objective {

@@ -33,7 +33,7 @@ pub struct Task {
 impl Task {
     /// Loads a task's files: query groups for MNRL; for a pointwise loss, scored or labelled pair
     /// files, or query groups turned into pairs (see [`PairSet::from_groups`]).
-    pub fn load(cfg: &TaskConfig) -> Result<Self> {
+    pub(crate) fn load(cfg: &TaskConfig) -> Result<Self> {
         let paths = cfg.train.to_vec();
         let opts = LoadOptions {
             skip_invalid: cfg.skip_invalid,
@@ -85,7 +85,7 @@ impl Task {
     }
 
     /// A fingerprint of the task's content.
-    pub fn fingerprint(&self) -> u64 {
+    pub(crate) fn fingerprint(&self) -> u64 {
         match &self.data {
             TaskData::Groups(d) => d.fingerprint(),
             TaskData::Pairs(p) => p.fingerprint(),
@@ -93,7 +93,7 @@ impl Task {
     }
 
     /// What loading counted, as one line.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.data {
             TaskData::Groups(d) => format!("task {}: {}", self.name, d.stats()),
             TaskData::Pairs(p) => format!(
@@ -143,7 +143,7 @@ pub struct TaskSpec {
 impl TaskSpec {
     /// The task's loss, ready to run on embeddings of `dim`; a SoftmaxLoss classifier starts from
     /// `seed` (the same on every replica).
-    pub fn objective(&self, dim: i64, device: Device, seed: u64) -> Objective {
+    pub(crate) fn objective(&self, dim: i64, device: Device, seed: u64) -> Objective {
         match self.loss {
             LossConfig::Mnrl(cfg) => Objective::Mnrl {
                 cfg,
@@ -158,7 +158,10 @@ impl TaskSpec {
     }
 
     /// Builds the specs of `cfgs` on a replica without the data, with each task's class names.
-    pub fn from_config(cfgs: &[TaskConfig], labels: &[(String, Vec<String>)]) -> Result<Vec<Self>> {
+    pub(crate) fn from_config(
+        cfgs: &[TaskConfig],
+        labels: &[(String, Vec<String>)],
+    ) -> Result<Vec<Self>> {
         if cfgs.len() != labels.len() || cfgs.iter().zip(labels).any(|(c, (n, _))| &c.name != n) {
             return Err(Error::Usage(format!(
                 "the coordinator described {} tasks that do not match the config's {}",
@@ -191,7 +194,7 @@ pub fn load_tasks(cfgs: &[TaskConfig]) -> Result<Vec<Task>> {
 }
 
 /// The fingerprint of a run's data: one task's own, or all tasks' combined in order.
-pub fn data_fingerprint(tasks: &[Task]) -> String {
+pub(crate) fn data_fingerprint(tasks: &[Task]) -> String {
     let fp = match tasks {
         [one] => one.fingerprint(),
         many => {

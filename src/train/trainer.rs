@@ -46,17 +46,17 @@ pub struct StepTimes {
 
 impl StepTimes {
     /// Everything.
-    pub fn total(&self) -> f64 {
+    pub(crate) fn total(&self) -> f64 {
         self.data + self.compute() + self.comm() + self.sync
     }
 
     /// On this rank's device: forward, backward, optimizer.
-    pub fn compute(&self) -> f64 {
+    pub(crate) fn compute(&self) -> f64 {
         self.forward + self.backward + self.optimizer
     }
 
     /// In the collectives.
-    pub fn comm(&self) -> f64 {
+    pub(crate) fn comm(&self) -> f64 {
         self.gather + self.reduce
     }
 }
@@ -136,7 +136,7 @@ impl Clock {
 
 impl Trainer {
     /// Wraps a replica's state; the optimizer tracks every trainable tensor of it.
-    pub fn new(
+    pub(crate) fn new(
         state: TrainState,
         adamw: super::optim::AdamWConfig,
         schedule: LinearSchedule,
@@ -338,7 +338,7 @@ impl Trainer {
     /// Applies AdamW with the (reduced, clipped) gradients of a step of task `task` and clears
     /// them; other tasks' loss heads, which took no part, stay as they are. Returns the seconds it
     /// took (the host's share on a GPU).
-    pub fn update(&mut self, step: u64, task: usize) -> Result<f64> {
+    pub(crate) fn update(&mut self, step: u64, task: usize) -> Result<f64> {
         let start = Instant::now();
         let lr = self.schedule.lr(step);
         self.optim.step(self.state.flat(), lr, |owner| {
@@ -350,7 +350,7 @@ impl Trainer {
     }
 
     /// Drops the gradients of a step that will not be applied.
-    pub fn discard(&mut self) {
+    pub(crate) fn discard(&mut self) {
         self.state.flat_mut().zero_grad();
     }
 }

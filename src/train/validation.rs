@@ -8,7 +8,7 @@ use crate::train::metrics::MetricsLog;
 
 /// What an evaluation means for the run.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// A new best (the first evaluation always is).
     Improved,
     /// Not better than the best; `stop` once `patience` evaluations in a row were not.
@@ -17,7 +17,7 @@ pub enum Verdict {
 
 /// The best evaluation so far and how many evaluations came after it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     metric: String,
     greater_is_better: bool,
     patience: u64,
@@ -31,7 +31,7 @@ pub struct Tracker {
 
 impl Tracker {
     /// A tracker for the config's metric and patience.
-    pub fn new(cfg: &EvalConfig) -> Self {
+    pub(crate) fn new(cfg: &EvalConfig) -> Self {
         Self {
             metric: cfg.metric.clone(),
             greater_is_better: cfg.greater_is_better,
@@ -43,7 +43,7 @@ impl Tracker {
     }
 
     /// Records the evaluation of `step`; an unknown metric is an error naming the known ones.
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         step: u64,
         metrics: &BTreeMap<String, f64>,
@@ -74,7 +74,7 @@ impl Tracker {
 
     /// The tracker of a run with an eval set (`cfg`), with the evaluations its log holds up to
     /// `resumed` (the step a resumed run starts from) replayed.
-    pub fn resumed(
+    pub(crate) fn resumed(
         cfg: Option<&EvalConfig>,
         resumed: Option<u64>,
         log: &mut MetricsLog,
@@ -90,7 +90,7 @@ impl Tracker {
     }
 
     /// Rebuilds the record from a run's logged `eval` events up to `step` (inclusive).
-    pub fn replay(&mut self, log: &str, step: u64) -> Result<(), String> {
+    pub(crate) fn replay(&mut self, log: &str, step: u64) -> Result<(), String> {
         for v in log
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

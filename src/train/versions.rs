@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 
 /// The data versions of a run and its plan.
 #[derive(Debug, Clone)]
-pub struct TrainingData {
+pub(crate) struct TrainingData {
     /// The tasks as loaded, before any mining: what re-mining starts from (kept only when the
     /// run re-mines).
     source: Option<Vec<Task>>,
@@ -29,7 +29,11 @@ pub struct TrainingData {
 impl TrainingData {
     /// Plans the run on `tasks`; `source` are the tasks before mining, kept for re-mining (needed
     /// only when the run re-mines).
-    pub fn new(cfg: &RunConfig, source: Option<Vec<Task>>, tasks: Vec<Task>) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &RunConfig,
+        source: Option<Vec<Task>>,
+        tasks: Vec<Task>,
+    ) -> Result<Self> {
         let plan = plan_for(cfg, &tasks)?;
         Ok(Self {
             source: source.filter(|_| cfg.train.remine_every_epochs.is_some()),
@@ -41,24 +45,24 @@ impl TrainingData {
     }
 
     /// The run's tasks (names, losses, labels: the same in every version).
-    pub fn tasks(&self) -> &[Task] {
+    pub(crate) fn tasks(&self) -> &[Task] {
         &self.versions[0]
     }
 
     /// The tasks before mining, which re-mining starts from.
-    pub fn source(&self) -> Option<&[Task]> {
+    pub(crate) fn source(&self) -> Option<&[Task]> {
         self.source.as_deref()
     }
 
     /// The global batch of step `step`, from the data version of its epoch.
-    pub fn batch(&self, step: u64) -> GlobalBatch<'_> {
+    pub(crate) fn batch(&self, step: u64) -> GlobalBatch<'_> {
         let (e, _) = self.plan.locate(step);
         self.plan
             .batch(&self.versions[self.plan.epoch(e).version], step)
     }
 
     /// The epoch that begins at step `step` when the run re-mines before it and has not yet.
-    pub fn remine_due(&self, cfg: &RunConfig, step: u64) -> Option<usize> {
+    pub(crate) fn remine_due(&self, cfg: &RunConfig, step: u64) -> Option<usize> {
         self.source.as_ref()?;
         if step >= self.plan.total_steps {
             return None;
@@ -69,7 +73,7 @@ impl TrainingData {
     }
 
     /// Epochs from `epoch` on train on `tasks`, a new data version.
-    pub fn remined(&mut self, epoch: usize, tasks: Vec<Task>) -> Result<()> {
+    pub(crate) fn remined(&mut self, epoch: usize, tasks: Vec<Task>) -> Result<()> {
         let version = self.versions.len();
         self.plan.replan_from(epoch, &tasks, version)?;
         self.versions.push(tasks);
@@ -80,7 +84,7 @@ impl TrainingData {
     /// Rebuilds the versions a resumed run had made before step `step` from their records:
     /// every re-mining due at or before `step` whose record exists (one due exactly at `step`
     /// may still be missing: the run mines it next).
-    pub fn restore_versions(&mut self, cfg: &RunConfig, step: u64) -> Result<()> {
+    pub(crate) fn restore_versions(&mut self, cfg: &RunConfig, step: u64) -> Result<()> {
         while let Some(e) = self.next_due_at_or_before(cfg, step) {
             let start = self.plan.epoch_start(e).unwrap_or(u64::MAX);
             let mut tasks = self.versions[0].clone();
@@ -108,7 +112,7 @@ impl TrainingData {
     }
 
     /// Whether a re-mining due at or before `step` is not in place (`restore_versions` has work).
-    pub fn lacks_versions(&self, cfg: &RunConfig, step: u64) -> bool {
+    pub(crate) fn lacks_versions(&self, cfg: &RunConfig, step: u64) -> bool {
         self.next_due_at_or_before(cfg, step).is_some()
     }
 

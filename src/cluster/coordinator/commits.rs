@@ -145,8 +145,8 @@ impl Coordinator {
         if let Fate::Skip(reason) = &fate {
             tracing::warn!(%reason, "skipping the step on every worker");
             self.write_log(json!({"event": "skip", "step": step + 1, "reason": reason}));
-        } else if let Err(reason) = self.finish_step(step, commits, generation) {
-            return self.abort(reason);
+        } else if let Err(e) = self.finish_step(step, commits, generation) {
+            return self.abort(e.to_string());
         }
         if let Some(t) = broken_since {
             let seconds = t.elapsed().as_secs_f64();
@@ -174,17 +174,17 @@ impl Coordinator {
         step: u64,
         commits: Vec<CommitRequest>,
         generation: u64,
-    ) -> Result<(), String> {
+    ) -> crate::Result<()> {
         let loss = commits[0].loss;
         for c in &commits {
             // Every worker computes the same global loss; disagreement means the replicas diverged.
             if (c.loss - loss).abs() > 1e-4 * loss.abs().max(1e-3) {
-                return Err(format!(
+                return Err(crate::Error::Diverged(format!(
                     "workers disagree on the loss of step {}: {} vs {}",
                     step + 1,
                     c.loss,
                     loss
-                ));
+                )));
             }
         }
         // The slowest rank's time in each phase: the step waits for it.

@@ -4,11 +4,11 @@
 //! A pure record, unit-tested without a network: the handlers only lock, call and reply.
 
 /// The most texts a page holds: small enough for one message either way.
-pub const MAX_PAGE: usize = 256;
+pub(crate) const MAX_PAGE: usize = 256;
 
 /// Texts per page for `texts` texts over `world` workers: about four pages each, so a worker that
 /// finishes early takes another, and no page is so small that batching suffers.
-pub fn page_size(texts: usize, world: usize) -> usize {
+pub(crate) fn page_size(texts: usize, world: usize) -> usize {
     texts.div_ceil(4 * world.max(1)).clamp(16, MAX_PAGE)
 }
 
@@ -25,7 +25,7 @@ enum Page {
 
 /// One evaluation in progress: which pages are out, which are back.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Round {
+pub(crate) struct Round {
     pub step: u64,
     texts: usize,
     page: usize,
@@ -37,7 +37,7 @@ pub struct Round {
 
 impl Round {
     /// A round over `texts` texts after `step` steps, in pages of `page` texts.
-    pub fn new(step: u64, texts: usize, page: usize) -> Self {
+    pub(crate) fn new(step: u64, texts: usize, page: usize) -> Self {
         let page = page.max(1);
         Self {
             step,
@@ -50,7 +50,11 @@ impl Round {
     }
 
     /// Hands the next open page (or one left by an ended generation) to `rank`: its text range.
-    pub fn assign(&mut self, rank: usize, generation: u64) -> Option<std::ops::Range<usize>> {
+    pub(crate) fn assign(
+        &mut self,
+        rank: usize,
+        generation: u64,
+    ) -> Option<std::ops::Range<usize>> {
         let i = self.pages.iter().position(|p| match p {
             Page::Open => true,
             Page::Assigned { generation: g, .. } => *g != generation,
@@ -65,7 +69,7 @@ impl Round {
     }
 
     /// Takes a page of embeddings back; everything about it is checked against what was handed out.
-    pub fn deliver(
+    pub(crate) fn deliver(
         &mut self,
         rank: usize,
         generation: u64,
@@ -102,12 +106,12 @@ impl Round {
     }
 
     /// Whether every page is back.
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.pages.iter().all(|p| matches!(p, Page::Done(_)))
     }
 
     /// Whether some page is still to be handed out (in `generation`).
-    pub fn has_open(&self, generation: u64) -> bool {
+    pub(crate) fn has_open(&self, generation: u64) -> bool {
         self.pages.iter().any(|p| match p {
             Page::Open => true,
             Page::Assigned { generation: g, .. } => *g != generation,
@@ -117,7 +121,7 @@ impl Round {
 
     /// Every embedding in text order, with the dimension, once every page is back; only the
     /// first time, so a round is scored or mined once.
-    pub fn take(&mut self) -> Option<(Vec<f32>, usize)> {
+    pub(crate) fn take(&mut self) -> Option<(Vec<f32>, usize)> {
         if !self.complete() || self.taken {
             return None;
         }

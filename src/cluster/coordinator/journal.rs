@@ -14,7 +14,7 @@ use crate::train::metrics::MetricsLog;
 
 /// Which of the two logs a record goes to.
 #[derive(Clone, Copy)]
-pub enum Log {
+pub(crate) enum Log {
     /// `metrics.jsonl`: steps and events.
     Metrics,
     /// `batches.jsonl`: which texts each step trained on.
@@ -29,13 +29,13 @@ enum Op {
 }
 
 /// The sending side of the writer thread; the thread ends when this is dropped.
-pub struct Journal {
+pub(crate) struct Journal {
     ops: mpsc::Sender<Op>,
 }
 
 impl Journal {
     /// Starts the writer thread, which takes both logs over.
-    pub fn start(metrics: MetricsLog, batches: MetricsLog) -> Result<Self> {
+    pub(crate) fn start(metrics: MetricsLog, batches: MetricsLog) -> Result<Self> {
         let (ops, rx) = mpsc::channel();
         thread::Builder::new()
             .name("coordinator-logs".into())
@@ -45,18 +45,18 @@ impl Journal {
     }
 
     /// Queues a record; never blocks.
-    pub fn write(&self, log: Log, record: serde_json::Value) {
+    pub(crate) fn write(&self, log: Log, record: serde_json::Value) {
         self.send(Op::Write(log, record));
     }
 
     /// Queues the removal, from both logs, of the step records after `step` (a rollback).
-    pub fn forget_steps_after(&self, step: u64) {
+    pub(crate) fn forget_steps_after(&self, step: u64) {
         self.send(Op::ForgetStepsAfter(step));
     }
 
     /// Waits until everything queued before is written; the first write error since the last
     /// flush, if any.
-    pub async fn flushed(&self) -> Result<()> {
+    pub(crate) async fn flushed(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Flush(tx));
         rx.await.unwrap_or_else(|_| Err(gone()))
@@ -64,7 +64,7 @@ impl Journal {
 
     /// Everything in `metrics.jsonl` once the records queued before are written (blocking: for
     /// callers off the async threads).
-    pub fn metrics_contents(&self) -> Result<Vec<u8>> {
+    pub(crate) fn metrics_contents(&self) -> Result<Vec<u8>> {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Contents(tx));
         rx.blocking_recv().unwrap_or_else(|_| Err(gone()))
@@ -77,7 +77,7 @@ impl Journal {
 }
 
 fn gone() -> Error {
-    Error::Usage("the coordinator's log writer stopped".into())
+    Error::Internal("the coordinator's log writer stopped".into())
 }
 
 /// The writer thread's side: the two files and the first error not yet reported by a flush.

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 /// A worker known to the coordinator: waiting to join a generation, or a member of one.
 #[derive(Debug, Clone)]
-pub struct Member {
+pub(crate) struct Member {
     /// Unique per join (a worker joining again gets a new one).
     pub id: u64,
     pub worker_id: String,
@@ -18,7 +18,7 @@ pub struct Member {
 
 /// How a generation starts: who is in it (by rank) and who must heal first.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Formation {
+pub(crate) struct Formation {
     pub generation: u64,
     /// Every member holds (or heals to) the state after this many steps.
     pub start_step: u64,
@@ -37,7 +37,12 @@ pub struct Formation {
 
 /// The largest ring of at most `n` workers a run may use: no more than `workers`, no fewer than
 /// `min_workers`, and splitting the global batch of `batch` rows evenly.
-pub fn ring_size(n: usize, workers: usize, min_workers: usize, batch: usize) -> Option<usize> {
+pub(crate) fn ring_size(
+    n: usize,
+    workers: usize,
+    min_workers: usize,
+    batch: usize,
+) -> Option<usize> {
     (min_workers..=n.min(workers))
         .rev()
         .find(|k| *k > 0 && batch.is_multiple_of(*k))
@@ -46,7 +51,7 @@ pub fn ring_size(n: usize, workers: usize, min_workers: usize, batch: usize) -> 
 /// Forms generation `generation` from the first `size` candidates in rank-preference order;
 /// returns the ring, the candidates left over, and the formation. The ring continues from the
 /// newest state anyone has: a member's replica or the newest checkpoint (`checkpoint_step`).
-pub fn form(
+pub(crate) fn form(
     mut candidates: Vec<Member>,
     size: usize,
     checkpoint_step: Option<u64>,

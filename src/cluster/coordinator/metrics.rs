@@ -13,7 +13,7 @@ type Real = Gauge<f64, AtomicU64>;
 type Labels = Vec<(&'static str, String)>;
 
 /// Every metric of a run, updated by the coordinator as things happen.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     step: Gauge,
     total_steps: Gauge,
@@ -43,7 +43,7 @@ pub struct StepTimes {
 
 impl Metrics {
     /// A registry of the run's metrics, all at zero.
-    pub fn new(workers_wanted: usize, total_steps: u64) -> Self {
+    pub(crate) fn new(workers_wanted: usize, total_steps: u64) -> Self {
         let mut m = Self {
             step: Gauge::default(),
             total_steps: Gauge::default(),
@@ -123,7 +123,14 @@ impl Metrics {
     }
 
     /// Step `step` committed.
-    pub fn step(&self, step: u64, loss: f64, lr: f64, pairs_per_second: f64, times: StepTimes) {
+    pub(crate) fn step(
+        &self,
+        step: u64,
+        loss: f64,
+        lr: f64,
+        pairs_per_second: f64,
+        times: StepTimes,
+    ) {
         self.step.set(step as i64);
         self.loss.set(loss);
         self.lr.set(lr);
@@ -141,7 +148,7 @@ impl Metrics {
     }
 
     /// A ring formed: its generation, size, how many members heal, and where it starts.
-    pub fn ring_formed(&self, generation: u64, workers: usize, healing: usize, start: u64) {
+    pub(crate) fn ring_formed(&self, generation: u64, workers: usize, healing: usize, start: u64) {
         self.generation.set(generation as i64);
         self.workers_alive.set(workers as i64);
         self.rings_formed.inc();
@@ -150,17 +157,17 @@ impl Metrics {
     }
 
     /// The ring broke up: nobody trains until the next one forms.
-    pub fn ring_ended(&self) {
+    pub(crate) fn ring_ended(&self) {
         self.workers_alive.set(0);
     }
 
     /// The run now ends at `total` (early stopping).
-    pub fn total_steps(&self, total: u64) {
+    pub(crate) fn total_steps(&self, total: u64) {
         self.total_steps.set(total as i64);
     }
 
     /// An evaluation's metrics.
-    pub fn eval(&self, metrics: &BTreeMap<String, f64>) {
+    pub(crate) fn eval(&self, metrics: &BTreeMap<String, f64>) {
         for (name, value) in metrics {
             self.eval
                 .get_or_create(&vec![("metric", name.clone())])
@@ -169,7 +176,7 @@ impl Metrics {
     }
 
     /// The text exposition, with the newest checkpoint as it is now.
-    pub fn encode(&self, checkpoint: Option<(u64, f64)>) -> String {
+    pub(crate) fn encode(&self, checkpoint: Option<(u64, f64)>) -> String {
         let (step, age) = checkpoint.unwrap_or((0, -1.0));
         self.checkpoint_step.set(step as i64);
         self.checkpoint_age_seconds.set(age);

@@ -41,7 +41,7 @@ struct CacheAt {
 }
 
 /// The texts the workers embed for `train.mine`, and how to turn their embeddings into data.
-pub struct MineJob {
+pub(crate) struct MineJob {
     /// Each task's queries, then its corpus, task by task: what a re-mining embeds.
     texts: Vec<String>,
     /// The first mining's texts when a corpus came from the cache: `texts` without it.
@@ -56,7 +56,7 @@ impl MineJob {
     /// The job for every query-grouped task of `tasks` (as loaded, before mining): their queries,
     /// then their corpora, task by task. `first`: the first mining is still to come (a resumed
     /// run only re-mines, so it does not read the cache).
-    pub fn new(cfg: &RunConfig, tasks: &[Task], first: bool) -> Result<Self> {
+    pub(crate) fn new(cfg: &RunConfig, tasks: &[Task], first: bool) -> Result<Self> {
         let opts = cfg
             .train
             .mine
@@ -119,7 +119,7 @@ impl MineJob {
 
     /// Every text to embed, in the order `finish` expects their embeddings: for the first mining
     /// (`first`, with the base model) without the corpora the cache holds.
-    pub fn texts(&self, first: bool) -> &[String] {
+    pub(crate) fn texts(&self, first: bool) -> &[String] {
         match (&self.first_texts, first) {
             (Some(texts), true) => texts,
             _ => &self.texts,
@@ -130,7 +130,7 @@ impl MineJob {
     /// every mined task as one process does (`epoch`: re-mined before that epoch), and returns the
     /// tasks to train on with the `mine` events for the metrics log. `tasks` are those `new` took,
     /// or `placeholder`s of them.
-    pub fn finish(
+    pub(crate) fn finish(
         &self,
         cfg: &RunConfig,
         tasks: &[Task],
@@ -211,7 +211,7 @@ fn first_texts(texts: &[String], parts: &[Part]) -> Vec<String> {
 /// `tasks` planned without hard negatives (and shuffled, as mining may bring the cluster labels),
 /// until the mined data replaces them: the placeholder plan only lets the ring form; no step runs
 /// on it.
-pub fn placeholder(tasks: &[Task]) -> Vec<Task> {
+pub(crate) fn placeholder(tasks: &[Task]) -> Vec<Task> {
     let mut out = tasks.to_vec();
     for t in out.iter_mut() {
         if matches!(t.data, TaskData::Groups(_)) {

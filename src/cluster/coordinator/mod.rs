@@ -116,7 +116,7 @@ fn checkpoint_age(path: &Path) -> Option<f64> {
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Finished {
         steps: u64,
         model_dir: PathBuf,
@@ -170,7 +170,7 @@ fn resume_from(
 }
 
 /// The coordinator service and everything it knows about the run.
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     cfg: RunConfig,
@@ -218,7 +218,7 @@ impl RunData {
 
 impl Coordinator {
     /// Loads data and model metadata and plans the run (no network yet).
-    pub fn new(cfg: RunConfig, show: Show) -> Result<Shared> {
+    pub(crate) fn new(cfg: RunConfig, show: Show) -> Result<Shared> {
         let out = &cfg.output.dir;
         let config_toml = prepare_output(&cfg)?;
         // Uploads a previous coordinator was receiving when it died: nothing refers to them.
@@ -281,7 +281,7 @@ impl Coordinator {
     }
 
     /// Total steps of the run.
-    pub fn total_steps(&self) -> u64 {
+    pub(crate) fn total_steps(&self) -> u64 {
         self.data().training.plan.total_steps
     }
 
@@ -319,7 +319,7 @@ impl Coordinator {
     }
 
     /// Asks for a graceful stop: the open step finishes, rank 0 checkpoints, every worker exits.
-    pub fn request_stop(&self) {
+    pub(crate) fn request_stop(&self) {
         let mut st = self.lock();
         self.begin_stop(
             &mut st,
@@ -589,7 +589,7 @@ impl Coordinator {
 
     /// Serves on `listener` until the run finishes (model saved), stops or aborts; `shutdown`
     /// firing asks for a graceful stop.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Shared,
         listener: TcpListener,
         token: Token,
@@ -631,7 +631,7 @@ impl Coordinator {
                 ended,
             )
             .await
-            .map_err(|e| Error::Usage(format!("coordinator server failed: {e}")))?;
+            .map_err(|e| Error::Network(format!("coordinator server failed: {e}")))?;
         self.progress.finish();
         if let Err(e) = self.journal.flushed().await {
             tracing::error!(error = %e, "the metrics log is incomplete");
@@ -697,7 +697,7 @@ impl Coordinator {
             let job = me
                 .mine_job
                 .as_ref()
-                .ok_or_else(|| Error::Usage("no mining job".into()))?;
+                .ok_or_else(|| Error::Internal("no mining job".into()))?;
             let now = me.data();
             let training = &now.training;
             let first = me.lock().mine_pending;
@@ -711,12 +711,12 @@ impl Coordinator {
                 events.extend(data_events(fresh.tasks()));
                 Ok::<_, Error>((fresh, events))
             } else {
-                let epoch = training
-                    .remine_due(&me.cfg, step)
-                    .ok_or_else(|| Error::Usage(format!("no re-mining is due at step {step}")))?;
+                let epoch = training.remine_due(&me.cfg, step).ok_or_else(|| {
+                    Error::Internal(format!("no re-mining is due at step {step}"))
+                })?;
                 let source = training
                     .source()
-                    .ok_or_else(|| Error::Usage("re-mining needs the data as loaded".into()))?;
+                    .ok_or_else(|| Error::Internal("re-mining needs the data as loaded".into()))?;
                 let (tasks, events) =
                     job.finish(&me.cfg, source, &values, dim, took, Some(epoch))?;
                 let mut next = training.clone();
@@ -860,7 +860,7 @@ impl Coordinator {
     }
 
     /// The Prometheus exposition of the run now.
-    pub fn metrics_text(&self) -> String {
+    pub(crate) fn metrics_text(&self) -> String {
         self.metrics.encode(self.newest_checkpoint())
     }
 
@@ -876,7 +876,7 @@ impl Coordinator {
     }
 
     /// Serves `metrics_text` on `/metrics` over HTTP until the process ends.
-    pub fn serve_metrics(self: &Shared, listener: TcpListener) {
+    pub(crate) fn serve_metrics(self: &Shared, listener: TcpListener) {
         let me = self.clone();
         let app = axum::Router::new().route(
             "/metrics",
@@ -1037,7 +1037,7 @@ impl State {
 }
 
 /// The listener of `cluster.metrics_bind`, when set.
-pub async fn bind_metrics(cfg: &RunConfig) -> Result<Option<TcpListener>> {
+pub(crate) async fn bind_metrics(cfg: &RunConfig) -> Result<Option<TcpListener>> {
     let Some(addr) = &cfg.cluster.metrics_bind else {
         return Ok(None);
     };
@@ -1050,7 +1050,7 @@ pub async fn bind_metrics(cfg: &RunConfig) -> Result<Option<TcpListener>> {
 }
 
 /// Binds the configured address (and nothing else).
-pub async fn bind(cfg: &RunConfig) -> Result<TcpListener> {
+pub(crate) async fn bind(cfg: &RunConfig) -> Result<TcpListener> {
     TcpListener::bind(&cfg.cluster.bind).await.map_err(|e| {
         Error::Usage(format!(
             "cannot listen on cluster.bind = {}: {e}",

@@ -76,7 +76,7 @@ impl Collective for BlockingRing<'_> {
 /// Collective operations, used in chunk tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
-pub enum Op {
+pub(crate) enum Op {
     /// Not a collective: the stream from this sender broke.
     Broken = 0,
     AllGather = 1,
@@ -106,7 +106,7 @@ struct Expected {
 /// A rank's inbox: its Peer server (in `cluster/`) forwards every ring stream it accepts here, and
 /// the engine reads the chunks from the matching [`Incoming`].
 #[derive(Clone)]
-pub struct Inbox {
+pub(crate) struct Inbox {
     tx: mpsc::Sender<RingChunk>,
     expected: tokio::sync::watch::Receiver<Option<Expected>>,
 }
@@ -120,7 +120,7 @@ pub struct Incoming {
 }
 
 /// A new inbox and the receiver the engine reads.
-pub fn inbox() -> (Inbox, Incoming) {
+pub(crate) fn inbox() -> (Inbox, Incoming) {
     let (tx, rx) = mpsc::channel(64);
     let (expected_tx, expected) = tokio::sync::watch::channel(None);
     (
@@ -142,7 +142,7 @@ impl Inbox {
     /// neighbour in its current generation, and every chunk must name that sender and generation:
     /// a token holder outside the ring cannot feed it. A sender that dies mid-stream is reported to
     /// the engine at once (a `Broken` chunk) rather than left for it to time out.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         presented: Option<&str>,
         mut stream: Streaming<RingChunk>,

@@ -2,17 +2,17 @@
 use std::ops::Range;
 
 /// The left-hand neighbour (receive from).
-pub fn left(rank: usize, world: usize) -> usize {
+pub(crate) fn left(rank: usize, world: usize) -> usize {
     (rank + world - 1) % world
 }
 
 /// The right-hand neighbour (send to).
-pub fn right(rank: usize, world: usize) -> usize {
+pub(crate) fn right(rank: usize, world: usize) -> usize {
     (rank + 1) % world
 }
 
 /// `len` elements split into `world` contiguous segments whose sizes differ by at most one.
-pub fn segments(len: usize, world: usize) -> Vec<Range<usize>> {
+pub(crate) fn segments(len: usize, world: usize) -> Vec<Range<usize>> {
     let base = len / world;
     let extra = len % world;
     let mut start = 0;
@@ -27,7 +27,7 @@ pub fn segments(len: usize, world: usize) -> Vec<Range<usize>> {
 }
 
 /// All-gather step `s` (0-based, W-1 steps): (block index sent, block index received).
-pub fn gather_step(rank: usize, world: usize, s: usize) -> (usize, usize) {
+pub(crate) fn gather_step(rank: usize, world: usize, s: usize) -> (usize, usize) {
     (
         (rank + world - s % world) % world,
         (rank + 2 * world - s % world - 1) % world,
@@ -36,12 +36,12 @@ pub fn gather_step(rank: usize, world: usize, s: usize) -> (usize, usize) {
 
 /// Reduce-scatter step `s` (W-1 steps): (segment sent, segment received and accumulated). After the
 /// last step a rank holds the full sum of segment `(rank + 1) % world`.
-pub fn reduce_scatter_step(rank: usize, world: usize, s: usize) -> (usize, usize) {
+pub(crate) fn reduce_scatter_step(rank: usize, world: usize, s: usize) -> (usize, usize) {
     gather_step(rank, world, s)
 }
 
 /// All-gather phase of an all-reduce, step `s`: (segment sent, segment received and stored).
-pub fn reduce_gather_step(rank: usize, world: usize, s: usize) -> (usize, usize) {
+pub(crate) fn reduce_gather_step(rank: usize, world: usize, s: usize) -> (usize, usize) {
     gather_step((rank + 1) % world, world, s)
 }
 

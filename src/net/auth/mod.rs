@@ -19,7 +19,7 @@ pub use refusals::{LOG_WINDOW, RefusalLog, log_refusal};
 pub use throttle::Throttled;
 
 /// The fewest characters a cluster token may have.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub(crate) const MIN_TOKEN_LEN: usize = 16;
 
 /// The shared secret of the run: whoever holds it can act as the operator and derive any worker's
 /// credential, so it stays on the coordinator's host (docs/design.md §13).
@@ -48,7 +48,7 @@ impl Token {
     }
 
     /// A fresh random token (for `launch`, which hands it to its children).
-    pub fn random() -> Self {
+    pub(crate) fn random() -> Self {
         use rand::Rng;
         let mut rng = rand::rng();
         let hex: String = (0..32)
@@ -58,7 +58,7 @@ impl Token {
     }
 
     /// The secret itself (to pass to child processes).
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
@@ -93,7 +93,7 @@ impl Token {
     }
 
     /// Server-side interceptor: admits the token or a valid worker credential, refuses others.
-    pub fn check(&self) -> Check {
+    pub(crate) fn check(&self) -> Check {
         Check {
             token: self.clone(),
         }
@@ -132,7 +132,7 @@ impl std::fmt::Debug for Credential {
 
 impl Credential {
     /// Reads `NAME:MAC` as `multipos credential` prints it.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let (name, mac) = text
             .rsplit_once(':')
@@ -148,12 +148,12 @@ impl Credential {
     }
 
     /// The worker name it proves.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// `NAME:MAC`, the form `parse` reads.
-    pub fn expose(&self) -> String {
+    pub(crate) fn expose(&self) -> String {
         format!("{}:{}", self.name, self.mac)
     }
 }
@@ -169,7 +169,7 @@ pub enum Secret {
 
 impl Secret {
     /// The credential a worker presents: its own, or the one derived for `name` from the token.
-    pub fn worker_credential(&self, name: &str) -> Result<Credential, String> {
+    pub(crate) fn worker_credential(&self, name: &str) -> Result<Credential, String> {
         match self {
             Secret::Token(t) => t.credential(name),
             Secret::Worker(c) => Ok(c.clone()),
@@ -192,7 +192,7 @@ impl Secret {
 
     /// Adds the secret and the caller's ring membership (`MEMBER_HEADER`: its member id and the
     /// secret ring key the coordinator gave it for this generation) to every call.
-    pub fn attach_member(&self, member: u64, key: &str) -> Result<Attach, String> {
+    pub(crate) fn attach_member(&self, member: u64, key: &str) -> Result<Attach, String> {
         let mut attach = self.attach();
         attach.headers.push((
             MEMBER_HEADER,
@@ -206,7 +206,7 @@ impl Secret {
 
 /// Who a call's secret proved the caller to be (in the request's extensions once admitted).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
+pub(crate) enum Identity {
     /// The cluster token.
     Operator,
     /// A worker credential for this name.
@@ -215,14 +215,14 @@ pub enum Identity {
 
 impl Identity {
     /// The identity `Check` admitted `request` with.
-    pub fn of<T>(request: &Request<T>) -> Option<&Identity> {
+    pub(crate) fn of<T>(request: &Request<T>) -> Option<&Identity> {
         request.extensions().get::<Identity>()
     }
 }
 
 /// True when a worker named `name` (by its credential or certificate) may use worker id `id`: the
 /// name itself or `NAME:anything` (a host's several workers, `HOST:PID`).
-pub fn name_allows(name: &str, id: &str) -> bool {
+pub(crate) fn name_allows(name: &str, id: &str) -> bool {
     id == name
         || id
             .strip_prefix(name)
@@ -238,14 +238,14 @@ pub const GENERATION_HEADER: &str = "x-multipos-generation";
 
 /// A caller's claim to be a ring member, read from `MEMBER_HEADER`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MemberClaim {
+pub(crate) struct MemberClaim {
     pub id: u64,
     pub key: String,
 }
 
 impl MemberClaim {
     /// The claim a request carries, if it carries a well-formed one.
-    pub fn of<T>(request: &Request<T>) -> Option<Self> {
+    pub(crate) fn of<T>(request: &Request<T>) -> Option<Self> {
         let (id, key) = request
             .metadata()
             .get(MEMBER_HEADER)?
@@ -260,13 +260,13 @@ impl MemberClaim {
 
     /// True when the claim names member `id` and presents `key`, compared in time independent of
     /// where they differ.
-    pub fn proves(&self, id: u64, key: &str) -> bool {
+    pub(crate) fn proves(&self, id: u64, key: &str) -> bool {
         self.id == id && same_bytes(self.key.as_bytes(), key.as_bytes())
     }
 }
 
 /// A `GENERATION:KEY` pair as a metadata header carries it.
-pub fn generation_pass<T>(request: &Request<T>, header: &str) -> Option<(u64, String)> {
+pub(crate) fn generation_pass<T>(request: &Request<T>, header: &str) -> Option<(u64, String)> {
     let (g, k) = request
         .metadata()
         .get(header)?
@@ -277,14 +277,14 @@ pub fn generation_pass<T>(request: &Request<T>, header: &str) -> Option<(u64, St
 }
 
 /// Compares secrets byte by byte regardless of where they differ, so timing says nothing.
-pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Admits calls that carry the cluster token or a valid worker credential, recording which in the
 /// request's [`Identity`]; refuses the others, logging each cause once a window per address.
 #[derive(Clone)]
-pub struct Check {
+pub(crate) struct Check {
     token: Token,
 }
 

@@ -28,7 +28,12 @@ impl Default for RefusalLog {
 impl RefusalLog {
     /// Counts a refusal; `Some(n)` when it is to be logged, `n` being how many of its kind went
     /// unlogged in the window before. One that cannot be tracked (the table is full) is logged.
-    pub fn note(&mut self, cause: &'static str, from: Option<IpAddr>, now: Instant) -> Option<u64> {
+    pub(crate) fn note(
+        &mut self,
+        cause: &'static str,
+        from: Option<IpAddr>,
+        now: Instant,
+    ) -> Option<u64> {
         match self.counts.count((cause, from), now) {
             None => Some(0),
             Some(c) if c.nth == 1 => Some(c.before.saturating_sub(1)),

@@ -13,22 +13,22 @@ use tonic::transport::server::TcpConnectInfo;
 use super::window::WindowCounts;
 
 /// The span over which one address and identity's failures are counted.
-pub const WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 /// Failures answered at once in a window (a mistyped token file should fail fast).
 pub const FREE_FAILURES: u32 = 10;
 /// An address's failures under all identities together get this many times the free ones.
-pub const ANY_IDENTITY_FACTOR: u32 = 4;
+pub(crate) const ANY_IDENTITY_FACTOR: u32 = 4;
 /// The delay of the first failure past the free ones; it doubles with each further one.
 pub const FIRST_DELAY: Duration = Duration::from_millis(50);
 /// The longest a failure is held (long enough to slow a guesser, short of a client's timeout).
-pub const MAX_DELAY: Duration = Duration::from_millis(3200);
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(3200);
 /// (address, identity) pairs tracked at most; beyond, expired ones are dropped, and if none has
 /// expired the failure is held for the longest delay.
 const MAX_TRACKED: usize = 4096;
 
 /// How long to hold each failure: a pure function of the failures seen and the clock passed in.
 #[derive(Debug)]
-pub struct FailureThrottle {
+pub(crate) struct FailureThrottle {
     counts: WindowCounts<Key>,
 }
 
@@ -47,7 +47,12 @@ impl FailureThrottle {
     /// Counts a failure of `identity` from `from` and says how long to hold its answer: the longer
     /// of what that identity's failures from the address call for and what the address's failures
     /// under any identity call for (so inventing names does not buy fresh free failures).
-    pub fn failed(&mut self, from: Option<IpAddr>, identity: &str, now: Instant) -> Duration {
+    pub(crate) fn failed(
+        &mut self,
+        from: Option<IpAddr>,
+        identity: &str,
+        now: Instant,
+    ) -> Duration {
         let one = self.counts.count((from, Some(identity.to_string())), now);
         let all = self.counts.count((from, None), now);
         hold(one.map(|c| c.nth), FREE_FAILURES).max(hold(
@@ -106,7 +111,7 @@ pub struct Throttled<S> {
 
 impl<S> Throttled<S> {
     /// Wraps `inner` (an authenticated service) with a throttle of its own.
-    pub fn new(inner: S) -> Self {
+    pub(crate) fn new(inner: S) -> Self {
         Self {
             inner,
             throttle: Arc::default(),

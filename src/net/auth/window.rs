@@ -32,7 +32,7 @@ pub(crate) struct WindowCounts<K> {
 
 impl<K: Hash + Eq> WindowCounts<K> {
     /// An empty table of windows of `span` for at most `max_keys` keys.
-    pub fn new(span: Duration, max_keys: usize) -> Self {
+    pub(crate) fn new(span: Duration, max_keys: usize) -> Self {
         Self {
             by_key: HashMap::new(),
             span,
@@ -41,7 +41,7 @@ impl<K: Hash + Eq> WindowCounts<K> {
     }
 
     /// Counts an event of `key` at `now`; `None` when the table is full of live windows.
-    pub fn count(&mut self, key: K, now: Instant) -> Option<Counted> {
+    pub(crate) fn count(&mut self, key: K, now: Instant) -> Option<Counted> {
         if self.by_key.len() >= self.max_keys && !self.by_key.contains_key(&key) {
             let span = self.span;
             self.by_key
@@ -76,7 +76,7 @@ impl<K: Hash + Eq> WindowCounts<K> {
 
     /// Keys tracked now.
     #[cfg(test)]
-    pub fn keys(&self) -> usize {
+    pub(crate) fn keys(&self) -> usize {
         self.by_key.len()
     }
 }
