@@ -181,7 +181,7 @@ impl Phase {
         true
     }
 
-    /// A ring of `members` is handed `work` before its step; a stop skips such work.
+    /// The live ring is handed `work` before its step; a stop skips such work.
     pub(super) fn work_began(&mut self, work: Work) {
         if matches!(self, Phase::Stepping | Phase::Evaluating | Phase::Mining) {
             *self = match work {
