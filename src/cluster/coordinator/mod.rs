@@ -290,6 +290,11 @@ impl Coordinator {
         self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The step timeout: how long a member's call waits on the others, and a step may run.
+    fn step_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.cluster.step_timeout_ms)
+    }
+
     fn notify(&self) {
         self.changed.send_modify(|v| *v += 1);
     }
@@ -514,7 +519,7 @@ impl Coordinator {
     /// ones; gives up when no ring can form within `join_timeout_ms`.
     async fn monitor(self: Shared) {
         let timeout = Duration::from_millis(self.cfg.cluster.heartbeat_timeout_ms);
-        let step_timeout = Duration::from_millis(self.cfg.cluster.step_timeout_ms);
+        let step_timeout = self.step_timeout();
         let join_timeout = Duration::from_millis(self.cfg.cluster.join_timeout_ms);
         let mut tick = tokio::time::interval(Duration::from_millis(
             self.cfg.cluster.heartbeat_interval_ms.min(250),

@@ -1,7 +1,7 @@
 //! `NextStep`: what a member does next. Once the step before is committed, and any work due
 //! before the step (validation, mining pages) is done, the answer is a pure decision
 //! (`step_answer`) over facts read under the lock: a shard to train, the end, a stop, or re-join.
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tonic::Status;
 
@@ -47,11 +47,6 @@ impl Coordinator {
         self.await_stop_checkpoint(caller, req, committed).await?;
         let answer = self.answer(caller, req, committed)?;
         Ok(reply(req.step, answer))
-    }
-
-    /// The step timeout: how long a member's call waits on the others.
-    pub(super) fn step_timeout(&self) -> Duration {
-        Duration::from_millis(self.cfg.cluster.step_timeout_ms)
     }
 
     /// Waits until the step before `req.step` is committed: the steps committed then, or the
