@@ -27,19 +27,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Compiles `src/shim/*.cpp` against the headers of the libtorch in `lib` (its `include/` beside
 /// it, in the layout of the PyTorch wheel and of the libtorch archive), as torch-sys compiles its
-/// own wrapper: C++17, the C++11 ABI unless `LIBTORCH_CXX11_ABI` says otherwise.
+/// own wrapper: C++17, the C++11 ABI unless `LIBTORCH_CXX11_ABI` says otherwise. The wheel lacks
+/// gloo's headers; `src/shim/gloo_names/` declares the names c10d's Gloo header needs.
 fn shim(lib: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let root = lib
         .parent()
         .ok_or("libtorch's lib directory has no parent")?;
     let include = root.join("include");
-    println!("cargo:rerun-if-changed=src/shim/fused_adamw.cpp");
+    println!("cargo:rerun-if-changed=src/shim");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)
         .file("src/shim/fused_adamw.cpp")
+        .file("src/shim/c10d.cpp")
         .include(&include)
+        .include("src/shim/gloo_names")
         .include(include.join("torch/csrc/api/include"))
         .std("c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())

@@ -1,6 +1,7 @@
 //! Step time of a cluster run on all-MiniLM-L6-v2: W = 2 workers × 1 thread vs W = 1 × 2 threads on
 //! the same global batches (32 rows, max_seq_length 128), with the share of each step spent in
-//! communication (all-gather of embeddings + all-reduce of ~91 MB of gradients over loopback gRPC).
+//! communication (all-gather of embeddings + all-reduce of ~91 MB of gradients over loopback), on
+//! each data plane (`cluster.collective` = grpc, gloo), all in one run.
 //!
 //!     cargo bench --bench cluster_step
 //! Env: BENCH_STEPS (default 8). Data: ../shared/data/insuranceqa_small when present, else the
@@ -17,9 +18,18 @@ fn main() {
         .unwrap_or_else(|| root.join("deploy/data/bible_paraphrase_small/train.jsonl"));
     let tmp = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
-    for (workers, threads) in [(1usize, 2usize), (2, 1)] {
-        let out = tmp.path().join(format!("w{workers}"));
+    // One worker never communicates, whatever the plane: its runs, first and last, are the
+    // baseline of both planes (their mean, so drift over the run counts against neither).
+    let runs = [
+        ("grpc", 1usize, 2usize),
+        ("grpc", 2, 1),
+        ("gloo", 2, 1),
+        ("gloo", 1, 2),
+    ];
+    for (i, (plane, workers, threads)) in runs.into_iter().enumerate() {
+        let out = tmp.path().join(format!("{i}"));
         let status = common::launch_command(workers, &out)
+            .args(["--set", &format!("cluster.collective=\"{plane}\"")])
             .args(["--set", &format!("data.train=\"{}\"", train.display())])
             .args([
                 "--set",
@@ -36,20 +46,30 @@ fn main() {
         let body = &s[1..];
         let mean =
             |k: &str| body.iter().map(|v| v[k].as_f64().unwrap()).sum::<f64>() / body.len() as f64;
-        rows.push((workers, threads, mean("seconds"), mean("comm_seconds")));
+        rows.push((
+            plane,
+            workers,
+            threads,
+            mean("seconds"),
+            mean("comm_seconds"),
+        ));
     }
     println!(
         "cluster step time, all-MiniLM-L6-v2, batch 32, max_seq_length 128, {}, mean of steps 2..{n}",
         train.display()
     );
-    for (w, t, step, comm) in &rows {
+    for (plane, w, t, step, comm) in &rows {
+        let plane = if *w == 1 { "one worker" } else { plane };
         println!(
-            "W={w} x {t} thread(s): {step:.2} s/step, communication {comm:.2} s ({:.1} % of the step)",
+            "{plane}: W={w} x {t} thread(s): {step:.2} s/step, communication {comm:.2} s ({:.1} % of the step)",
             100.0 * comm / step
         );
     }
-    println!(
-        "ratio step time W=2x1 / W=1x2: {:.2}",
-        rows[1].2 / rows[0].2
-    );
+    let baseline = (rows[0].3 + rows[3].3) / 2.0;
+    for (plane, _, _, step, _) in &rows[1..3] {
+        println!(
+            "{plane}: cluster overhead, step time W=2x1 / W=1x2: {:.2}",
+            step / baseline
+        );
+    }
 }

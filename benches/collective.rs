@@ -1,17 +1,21 @@
-//! Ring all-reduce bus bandwidth over gRPC on loopback, W = 2 and 4, 10–100 MB of f32 gradients,
-//! against raw TCP loopback measured in the same run: one socket pair, and the same ring of W
-//! sockets all sending at once (the traffic pattern of the all-reduce, without gRPC). busbw =
-//! algbw · 2(W−1)/W, as nccl-tests report it, is the per-link rate, comparable to the raw ring's.
-//! All ranks share this process's two runtime threads, as W workers share the machine's cores.
-//! The same rings over mutual TLS (`cluster.tls`) give TLS's cost as a ratio to plaintext.
+//! All-reduce bus bandwidth on loopback, W = 2 and 4, at the gradient sizes of all-MiniLM-L6-v2
+//! (22.7 M parameters, 91 MB of f32) and of a 110 M-parameter model (bert-base, 440 MB), side by
+//! side in one run: the gRPC ring (`cluster.collective = "grpc"`), c10d's Gloo
+//! (`cluster.collective = "gloo"`, as a worker drives it: through the `Collective` trait, the
+//! host staging copy included), and a raw TCP ring of W sockets all sending at once (the traffic
+//! pattern of a ring all-reduce with nothing on top). busbw = algbw · 2(W−1)/W, as nccl-tests
+//! report it, is the per-link rate, comparable to the raw ring's. Every rank lives in this
+//! process, as W workers share the machine's cores. The gRPC ring over mutual TLS
+//! (`cluster.tls`) gives TLS's cost as a ratio to plaintext.
 //!
 //!     cargo bench --bench collective
 use std::sync::Arc;
 use std::time::Instant;
 
+use multipos::cluster::c10d::{GlooGroup, Rendezvous, StoreServer};
 use multipos::cluster::peer::loopback_rings;
 use multipos::cluster::ring::{Ring, steps};
-use multipos::collective::Wire;
+use multipos::collective::{Collective, Wire};
 use multipos::net::tls::{Tls, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -116,6 +120,61 @@ async fn best_all_reduce(rings: &[Arc<Ring>], len: usize) -> f64 {
     best
 }
 
+/// A Gloo group of `world` ranks on loopback, met through a store served as the coordinator does.
+fn gloo_groups(store: &StoreServer, world: usize) -> Vec<GlooGroup> {
+    let at = Rendezvous {
+        store_host: "127.0.0.1".into(),
+        store_port: store.port(),
+        prefix: format!("bench-{world}/"),
+        device_host: "127.0.0.1".into(),
+        interface: None,
+    };
+    std::thread::scope(|s| {
+        let joins: Vec<_> = (0..world)
+            .map(|rank| {
+                let at = &at;
+                s.spawn(move || {
+                    GlooGroup::join(at, rank, world, std::time::Duration::from_secs(60)).unwrap()
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    })
+}
+
+/// The fastest of three Gloo all-reduces of `len` floats, in seconds (from a common start to the
+/// last rank's end).
+fn best_gloo_all_reduce(groups: &[GlooGroup], len: usize) -> f64 {
+    let mut best = f64::INFINITY;
+    for rep in 0..3u64 {
+        let start = std::sync::Barrier::new(groups.len());
+        let took = std::thread::scope(|s| {
+            let runs: Vec<_> = groups
+                .iter()
+                .map(|g| {
+                    let start = &start;
+                    s.spawn(move || {
+                        let (_never, abort) = tokio::sync::watch::channel(None);
+                        let mut coll = g.collective(abort);
+                        let grads = tch::Tensor::ones([len as i64], tch::kind::FLOAT_CPU);
+                        start.wait();
+                        let t = Instant::now();
+                        coll.all_reduce_sum(rep, &grads, Wire::F32, 0).unwrap();
+                        let took = t.elapsed().as_secs_f64();
+                        assert_eq!(grads.double_value(&[len as i64 / 2]), groups.len() as f64);
+                        took
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().unwrap())
+                .fold(0.0, f64::max)
+        });
+        best = best.min(took);
+    }
+    best
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -136,36 +195,40 @@ fn main() {
         let raw = raw_tcp_bytes_per_s(1 << 30).await;
         println!("raw TCP loopback, one stream: {:.0} MB/s", raw / 1e6);
         println!(
-            "{:>3} {:>6} {:>10} {:>10} {:>10} {:>10} {:>14} {:>12}",
+            "{:>3} {:>5} {:>13} {:>11} {:>11} {:>9} {:>9} {:>11} {:>9}",
             "W",
             "MB",
-            "algbw MB/s",
-            "busbw MB/s",
-            "TLS busbw",
-            "TLS/plain",
             "raw ring MB/s",
-            "vs raw ring"
+            "grpc busbw",
+            "gloo busbw",
+            "grpc/raw",
+            "gloo/raw",
+            "grpc+TLS",
+            "TLS/plain"
         );
+        let store = StoreServer::serve("127.0.0.1:0").unwrap();
         for world in [2usize, 4] {
             let raw_ring = raw_ring_bytes_per_s(world, 400 << 20).await;
             let plain = rings(world, None, 4 << 20).await;
             let secure = rings(world, Some(&tls), 4 << 20).await;
-            for mb in [10usize, 50, 100] {
-                let len = mb * 1_000_000 / 4;
-                let best = best_all_reduce(&plain, len).await;
-                let best_tls = best_all_reduce(&secure, len).await;
-                let bytes = (len * 4) as f64;
-                let per_rank = steps::all_reduce_bytes_per_rank(len * 4, world);
-                let busbw = per_rank / best;
-                let busbw_tls = per_rank / best_tls;
+            let groups = tokio::task::block_in_place(|| gloo_groups(&store, world));
+            // all-MiniLM-L6-v2's 22,713,216 parameters; bert-base's 109,482,240.
+            for params in [22_713_216usize, 109_482_240] {
+                let best = best_all_reduce(&plain, params).await;
+                let best_tls = best_all_reduce(&secure, params).await;
+                let best_gloo = tokio::task::block_in_place(|| best_gloo_all_reduce(&groups, params));
+                let per_rank = steps::all_reduce_bytes_per_rank(params * 4, world);
+                let (grpc, tls, gloo) = (per_rank / best, per_rank / best_tls, per_rank / best_gloo);
                 println!(
-                    "{world:>3} {mb:>6} {:>10.0} {:>10.0} {:>10.0} {:>9.0}% {:>14.0} {:>11.0}%",
-                    bytes / best / 1e6,
-                    busbw / 1e6,
-                    busbw_tls / 1e6,
-                    100.0 * busbw_tls / busbw,
+                    "{world:>3} {:>5.0} {:>13.0} {:>11.0} {:>11.0} {:>8.0}% {:>8.0}% {:>11.0} {:>8.0}%",
+                    (params * 4) as f64 / 1e6,
                     raw_ring / 1e6,
-                    100.0 * busbw / raw_ring
+                    grpc / 1e6,
+                    gloo / 1e6,
+                    100.0 * grpc / raw_ring,
+                    100.0 * gloo / raw_ring,
+                    tls / 1e6,
+                    100.0 * tls / grpc,
                 );
             }
         }

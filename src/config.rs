@@ -87,6 +87,24 @@ pub struct ClusterConfig {
     /// Gradient bucket size of the all-reduce: the ring sums one bucket while the next is copied
     /// out of the device.
     pub bucket_mib: usize,
+    /// The data plane: the engine that all-gathers embeddings and sums gradients between workers.
+    pub collective: DataPlane,
+    /// Where the coordinator serves the Gloo rendezvous store (`host:port`; port 0 = any free
+    /// one, told to the workers); unset: `bind`'s host, any free port.
+    pub store_bind: Option<String>,
+}
+
+/// Which engine moves a step's embeddings and gradients between workers (docs/design.md §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataPlane {
+    /// multipos's own ring over gRPC: authenticated (ring keys, mTLS), any network.
+    #[default]
+    Grpc,
+    /// c10d's Gloo (PyTorch's CPU engine): faster, unauthenticated; a trusted network only.
+    Gloo,
+    /// c10d's NCCL: not bound by this build (refused at start).
+    Nccl,
 }
 
 /// Where a cluster embeds the texts of `train.mine`.
@@ -123,6 +141,8 @@ impl Default for ClusterConfig {
             mine_on: MineOn::Workers,
             grad_dtype: crate::collective::Wire::F32,
             bucket_mib: 25,
+            collective: DataPlane::Grpc,
+            store_bind: None,
         }
     }
 }
@@ -501,6 +521,12 @@ impl ClusterConfig {
                 c.bucket_mib
             ));
         }
+        if c.collective == DataPlane::Nccl {
+            return Err("cluster.collective = \"nccl\": this build does not bind c10d's NCCL process group yet; use \"gloo\" (c10d's CPU engine) or \"grpc\"".into());
+        }
+        if c.store_bind.is_some() && c.collective != DataPlane::Gloo {
+            return Err("cluster.store_bind is the Gloo rendezvous store's address: it needs cluster.collective = \"gloo\"".into());
+        }
         if c.chunk_kib == 0 || c.chunk_kib > 16 * 1024 {
             return Err(format!(
                 "cluster.chunk_kib must be within 1..=16384, got {}",
@@ -839,6 +865,15 @@ mod tests {
                 "warmup_steps = 9 exceeds train.max_steps = 5",
             ),
             ("[train]\nlr = -1.0\n", "train.lr must be a positive number"),
+            (
+                "[cluster]\ncollective = \"nccl\"\n",
+                "does not bind c10d's NCCL process group",
+            ),
+            ("[cluster]\ncollective = \"mpi\"\n", "unknown variant `mpi`"),
+            (
+                "[cluster]\nstore_bind = \"127.0.0.1:29500\"\n",
+                "needs cluster.collective = \"gloo\"",
+            ),
         ];
         for (extra, needle) in cases {
             let (_d, p) = write(&format!("{BASE}{extra}"));

@@ -81,12 +81,23 @@ fn losses(out: &Path) -> Vec<f64> {
 #[test]
 fn two_and_four_workers_match_one_process_with_and_without_dropout() {
     let _serial = serial();
+    workers_match_one_process(&["false", "true"], "grpc");
+}
+
+#[test]
+fn gloo_rings_of_one_two_and_four_match_one_process_with_dropout() {
+    let _serial = serial();
+    workers_match_one_process(&["true"], "gloo");
+}
+
+/// W = 1, 2 and 4 workers on data plane `collective` train as one process does.
+fn workers_match_one_process(dropouts: &[&str], collective: &str) {
     let (dir, model) = common::tiny_model(&TinySpec {
         dropout: 0.1,
         ..TinySpec::default()
     });
     let cfg = repo("configs/local-2workers.toml");
-    for dropout in ["false", "true"] {
+    for dropout in dropouts {
         let single = dir.path().join(format!("single-{dropout}"));
         let extra = [format!("train.dropout={dropout}")];
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -97,13 +108,19 @@ fn two_and_four_workers_match_one_process_with_and_without_dropout() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(losses(&single).len(), 10, "reference steps");
+        let plane = format!("cluster.collective=\"{collective}\"");
         for workers in ["1", "2", "4"] {
             let dst = dir.path().join(format!("w{workers}-{dropout}"));
-            launch_ok(&cfg, &sets(&model, &dst, &extra), &["--workers", workers]);
+            let mut s = sets(&model, &dst, &extra);
+            s.push(plane.clone());
+            launch_ok(&cfg, &s, &["--workers", workers]);
+            for g in common::events(&dst, "generation") {
+                assert_eq!(g["collective"], collective, "{g}");
+            }
             common::assert_same_run(
                 &single,
                 &dst,
-                &format!("W={workers}, dropout {dropout}"),
+                &format!("W={workers} over {collective}, dropout {dropout}"),
                 &[],
             );
         }
@@ -517,11 +534,25 @@ fn a_worker_without_a_model_fetches_it_from_the_coordinator() {
 #[test]
 fn a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
     let _serial = serial();
+    killed_and_resumed("grpc");
+}
+
+#[test]
+fn on_gloo_a_cluster_killed_with_sigkill_resumes_exactly_also_on_fewer_workers() {
+    let _serial = serial();
+    killed_and_resumed("gloo");
+}
+
+/// On data plane `collective`: every process SIGKILLed once a checkpoint exists; the resumed run
+/// equals the uninterrupted one bit for bit on as many workers, up to rounding on fewer.
+fn killed_and_resumed(collective: &str) {
+    let plane = format!("cluster.collective=\"{collective}\"");
     let extra = [
         "train.batch_size=6",
         "train.max_steps=12",
         "output.checkpoint_every_steps=3",
         "train.micro_batch=2",
+        plane.as_str(),
     ];
     let (dir, model, cfg, full) = reference_run(&extra, "3");
     assert_eq!(losses(&full).len(), 12);
@@ -723,10 +754,25 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 #[test]
 fn a_worker_killed_or_stalled_mid_run_is_replaced_or_left_behind_and_every_batch_is_applied_once() {
     let _serial = serial();
+    killed_or_stalled("grpc");
+}
+
+#[test]
+fn on_gloo_a_worker_killed_or_stalled_mid_run_is_replaced_or_left_behind() {
+    let _serial = serial();
+    killed_or_stalled("gloo");
+}
+
+/// On data plane `collective`: SIGKILL a worker mid-run (a replacement heals from a live peer and
+/// the model equals the clean run's bit for bit), then SIGSTOP one (the ring goes on without it,
+/// and it comes back when woken).
+fn killed_or_stalled(collective: &str) {
+    let plane = format!("cluster.collective=\"{collective}\"");
     let extra = [
         "train.batch_size=6",
         "train.max_steps=60",
         "output.checkpoint_every_steps=10",
+        plane.as_str(),
     ];
     let (dir, model, cfg, clean) = reference_run(&extra, "3");
 
@@ -831,10 +877,24 @@ fn a_worker_killed_or_stalled_mid_run_is_replaced_or_left_behind_and_every_batch
 #[test]
 fn a_coordinator_killed_mid_run_comes_back_with_resume_and_the_workers_rejoin() {
     let _serial = serial();
+    coordinator_killed("grpc");
+}
+
+#[test]
+fn on_gloo_a_coordinator_killed_mid_run_comes_back_and_the_workers_meet_at_its_new_store() {
+    let _serial = serial();
+    coordinator_killed("gloo");
+}
+
+/// On data plane `collective`: the coordinator SIGKILLed mid-run comes back with `--resume` (a
+/// new Gloo store too), the same workers rejoin, and the model equals the clean run's.
+fn coordinator_killed(collective: &str) {
+    let plane = format!("cluster.collective=\"{collective}\"");
     let extra = [
         "train.batch_size=6",
         "train.max_steps=30",
         "output.checkpoint_every_steps=4",
+        plane.as_str(),
     ];
     let (dir, model, cfg, clean) = reference_run(&extra, "3");
 

@@ -108,6 +108,10 @@ pub struct WorkerArgs {
     /// name that its TLS certificate carries, while --peer-host is the address it listens on).
     #[arg(long, env = "MULTIPOS_PEER_NAME")]
     pub peer_name: Option<String>,
+    /// With cluster.collective = "gloo": the network interface Gloo's connections use (unset:
+    /// the address of --peer-host, or of --peer-name when --peer-host is 0.0.0.0 or ::).
+    #[arg(long, env = "GLOO_SOCKET_IFNAME")]
+    pub gloo_interface: Option<String>,
     /// How long to keep trying to reach the coordinator, in seconds.
     #[arg(long, default_value_t = 120)]
     pub connect_timeout_s: u64,
@@ -181,8 +185,11 @@ pub(crate) fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
             coord.serve_metrics(metrics);
         }
-        fresh.keep();
         let addr = listener.local_addr().context("reading the bound address")?;
+        if let Some(store) = coord.serve_store(addr)? {
+            tracing::info!(%store, "serving the Gloo rendezvous store (cluster.collective = \"gloo\")");
+        }
+        fresh.keep();
         tracing::info!(%addr, workers = cfg.cluster.workers, steps = coord.total_steps(), "coordinator listening");
         println!("{ANNOUNCE}{addr}");
         let mut signals = Signals::new()?;
@@ -245,6 +252,7 @@ pub(crate) fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         threads: args.threads,
         peer_name: args.peer_name.unwrap_or_else(|| args.peer_host.clone()),
         peer_host: args.peer_host,
+        gloo_interface: args.gloo_interface.filter(|i| !i.is_empty()),
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         tls: args.connect.tls()?,
     };

@@ -1,5 +1,6 @@
 //! The cluster: a coordinator (control plane) and workers (compute and the data-plane ring),
 //! connected over authenticated gRPC; `launch` runs a whole local cluster from one config.
+pub mod c10d;
 pub mod coordinator;
 pub mod files;
 pub mod launch;

@@ -18,11 +18,14 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use super::c10d::{GlooGroup, Rendezvous};
 use super::files::{MAX_FETCH_BYTES, model_fingerprint, receive_files};
 use super::peer::{PassSlot, pass_slot, peer_service};
 use super::ring::{BlockingRing, Incoming, Ring, RingKeys, connect_with_retry};
 use super::state::StateSlot;
+use crate::collective::Collective;
 use crate::collective::tensor_to_le_bytes;
+use crate::config::DataPlane;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, Targets};
@@ -34,6 +37,7 @@ use crate::pb::peer_client::PeerClient;
 use crate::pb::*;
 use crate::train::build::trainer_for;
 use crate::train::checkpoint::{self, CheckpointState};
+use crate::train::exchange::OverHost;
 use crate::train::load::configure_model;
 use crate::train::task::TaskSpec;
 use crate::train::{StepInput, StepStats, Trainer};
@@ -55,6 +59,9 @@ pub struct WorkerOptions {
     pub peer_host: String,
     /// The host other workers dial the peer server by (usually `peer_host`).
     pub peer_name: String,
+    /// The network interface of Gloo's connections (`cluster.collective = "gloo"`); unset: the
+    /// address of `peer_host` (of `peer_name` when `peer_host` is unspecified).
+    pub gloo_interface: Option<String>,
     /// How long to keep trying to reach the coordinator before the first join.
     pub connect_timeout: Duration,
     /// TLS for the coordinator, the peer server and the ring.
@@ -224,7 +231,7 @@ async fn rejoin_until_done(node: &Node) -> Result<()> {
                     tracing::warn!(reason = %why, "not joined yet; retrying for {}s more", left.as_secs());
                 }
                 if let Some(r) = replica.as_mut() {
-                    r.trainer.discard();
+                    r.trainer.renew_gradients();
                 }
                 reason = why;
                 tokio::time::sleep(backoff).await;
@@ -251,7 +258,6 @@ fn take_orders_from_the_coordinator() -> Result<impl Future<Output = ()> + Send 
     })
 }
 
-/// One generation: join, heal if behind, connect the ring, train until it ends.
 /// Connects this member's ring stream to its right neighbour, and takes its left one's.
 async fn connect_ring(
     node: &Node,
@@ -276,6 +282,7 @@ async fn connect_ring(
     .map_err(|e| Interrupt::Rejoin(format!("ring: {e}")))
 }
 
+/// One generation: join, heal if behind, connect the ring, train until it ends.
 async fn generation(
     node: &Node,
     replica: &mut Option<Replica>,
@@ -329,10 +336,24 @@ async fn generation(
         ))
     }));
     let step_timeout = Duration::from_millis(replica.cfg.cluster.step_timeout_ms);
-    let ring = connect_ring(node, &joined, &replica.cfg).await?;
+    let me = Member {
+        rank: rank as usize,
+        world: world as usize,
+        generation: joined.generation,
+    };
+    let plane = match replica.cfg.cluster.collective {
+        DataPlane::Grpc => Plane::Grpc(connect_ring(node, &joined, &replica.cfg).await?),
+        DataPlane::Gloo => Plane::Gloo(join_gloo(node, &joined, &replica.cfg, &broken).await?),
+        DataPlane::Nccl => {
+            return Err(Interrupt::Fatal(Error::Usage(
+                "cluster.collective = \"nccl\" is not bound by this build".into(),
+            )));
+        }
+    };
     let result = train_loop(
         &mut client,
-        &ring,
+        &me,
+        &plane,
         replica,
         broken,
         step_timeout,
@@ -704,6 +725,81 @@ fn step_input<'a>(
     })
 }
 
+/// Who this worker is in its generation.
+struct Member {
+    rank: usize,
+    world: usize,
+    generation: u64,
+}
+
+/// What moves a generation's embeddings and gradients (`cluster.collective`).
+enum Plane {
+    Grpc(Ring),
+    Gloo(GlooGroup),
+}
+
+impl Plane {
+    /// The plane as a step's collective: a reason published on `broken` gives up the collective
+    /// in flight.
+    fn collective<'a>(
+        &'a self,
+        broken: &watch::Receiver<Option<String>>,
+    ) -> Box<dyn Collective + 'a> {
+        match self {
+            Plane::Grpc(ring) => Box::new(OverHost(BlockingRing::new(ring, broken.clone()))),
+            Plane::Gloo(group) => Box::new(group.collective(broken.clone())),
+        }
+    }
+}
+
+/// Joins this generation's Gloo group through the coordinator's store, on the host the worker
+/// reached the coordinator by; gives up as soon as the generation ends.
+async fn join_gloo(
+    node: &Node,
+    joined: &JoinResponse,
+    cfg: &RunConfig,
+    broken: &watch::Receiver<Option<String>>,
+) -> Result<GlooGroup, Interrupt> {
+    if joined.store_port == 0 || joined.store_prefix.is_empty() {
+        return Err(Interrupt::Fatal(Error::Protocol(
+            "the coordinator named no Gloo store for a Gloo run".into(),
+        )));
+    }
+    let at = Rendezvous {
+        store_host: host_of(&node.opts.coordinator).to_string(),
+        store_port: joined.store_port as u16,
+        prefix: joined.store_prefix.clone(),
+        device_host: gloo_host(&node.opts).to_string(),
+        interface: node.opts.gloo_interface.clone(),
+    };
+    let (rank, world) = (joined.rank as usize, joined.world_size as usize);
+    let timeout = Duration::from_millis(cfg.cluster.step_timeout_ms);
+    let joining = tokio::task::spawn_blocking(move || GlooGroup::join(&at, rank, world, timeout));
+    let mut broken = broken.clone();
+    unless_broken(&mut broken, async {
+        joining
+            .await
+            .map_err(|e| Interrupt::Fatal(Error::Internal(format!("joining Gloo: {e}"))))?
+            .map_err(|e| Interrupt::Rejoin(format!("gloo: {e}")))
+    })
+    .await
+}
+
+/// The host whose address Gloo's connections use: the one the peer server listens on, unless that
+/// is every interface (0.0.0.0, ::), which is no address a peer can dial.
+fn gloo_host(opts: &WorkerOptions) -> &str {
+    match opts.peer_host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => &opts.peer_name,
+        _ => &opts.peer_host,
+    }
+}
+
+/// The host of a `host:port` address (an IPv6 host without its brackets).
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Runs `fut` unless the ring breaks up first.
 async fn unless_broken<T>(
     broken: &mut watch::Receiver<Option<String>>,
@@ -730,35 +826,34 @@ enum Told {
 /// Trains the ring's steps until the run is done (rank 0 then uploads the model) or stops.
 async fn train_loop(
     client: &mut Client,
-    ring: &Ring,
+    me: &Member,
+    plane: &Plane,
     replica: &mut Replica,
     broken: watch::Receiver<Option<String>>,
     step_timeout: Duration,
     node_state: &StateSlot,
 ) -> Result<(), Interrupt> {
-    let rank = ring.rank;
     // Made after healing, which may have set the run's dropout generator.
     let preparer = replica.trainer.preparer();
     // The previous update's seconds, reported with the next commit (it runs after its own).
     let mut updated = 0.0;
     loop {
         let step = replica.applied;
-        let shard = match told(client, replica, ring, step, step_timeout).await? {
+        let shard = match told(client, replica, me, step, step_timeout).await? {
             Told::Train(shard) => shard,
             Told::Done => break,
             Told::Stop => return Ok(()),
         };
-        let input = step_input(&shard, step, &replica.tasks, ring.world)?;
+        let input = step_input(&shard, step, &replica.tasks, me.world)?;
         let trainer = &mut replica.trainer;
         let stats = tokio::task::block_in_place(|| {
             let prepared = preparer.prepare(&input, step)?;
-            let mut stats = trainer
-                .forward_backward(&prepared, &mut BlockingRing::new(ring, broken.clone()))?;
+            let mut stats = trainer.forward_backward(&prepared, &mut *plane.collective(&broken))?;
             stats.times.data = prepared.seconds;
             Ok::<_, Error>(stats)
         })
         .map_err(step_err(step))?;
-        let decision = commit(client, ring, step, &stats, updated, step_timeout).await?;
+        let decision = commit(client, me, step, &stats, updated, step_timeout).await?;
         if decision.skip {
             trainer.discard();
         } else if !decision.apply {
@@ -779,8 +874,8 @@ async fn train_loop(
         replica.applied = step + 1;
         node_state.send_replace(None);
     }
-    if rank == 0 {
-        upload_model(client, replica, ring.world).await?;
+    if me.rank == 0 {
+        upload_model(client, replica, me.world).await?;
     }
     Ok(())
 }
@@ -791,12 +886,12 @@ async fn train_loop(
 async fn told(
     client: &mut Client,
     replica: &Replica,
-    ring: &Ring,
+    me: &Member,
     step: u64,
     timeout: Duration,
 ) -> Result<Told, Interrupt> {
     use next_step_response::Answer;
-    let (rank, generation) = (ring.rank, ring.generation);
+    let (rank, generation) = (me.rank, me.generation);
     loop {
         let next = client
             .next_step(with_deadline(
@@ -829,7 +924,7 @@ async fn told(
                 return Ok(Told::Train(shard));
             }
             Answer::Page(page) => {
-                report_eval(client, replica, &page, step, ring, timeout).await?;
+                report_eval(client, replica, &page, step, me, timeout).await?;
             }
             Answer::Done(f) => {
                 if f.checkpoint {
@@ -858,7 +953,7 @@ async fn told(
 /// its decision: apply, skip or discard.
 async fn commit(
     client: &mut Client,
-    ring: &Ring,
+    me: &Member,
     step: u64,
     stats: &StepStats,
     updated: f64,
@@ -868,7 +963,7 @@ async fn commit(
     let decision = client
         .commit(with_deadline(
             CommitRequest {
-                rank: ring.rank as u32,
+                rank: me.rank as u32,
                 step,
                 loss: stats.loss,
                 grad_norm: stats.grad_norm,
@@ -876,7 +971,7 @@ async fn commit(
                 tokens: stats.tokens as u64,
                 compute_seconds: t.compute(),
                 comm_seconds: t.comm(),
-                generation: ring.generation,
+                generation: me.generation,
                 gather_seconds: t.gather,
                 reduce_seconds: t.reduce,
                 data_seconds: t.data,
@@ -918,7 +1013,7 @@ async fn report_eval(
     replica: &Replica,
     page: &Page,
     step: u64,
-    ring: &Ring,
+    me: &Member,
     timeout: Duration,
 ) -> Result<(), Interrupt> {
     let n = page.texts.len();
@@ -940,8 +1035,8 @@ async fn report_eval(
     client
         .report_eval(with_deadline(
             EvalReport {
-                generation: ring.generation,
-                rank: ring.rank as u32,
+                generation: me.generation,
+                rank: me.rank as u32,
                 step,
                 offset: page.offset,
                 count: n as u32,
@@ -1036,6 +1131,29 @@ fn worker_name(opts: &WorkerOptions) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gloo_meets_at_the_coordinators_host_and_connects_from_a_dialable_address() {
+        assert_eq!(host_of("coordinator:29500"), "coordinator");
+        assert_eq!(host_of("10.0.0.7:1"), "10.0.0.7");
+        assert_eq!(host_of("[fe80::1]:29500"), "fe80::1");
+        let opts = |peer_host: &str| WorkerOptions {
+            coordinator: "c:1".into(),
+            rank: None,
+            secret: Secret::Token(crate::net::auth::Token::new("0123456789abcdef").unwrap()),
+            model: None,
+            device: Device::Cpu,
+            threads: 1,
+            peer_host: peer_host.into(),
+            peer_name: "worker-3.multipos".into(),
+            gloo_interface: None,
+            connect_timeout: Duration::from_secs(1),
+            tls: None,
+        };
+        assert_eq!(gloo_host(&opts("10.1.2.3")), "10.1.2.3");
+        assert_eq!(gloo_host(&opts("0.0.0.0")), "worker-3.multipos");
+        assert_eq!(gloo_host(&opts("::")), "worker-3.multipos");
+    }
 
     #[test]
     fn an_unusable_join_answer_is_refused_before_use() {

@@ -1,8 +1,11 @@
 //! What a training step needs of its peers (docs/design.md §8): the [`Collective`] trait
 //! (all-gather for embeddings, all-reduce SUM for gradients), [`Solo`] for one process, the wire
-//! format of the values and the error a collective fails with. The network ring that implements it
-//! for a cluster lives in `cluster::ring`; nothing here knows of a network.
+//! format of the values, the error a collective fails with, and [`HostRing`], what a ring of host
+//! byte blocks offers (`train::exchange::OverHost` serves the trait from one). The engines behind
+//! them in a cluster (the gRPC ring, c10d's Gloo) live in `cluster`; nothing here knows of a network.
 use std::time::Duration;
+
+use tch::Tensor;
 
 #[cfg(target_endian = "big")]
 compile_error!("the wire format is little-endian f32; big-endian hosts are not supported");
@@ -46,6 +49,9 @@ pub enum CollectiveError {
     },
     #[error("abandoned: {0}")]
     Aborted(String),
+    /// The engine under the collective (c10d, or the thread that feeds the ring) failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// How values of an all-reduce travel: f32 as they are, or bf16 (half the bytes). With bf16 each
@@ -101,8 +107,54 @@ impl Wire {
 }
 
 /// The two collectives a training step needs, as blocking calls: the step pipeline (in `train/`)
-/// runs them between tensor work, alone ([`Solo`]) or over a ring (`cluster::ring::BlockingRing`).
+/// runs them between tensor work, alone ([`Solo`]), over a ring of host byte blocks
+/// (`train::exchange::OverHost` over the gRPC ring), or on an engine that takes tensors (c10d's Gloo).
 pub trait Collective {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Every rank's `local` (f32, the same shape on every rank) concatenated along the first
+    /// dimension in rank order, on `local`'s device, without autograd history.
+    fn all_gather(&mut self, step: u64, local: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// Replaces `grads` (a contiguous f32 vector) by its element-wise sum over all ranks, its
+    /// values travelling as `wire` says; a collective that stages through the host moves it
+    /// `bucket_bytes` at a time. Returns the gradient bytes that crossed between device and host.
+    fn all_reduce_sum(
+        &mut self,
+        step: u64,
+        grads: &Tensor,
+        wire: Wire,
+        bucket_bytes: usize,
+    ) -> Result<u64, CollectiveError>;
+}
+
+/// One process: the collectives are identities.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_gather(&mut self, _step: u64, local: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(local.detach())
+    }
+    fn all_reduce_sum(
+        &mut self,
+        _step: u64,
+        _grads: &Tensor,
+        _wire: Wire,
+        _bucket_bytes: usize,
+    ) -> Result<u64, CollectiveError> {
+        Ok(0)
+    }
+}
+
+/// The collectives of a ring that moves blocks of host bytes.
+pub trait HostRing {
     /// This process's rank.
     fn rank(&self) -> usize;
     /// Number of ranks.
@@ -116,27 +168,4 @@ pub trait Collective {
         buf: &mut [f32],
         wire: Wire,
     ) -> Result<(), CollectiveError>;
-}
-
-/// One process: the collectives are identities.
-pub struct Solo;
-
-impl Collective for Solo {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world(&self) -> usize {
-        1
-    }
-    fn all_gather(&mut self, _step: u64, local: Vec<u8>) -> Result<Vec<Vec<u8>>, CollectiveError> {
-        Ok(vec![local])
-    }
-    fn all_reduce_sum(
-        &mut self,
-        _step: u64,
-        _buf: &mut [f32],
-        _wire: Wire,
-    ) -> Result<(), CollectiveError> {
-        Ok(())
-    }
 }

@@ -1,14 +1,80 @@
-//! The gradient all-reduce of a cluster step (docs/design.md §5, §8): the flat gradient buffer
-//! crosses to the host once and back once, in buckets, and a helper thread copies the next bucket
-//! out of the device while the ring sums this one. With `cluster.grad_dtype = "bf16"` a bucket
-//! leaves the device in bf16 and travels in bf16: half the bytes over PCIe and the network.
+//! A [`Collective`] over a ring that moves host bytes (the gRPC ring, docs/design.md §5, §8): the
+//! embeddings cross to the host and back as little-endian f32 blocks, and the flat gradient buffer
+//! crosses once each way in buckets, a helper thread copying the next bucket out of the device
+//! while the ring sums this one. With `Wire::Bf16` a bucket leaves the device in bf16 and travels
+//! in bf16: half the bytes over PCIe and the network.
 use std::sync::mpsc::sync_channel;
 
 use tch::{Device, Kind, Tensor};
 
-use super::flat::FlatParams;
-use crate::collective::{Collective, Wire};
-use crate::error::{Error, Result};
+use crate::collective::{
+    Collective, CollectiveError, HostRing, Wire, tensor_from_le_bytes, tensor_to_le_bytes,
+};
+
+/// Serves [`Collective`] from a [`HostRing`], staging tensors through host memory.
+pub struct OverHost<R>(pub R);
+
+impl<R: HostRing> Collective for OverHost<R> {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world(&self) -> usize {
+        self.0.world()
+    }
+
+    fn all_gather(&mut self, step: u64, local: &Tensor) -> Result<Tensor, CollectiveError> {
+        let shape = local.size();
+        let blocks = self.0.all_gather(step, tensor_to_le_bytes(local))?;
+        let want = local.numel() * 4;
+        if let Some((from, b)) = blocks.iter().enumerate().find(|(_, b)| b.len() != want) {
+            return Err(CollectiveError::Protocol {
+                from,
+                reason: format!("sent {} bytes to gather, expected {want}", b.len()),
+            });
+        }
+        let parts: Vec<Tensor> = blocks
+            .iter()
+            .map(|b| tensor_from_le_bytes(b, &shape))
+            .collect();
+        Ok(crate::device::upload(
+            &Tensor::cat(&parts, 0),
+            local.device(),
+        ))
+    }
+
+    fn all_reduce_sum(
+        &mut self,
+        step: u64,
+        grads: &Tensor,
+        wire: Wire,
+        bucket_bytes: usize,
+    ) -> Result<u64, CollectiveError> {
+        let plan = buckets(grads.numel() as i64, bucket_bytes);
+        let moved = 2 * grads.numel() as u64 * wire.value_bytes() as u64;
+        std::thread::scope(|scope| -> Result<(), CollectiveError> {
+            // Two buckets in flight at most: one being summed, one copied out.
+            let (tx, rx) = sync_channel::<Vec<f32>>(1);
+            let source = grads.shallow_clone();
+            let copies = plan.clone();
+            scope.spawn(move || {
+                for bucket in copies {
+                    if tx.send(to_host(&source, bucket, wire)).is_err() {
+                        return;
+                    }
+                }
+            });
+            for &bucket in &plan {
+                let mut values = rx.recv().map_err(|_| {
+                    CollectiveError::Failed("the gradient copying thread ended early".into())
+                })?;
+                self.0.all_reduce_sum(step, &mut values, wire)?;
+                to_device(grads, bucket, &values, wire);
+            }
+            Ok(())
+        })?;
+        Ok(moved)
+    }
+}
 
 /// The element ranges of `numel` values in buckets of at most `bucket_bytes` (f32).
 pub(crate) fn buckets(numel: i64, bucket_bytes: usize) -> Vec<(i64, i64)> {
@@ -60,42 +126,6 @@ fn to_device(grads: &Tensor, (at, n): (i64, i64), values: &[f32], wire: Wire) {
     };
     let summed = crate::device::upload(&host, device).to_kind(Kind::Float);
     tch::no_grad(|| grads.narrow(0, at, n).copy_(&summed));
-}
-
-/// Sums the gradients of `flat` over the ranks of `coll` for step `step`, in buckets of
-/// `bucket_bytes`; returns the gradient bytes that crossed between device and host.
-pub(crate) fn all_reduce(
-    flat: &mut FlatParams,
-    coll: &mut dyn Collective,
-    step: u64,
-    wire: Wire,
-    bucket_bytes: usize,
-) -> Result<u64> {
-    let grads = flat.grads().shallow_clone();
-    let plan = buckets(grads.numel() as i64, bucket_bytes);
-    let moved = 2 * grads.numel() as u64 * wire.value_bytes() as u64;
-    std::thread::scope(|scope| -> Result<()> {
-        // Two buckets in flight at most: one being summed, one copied out.
-        let (tx, rx) = sync_channel::<Vec<f32>>(1);
-        let source = grads.shallow_clone();
-        let copies = plan.clone();
-        scope.spawn(move || {
-            for bucket in copies {
-                if tx.send(to_host(&source, bucket, wire)).is_err() {
-                    return;
-                }
-            }
-        });
-        for &bucket in &plan {
-            let mut values = rx
-                .recv()
-                .map_err(|_| Error::Internal("the gradient copying thread ended early".into()))?;
-            coll.all_reduce_sum(step, &mut values, wire)?;
-            to_device(&grads, bucket, &values, wire);
-        }
-        Ok(())
-    })?;
-    Ok(moved)
 }
 
 #[cfg(test)]

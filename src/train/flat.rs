@@ -125,6 +125,8 @@ pub struct FlatParams {
     layout: Arc<Layout>,
     values: Tensor,
     grads: Tensor,
+    /// The tensors themselves (the modules' own), in slot order, to point their gradients anew.
+    vars: Vec<Tensor>,
 }
 
 impl std::fmt::Debug for FlatParams {
@@ -186,10 +188,16 @@ impl FlatParams {
             grad.set_data(&Layout::view(&grads, slot));
         }
         let _ = grads.shallow_clone().zero_();
+        let vars = layout
+            .slots
+            .iter()
+            .map(|slot| by_name[slot.name.as_str()].shallow_clone())
+            .collect();
         Ok(Self {
             layout,
             values,
             grads,
+            vars,
         })
     }
 
@@ -211,6 +219,17 @@ impl FlatParams {
     /// Clears the gradients (one kernel).
     pub(crate) fn zero_grad(&mut self) {
         let _ = self.grads.zero_();
+    }
+
+    /// Points every gradient at a new, zeroed buffer. Whoever still holds the old one (a
+    /// collective given up on, which writes its sum there if a stalled peer wakes) no longer
+    /// reaches the replica's gradients.
+    pub(crate) fn renew_grads(&mut self) {
+        let grads = self.layout.zeros(self.grads.device());
+        for (slot, var) in self.layout.slots.iter().zip(&self.vars) {
+            var.grad().set_data(&Layout::view(&grads, slot));
+        }
+        self.grads = grads;
     }
 
     /// Zeroes the gradients of every loss head (what ranks other than 0 send to the sum).
@@ -333,6 +352,22 @@ mod tests {
         flat.zero_grad();
         assert_eq!(flat.grads().abs().sum(Kind::Float).double_value(&[]), 0.0);
         assert!(flat.holds(&vars));
+
+        // New gradient buffer: a pass accumulates there, and a write to the old one (what a
+        // collective given up on may still do) no longer reaches the module's gradients.
+        let old = flat.grads().shallow_clone();
+        flat.renew_grads();
+        assert!(
+            flat.holds(&vars),
+            "the gradients are views of the new buffer"
+        );
+        lin.forward(&x).sum(Kind::Float).backward();
+        let _ = old.shallow_clone().fill_(99.0);
+        assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), vec![1.0f32; 8]);
+        assert_eq!(
+            Vec::<f32>::try_from(lin.ws.grad().view([-1])).unwrap(),
+            vec![1.0f32; 6]
+        );
     }
 
     #[test]

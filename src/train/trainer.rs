@@ -15,13 +15,12 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use super::exchange;
 use super::flat::Owner;
 use super::optim::{AdamW, LinearSchedule};
 use super::prepare::{Prepared, Preparer};
 use super::state::TrainState;
 use super::step::StepOptions;
-use crate::collective::{Collective, tensor_from_le_bytes, tensor_to_le_bytes};
+use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::loss::Targets;
 
@@ -194,20 +193,15 @@ impl Trainer {
             return Ok(local.iter().map(Tensor::shallow_clone).collect());
         }
         let (cols, n, dim) = (local.len() as i64, local[0].size()[0], local[0].size()[1]);
-        let payload = tensor_to_le_bytes(&Tensor::cat(local, 0));
-        let blocks = coll.all_gather(step, payload)?;
-        let want = (cols * n * dim * 4) as usize;
-        if let Some((r, b)) = blocks.iter().enumerate().find(|(_, b)| b.len() != want) {
-            return Err(Error::Usage(format!(
-                "rank {r} sent {} bytes of embeddings, expected {want}",
-                b.len()
+        let gathered = coll.all_gather(step, &Tensor::stack(local, 0).detach())?;
+        if gathered.size() != [world as i64 * cols, n, dim] {
+            return Err(Error::Internal(format!(
+                "gathered embeddings of shape {:?}, expected {:?}",
+                gathered.size(),
+                [world as i64 * cols, n, dim]
             )));
         }
-        let device = self.state.model.device();
-        let gathered: Vec<Tensor> = blocks
-            .iter()
-            .map(|b| crate::device::upload(&tensor_from_le_bytes(b, &[cols, n, dim]), device))
-            .collect();
+        let gathered = gathered.view([world as i64, cols, n, dim]);
         let rank = coll.rank();
         Ok((0..cols)
             .map(|c| {
@@ -216,7 +210,7 @@ impl Trainer {
                         if r == rank {
                             local[c as usize].shallow_clone()
                         } else {
-                            gathered[r].get(c)
+                            gathered.get(r as i64).get(c)
                         }
                     })
                     .collect();
@@ -305,10 +299,9 @@ impl Trainer {
                 self.state.flat_mut().zero_head_grads();
             }
             clock.charge(Phase::Backward);
-            grad_host_bytes = exchange::all_reduce(
-                self.state.flat_mut(),
-                coll,
+            grad_host_bytes = coll.all_reduce_sum(
                 input.step,
+                self.state.flat().grads(),
                 self.opts.wire,
                 self.opts.bucket_bytes,
             )?;
@@ -352,5 +345,11 @@ impl Trainer {
     /// Drops the gradients of a step that will not be applied.
     pub(crate) fn discard(&mut self) {
         self.state.flat_mut().zero_grad();
+    }
+
+    /// Drops the step's gradients by giving the replica a new gradient buffer: what a collective
+    /// given up on (its generation ended) still holds of the old one is written to no one's harm.
+    pub(crate) fn renew_gradients(&mut self) {
+        self.state.flat_mut().renew_grads();
     }
 }

@@ -331,7 +331,9 @@ pub fn on_ring<T: Send>(
                 s.spawn(move || {
                     let _ctx = rt.enter();
                     let (_never, abort) = tokio::sync::watch::channel(None);
-                    f(&mut multipos::cluster::ring::BlockingRing::new(ring, abort))
+                    f(&mut multipos::train::exchange::OverHost(
+                        multipos::cluster::ring::BlockingRing::new(ring, abort),
+                    ))
                 })
             })
             .collect();

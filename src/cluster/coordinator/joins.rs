@@ -185,6 +185,10 @@ impl Coordinator {
             left_key: formation.keys[crate::cluster::ring::steps::left(rank, formation.keys.len())]
                 .clone(),
             generation_key: formation.generation_key.clone(),
+            store_port: self.store_port().map_or(0, u32::from),
+            store_prefix: self.store_port().map_or(String::new(), |_| {
+                format!("multipos/{}/", formation.generation)
+            }),
         }
     }
 

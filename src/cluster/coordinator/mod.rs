@@ -194,6 +194,8 @@ pub(crate) struct Coordinator {
     start_step: u64,
     /// When the run evaluates, checkpoints and stops, read from `cfg` once.
     policy: RunPolicy,
+    /// The Gloo rendezvous store (`cluster.collective = "gloo"`), once served.
+    store: std::sync::OnceLock<crate::cluster::c10d::StoreServer>,
 }
 
 type Shared = Arc<Coordinator>;
@@ -276,6 +278,7 @@ impl Coordinator {
             metrics,
             start_step,
             policy: RunPolicy::new(&cfg),
+            store: std::sync::OnceLock::new(),
             cfg,
         }))
     }
@@ -472,7 +475,7 @@ impl Coordinator {
             healing,
             "ring formed"
         );
-        self.write_log(json!({"event": "generation", "generation": st.generation, "workers": ring.len(), "start_step": start, "healing": healing}));
+        self.write_log(json!({"event": "generation", "generation": st.generation, "workers": ring.len(), "start_step": start, "healing": healing, "collective": self.cfg.cluster.collective}));
         self.metrics
             .ring_formed(st.generation, ring.len(), healing, start);
         formation.keys = (0..ring.len())
@@ -1038,6 +1041,38 @@ impl State {
     /// Whether `generation` is over (a new one forms or formed).
     fn ended(&self, generation: u64) -> bool {
         self.ring.is_empty() || self.generation != generation
+    }
+}
+
+impl Coordinator {
+    /// Serves the Gloo rendezvous store when the run's data plane is Gloo: on
+    /// `cluster.store_bind`, or on the host of `bound` (the coordinator's own address) at any free
+    /// port. Returns its address.
+    pub(crate) fn serve_store(&self, bound: std::net::SocketAddr) -> Result<Option<String>> {
+        if self.cfg.cluster.collective != crate::config::DataPlane::Gloo {
+            return Ok(None);
+        }
+        let addr = match &self.cfg.cluster.store_bind {
+            Some(a) => a.clone(),
+            None => std::net::SocketAddr::new(bound.ip(), 0).to_string(),
+        };
+        let store = crate::cluster::c10d::StoreServer::serve(&addr)?;
+        let served = std::net::SocketAddr::new(bound.ip(), store.port()).to_string();
+        let port = store.port();
+        if self.store.set(store).is_err() {
+            return Err(Error::Internal("the Gloo store was served twice".into()));
+        }
+        Ok(Some(match &self.cfg.cluster.store_bind {
+            Some(a) => format!("{a} (port {port})"),
+            None => served,
+        }))
+    }
+
+    /// The Gloo store's port, when it is served.
+    pub(crate) fn store_port(&self) -> Option<u16> {
+        self.store
+            .get()
+            .map(crate::cluster::c10d::StoreServer::port)
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
 
-use crate::collective::{Collective, CollectiveError, Wire};
+use crate::collective::{CollectiveError, HostRing, Wire};
 use crate::net::tls::{self, Tls};
 use crate::pb::RingChunk;
 use crate::pb::peer_client::PeerClient;
@@ -51,7 +51,7 @@ impl<'a> BlockingRing<'a> {
     }
 }
 
-impl Collective for BlockingRing<'_> {
+impl HostRing for BlockingRing<'_> {
     fn rank(&self) -> usize {
         self.ring.rank
     }

@@ -1,0 +1,3 @@
+// See ../README.md: names only, for c10d's ProcessGroupGloo.hpp.
+#pragma once
+#include "gloo/context.h"

@@ -1,0 +1,2 @@
+// See ../../README.md: names only, for c10d's ProcessGroupGloo.hpp.
+#pragma once
