@@ -1,4 +1,5 @@
-//! Compiles `proto/multipos.proto` with the pure-Rust `protox` (no system `protoc`), compiles the
+//! Compiles `proto/multipos.proto` (and TensorBoard's event records, `proto/tensorboard.proto`)
+//! with the pure-Rust `protox` (no system `protoc`), compiles the
 //! C++ shim against libtorch (what `tch` does not bind: `src/shim/`), and makes the binaries and
 //! tests find libtorch at run time without the user exporting any variable.
 use std::env;
@@ -6,7 +7,11 @@ use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/multipos.proto");
-    let fds = protox::compile(["proto/multipos.proto"], ["proto"])?;
+    println!("cargo:rerun-if-changed=proto/tensorboard.proto");
+    let fds = protox::compile(
+        ["proto/multipos.proto", "proto/tensorboard.proto"],
+        ["proto"],
+    )?;
     // Raw tensor and file bytes as `Bytes`: chunks are sliced, not copied.
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
 

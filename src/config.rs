@@ -431,6 +431,9 @@ pub struct OutputConfig {
     /// it; without this a run refuses such a `dir` unless it resumes.
     #[serde(default)]
     pub overwrite: bool,
+    /// Also write the metrics as TensorBoard event files under `dir/tensorboard/`.
+    #[serde(default)]
+    pub tensorboard: bool,
 }
 
 fn default_keep() -> usize {

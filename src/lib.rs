@@ -39,4 +39,8 @@ pub use model::SentenceModel;
 /// Generated protocol types and services.
 pub mod pb {
     tonic::include_proto!("multipos");
+    /// TensorBoard's event records (`proto/tensorboard.proto`).
+    pub mod tensorboard {
+        tonic::include_proto!("tensorboard");
+    }
 }

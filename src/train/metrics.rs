@@ -1,23 +1,50 @@
-//! The run's machine-readable log: one JSON object per line (`metrics.jsonl`), flushed as it comes.
+//! The run's machine-readable log: one JSON object per line (`metrics.jsonl`), flushed as it comes,
+//! and the same numbers as TensorBoard event files when `output.tensorboard` asks.
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use super::tensorboard::Board;
+use crate::config::RunConfig;
 use crate::error::{Error, Result};
 
 /// Machine-readable metrics, one JSON object per line, flushed as they come.
 pub(crate) struct MetricsLog {
     path: PathBuf,
     out: BufWriter<File>,
+    /// TensorBoard's copy of the numbers, when asked for.
+    board: Option<Board>,
 }
 
 impl MetricsLog {
+    /// The run's `metrics.jsonl`: continued when the run resumes, else started afresh; with
+    /// TensorBoard event files in `output.dir/tensorboard/` when `output.tensorboard` is set (a
+    /// fresh run removes the event files an earlier run there wrote, as it replaces its log).
+    pub(crate) fn for_run(cfg: &RunConfig) -> Result<Self> {
+        let path = cfg.output.dir.join("metrics.jsonl");
+        let resuming = cfg.train.resume.is_some();
+        let mut log = if resuming {
+            Self::append(&path)?
+        } else {
+            Self::create(&path)?
+        };
+        let board_dir = cfg.output.dir.join("tensorboard");
+        if !resuming {
+            super::tensorboard::remove_event_files(&board_dir)?;
+        }
+        if cfg.output.tensorboard {
+            log.board = Some(Board::create(&board_dir)?);
+        }
+        Ok(log)
+    }
+
     /// Creates (truncates) the log.
     pub(crate) fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).map_err(Error::io("create", path))?;
         Ok(Self {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
+            board: None,
         })
     }
 
@@ -31,6 +58,7 @@ impl MetricsLog {
         Ok(Self {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
+            board: None,
         })
     }
 
@@ -63,7 +91,9 @@ impl MetricsLog {
             .and_then(|_| file.write_all(&kept))
             .and_then(|_| file.sync_data())
             .map_err(Error::io("rewrite", &self.path))?;
+        let board = self.board.take();
         *self = Self::append(&self.path)?;
+        self.board = board;
         Ok(removed)
     }
 
@@ -123,7 +153,11 @@ impl MetricsLog {
         self.out
             .write_all(b"\n")
             .and_then(|_| self.out.flush())
-            .map_err(Error::io("write", &self.path))
+            .map_err(Error::io("write", &self.path))?;
+        match &mut self.board {
+            Some(board) => board.record(record),
+            None => Ok(()),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod run;
 pub mod state;
 pub mod step;
 pub mod task;
+mod tensorboard;
 pub mod trainer;
 pub mod validation;
 pub mod versions;

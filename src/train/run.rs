@@ -397,12 +397,7 @@ fn best_step(tracker: &Option<Tracker>) -> Option<u64> {
 fn start<'a>(cfg: &'a RunConfig, stop: &AtomicBool) -> Result<(Run<'a>, Trainer, MetricsLog, u64)> {
     let out_dir = &cfg.output.dir;
     prepare_output(cfg)?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    let mut log = if cfg.train.resume.is_some() {
-        MetricsLog::append(&metrics_path)?
-    } else {
-        MetricsLog::create(&metrics_path)?
-    };
+    let mut log = MetricsLog::for_run(cfg)?;
     let model = load_model(cfg)?;
     let (source, tasks) = load_training_data(cfg, &mut log)?;
     let data = TrainingData::new(cfg, source, tasks)?;

@@ -226,14 +226,7 @@ impl Coordinator {
         // Uploads a previous coordinator was receiving when it died: nothing refers to them.
         checkpoint::remove_incoming(&out.join("checkpoints"));
         let resuming = cfg.train.resume.is_some();
-        let open = |path: PathBuf| {
-            if resuming {
-                MetricsLog::append(&path)
-            } else {
-                MetricsLog::create(&path)
-            }
-        };
-        let mut log = open(out.join("metrics.jsonl"))?;
+        let mut log = MetricsLog::for_run(&cfg)?;
         let (mut training, mine_job, mine_pending) = load_data(&cfg, &mut log)?;
         let latest = resume_from(&cfg, &training)?;
         let eval_set = match &cfg.eval {
@@ -256,6 +249,12 @@ impl Coordinator {
         let fingerprint = model_fingerprint(&model_dir)?;
         let upload_caps = UploadCaps::of(&model_dir)?;
         let start_step = latest.as_ref().map_or(0, |(_, s)| s.step);
+        let batches_path = out.join("batches.jsonl");
+        let batches = if resuming {
+            MetricsLog::append(&batches_path)?
+        } else {
+            MetricsLog::create(&batches_path)?
+        };
         if resuming {
             log.write(&json!({"event": "resume", "step": start_step}))?;
         }
@@ -266,7 +265,7 @@ impl Coordinator {
             state: Mutex::new(state),
             changed: watch::channel(0).0,
             config_toml,
-            journal: Journal::start(log, open(out.join("batches.jsonl"))?)?,
+            journal: Journal::start(log, batches)?,
             data: RwLock::new(Arc::new(data)),
             mine_job,
             fingerprint,
