@@ -175,7 +175,8 @@ pub enum PoolingMode {
     MeanSqrtLen,
 }
 
-/// `1_Pooling/config.json`, in the legacy (v5) boolean spelling or the newer `pooling_mode` string.
+/// `1_Pooling/config.json`, in the legacy (v5) boolean spelling or the newer `pooling_mode` string
+/// (with 6.x's `embedding_dimension`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PoolingConfig {
     pub dimension: i64,
@@ -185,6 +186,8 @@ pub(crate) struct PoolingConfig {
 
 #[derive(Deserialize)]
 struct RawPooling {
+    // sentence-transformers 6.x writes `embedding_dimension`.
+    #[serde(alias = "embedding_dimension")]
     word_embedding_dimension: i64,
     pooling_mode: Option<String>,
     #[serde(default)]

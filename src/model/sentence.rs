@@ -149,17 +149,38 @@ impl Replica {
     }
 }
 
-/// `sentence_bert_config.json` of a transformer directory (defaults where it is missing), its
-/// `max_seq_length` clamped to the position table.
+/// `sentence_bert_config.json` as both layouts write it: sentence-transformers 3.x–5.x name
+/// `max_seq_length` there; 6.x leaves it out (its file holds the transformer's task and modality)
+/// and takes the tokenizer's `model_max_length`.
+#[derive(serde::Deserialize)]
+struct SbertFile {
+    max_seq_length: Option<usize>,
+    #[serde(default)]
+    do_lower_case: bool,
+}
+
+/// `sentence_bert_config.json` of a transformer directory (defaults where it is missing): its
+/// `max_seq_length`, else the tokenizer's `model_max_length` (`tokenizer_config.json`), else the
+/// position table, clamped to the position table.
 fn read_sbert(tdir: &Path, config: &BertConfig) -> Result<SentenceBertConfig> {
     let sbert_path = tdir.join("sentence_bert_config.json");
-    let mut sbert = if sbert_path.exists() {
-        json::read::<SentenceBertConfig>(&sbert_path)?
+    let table = config.max_position_embeddings as usize;
+    let file = if sbert_path.exists() {
+        json::read::<SbertFile>(&sbert_path)?
     } else {
-        SentenceBertConfig {
-            max_seq_length: config.max_position_embeddings as usize,
+        SbertFile {
+            max_seq_length: None,
             do_lower_case: false,
         }
+    };
+    let declared = file.max_seq_length;
+    let max_seq_length = match declared {
+        Some(n) => n,
+        None => tokenizer_max_length(tdir)?.map_or(table, |n| n.min(table)),
+    };
+    let mut sbert = SentenceBertConfig {
+        max_seq_length,
+        do_lower_case: file.do_lower_case,
     };
     if sbert.max_seq_length == 0 {
         return Err(Error::invalid(
@@ -167,15 +188,35 @@ fn read_sbert(tdir: &Path, config: &BertConfig) -> Result<SentenceBertConfig> {
             "max_seq_length must be positive",
         ));
     }
-    if sbert.max_seq_length > config.max_position_embeddings as usize {
+    if sbert.max_seq_length > table {
         tracing::warn!(
             max_seq_length = sbert.max_seq_length,
             max_position_embeddings = config.max_position_embeddings,
             "max_seq_length exceeds the position table; clamping"
         );
-        sbert.max_seq_length = config.max_position_embeddings as usize;
+        sbert.max_seq_length = table;
     }
     Ok(sbert)
+}
+
+/// `model_max_length` of `tokenizer_config.json`, when the file names a usable one (tokenizers
+/// without a limit write a huge sentinel, 1e30).
+fn tokenizer_max_length(tdir: &Path) -> Result<Option<usize>> {
+    let path = tdir.join("tokenizer_config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let config: serde_json::Value = json::read(&path)?;
+    match config.get("model_max_length") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(n) if n >= 1.0 && n.fract() == 0.0 => Ok((n < 1e9).then_some(n as usize)),
+            _ => Err(Error::invalid(
+                &path,
+                format!("model_max_length must be a positive whole number, got {v}"),
+            )),
+        },
+    }
 }
 
 /// Refuses a `max_seq_length` override the position table cannot take.
