@@ -121,3 +121,40 @@ fn the_tokenizers_length_sets_max_seq_length_and_a_bad_one_is_refused_by_file_an
         "{err}"
     );
 }
+
+#[test]
+fn prompts_and_the_similarity_function_survive_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    common::copy_dir(&repo("tests/fixtures/st6_tiny"), &model);
+    let path = model.join("config_sentence_transformers.json");
+    let mut st: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    st["prompts"] = serde_json::json!({"query": "query: ", "document": "passage: "});
+    st["default_prompt_name"] = "query".into();
+    st["similarity_fn_name"] = "dot".into();
+    std::fs::write(&path, st.to_string()).unwrap();
+
+    let out = dir.path().join("run");
+    let mut sets = common::tiny_config_sets(&model, &out);
+    sets.push("train.max_steps=2".into());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multipos"));
+    cmd.args(["train", "--config"])
+        .arg(repo("configs/tiny.toml"));
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd.env("RUST_LOG", "warn").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("does not prepend"),
+        "the unapplied prompts are told: {stderr}"
+    );
+    let saved: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model/config_sentence_transformers.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["prompts"], st["prompts"]);
+    assert_eq!(saved["default_prompt_name"], "query");
+    assert_eq!(saved["similarity_fn_name"], "dot");
+}

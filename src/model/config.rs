@@ -175,6 +175,37 @@ pub enum PoolingMode {
     MeanSqrtLen,
 }
 
+/// How `config_sentence_transformers.json` says to use the model, kept from load to save: its
+/// prompts by name, the default prompt's name and the similarity function.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub(crate) struct Usage {
+    #[serde(default)]
+    pub prompts: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub default_prompt_name: Option<String>,
+    #[serde(default)]
+    pub similarity_fn_name: Option<String>,
+}
+
+impl Usage {
+    /// Reads `config_sentence_transformers.json` in `dir`, if there is one.
+    pub(crate) fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config_sentence_transformers.json");
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let usage: Self = json::read(&path)?;
+        if usage.prompts.values().any(|p| !p.is_empty()) {
+            tracing::warn!(
+                file = %path.display(),
+                prompts = ?usage.prompts,
+                "the model defines prompts, which multipos does not prepend: its embeddings differ from sentence-transformers' encode_query/encode_document (the prompts are kept when it saves the model)"
+            );
+        }
+        Ok(usage)
+    }
+}
+
 /// `1_Pooling/config.json`, in the legacy (v5) boolean spelling or the newer `pooling_mode` string
 /// (with 6.x's `embedding_dimension`).
 #[derive(Debug, Clone, PartialEq)]

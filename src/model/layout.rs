@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::Path;
 
-use super::config::{ModuleEntry, PoolingConfig, SentenceBertConfig};
+use super::config::{ModuleEntry, PoolingConfig, SentenceBertConfig, Usage};
 use crate::error::{Error, Result};
 use crate::io::json;
 
@@ -25,13 +25,15 @@ fn module(idx: usize, path: &str, kind: &str) -> ModuleEntry {
     }
 }
 
-/// Writes `modules.json`, `config_sentence_transformers.json`, `sentence_bert_config.json`,
-/// `1_Pooling/config.json` and (when normalising) `2_Normalize/` into `root`.
+/// Writes `modules.json`, `config_sentence_transformers.json` (with the model's prompts and
+/// similarity function from `usage`), `sentence_bert_config.json`, `1_Pooling/config.json` and
+/// (when normalising) `2_Normalize/` into `root`.
 pub(crate) fn write_metadata(
     root: &Path,
     sbert: &SentenceBertConfig,
     pooling: &PoolingConfig,
     normalize: bool,
+    usage: &Usage,
 ) -> Result<()> {
     let mut modules = vec![module(0, "", TRANSFORMER), module(1, "1_Pooling", POOLING)];
     if normalize {
@@ -48,9 +50,9 @@ pub(crate) fn write_metadata(
             "multipos": env!("CARGO_PKG_VERSION"),
         },
         "model_type": "SentenceTransformer",
-        "prompts": {},
-        "default_prompt_name": null,
-        "similarity_fn_name": "cosine",
+        "prompts": usage.prompts,
+        "default_prompt_name": usage.default_prompt_name,
+        "similarity_fn_name": usage.similarity_fn_name.as_deref().unwrap_or("cosine"),
     });
     write(
         root,

@@ -10,7 +10,9 @@ use tch::{Device, Tensor, nn::VarStore};
 use tokenizers::Encoding;
 
 use super::bert::{BertModel, Init};
-use super::config::{BertConfig, ModuleEntry, PoolingConfig, PoolingMode, SentenceBertConfig};
+use super::config::{
+    BertConfig, ModuleEntry, PoolingConfig, PoolingMode, SentenceBertConfig, Usage,
+};
 use super::dropout::RowSeeds;
 use super::layout;
 use super::pooling::{normalize_l2, pool};
@@ -118,6 +120,8 @@ pub struct SentenceModel {
     pooling: PoolingConfig,
     normalize: bool,
     sbert: SentenceBertConfig,
+    /// Prompts and similarity function, written back as they came.
+    usage: Usage,
     config_json: serde_json::Value,
     tokenizer_files: BTreeMap<&'static str, Vec<u8>>,
     passthrough: BTreeMap<String, HostTensor>,
@@ -299,6 +303,7 @@ impl SentenceModel {
         let config_json: serde_json::Value = json::read(&config_path)?;
 
         let sbert = read_sbert(tdir, &config)?;
+        let usage = Usage::load(dir)?;
 
         let pooling = read_pooling(pipeline.pooling_file.as_deref(), &config, &config_path)?;
         let tokenizer_path = tdir.join("tokenizer.json");
@@ -333,6 +338,7 @@ impl SentenceModel {
             pooling,
             normalize: pipeline.normalize,
             sbert,
+            usage,
             config_json,
             tokenizer_files,
             passthrough,
@@ -541,7 +547,13 @@ impl SentenceModel {
         for (name, bytes) in &self.tokenizer_files {
             write(name, bytes)?;
         }
-        layout::write_metadata(root, &self.sbert, &self.pooling, self.normalize)
+        layout::write_metadata(
+            root,
+            &self.sbert,
+            &self.pooling,
+            self.normalize,
+            &self.usage,
+        )
     }
 
     /// Replaces the weights with those of a `model.safetensors` of the same architecture.

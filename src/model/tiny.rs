@@ -167,5 +167,5 @@ pub fn write_random_model(dir: &Path, spec: &TinySpec) -> Result<()> {
         modes: spec.pooling.clone(),
         include_prompt: true,
     };
-    layout::write_metadata(dir, &sbert, &pooling, spec.normalize)
+    layout::write_metadata(dir, &sbert, &pooling, spec.normalize, &Default::default())
 }
