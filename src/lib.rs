@@ -21,6 +21,7 @@ pub mod embed;
 pub mod error;
 pub mod eval;
 pub mod fusion;
+mod host;
 pub mod io;
 pub mod logging;
 pub mod loss;

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use multipos::SentenceModel;
 use multipos::model::tiny::{TinySpec, write_random_model};
@@ -74,14 +73,7 @@ fn a_run_trains_from_the_6_x_layout_and_its_model_loads_again() {
     let out = dir.path().join("run");
     let mut sets = common::tiny_config_sets(&repo("tests/fixtures/st6_tiny"), &out);
     sets.push("train.max_steps=3".into());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multipos"));
-    cmd.args(["train", "--config"])
-        .arg(repo("configs/tiny.toml"));
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    let o = cmd.env("RUST_LOG", "warn").output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_tiny(&["train"], &sets);
     println!("trained model: {}", out.join("model").display());
     let model = SentenceModel::load(&out.join("model"), tch::Device::Cpu).unwrap();
     // configs/tiny.toml's model.max_seq_length, which the saved model keeps.
@@ -137,14 +129,7 @@ fn prompts_and_the_similarity_function_survive_training() {
     let out = dir.path().join("run");
     let mut sets = common::tiny_config_sets(&model, &out);
     sets.push("train.max_steps=2".into());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multipos"));
-    cmd.args(["train", "--config"])
-        .arg(repo("configs/tiny.toml"));
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    let o = cmd.env("RUST_LOG", "warn").output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = common::run_tiny(&["train"], &sets);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         stderr.contains("does not prepend"),

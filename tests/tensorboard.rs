@@ -133,14 +133,7 @@ fn train_and_a_cluster_write_every_scalar_at_every_step_for_tensorboard() {
         "output.tensorboard=true".into(),
         "eval.every_steps=2".into(),
     ]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multipos"));
-    cmd.args(["train", "--config"])
-        .arg(repo("configs/tiny.toml"));
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    let o = cmd.env("RUST_LOG", "warn").output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_tiny(&["train"], &sets);
     assert_board_matches_metrics(&out, "train");
 
     let out = dir.path().join("cluster");
@@ -150,17 +143,6 @@ fn train_and_a_cluster_write_every_scalar_at_every_step_for_tensorboard() {
         "eval.every_steps=2".into(),
         "cluster.threads_per_worker=1".into(),
     ]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multipos"));
-    cmd.args(["launch", "--workers", "2", "--config"])
-        .arg(repo("configs/tiny.toml"));
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    let o = cmd
-        .env("RUST_LOG", "warn")
-        .env_remove("MULTIPOS_CLUSTER_TOKEN")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_tiny(&["launch", "--workers", "2"], &sets);
     assert_board_matches_metrics(&out, "launch");
 }

@@ -81,11 +81,14 @@ unsafe extern "C" {
 }
 
 /// A buffer for the shim's error message.
-struct Message([c_char; 1024]);
+struct Message([c_char; Message::LEN]);
 
 impl Message {
+    /// The buffer's length, as every shim call that takes one is told.
+    const LEN: usize = 1024;
+
     fn new() -> Self {
-        Self([0; 1024])
+        Self([0; Self::LEN])
     }
     fn ptr(&mut self) -> *mut c_char {
         self.0.as_mut_ptr()
@@ -105,7 +108,8 @@ fn c_string(what: &str, s: &str) -> Result<CString> {
 /// The c10d `TCPStore` every Gloo group of a run meets through (served by the coordinator).
 pub struct StoreServer {
     raw: *mut RawStore,
-    port: u16,
+    /// Where it listens.
+    addr: std::net::SocketAddr,
 }
 
 // SAFETY: a TCPStore serves from threads of its own and is only freed by its owner.
@@ -134,7 +138,7 @@ impl StoreServer {
                 60_000,
                 &mut raw,
                 error.ptr(),
-                1024,
+                Message::LEN,
             )
         };
         if failed != 0 {
@@ -143,15 +147,17 @@ impl StoreServer {
                 error.text()
             )));
         }
-        Ok(Self {
-            raw,
-            port: local.port(),
-        })
+        Ok(Self { raw, addr: local })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
     }
 
     /// The port it serves on.
     pub fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
     }
 }
 
@@ -231,7 +237,7 @@ impl GlooGroup {
                 interface.as_ptr(),
                 &mut raw,
                 error.ptr(),
-                1024,
+                Message::LEN,
             )
         };
         if code != 0 {
@@ -261,7 +267,13 @@ impl GlooGroup {
         self.run(abort, |group, work, error| {
             // SAFETY: `tensor` is a live tch handle; the group's work holds its own reference.
             unsafe {
-                multipos_all_reduce_sum(group, tensor.as_ptr() as *mut c_void, work, error, 1024)
+                multipos_all_reduce_sum(
+                    group,
+                    tensor.as_ptr() as *mut c_void,
+                    work,
+                    error,
+                    Message::LEN,
+                )
             }
         })
         .map(drop)
@@ -281,7 +293,7 @@ impl GlooGroup {
         }
         let outcome = loop {
             // SAFETY: `work` came from the shim and is freed once, below.
-            match unsafe { multipos_work_wait(work, 20, error.ptr(), 1024) } {
+            match unsafe { multipos_work_wait(work, 20, error.ptr(), Message::LEN) } {
                 0 => break Ok(()),
                 1 => break Err(CollectiveError::Failed(format!("Gloo: {}", error.text()))),
                 _ => {
@@ -320,7 +332,15 @@ impl Gloo<'_> {
     fn gather(&self, local: &Tensor) -> Result<Tensor, CollectiveError> {
         self.group.run(&self.abort, |group, work, error| {
             // SAFETY: `local` is a live tch handle for the call; the shim copies what it keeps.
-            unsafe { multipos_all_gather(group, local.as_ptr() as *mut c_void, work, error, 1024) }
+            unsafe {
+                multipos_all_gather(
+                    group,
+                    local.as_ptr() as *mut c_void,
+                    work,
+                    error,
+                    Message::LEN,
+                )
+            }
         })
     }
 }

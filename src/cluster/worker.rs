@@ -1095,12 +1095,6 @@ fn scratch_dir() -> Result<tempfile::TempDir> {
     ))
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
 /// The name this worker proves to the coordinator, which its id (`NAME:PID`) carries: its TLS
 /// certificate's common name, else its credential's name, else (holding the cluster token) its
 /// host name. A certificate and a credential that name different workers are refused here rather
@@ -1115,7 +1109,7 @@ fn worker_name(opts: &WorkerOptions) -> Result<String> {
             "the TLS certificate names worker {cert:?} but the credential {own:?}"
         ))),
         (Some(name), _) | (None, Some(name)) => Ok(name),
-        (None, None) => Ok(hostname()
+        (None, None) => Ok(crate::host::hostname()
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() || "-._".contains(c) {

@@ -25,7 +25,7 @@ impl Board {
     pub(crate) fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
         let secs = now().floor() as u64;
-        let host = hostname();
+        let host = file_hostname();
         let path = dir.join(format!(
             "events.out.tfevents.{secs}.{host}.{}.multipos",
             std::process::id()
@@ -161,11 +161,9 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// This machine's name, as event file names carry it (characters a file name may hold).
-fn hostname() -> String {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name: String = name
-        .trim()
+/// This machine's name as event file names carry it (characters a file name may hold).
+fn file_hostname() -> String {
+    let name: String = crate::host::hostname()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         .collect();

@@ -359,6 +359,29 @@ pub fn tiny_config_sets(model: &Path, out: &Path) -> Vec<String> {
     ]
 }
 
+/// `multipos ARGS --config configs/tiny.toml --set SETS...` (warnings only, no inherited token),
+/// which must succeed; its output.
+pub fn run_tiny(args: &[&str], sets: &[String]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"));
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd
+        .env("RUST_LOG", "warn")
+        .env_remove("MULTIPOS_CLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "multipos {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
 /// A child process killed when dropped: a test that fails leaves none behind.
 pub struct Reaped(Option<std::process::Child>);
 

@@ -1046,8 +1046,11 @@ impl State {
 impl Coordinator {
     /// Serves the Gloo rendezvous store when the run's data plane is Gloo: on
     /// `cluster.store_bind`, or on the host of `bound` (the coordinator's own address) at any free
-    /// port. Returns its address.
-    pub(crate) fn serve_store(&self, bound: std::net::SocketAddr) -> Result<Option<String>> {
+    /// port. Returns the address it listens on.
+    pub(crate) fn serve_store(
+        &self,
+        bound: std::net::SocketAddr,
+    ) -> Result<Option<std::net::SocketAddr>> {
         if self.cfg.cluster.collective != crate::config::DataPlane::Gloo {
             return Ok(None);
         }
@@ -1056,15 +1059,11 @@ impl Coordinator {
             None => std::net::SocketAddr::new(bound.ip(), 0).to_string(),
         };
         let store = crate::cluster::c10d::StoreServer::serve(&addr)?;
-        let served = std::net::SocketAddr::new(bound.ip(), store.port()).to_string();
-        let port = store.port();
+        let served = store.addr();
         if self.store.set(store).is_err() {
             return Err(Error::Internal("the Gloo store was served twice".into()));
         }
-        Ok(Some(match &self.cfg.cluster.store_bind {
-            Some(a) => format!("{a} (port {port})"),
-            None => served,
-        }))
+        Ok(Some(served))
     }
 
     /// The Gloo store's port, when it is served.
