@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Batching, FillNegatives, Mode};
+use crate::data::{Batching, Columns, FillNegatives, Mode};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, MnrlConfig};
 
@@ -225,10 +225,14 @@ impl Paths {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Query-grouped or pair files (.jsonl, .csv, .tsv).
+    /// Query-grouped or pair files (.jsonl, .csv, .tsv), tables (.parquet, .arrow) or folders of
+    /// them (Parquet shards, a `datasets` save_to_disk folder).
     pub train: Paths,
     #[serde(default)]
     pub skip_invalid: bool,
+    /// Which table columns hold what [default: sentence-transformers' order].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Columns>,
     #[serde(default = "default_mode")]
     pub mode: Mode,
     #[serde(default)]
@@ -251,10 +255,14 @@ fn default_mode() -> Mode {
 pub struct TaskConfig {
     /// Names the task in metrics, and its classifier file (`heads/<name>.*`) for SoftmaxLoss.
     pub name: String,
-    /// Query-grouped, pair, or scored/labelled pair files (.jsonl, .csv, .tsv).
+    /// Query-grouped, pair, or scored/labelled pair files (.jsonl, .csv, .tsv), tables (.parquet,
+    /// .arrow) or folders of them.
     pub train: Paths,
     #[serde(default)]
     pub skip_invalid: bool,
+    /// Which table columns hold what [default: sentence-transformers' order].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Columns>,
     #[serde(default = "default_mode")]
     pub mode: Mode,
     #[serde(default)]
@@ -267,6 +275,32 @@ pub struct TaskConfig {
     pub batching: Batching,
     #[serde(default)]
     pub loss: LossConfig,
+}
+
+impl TaskConfig {
+    /// Refuses a task whose loss, columns or row options cannot work together.
+    fn validate(&self) -> std::result::Result<(), String> {
+        self.loss
+            .validate()
+            .map_err(|e| format!("task {:?}: {e}", self.name))?;
+        if let Some(c) = &self.columns {
+            c.validate()
+                .map_err(|e| format!("task {:?}: columns: {e}", self.name))?;
+        }
+        if !self.loss.in_batch_negatives() && self.negatives_per_row > 0 {
+            return Err(format!(
+                "task {:?}: negatives_per_row applies to MNRL only (pointwise losses score listed negatives 0)",
+                self.name
+            ));
+        }
+        if !self.loss.in_batch_negatives() && self.batching != Batching::Shuffled {
+            return Err(format!(
+                "task {:?}: batching = \"by_cluster\" applies to MNRL only (pointwise losses have no in-batch negatives)",
+                self.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How a multi-task run picks the task of each global batch (sentence-transformers' samplers).
@@ -619,6 +653,7 @@ impl RunConfig {
                 name: DEFAULT_TASK.into(),
                 train: d.train.clone(),
                 skip_invalid: d.skip_invalid,
+                columns: d.columns.clone(),
                 mode: d.mode,
                 negatives_per_row: d.negatives_per_row,
                 fill_negatives: d.fill_negatives,
@@ -670,21 +705,7 @@ impl RunConfig {
             if tasks[..i].iter().any(|o| o.name == t.name) {
                 return Err(format!("two tasks are named {:?}", t.name));
             }
-            t.loss
-                .validate()
-                .map_err(|e| format!("task {:?}: {e}", t.name))?;
-            if !t.loss.in_batch_negatives() && t.negatives_per_row > 0 {
-                return Err(format!(
-                    "task {:?}: negatives_per_row applies to MNRL only (pointwise losses score listed negatives 0)",
-                    t.name
-                ));
-            }
-            if !t.loss.in_batch_negatives() && t.batching != Batching::Shuffled {
-                return Err(format!(
-                    "task {:?}: batching = \"by_cluster\" applies to MNRL only (pointwise losses have no in-batch negatives)",
-                    t.name
-                ));
-            }
+            t.validate()?;
         }
         if self.train.mine.is_some()
             && !tasks
@@ -756,10 +777,14 @@ impl RunConfig {
 
 /// `--set` values: TOML scalars and arrays when they parse as such, otherwise plain strings.
 /// Why `p` cannot be read as a file, if it cannot.
+/// Why `p` cannot be read as data: it is missing, or a folder that is not a table.
 fn not_a_file(p: &Path) -> Option<String> {
-    if p.is_dir() {
-        Some(format!("{} is a directory; give a file", p.display()))
-    } else if !p.is_file() {
+    if p.is_dir() && !crate::data::table::is_table_dir(p) {
+        Some(format!(
+            "{} is a directory but not a table (Parquet shards, or a `datasets` save_to_disk folder); give a file",
+            p.display()
+        ))
+    } else if !p.exists() {
         Some(format!("{} does not exist", p.display()))
     } else {
         None

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::table::{self, Id};
 use crate::error::{Error, Result};
 use crate::io::atomic::AtomicFile;
 use crate::model::SentenceModel;
@@ -17,16 +18,37 @@ pub(crate) struct InputText {
     pub text: String,
 }
 
-/// Reads `.txt` (one text per line, no blank lines) or `.jsonl` (objects with a `"text"` string;
-/// blank lines allowed). Every problem names the file and line; an empty input is an error.
+/// Reads `.txt` (one text per line, no blank lines), `.jsonl` (objects with a `"text"` string;
+/// blank lines allowed), or a table (Parquet, Arrow, a folder of them: the `text` column or the only
+/// string column, with `id` when there is one). Every problem names the file and line (or row); an
+/// empty input is an error.
 pub(crate) fn read_inputs(path: &Path) -> Result<Vec<InputText>> {
+    if table::is_table(path) {
+        let texts: Vec<InputText> = table::read_texts(path)?
+            .into_iter()
+            .map(|(id, text)| InputText {
+                id: id.map(|id| match id {
+                    Id::Int(i) => serde_json::Value::from(i),
+                    Id::Text(t) => serde_json::Value::from(t),
+                }),
+                text,
+            })
+            .collect();
+        if texts.is_empty() {
+            return Err(Error::invalid(
+                path,
+                "no texts to embed: the table has no rows",
+            ));
+        }
+        return Ok(texts);
+    }
     let jsonl = match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") => true,
         Some("txt") => false,
         _ => {
             return Err(Error::invalid(
                 path,
-                "unknown input format: expected a .txt or .jsonl file",
+                "unknown input format: expected a .txt or .jsonl file, or a table (.parquet, .arrow, a folder of them)",
             ));
         }
     };

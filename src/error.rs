@@ -22,6 +22,15 @@ pub enum Error {
         line: usize,
         reason: String,
     },
+    /// One row of a user's table (Parquet or Arrow) is bad.
+    #[error("{path}: {place}{}: {reason}", column.as_ref().map(|c| format!(", column {c:?}")).unwrap_or_default())]
+    BadRow {
+        path: PathBuf,
+        /// The row counted from 0 and, in Parquet, its row group.
+        place: String,
+        column: Option<String>,
+        reason: String,
+    },
     /// The model directory describes something multipos does not support.
     #[error("{path}: unsupported {what}: {reason}")]
     Unsupported {

@@ -182,7 +182,7 @@ fn a_directory_given_as_data_is_called_a_directory() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let data = format!("data.train=\"{}\"", dir.path().display());
     let err = refused(train(dir.path(), &model, &[&data]));
-    assert!(err.contains("is a directory; give a file"), "{err}");
+    assert!(err.contains("is a directory but not a table"), "{err}");
 }
 
 #[test]

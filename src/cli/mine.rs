@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use super::RuntimeArgs;
-use crate::data::{LoadOptions, load_files};
+use crate::data::{Columns, LoadOptions, Names, load_files};
 use crate::device;
 use crate::embed::read_inputs;
 use crate::io::output::{Kind, Output};
@@ -16,9 +16,14 @@ pub struct MineArgs {
     /// Sentence-transformers model directory [default: all-MiniLM-L6-v2 installed by deploy/setup.sh].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training data: query-grouped or pair files (.jsonl, .csv, .tsv); duplicate queries merge.
+    /// Training data: query-grouped or pair files (.jsonl, .csv, .tsv), tables (.parquet, .arrow)
+    /// or folders of them; duplicate queries merge.
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    /// A table column's role, as `data.columns` names it: query=NAME, positives=NAME,
+    /// negatives=NAME (repeatable), cluster=NAME [default: sentence-transformers' column order].
+    #[arg(long = "column", value_name = "ROLE=NAME", value_parser = parse_column)]
+    pub columns: Vec<(String, String)>,
     /// Where to write the query-grouped JSONL with "negatives" (atomically).
     #[arg(long)]
     pub output: PathBuf,
@@ -78,6 +83,46 @@ pub struct MineArgs {
     pub runtime: RuntimeArgs,
 }
 
+fn parse_column(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((role, name)) if ["query", "positives", "negatives", "cluster"].contains(&role) => {
+            Ok((role.to_string(), name.to_string()))
+        }
+        Some((role, _)) => Err(format!(
+            "unknown role {role:?}: query, positives, negatives or cluster"
+        )),
+        None => Err("expected ROLE=NAME, e.g. query=question".into()),
+    }
+}
+
+/// The `--column` flags as `data.columns`, checked as the config checks it.
+fn columns(flags: &[(String, String)]) -> anyhow::Result<Option<Columns>> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    let mut c = Columns::default();
+    let mut negatives = Vec::new();
+    for (role, name) in flags {
+        let slot = match role.as_str() {
+            "query" => &mut c.query,
+            "positives" => &mut c.positives,
+            "cluster" => &mut c.cluster,
+            _ => {
+                negatives.push(name.clone());
+                continue;
+            }
+        };
+        if slot.replace(name.clone()).is_some() {
+            anyhow::bail!("--column {role}= is given twice");
+        }
+    }
+    if !negatives.is_empty() {
+        c.negatives = Some(Names::Many(negatives));
+    }
+    c.validate().map_err(|e| anyhow::anyhow!("--column: {e}"))?;
+    Ok(Some(c))
+}
+
 pub fn run(args: MineArgs) -> anyhow::Result<()> {
     let inputs: Vec<&Path> = args
         .data
@@ -102,10 +147,12 @@ pub fn run(args: MineArgs) -> anyhow::Result<()> {
     if let Some(n) = args.max_seq_length {
         model.set_max_seq_length(n)?;
     }
+    let columns = columns(&args.columns)?;
     let data = load_files(
         &args.data,
         LoadOptions {
             skip_invalid: args.skip_invalid,
+            columns: columns.as_ref(),
         },
     )?;
     tracing::info!("data: {}", data.stats());

@@ -137,17 +137,17 @@ impl Dataset {
     }
 
     /// The cluster of group `g`, as an index below [`Dataset::cluster_count`], if labelled.
-    pub(crate) fn cluster(&self, g: usize) -> Option<u32> {
+    pub fn cluster(&self, g: usize) -> Option<u32> {
         self.clusters[g]
     }
 
     /// The label of cluster index `c`.
-    pub(crate) fn cluster_label(&self, c: u32) -> &Cluster {
+    pub fn cluster_label(&self, c: u32) -> &Cluster {
         &self.cluster_labels[c as usize]
     }
 
     /// How many distinct cluster labels the groups carry.
-    pub(crate) fn cluster_count(&self) -> usize {
+    pub fn cluster_count(&self) -> usize {
         self.cluster_labels.len()
     }
 

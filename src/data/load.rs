@@ -1,19 +1,24 @@
-//! Reading training files: query-grouped JSONL, pair JSONL, and CSV/TSV pair files with a header.
-//! Every malformed record is an error naming file, line and reason, unless `skip_invalid` is set,
-//! in which case each one is still logged and counted.
+//! Reading training files: query-grouped JSONL, pair JSONL, CSV/TSV pair files with a header, and
+//! tables (Parquet, Arrow, `datasets` folders; see `table` and `columns`). Every malformed record is
+//! an error naming file, line (or row) and reason, unless `skip_invalid` is set, in which case each
+//! one is still logged and counted.
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::columns::{Columns, GroupColumns};
 use super::dataset::{Cluster, Dataset, DatasetBuilder};
+use super::table::{self, Key, Table};
 use crate::error::{Error, Result};
 
-/// How to treat malformed records.
+/// How to read the files: what to do with malformed records, and which table columns hold what.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct LoadOptions {
+pub struct LoadOptions<'a> {
     pub skip_invalid: bool,
+    /// `data.columns`: for tables only; `None` reads them as sentence-transformers does.
+    pub columns: Option<&'a Columns>,
 }
 
 /// One JSONL record: a group (`positives`) or a pair (`positive`), `anchor` accepted for `query`,
@@ -71,7 +76,7 @@ impl JsonRecord {
 }
 
 /// Loads and merges all `paths` into one dataset.
-pub fn load_files(paths: &[PathBuf], opts: LoadOptions) -> Result<Dataset> {
+pub fn load_files(paths: &[PathBuf], opts: LoadOptions<'_>) -> Result<Dataset> {
     let mut builder = DatasetBuilder::new();
     for path in paths {
         load_file(path, opts, &mut builder)?;
@@ -94,63 +99,165 @@ pub(crate) fn reject_or_skip(
     path: &Path,
     line: usize,
     reason: String,
-    opts: LoadOptions,
+    opts: LoadOptions<'_>,
 ) -> Result<()> {
-    if opts.skip_invalid {
-        tracing::warn!(file = %path.display(), line, %reason, "skipping invalid record");
-        Ok(())
-    } else {
-        Err(Error::BadLine {
+    refuse_or_skip(
+        Error::BadLine {
             path: path.to_path_buf(),
             line,
             reason,
-        })
+        },
+        opts,
+    )
+}
+
+/// One bad record: the error, or with `skip_invalid` a logged warning.
+pub(crate) fn refuse_or_skip(error: Error, opts: LoadOptions<'_>) -> Result<()> {
+    if opts.skip_invalid {
+        tracing::warn!(%error, "skipping invalid record");
+        Ok(())
+    } else {
+        Err(error)
     }
 }
 
+/// The message for a file of a format multipos does not read.
+pub(crate) const FORMATS: &str = "unknown data format: expected .jsonl, .csv, .tsv, .parquet or .arrow, or a folder of Parquet shards or a `datasets` save_to_disk folder";
+
 struct Sink<'a> {
     path: &'a Path,
-    opts: LoadOptions,
+    opts: LoadOptions<'a>,
     builder: &'a mut DatasetBuilder,
 }
 
 impl Sink<'_> {
-    /// Records one bad line: an error, or with `skip_invalid` a warning and a count.
-    fn reject(&mut self, line: usize, reason: String) -> Result<()> {
-        reject_or_skip(self.path, line, reason, self.opts)?;
+    /// Records one bad record: an error, or with `skip_invalid` a warning and a count.
+    fn refuse(&mut self, error: Error) -> Result<()> {
+        refuse_or_skip(error, self.opts)?;
         self.builder.note_skipped();
         Ok(())
     }
 
-    fn add(&mut self, line: usize, record: &Parts) -> Result<()> {
+    /// Records one bad line.
+    fn reject(&mut self, line: usize, reason: String) -> Result<()> {
+        self.refuse(Error::BadLine {
+            path: self.path.to_path_buf(),
+            line,
+            reason,
+        })
+    }
+
+    /// Adds a record; one the builder refuses is an error made by `at` from the reason.
+    fn add(
+        &mut self,
+        (query, positives, negatives): (&str, &[&str], &[&str]),
+        cluster: Option<&Cluster>,
+        at: impl FnOnce(String) -> Error,
+    ) -> Result<()> {
+        match self.builder.add(query, positives, negatives, cluster) {
+            Ok(()) => Ok(()),
+            Err(e) => self.refuse(at(e.to_string())),
+        }
+    }
+
+    fn add_line(&mut self, line: usize, record: &Parts) -> Result<()> {
         let p: Vec<&str> = record.positives.iter().map(String::as_str).collect();
         let n: Vec<&str> = record.negatives.iter().map(String::as_str).collect();
-        match self
-            .builder
-            .add(&record.query, &p, &n, record.cluster.as_ref())
-        {
-            Ok(()) => Ok(()),
-            Err(e) => self.reject(line, e.to_string()),
-        }
+        let path = self.path;
+        self.add((&record.query, &p, &n), record.cluster.as_ref(), |reason| {
+            Error::BadLine {
+                path: path.to_path_buf(),
+                line,
+                reason,
+            }
+        })
     }
 }
 
-fn load_file(path: &Path, opts: LoadOptions, builder: &mut DatasetBuilder) -> Result<()> {
+fn load_file(path: &Path, opts: LoadOptions<'_>, builder: &mut DatasetBuilder) -> Result<()> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let mut sink = Sink {
         path,
         opts,
         builder,
     };
+    if table::is_table(path) {
+        return load_table(&Table::open(path)?, &mut sink);
+    }
+    if opts.columns.is_some() {
+        return Err(Error::invalid(
+            path,
+            "data.columns maps the columns of Parquet and Arrow tables; this file names its fields itself",
+        ));
+    }
     match ext {
         "jsonl" | "json" => load_jsonl(path, &mut sink),
         "csv" => load_delimited(path, b',', &mut sink),
         "tsv" => load_delimited(path, b'\t', &mut sink),
-        _ => Err(Error::invalid(
-            path,
-            "unknown data format: expected .jsonl, .csv or .tsv",
-        )),
+        _ => Err(Error::invalid(path, FORMATS)),
     }
+}
+
+/// Reads a table's query groups, a record batch at a time.
+fn load_table(table: &Table, sink: &mut Sink<'_>) -> Result<()> {
+    let cols = GroupColumns::of(sink.opts.columns, table)?;
+    table.scan(&cols.scan(), |rows| {
+        let query = rows.column(&cols.query)?;
+        let positives = rows.column(&cols.positives)?;
+        let negatives = cols
+            .negatives
+            .iter()
+            .map(|n| rows.column(n))
+            .collect::<Result<Vec<_>>>()?;
+        let cluster = cols.cluster.as_ref().map(|c| rows.column(c)).transpose()?;
+        for i in 0..rows.len() {
+            let required = |name: &str| rows.error(i, Some(name), "null in a required column");
+            let Some(q) = query.text(i) else {
+                sink.refuse(required(&cols.query))?;
+                continue;
+            };
+            let p = match positives.texts(i) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    sink.refuse(required(&cols.positives))?;
+                    continue;
+                }
+                Err(reason) => {
+                    sink.refuse(rows.error(i, Some(&cols.positives), reason))?;
+                    continue;
+                }
+            };
+            let mut n = Vec::new();
+            let mut bad = None;
+            for (column, name) in negatives.iter().zip(&cols.negatives) {
+                match column.texts(i) {
+                    Ok(texts) => n.extend(texts.unwrap_or_default()),
+                    Err(reason) => bad = Some(rows.error(i, Some(name), reason)),
+                }
+            }
+            let label = match cluster.as_ref().and_then(|c| c.key(i)) {
+                None => None,
+                Some(Key::Text(t)) => Some(Cluster::Name(t.to_string())),
+                Some(Key::Int(id)) if id >= 0 => Some(Cluster::Id(id as u64)),
+                Some(Key::Int(id)) => {
+                    let column = cols.cluster.as_deref();
+                    bad = Some(rows.error(
+                        i,
+                        column,
+                        format!("a cluster label is a non-negative integer or a string, not {id}"),
+                    ));
+                    None
+                }
+            };
+            match bad {
+                Some(error) => sink.refuse(error)?,
+                None => sink.add((q, &p, &n), label.as_ref(), |reason| {
+                    rows.error(i, None, reason)
+                })?,
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Calls `each(line number, text)` for every non-blank line of a JSONL file; `each` gets the text
@@ -184,7 +291,7 @@ fn load_jsonl(path: &Path, sink: &mut Sink<'_>) -> Result<()> {
                 .and_then(JsonRecord::into_parts)
         });
         match parts {
-            Ok(record) => sink.add(line_no, &record),
+            Ok(record) => sink.add_line(line_no, &record),
             Err(reason) => sink.reject(line_no, reason),
         }
     })
@@ -251,7 +358,7 @@ fn load_delimited(path: &Path, delimiter: u8, sink: &mut Sink<'_>) -> Result<()>
                         .filter(|c| !c.trim().is_empty())
                         .map(|c| Cluster::parse(&c)),
                 };
-                sink.add(line_no, &record)?;
+                sink.add_line(line_no, &record)?;
             }
             Err(e) => {
                 let line = e.position().map_or(line_no, |p| p.line() as usize);
@@ -284,7 +391,13 @@ mod tests {
     }
 
     fn load(p: &Path, skip_invalid: bool) -> Result<Dataset> {
-        load_files(&[p.to_path_buf()], LoadOptions { skip_invalid })
+        load_files(
+            &[p.to_path_buf()],
+            LoadOptions {
+                skip_invalid,
+                columns: None,
+            },
+        )
     }
 
     #[test]

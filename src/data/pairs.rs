@@ -16,8 +16,13 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use super::columns::{Columns, PairColumns, TargetColumn};
 use super::dataset::Dataset;
-use super::load::{LoadOptions, each_jsonl_line, nothing_usable, open_delimited, reject_or_skip};
+use super::load::{
+    FORMATS, LoadOptions, each_jsonl_line, nothing_usable, open_delimited, refuse_or_skip,
+    reject_or_skip,
+};
+use super::table::{self, Key, Table};
 use super::text::{hash_normalized, normalize};
 use crate::error::{Error, Result};
 
@@ -264,8 +269,12 @@ fn label_ids(labels: &[&RawLabel]) -> PairTargets {
 }
 
 /// Whether a file holds scored or labelled pairs (rather than query groups): its first record has
-/// a `score` or `label` field (JSONL) or column (CSV/TSV).
-pub(crate) fn is_pair_file(path: &Path) -> Result<bool> {
+/// a `score` or `label` field (JSONL) or column (CSV/TSV); a table has such a column, or
+/// `data.columns` names one.
+pub(crate) fn is_pair_file(path: &Path, columns: Option<&Columns>) -> Result<bool> {
+    if table::is_table(path) {
+        return Ok(Columns::is_pairs(columns, &Table::open(path)?));
+    }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
     let Some(first) = reader
@@ -291,7 +300,7 @@ pub(crate) fn is_pair_file(path: &Path) -> Result<bool> {
 pub(crate) fn load_pair_files(
     paths: &[std::path::PathBuf],
     kind: TargetKind,
-    opts: LoadOptions,
+    opts: LoadOptions<'_>,
 ) -> Result<PairSet> {
     let mut builder = PairBuilder {
         kind,
@@ -301,27 +310,33 @@ pub(crate) fn load_pair_files(
     };
     for path in paths {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        let mut add = |line: usize, a: String, b: String, t: RawTarget| -> Result<()> {
-            match builder.check(&a, &b, &t) {
+        let mut add =
+            |at: &dyn Fn(String) -> Error, a: String, b: String, t: RawTarget| match builder
+                .check(&a, &b, &t)
+            {
                 Ok(()) => {
                     builder.first.push(a);
                     builder.second.push(b);
                     builder.raw.push(t);
                     Ok(())
                 }
-                Err(reason) => reject_or_skip(path, line, reason, opts),
-            }
-        };
+                Err(reason) => refuse_or_skip(at(reason), opts),
+            };
+        if table::is_table(path) {
+            read_table(&Table::open(path)?, opts, &mut add)?;
+            continue;
+        }
+        if opts.columns.is_some() {
+            return Err(Error::invalid(
+                path,
+                "data.columns maps the columns of Parquet and Arrow tables; this file names its fields itself",
+            ));
+        }
         match ext {
             "jsonl" | "json" => read_jsonl(path, opts, &mut add)?,
             "csv" => read_delimited(path, b',', opts, &mut add)?,
             "tsv" => read_delimited(path, b'\t', opts, &mut add)?,
-            _ => {
-                return Err(Error::invalid(
-                    path,
-                    "unknown data format: expected .jsonl, .csv or .tsv",
-                ));
-            }
+            _ => return Err(Error::invalid(path, FORMATS)),
         }
     }
     let set = builder.finish();
@@ -331,7 +346,58 @@ pub(crate) fn load_pair_files(
     Ok(set)
 }
 
-type AddFn<'a> = dyn FnMut(usize, String, String, RawTarget) -> Result<()> + 'a;
+/// Takes one pair; a refused one becomes the error `at` makes from the reason.
+type AddFn<'a> = dyn FnMut(&dyn Fn(String) -> Error, String, String, RawTarget) -> Result<()> + 'a;
+
+/// The error for line `line` of `path`.
+fn at_line(path: &Path, line: usize) -> impl Fn(String) -> Error + '_ {
+    move |reason| Error::BadLine {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    }
+}
+
+/// Reads a table's pairs, a record batch at a time.
+fn read_table(table: &Table, opts: LoadOptions<'_>, add: &mut AddFn<'_>) -> Result<()> {
+    let cols = PairColumns::of(opts.columns, table)?;
+    table.scan(&cols.scan(), |rows| {
+        let (first, second) = (rows.column(&cols.first)?, rows.column(&cols.second)?);
+        let (target_name, target) = match &cols.target {
+            TargetColumn::Score(n) | TargetColumn::Label(n) => (n.as_str(), rows.column(n)?),
+        };
+        for i in 0..rows.len() {
+            let null = |name: &str| rows.error(i, Some(name), "null in a required column");
+            let (Some(a), Some(b)) = (first.text(i), second.text(i)) else {
+                let name = if first.text(i).is_none() {
+                    &cols.first
+                } else {
+                    &cols.second
+                };
+                refuse_or_skip(null(name), opts)?;
+                continue;
+            };
+            let t = match &cols.target {
+                TargetColumn::Score(_) => target.number(i).map(|s| RawTarget::Score(s as f32)),
+                TargetColumn::Label(_) => target.key(i).map(|k| match k {
+                    Key::Int(id) => RawTarget::Label(RawLabel::Id(id)),
+                    Key::Text(name) => RawTarget::Label(RawLabel::Name(name.trim().to_string())),
+                }),
+            };
+            let Some(t) = t else {
+                refuse_or_skip(null(target_name), opts)?;
+                continue;
+            };
+            add(
+                &|reason| rows.error(i, None, reason),
+                a.to_string(),
+                b.to_string(),
+                t,
+            )?;
+        }
+        Ok(())
+    })
+}
 
 fn take_text(
     m: &mut serde_json::Map<String, serde_json::Value>,
@@ -387,7 +453,7 @@ fn read_jsonl(path: &Path, opts: LoadOptions, add: &mut AddFn<'_>) -> Result<()>
             }
         });
         match parsed {
-            Ok((a, b, t)) => add(line_no, a, b, t),
+            Ok((a, b, t)) => add(&at_line(path, line_no), a, b, t),
             Err(reason) => reject_or_skip(path, line_no, reason, opts),
         }
     })
@@ -438,7 +504,7 @@ fn read_delimited(
                     (None, None) => Err("the header has no \"score\" or \"label\" column".into()),
                 };
                 match target {
-                    Ok(t) => add(line, field(a), field(b), t)?,
+                    Ok(t) => add(&at_line(path, line), field(a), field(b), t)?,
                     Err(reason) => reject_or_skip(path, line, reason, opts)?,
                 }
             }
@@ -511,7 +577,7 @@ mod tests {
         let j = load_pair_files(&[j], SCORE, LoadOptions::default()).unwrap();
         assert_eq!(j.targets, PairTargets::Scores(vec![0.5, 1.0]));
         for p in [c, t] {
-            assert!(is_pair_file(&p).unwrap());
+            assert!(is_pair_file(&p, None).unwrap());
             assert_eq!(
                 load_pair_files(&[p], SCORE, LoadOptions::default())
                     .unwrap()
@@ -594,7 +660,15 @@ mod tests {
             "h.jsonl",
             "{\"sentence1\": \"a\", \"sentence2\": \"b\", \"score\": 9}\n{\"sentence1\": \"a\", \"sentence2\": \"b\", \"score\": 0.1}\n",
         );
-        let set = load_pair_files(&[p], SCORE, LoadOptions { skip_invalid: true }).unwrap();
+        let set = load_pair_files(
+            &[p],
+            SCORE,
+            LoadOptions {
+                skip_invalid: true,
+                columns: None,
+            },
+        )
+        .unwrap();
         assert_eq!(set.len(), 1);
     }
 

@@ -1,6 +1,7 @@
 //! An information-retrieval evaluation set in the BEIR layout: `queries.jsonl` and `corpus.jsonl`
 //! (`{"id", "text"}` per line) and a `qrels.tsv` (`query-id<TAB>corpus-id<TAB>score`, header line
-//! optional, score > 0 = relevant).
+//! optional, score > 0 = relevant); or the same as tables (Parquet, Arrow: `id` or `_id` and `text`
+//! columns; `query-id`, `corpus-id` and `score` columns), as BEIR's sets are on the Hub.
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -8,6 +9,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::data::table::{self, Id, Kind, Table};
 use crate::error::{Error, Result};
 
 /// Queries (only those with at least one relevant document, in file order), corpus, and relevance.
@@ -36,6 +38,9 @@ fn id_string(v: &serde_json::Value) -> Option<String> {
 }
 
 fn read_entries(path: &Path) -> Result<Vec<(String, String)>> {
+    if table::is_table(path) {
+        return read_table_entries(path);
+    }
     let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
     let mut out = Vec::new();
     let mut seen = HashMap::new();
@@ -68,6 +73,86 @@ fn read_entries(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// Calls `each(query-id, corpus-id, score)` for every judgement of a qrels file: a TSV or a table
+/// with `query-id`, `corpus-id` and `score` columns. A reason `each` returns becomes an error
+/// naming the line (or row).
+fn each_qrel(
+    path: &Path,
+    mut each: impl FnMut(&str, &str, f64) -> std::result::Result<(), String>,
+) -> Result<()> {
+    if table::is_table(path) {
+        let names = ["query-id", "corpus-id", "score"];
+        let table = Table::open(path)?;
+        let kinds = [Kind::Key, Kind::Key, Kind::Number];
+        let scan: Vec<(&str, Kind)> = names.into_iter().zip(kinds).collect();
+        return table.scan(&scan, |rows| {
+            let (q, c, s) = (
+                rows.column(names[0])?,
+                rows.column(names[1])?,
+                rows.column(names[2])?,
+            );
+            for i in 0..rows.len() {
+                let null = |n: &str| rows.error(i, Some(n), "null in a required column");
+                let qid = Id::from(q.key(i).ok_or_else(|| null(names[0]))?).to_string();
+                let cid = Id::from(c.key(i).ok_or_else(|| null(names[1]))?).to_string();
+                let score = s.number(i).ok_or_else(|| null(names[2]))?;
+                each(&qid, &cid, score).map_err(|reason| rows.error(i, None, reason))?;
+            }
+            Ok(())
+        });
+    }
+    let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
+    for (i, line) in reader.lines().enumerate() {
+        let bad = |reason: String| Error::BadLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
+        let line = match i {
+            0 => line.strip_prefix('\u{feff}').unwrap_or(&line),
+            _ => &line,
+        };
+        let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
+        if line.trim().is_empty() || (i == 0 && fields.first() == Some(&"query-id")) {
+            continue;
+        }
+        let [qid, cid, score] = fields[..] else {
+            return Err(bad(format!(
+                "expected 3 tab-separated fields (query-id, corpus-id, score), got {}",
+                fields.len()
+            )));
+        };
+        let score: f64 = score
+            .parse()
+            .map_err(|_| bad(format!("score {score:?} is not a number")))?;
+        each(qid, cid, score).map_err(bad)?;
+    }
+    Ok(())
+}
+
+/// Entries of a table with an `id` (or `_id`) and a `text` column (BEIR's layout on the Hub).
+fn read_table_entries(path: &Path) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut seen = HashMap::new();
+    for (row, (id, text)) in table::read_texts(path)?.into_iter().enumerate() {
+        let Some(id) = id.map(|id| id.to_string()) else {
+            return Err(Error::invalid(path, "has no \"id\" (or \"_id\") column"));
+        };
+        if let Some(first) = seen.insert(id.clone(), row) {
+            return Err(Error::invalid(
+                path,
+                format!("duplicate id {id:?} in rows {first} and {row}"),
+            ));
+        }
+        out.push((id, text));
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(path, "no entries"));
+    }
+    Ok(out)
+}
+
 impl IrDataset {
     /// Loads and cross-checks the three files; unknown ids in the qrels are errors with file:line.
     pub fn load(queries: &Path, corpus: &Path, qrels: &Path) -> Result<Self> {
@@ -84,41 +169,18 @@ impl IrDataset {
             .map(|(i, (id, _))| (id.as_str(), i))
             .collect();
         let mut relevant: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); queries_all.len()];
-        let reader = BufReader::new(File::open(qrels).map_err(Error::io("open", qrels))?);
-        for (i, line) in reader.lines().enumerate() {
-            let bad = |reason: String| Error::BadLine {
-                path: qrels.to_path_buf(),
-                line: i + 1,
-                reason,
-            };
-            let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
-            let line = match i {
-                0 => line.strip_prefix('\u{feff}').unwrap_or(&line),
-                _ => &line,
-            };
-            let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
-            if line.trim().is_empty() || (i == 0 && fields.first() == Some(&"query-id")) {
-                continue;
-            }
-            let [qid, cid, score] = fields[..] else {
-                return Err(bad(format!(
-                    "expected 3 tab-separated fields (query-id, corpus-id, score), got {}",
-                    fields.len()
-                )));
-            };
-            let score: f64 = score
-                .parse()
-                .map_err(|_| bad(format!("score {score:?} is not a number")))?;
+        each_qrel(qrels, |qid, cid, score| {
             let q = *q_index
                 .get(qid)
-                .ok_or_else(|| bad(format!("query-id {qid:?} is not in {}", queries.display())))?;
+                .ok_or_else(|| format!("query-id {qid:?} is not in {}", queries.display()))?;
             let c = *c_index
                 .get(cid)
-                .ok_or_else(|| bad(format!("corpus-id {cid:?} is not in {}", corpus.display())))?;
+                .ok_or_else(|| format!("corpus-id {cid:?} is not in {}", corpus.display()))?;
             if score > 0.0 {
                 relevant[q].insert(c);
             }
-        }
+            Ok(())
+        })?;
         let total_queries = queries_all.len();
         let mut set = IrDataset {
             query_ids: Vec::new(),

@@ -37,6 +37,7 @@ impl Task {
         let paths = cfg.train.to_vec();
         let opts = LoadOptions {
             skip_invalid: cfg.skip_invalid,
+            columns: cfg.columns.as_ref(),
         };
         let data = match cfg.loss {
             LossConfig::Mnrl(_) => TaskData::Groups(load_files(&paths, opts)?),
@@ -48,7 +49,7 @@ impl Task {
                 };
                 let pair_files = paths
                     .iter()
-                    .map(|p| pairs::is_pair_file(p))
+                    .map(|p| pairs::is_pair_file(p, cfg.columns.as_ref()))
                     .collect::<Result<Vec<bool>>>()?;
                 if pair_files.iter().all(|&b| b) {
                     TaskData::Pairs(pairs::load_pair_files(&paths, kind, opts)?)
