@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lib = env::var("DEP_TCH_LIBTORCH_LIB")
         .map_err(|_| "torch-sys did not announce libtorch's lib directory")?;
     shim(Path::new(&lib))?;
+    versions(Path::new(&lib));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // tch's own link arguments do not reach dependent crates; without an explicit, non-dropped
     // -ltorch a CUDA libtorch links without libtorch_cuda and silently runs on CPU only.
@@ -28,6 +29,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rustc-link-arg=-ltorch");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
     Ok(())
+}
+
+/// The versions a saved model's card and `config_sentence_transformers.json` record: libtorch's
+/// (the wheel's `torch/version.py`, or the archive's `build-version`) and the tokenizers crate's.
+fn versions(lib: &Path) {
+    let root = lib.parent().unwrap_or(lib);
+    let from_wheel = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("__version__ = "))
+                .map(|v| v.trim().trim_matches(['\'', '"']).to_string())
+        });
+    let from_archive = std::fs::read_to_string(root.join("build-version"))
+        .ok()
+        .map(|v| v.trim().to_string());
+    let torch = from_wheel
+        .or(from_archive)
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=MULTIPOS_LIBTORCH_VERSION={torch}");
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();
+    let tokenizers = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"tokenizers\"\n"))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = ")))
+        .map_or("unknown".to_string(), |v| v.trim_matches('"').to_string());
+    println!("cargo:rustc-env=MULTIPOS_TOKENIZERS_VERSION={tokenizers}");
 }
 
 /// Compiles `src/shim/*.cpp` against the headers of the libtorch in `lib` (its `include/` beside

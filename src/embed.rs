@@ -111,14 +111,17 @@ struct OutputLine<'a> {
     embedding: &'a [f32],
 }
 
-/// Embeds `inputs` and writes `output` atomically: it appears whole or not at all.
+/// Embeds `inputs`, each with `prompt` in front, and writes `output` atomically: it appears whole
+/// or not at all. The lines keep the texts as given.
 pub(crate) fn embed_to_file(
     model: &SentenceModel,
     inputs: &[InputText],
+    prompt: Option<&str>,
     output: &Path,
     batch_size: usize,
 ) -> Result<()> {
-    let texts: Vec<&str> = inputs.iter().map(|t| t.text.as_str()).collect();
+    let texts = crate::model::config::prompted(inputs.iter().map(|t| t.text.as_str()), prompt);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let vectors = model.embed(&texts, batch_size)?;
     let dim = model.dimension() as usize;
     let mut flat = vec![0f32; inputs.len() * dim];

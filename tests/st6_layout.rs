@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use multipos::SentenceModel;
+use multipos::model::Role;
 use multipos::model::tiny::{TinySpec, write_random_model};
 use serde_json::Value;
 
@@ -129,12 +130,7 @@ fn prompts_and_the_similarity_function_survive_training() {
     let out = dir.path().join("run");
     let mut sets = common::tiny_config_sets(&model, &out);
     sets.push("train.max_steps=2".into());
-    let o = common::run_tiny(&["train"], &sets);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        stderr.contains("does not prepend"),
-        "the unapplied prompts are told: {stderr}"
-    );
+    common::run_tiny(&["train"], &sets);
     let saved: Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("model/config_sentence_transformers.json")).unwrap(),
     )
@@ -142,4 +138,88 @@ fn prompts_and_the_similarity_function_survive_training() {
     assert_eq!(saved["prompts"], st["prompts"]);
     assert_eq!(saved["default_prompt_name"], "query");
     assert_eq!(saved["similarity_fn_name"], "dot");
+}
+
+/// The worst difference between `got` and the fixture's rows `want`.
+fn worst(got: &[Vec<f32>], want: &Value) -> f64 {
+    let mut worst = 0f64;
+    for (row, want) in got.iter().zip(want.as_array().unwrap()) {
+        for (a, b) in row.iter().zip(want.as_array().unwrap()) {
+            worst = worst.max((*a as f64 - b.as_f64().unwrap()).abs());
+        }
+    }
+    worst
+}
+
+#[test]
+fn prompts_go_in_front_as_encode_query_encode_document_and_encode_put_them() {
+    let f = fixture();
+    let p = &f["with_prompts"];
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("m");
+    common::copy_dir(&repo("tests/fixtures/st6_tiny"), &model_dir);
+    let path = model_dir.join("config_sentence_transformers.json");
+    let mut st: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    st["prompts"] = p["prompts"].clone();
+    st["default_prompt_name"] = p["default_prompt_name"].clone();
+    std::fs::write(&path, st.to_string()).unwrap();
+    let texts: Vec<&str> = f["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let model = SentenceModel::load(&model_dir, tch::Device::Cpu).unwrap();
+    for (role, key) in [
+        (Role::Query, "query"),
+        (Role::Document, "document"),
+        (Role::Plain, "text"),
+    ] {
+        let got: Vec<Vec<f32>> = Vec::try_from(model.embed_as(&texts, role, 4).unwrap()).unwrap();
+        let d = worst(&got, &p[key]);
+        assert!(d <= 1e-5, "{key}: max |diff| to Python {d:e}");
+        let plain: Vec<Vec<f32>> = Vec::try_from(model.embed(&texts, 4).unwrap()).unwrap();
+        assert!(
+            worst(&plain, &p[key]) > 1e-3,
+            "{key}: the prompt changes the embedding"
+        );
+    }
+
+    // The command: `embed --as query` writes encode_query's vectors and the texts as given.
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|t| serde_json::json!({"text": t}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"))
+        .args(["embed", "--device", "cpu", "--as", "query", "--model"])
+        .arg(&model_dir)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| {
+            r["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    assert!(worst(&got, &p["query"]) <= 1e-5);
+    assert_eq!(rows[0]["text"], texts[0]);
 }

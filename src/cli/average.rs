@@ -9,6 +9,7 @@ use crate::eval::{IrConfig, IrDataset, evaluate};
 use crate::fusion::{average, greedy_soup, normalize_weights};
 use crate::io::output::{Kind, Output};
 use crate::model::SentenceModel;
+use crate::train::card::write_average_card;
 
 #[derive(clap::Args, Debug)]
 pub struct AverageArgs {
@@ -65,6 +66,18 @@ pub fn run(args: AverageArgs) -> anyhow::Result<()> {
     if !args.greedy {
         let weights = normalize_weights(args.models.len(), args.weights.as_deref())?;
         average(&args.models, &weights, &args.output)?;
+        let parts: Vec<(PathBuf, f64)> = args
+            .models
+            .iter()
+            .cloned()
+            .zip(weights.iter().copied())
+            .collect();
+        write_average_card(
+            &args.output,
+            &parts,
+            None,
+            &std::env::args().collect::<Vec<_>>(),
+        )?;
         tracing::info!(models = args.models.len(), ?weights, output = %args.output.display(), "averaged");
         return Ok(());
     }
@@ -92,6 +105,10 @@ pub fn run(args: AverageArgs) -> anyhow::Result<()> {
         })
     };
     let (soup, best) = greedy_soup(&args.models, &args.output, score).context("greedy soup")?;
+    let weight = 1.0 / soup.len() as f64;
+    let parts: Vec<(PathBuf, f64)> = soup.iter().map(|p| (p.clone(), weight)).collect();
+    let command: Vec<String> = std::env::args().collect();
+    write_average_card(&args.output, &parts, Some((&args.metric, best)), &command)?;
     println!(
         "{}",
         serde_json::json!({"soup": soup, "metric": args.metric, "score": best})

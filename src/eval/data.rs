@@ -154,6 +154,15 @@ fn read_table_entries(path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 impl IrDataset {
+    /// The set with `query` in front of every query and `document` in front of every document,
+    /// for a model whose prompts they are.
+    pub(crate) fn prompted(mut self, query: Option<&str>, document: Option<&str>) -> Self {
+        use crate::model::config::prompted;
+        self.queries = prompted(self.queries.iter().map(String::as_str), query);
+        self.corpus = prompted(self.corpus.iter().map(String::as_str), document);
+        self
+    }
+
     /// Loads and cross-checks the three files; unknown ids in the qrels are errors with file:line.
     pub fn load(queries: &Path, corpus: &Path, qrels: &Path) -> Result<Self> {
         let queries_all = read_entries(queries)?;

@@ -8,9 +8,10 @@ pub use data::IrDataset;
 pub use ir::{IrConfig, ir_metrics};
 
 use crate::error::Result;
-use crate::model::SentenceModel;
+use crate::model::{Role, SentenceModel};
 
-/// Embeds queries and corpus with `model` and computes the metrics.
+/// Embeds queries and corpus with `model` (each with its prompt, as sentence-transformers'
+/// evaluator does) and computes the metrics.
 pub fn evaluate(
     model: &SentenceModel,
     set: &IrDataset,
@@ -19,7 +20,7 @@ pub fn evaluate(
 ) -> Result<BTreeMap<String, f64>> {
     let queries: Vec<&str> = set.queries.iter().map(String::as_str).collect();
     let corpus: Vec<&str> = set.corpus.iter().map(String::as_str).collect();
-    let q = model.embed(&queries, batch_size)?;
-    let c = model.embed(&corpus, batch_size)?;
+    let q = model.embed_as(&queries, Role::Query, batch_size)?;
+    let c = model.embed_as(&corpus, Role::Document, batch_size)?;
     Ok(ir_metrics(&q, &c, &set.relevant, &set.corpus_ids, cfg))
 }

@@ -67,6 +67,16 @@ impl Default for LossConfig {
 }
 
 impl LossConfig {
+    /// sentence-transformers' class name of the loss.
+    pub(crate) fn class_name(&self) -> &'static str {
+        match self {
+            LossConfig::Mnrl(_) => "MultipleNegativesRankingLoss",
+            LossConfig::CosineSimilarity(_) => "CosineSimilarityLoss",
+            LossConfig::Cosent(_) => "CoSENTLoss",
+            LossConfig::Softmax(_) => "SoftmaxLoss",
+        }
+    }
+
     /// Whether the loss ranks each anchor against the other rows of its batch: then its batches must
     /// be conflict-free; the other (pointwise) losses take shuffled batches of scored or labelled pairs.
     pub(crate) fn in_batch_negatives(&self) -> bool {

@@ -18,6 +18,8 @@ pub(crate) fn model_key(dir: &Path, max_seq_length: usize) -> Result<u64> {
         "tokenizer.json",
         "modules.json",
         "1_Pooling/config.json",
+        // Its prompts go in front of the texts.
+        "config_sentence_transformers.json",
     ] {
         let path = dir.join(name);
         if path.exists() {

@@ -20,8 +20,8 @@ use crate::data::text::{hash_normalized, normalize};
 use crate::data::{Cluster, Dataset};
 use crate::error::{Error, Result};
 use crate::io::atomic::AtomicFile;
-use crate::model::SentenceModel;
 use crate::model::pooling::normalize_l2;
+use crate::model::{Role, SentenceModel};
 use crate::seed::mix_seed;
 pub use select::Skipped;
 
@@ -241,6 +241,7 @@ fn bar(len: u64, what: &str, show: bool) -> ProgressBar {
 fn embed_all(
     model: &SentenceModel,
     texts: &[&str],
+    role: Role,
     batch_size: usize,
     what: &str,
     show: bool,
@@ -248,7 +249,7 @@ fn embed_all(
     let bar = bar(texts.len() as u64, what, show);
     let mut parts = Vec::new();
     for chunk in texts.chunks(4096) {
-        parts.push(model.embed(chunk, batch_size)?);
+        parts.push(model.embed_as(chunk, role, batch_size)?);
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
@@ -285,6 +286,7 @@ pub fn mine(
             let t = embed_all(
                 model,
                 &corpus.texts,
+                Role::Document,
                 opts.batch_size,
                 "corpus",
                 show_progress,
@@ -298,6 +300,7 @@ pub fn mine(
     let query_emb = embed_all(
         model,
         &query_texts(data),
+        Role::Query,
         opts.batch_size,
         "queries",
         show_progress,

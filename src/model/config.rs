@@ -188,22 +188,67 @@ pub(crate) struct Usage {
 }
 
 impl Usage {
-    /// Reads `config_sentence_transformers.json` in `dir`, if there is one.
+    /// Reads `config_sentence_transformers.json` in `dir`, if there is one. A default prompt name
+    /// that names no prompt is refused, as sentence-transformers refuses it.
     pub(crate) fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config_sentence_transformers.json");
         if !path.exists() {
             return Ok(Self::default());
         }
         let usage: Self = json::read(&path)?;
-        if usage.prompts.values().any(|p| !p.is_empty()) {
-            tracing::warn!(
-                file = %path.display(),
-                prompts = ?usage.prompts,
-                "the model defines prompts, which multipos does not prepend: its embeddings differ from sentence-transformers' encode_query/encode_document (the prompts are kept when it saves the model)"
-            );
+        if let Some(name) = &usage.default_prompt_name
+            && !usage.prompts.contains_key(name)
+        {
+            return Err(Error::invalid(
+                &path,
+                format!(
+                    "field \"default_prompt_name\": {name:?} is not one of the prompts {:?}",
+                    usage.prompts.keys().collect::<Vec<_>>()
+                ),
+            ));
         }
         Ok(usage)
     }
+
+    /// The prompt a text in `role` gets, as sentence-transformers' `encode_query`,
+    /// `encode_document` and `encode` choose it: the role's own prompt when the model names one
+    /// (an empty one included, which stops the fallback), else the default prompt.
+    pub(crate) fn prompt(&self, role: Role) -> Option<&str> {
+        let own: &[&str] = match role {
+            Role::Query => &["query"],
+            Role::Document => &["document", "passage", "corpus"],
+            Role::Plain => &[],
+        };
+        let name = own
+            .iter()
+            .find(|n| self.prompts.contains_key(**n))
+            .map(|n| n.to_string())
+            .or_else(|| self.default_prompt_name.clone())?;
+        self.prompts
+            .get(&name)
+            .map(String::as_str)
+            .filter(|p| !p.is_empty())
+    }
+}
+
+/// What a text is to the model, for its prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A query (`encode_query`): the `query` prompt.
+    Query,
+    /// A document (`encode_document`): the `document`, `passage` or `corpus` prompt.
+    Document,
+    /// Any text (`encode`): the default prompt, if the model names one.
+    Plain,
+}
+
+/// `texts` with `prompt` in front of each, as sentence-transformers prepends it.
+pub(crate) fn prompted<'a>(
+    texts: impl IntoIterator<Item = &'a str>,
+    prompt: Option<&str>,
+) -> Vec<String> {
+    let p = prompt.unwrap_or("");
+    texts.into_iter().map(|t| format!("{p}{t}")).collect()
 }
 
 /// `1_Pooling/config.json`, in the legacy (v5) boolean spelling or the newer `pooling_mode` string
@@ -314,6 +359,39 @@ impl PoolingConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_role_takes_its_own_prompt_else_the_default_and_an_empty_one_stops_the_fallback() {
+        let usage = |prompts: &[(&str, &str)], default: Option<&str>| Usage {
+            prompts: prompts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            default_prompt_name: default.map(str::to_string),
+            similarity_fn_name: None,
+        };
+        let u = usage(
+            &[("query", "q: "), ("passage", "p: "), ("x", "x: ")],
+            Some("x"),
+        );
+        assert_eq!(u.prompt(Role::Query), Some("q: "));
+        assert_eq!(u.prompt(Role::Document), Some("p: "));
+        assert_eq!(u.prompt(Role::Plain), Some("x: "));
+        let u = usage(&[("query", ""), ("x", "x: ")], Some("x"));
+        assert_eq!(
+            u.prompt(Role::Query),
+            None,
+            "an empty query prompt is no prompt"
+        );
+        assert_eq!(
+            u.prompt(Role::Document),
+            Some("x: "),
+            "no document prompt: the default"
+        );
+        assert_eq!(usage(&[], None).prompt(Role::Plain), None);
+        assert_eq!(prompted(["a", "b"], Some("q: ")), ["q: a", "q: b"]);
+    }
+
     use super::*;
 
     fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {

@@ -43,11 +43,13 @@ pub(crate) fn write_metadata(
     }
     write(root, "modules.json", &json::to_pretty(&modules))?;
     write(root, "sentence_bert_config.json", &json::to_pretty(sbert))?;
+    // The versions that really made the files. No "sentence_transformers": it did not write them,
+    // and sentence-transformers warns when that version is newer than its own.
     let st_config = serde_json::json!({
         "__version__": {
-            "sentence_transformers": "5.0.0",
-            "pytorch": "2.11.0",
             "multipos": env!("CARGO_PKG_VERSION"),
+            "pytorch": super::LIBTORCH_VERSION,
+            "tokenizers": super::TOKENIZERS_VERSION,
         },
         "model_type": "SentenceTransformer",
         "prompts": usage.prompts,

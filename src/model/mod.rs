@@ -10,7 +10,13 @@ pub mod tiny;
 pub mod tokenize;
 pub mod weights;
 
+pub use config::Role;
 pub use sentence::SentenceModel;
+
+/// The libtorch this binary was built against, as its wheel (or archive) names its version.
+pub(crate) const LIBTORCH_VERSION: &str = env!("MULTIPOS_LIBTORCH_VERSION");
+/// The version of the tokenizers crate that tokenizes.
+pub(crate) const TOKENIZERS_VERSION: &str = env!("MULTIPOS_TOKENIZERS_VERSION");
 
 /// The model directory used when none is given: `$MULTIPOS_MODEL`, else the one `deploy/setup.sh`
 /// installed when this binary was built, else the setup script's default place.

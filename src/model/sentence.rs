@@ -11,7 +11,7 @@ use tokenizers::Encoding;
 
 use super::bert::{BertModel, Init};
 use super::config::{
-    BertConfig, ModuleEntry, PoolingConfig, PoolingMode, SentenceBertConfig, Usage,
+    BertConfig, ModuleEntry, PoolingConfig, PoolingMode, Role, SentenceBertConfig, Usage,
 };
 use super::dropout::RowSeeds;
 use super::layout;
@@ -360,6 +360,24 @@ impl SentenceModel {
     /// The tokenizer, configured with this model's truncation.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// The prompt a text in `role` gets (see [`Role`]), `None` when it gets none.
+    pub fn prompt(&self, role: Role) -> Option<&str> {
+        self.usage.prompt(role)
+    }
+
+    /// Embeds `texts` in `role`: with the model's prompt for it in front, as sentence-transformers'
+    /// `encode_query`, `encode_document` and `encode` do.
+    pub fn embed_as(&self, texts: &[&str], role: Role, batch_size: usize) -> Result<Tensor> {
+        match self.prompt(role) {
+            None => self.embed(texts, batch_size),
+            Some(p) => {
+                let owned = super::config::prompted(texts.iter().copied(), Some(p));
+                let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+                self.embed(&refs, batch_size)
+            }
+        }
     }
 
     /// Length of the sentence vector.

@@ -172,7 +172,7 @@ pub(crate) fn load_training_data(
 pub(crate) fn data_events(tasks: &[Task]) -> Vec<serde_json::Value> {
     tasks
         .iter()
-        .map(|t| json!({"event": "data", "task": t.name, "description": t.describe(), "fingerprint": format!("{:016x}", t.fingerprint())}))
+        .map(|t| json!({"event": "data", "task": t.name, "description": t.describe(), "size": t.size(), "fingerprint": format!("{:016x}", t.fingerprint())}))
         .chain(std::iter::once(json!({"event": "data", "fingerprint": data_fingerprint(tasks)})))
         .collect()
 }

@@ -1,6 +1,7 @@
 //! Training: tasks and their plan, the trainable state, the optimizer and schedule, the one step
 //! pipeline, checkpoints, and the single-process run.
 pub mod build;
+pub(crate) mod card;
 pub mod checkpoint;
 pub mod exchange;
 pub mod flat;

@@ -534,6 +534,13 @@ pub fn run(cfg: &RunConfig, show: Show) -> Result<RunSummary> {
         eval_after,
         model_dir,
     };
+    finish(cfg, &mut log, summary)
+}
+
+/// Closes the run's record with its summary, then writes the model cards from that record.
+fn finish(cfg: &RunConfig, log: &mut MetricsLog, summary: RunSummary) -> Result<RunSummary> {
     log.write(&json!({"event": "done", "summary": summary}))?;
+    let command: Vec<String> = std::env::args().collect();
+    super::card::write_cards(cfg, &command)?;
     Ok(summary)
 }

@@ -109,6 +109,16 @@ impl Task {
         }
     }
 
+    /// The task's size for the model card: groups, pairs and records read (groups), or pairs.
+    pub(crate) fn size(&self) -> serde_json::Value {
+        match &self.data {
+            TaskData::Groups(d) => serde_json::json!({
+                "groups": d.len(), "pairs": d.pair_count(), "records": d.stats().records,
+            }),
+            TaskData::Pairs(p) => serde_json::json!({"pairs": p.len()}),
+        }
+    }
+
     /// What a replica needs of this task to build its loss.
     pub fn spec(&self) -> TaskSpec {
         let mut labels = match &self.data {

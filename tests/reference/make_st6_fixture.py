@@ -39,6 +39,17 @@ def main(tiny_dir: str, out_dir: str) -> None:
     os.remove(os.path.join(target, "README.md"))
     saved = SentenceTransformer(target, device="cpu")
     emb = saved.encode(TEXTS, batch_size=4, convert_to_numpy=True)
+    # The same model with prompts, as sentence-transformers applies them: encode_query takes the
+    # "query" prompt, encode_document the "document" one, encode the default one.
+    prompts = {"query": "query: ", "document": "passage: ", "classify": "topic of the text: "}
+    prompted = SentenceTransformer(target, device="cpu", prompts=prompts, default_prompt_name="classify")
+    fixture_prompts = {
+        "prompts": prompts,
+        "default_prompt_name": "classify",
+        "query": prompted.encode_query(TEXTS, batch_size=4, convert_to_numpy=True).tolist(),
+        "document": prompted.encode_document(TEXTS, batch_size=4, convert_to_numpy=True).tolist(),
+        "text": prompted.encode(TEXTS, batch_size=4, convert_to_numpy=True).tolist(),
+    }
     fixture = {
         "versions": {
             "sentence_transformers": sentence_transformers.__version__,
@@ -48,6 +59,7 @@ def main(tiny_dir: str, out_dir: str) -> None:
         "max_seq_length": saved.max_seq_length,
         "texts": TEXTS,
         "embeddings": emb.tolist(),
+        "with_prompts": fixture_prompts,
     }
     with open(os.path.join(out_dir, "st6_tiny_embeddings.json"), "w") as f:
         json.dump(fixture, f, indent=1)

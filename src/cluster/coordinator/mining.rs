@@ -14,6 +14,8 @@ use crate::config::RunConfig;
 use crate::data::Batching;
 use crate::error::{Error, Result};
 use crate::mine::{Corpus, MineOptions, cache, mine_embedded, query_texts};
+use crate::model::Role;
+use crate::model::config::prompted;
 use crate::model::pooling::normalize_l2;
 use crate::train::mining::{extra_corpus, record};
 use crate::train::task::{Task, TaskData};
@@ -74,6 +76,10 @@ impl MineJob {
             dir: cache::default_dir(),
             model_key: cache::model_key(&model_dir, max_seq_length)?,
         };
+        // As `multipos mine` embeds them: queries and corpus each with the model's prompt.
+        let usage = crate::model::config::Usage::load(&model_dir)?;
+        let (query_prompt, corpus_prompt) =
+            (usage.prompt(Role::Query), usage.prompt(Role::Document));
         let (mut texts, mut parts) = (Vec::new(), Vec::new());
         for (i, task) in tasks.iter().enumerate() {
             let TaskData::Groups(data) = &task.data else {
@@ -101,7 +107,8 @@ impl MineJob {
                 corpus_key,
                 cached,
             });
-            texts.extend(queries.iter().chain(&corpus.texts).map(|t| t.to_string()));
+            texts.extend(prompted(queries.iter().copied(), query_prompt));
+            texts.extend(prompted(corpus.texts.iter().copied(), corpus_prompt));
         }
         let first_texts = parts
             .iter()

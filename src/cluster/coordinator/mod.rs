@@ -40,6 +40,7 @@ use crate::config::MineOn;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::eval::{IrConfig, IrDataset, ir_metrics};
+use crate::model::Role;
 use crate::net::auth::Token;
 use crate::net::tls::Tls;
 use crate::pb::coordinator_server::CoordinatorServer;
@@ -229,8 +230,18 @@ impl Coordinator {
         let mut log = MetricsLog::for_run(&cfg)?;
         let (mut training, mine_job, mine_pending) = load_data(&cfg, &mut log)?;
         let latest = resume_from(&cfg, &training)?;
+        let model_dir = cfg
+            .model
+            .path
+            .clone()
+            .unwrap_or_else(crate::model::default_dir);
+        // The workers embed the pages as they come: the prompts go in front here, once.
+        let usage = crate::model::config::Usage::load(&model_dir)?;
         let eval_set = match &cfg.eval {
-            Some(e) => Some(IrDataset::load(&e.queries, &e.corpus, &e.qrels)?),
+            Some(e) => Some(
+                IrDataset::load(&e.queries, &e.corpus, &e.qrels)?
+                    .prompted(usage.prompt(Role::Query), usage.prompt(Role::Document)),
+            ),
             None => None,
         };
         let resumed = latest.as_ref().map(|(_, s)| s.step);
@@ -241,11 +252,6 @@ impl Coordinator {
         }
         let data = RunData::new(&cfg, training)?;
         let total_steps = data.training.plan.total_steps;
-        let model_dir = cfg
-            .model
-            .path
-            .clone()
-            .unwrap_or_else(crate::model::default_dir);
         let fingerprint = model_fingerprint(&model_dir)?;
         let upload_caps = UploadCaps::of(&model_dir)?;
         let start_step = latest.as_ref().map_or(0, |(_, s)| s.step);

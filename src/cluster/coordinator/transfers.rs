@@ -157,6 +157,14 @@ impl Coordinator {
         if let Err(e) = self.journal.flushed().await {
             tracing::error!(error = %e, "the run's end is missing from the metrics log");
         }
+        let cfg = self.cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            let command: Vec<String> = std::env::args().collect();
+            crate::train::card::write_cards(&cfg, &command)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("writing the model cards: {e}")))?
+        .map_err(|e| Status::internal(e.to_string()))?;
         self.lock().phase.finished();
         self.notify();
         Ok(target)
