@@ -1,6 +1,6 @@
 //! Every shipped config in `configs/` loads, validates, and plans its run on the bundled data (those
-//! that name the research-only InsuranceQA files, which a fresh clone lacks, or data that a mining
-//! step in their comments writes first, are only parsed).
+//! that name the research-only InsuranceQA files, which a fresh clone lacks, or train on data that a
+//! step in their comments writes under runs/ first, are only parsed).
 use std::path::Path;
 
 use multipos::config::RunConfig;
@@ -15,10 +15,15 @@ fn shipped_configs_load_and_plan() {
     for entry in std::fs::read_dir(root.join("configs")).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
-        // Research-only data a fresh clone lacks, or data a documented step writes under runs/.
-        let produced = text.contains("\"runs/") && text.contains("multipos mine");
+        // Research-only data a fresh clone lacks, or data a documented step writes under runs/
+        // (a mining step, a split script).
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let produced = table
+            .get("data")
+            .and_then(|d| d.get("train"))
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| t.starts_with("runs/"));
         if (text.contains("../shared/") && !root.join("../shared/data").exists()) || produced {
-            toml::from_str::<toml::Table>(&text).unwrap();
             continue;
         }
         let cfg = RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
