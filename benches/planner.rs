@@ -13,15 +13,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn main() {
     let groups = common::env_or("BENCH_GROUPS", 1_000_000usize);
     let mut rng = ChaCha8Rng::seed_from_u64(42);
@@ -45,7 +36,7 @@ fn main() {
     }
     let data = b.finish();
     let load_s = start.elapsed().as_secs_f64();
-    let rss_data = peak_rss_mib();
+    let rss_data = common::own_peak_rss_mib();
 
     let spec = PlanSpec {
         batch_size: 256,
@@ -93,7 +84,7 @@ fn main() {
     println!("ratio planner / shuffle time: {:.1}", plan_s / shuffle_s);
     println!(
         "peak RSS: {:.0} MiB (data alone {:.0} MiB)",
-        peak_rss_mib(),
+        common::own_peak_rss_mib(),
         rss_data
     );
 }

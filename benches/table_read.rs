@@ -19,15 +19,6 @@ use parquet::arrow::ArrowWriter;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// Writes the same rows as JSONL and as Parquet (the parquet crate's default row groups, 1M rows:
 /// the whole file is one row group, the hardest case for a reader that must not hold it whole).
 fn write_data(dir: &Path, rows: usize) {
@@ -85,7 +76,7 @@ fn load_one(path: &Path) {
     println!(
         "{} {} {}",
         start.elapsed().as_secs_f64(),
-        peak_rss_mib(),
+        common::own_peak_rss_mib(),
         data.len()
     );
 }

@@ -25,10 +25,7 @@ fn python() -> PathBuf {
         ok,
         "deploy/pyref.sh could not install the Python reference (PyPI must be reachable)"
     );
-    let cache = std::env::var_os("MULTIPOS_CACHE").map_or_else(
-        || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/multipos"),
-        PathBuf::from,
-    );
+    let cache = common::cache_dir();
     cache.join("pyref/bin/python")
 }
 

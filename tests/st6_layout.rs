@@ -23,14 +23,19 @@ fn fixture() -> Value {
 }
 
 /// The largest difference between `dir`'s embeddings of the fixture's texts and Python's.
-fn max_diff_to_python(dir: &Path) -> f64 {
-    let f = fixture();
-    let texts: Vec<&str> = f["texts"]
+/// The fixture's texts.
+fn texts_of(f: &Value) -> Vec<&str> {
+    f["texts"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t.as_str().unwrap())
-        .collect();
+        .collect()
+}
+
+fn max_diff_to_python(dir: &Path) -> f64 {
+    let f = fixture();
+    let texts = texts_of(&f);
     let model = SentenceModel::load(dir, tch::Device::Cpu).unwrap();
     assert_eq!(
         model.max_seq_length() as u64,
@@ -39,13 +44,7 @@ fn max_diff_to_python(dir: &Path) -> f64 {
         dir.display()
     );
     let ours: Vec<Vec<f32>> = Vec::try_from(model.embed(&texts, 4).unwrap()).unwrap();
-    let mut worst = 0f64;
-    for (row, want) in ours.iter().zip(f["embeddings"].as_array().unwrap()) {
-        for (a, b) in row.iter().zip(want.as_array().unwrap()) {
-            worst = worst.max((*a as f64 - b.as_f64().unwrap()).abs());
-        }
-    }
-    worst
+    worst(&ours, &f["embeddings"])
 }
 
 #[test]
@@ -163,12 +162,7 @@ fn prompts_go_in_front_as_encode_query_encode_document_and_encode_put_them() {
     st["prompts"] = p["prompts"].clone();
     st["default_prompt_name"] = p["default_prompt_name"].clone();
     std::fs::write(&path, st.to_string()).unwrap();
-    let texts: Vec<&str> = f["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts = texts_of(&f);
     let model = SentenceModel::load(&model_dir, tch::Device::Cpu).unwrap();
     for (role, key) in [
         (Role::Query, "query"),

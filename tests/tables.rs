@@ -29,6 +29,14 @@ fn load(path: &Path, columns: Option<&Columns>) -> multipos::error::Result<Datas
     )
 }
 
+/// The tiny config's settings for a run of `model` into `out` on `data`.
+fn sets_on(model: &Path, out: &Path, data: &Path) -> Vec<String> {
+    let mut sets = common::tiny_config_sets(model, out);
+    sets.retain(|s| !s.starts_with("data.train"));
+    sets.push(format!("data.train=\"{}\"", data.display()));
+    sets
+}
+
 fn user_columns() -> Columns {
     Columns {
         query: Some("question".into()),
@@ -97,6 +105,12 @@ fn parquet_arrow_and_shards_load_to_the_data_and_plan_of_the_same_jsonl() {
     let triplets = load(&fixture("triplets.jsonl"), None).unwrap();
     let shards = load(&fixture("triplets_shards"), None).unwrap();
     assert_same_data_and_plan(&triplets, &shards, "a folder of Parquet shards");
+    let dictionary = load(&fixture("triplets_dictionary.parquet"), None).unwrap();
+    assert_same_data_and_plan(
+        &triplets,
+        &dictionary,
+        "dictionary-encoded (categorical) columns",
+    );
     let one_shard = load(
         &fixture("triplets_shards/train-00000-of-00002.parquet"),
         None,
@@ -111,9 +125,7 @@ fn a_run_on_a_table_trains_the_same_model_as_on_the_jsonl() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let train = |name: &str, data: &Path, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut sets = common::tiny_config_sets(&model, &out);
-        sets.retain(|s| !s.starts_with("data.train"));
-        sets.push(format!("data.train=\"{}\"", data.display()));
+        let mut sets = sets_on(&model, &out, data);
         sets.extend(extra.iter().map(|s| s.to_string()));
         sets.push("data.negatives_per_row=1".into());
         common::run_tiny(&["train"], &sets);
@@ -150,9 +162,7 @@ fn scored_and_labelled_pair_tables_train_as_their_jsonl() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let train = |name: &str, data: &Path, loss: &str| {
         let out = dir.path().join(name);
-        let mut sets = common::tiny_config_sets(&model, &out);
-        sets.retain(|s| !s.starts_with("data.train"));
-        sets.push(format!("data.train=\"{}\"", data.display()));
+        let mut sets = sets_on(&model, &out, data);
         sets.push(format!("loss.type={loss}"));
         common::run_tiny(&["train"], &sets);
         std::fs::read(out.join("model/model.safetensors")).unwrap()
@@ -233,9 +243,7 @@ fn a_bad_table_is_refused_naming_file_row_group_row_and_column() {
 fn a_bad_pair_table_and_a_bad_mapping_are_refused_by_the_command() {
     let (dir, model) = common::tiny_model(&TinySpec::default());
     let run = |data: &Path, extra: &[String]| {
-        let mut sets = common::tiny_config_sets(&model, &dir.path().join("out"));
-        sets.retain(|s| !s.starts_with("data.train"));
-        sets.push(format!("data.train=\"{}\"", data.display()));
+        let mut sets = sets_on(&model, &dir.path().join("out"), data);
         sets.extend(extra.iter().cloned());
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_multipos"));
         cmd.args(["train", "--config"])

@@ -17,10 +17,7 @@ fn repo(path: &str) -> PathBuf {
 
 /// A Python with the pinned TensorBoard, in `$MULTIPOS_CACHE/tbreader` (made once, from PyPI).
 fn reader() -> PathBuf {
-    let cache = std::env::var_os("MULTIPOS_CACHE").map_or_else(
-        || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/multipos"),
-        PathBuf::from,
-    );
+    let cache = common::cache_dir();
     let venv = cache.join("tbreader");
     let python = venv.join("bin/python");
     let req = repo("tests/reference/tensorboard-requirements.txt");

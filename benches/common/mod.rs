@@ -80,6 +80,16 @@ pub fn events(out: &Path, kind: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// This process's peak resident memory so far, in MiB (`VmHWM`).
+pub fn own_peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 /// Runs `cmd` to completion (it must succeed) and returns its peak resident memory in MiB.
 // wait4 reaps the child (clippy does not see it) and reports its resource usage, which wait() does not.
 #[allow(clippy::zombie_processes)]

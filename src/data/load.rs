@@ -260,9 +260,10 @@ fn load_table(table: &Table, sink: &mut Sink<'_>) -> Result<()> {
     })
 }
 
-/// Calls `each(line number, text)` for every non-blank line of a JSONL file; `each` gets the text
-/// as `Ok`, or `Err(reason)` for a line that is not UTF-8.
-pub(crate) fn each_jsonl_line(
+/// Calls `each(line number, text)` for every non-blank line of a text file (JSONL, TSV), a leading
+/// byte-order mark left out; `each` gets the text as `Ok`, or `Err(reason)` for a line that is not
+/// UTF-8.
+pub(crate) fn each_text_line(
     path: &Path,
     mut each: impl FnMut(usize, std::result::Result<&str, String>) -> Result<()>,
 ) -> Result<()> {
@@ -284,7 +285,7 @@ pub(crate) fn each_jsonl_line(
 }
 
 fn load_jsonl(path: &Path, sink: &mut Sink<'_>) -> Result<()> {
-    each_jsonl_line(path, |line_no, text| {
+    each_text_line(path, |line_no, text| {
         let parts = text.and_then(|text| {
             serde_json::from_str::<JsonRecord>(text)
                 .map_err(|e| format!("invalid record: {e}"))

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use super::columns::{Columns, PairColumns, TargetColumn};
 use super::dataset::Dataset;
 use super::load::{
-    FORMATS, LoadOptions, each_jsonl_line, nothing_usable, open_delimited, refuse_or_skip,
+    FORMATS, LoadOptions, each_text_line, nothing_usable, open_delimited, refuse_or_skip,
     reject_or_skip,
 };
 use super::table::{self, Key, Table};
@@ -439,7 +439,7 @@ fn json_target(
 }
 
 fn read_jsonl(path: &Path, opts: LoadOptions, add: &mut AddFn<'_>) -> Result<()> {
-    each_jsonl_line(path, |line_no, text| {
+    each_text_line(path, |line_no, text| {
         let parsed = text.and_then(|text| {
             let mut m = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
                 .map_err(|e| format!("invalid record: {e}"))?;

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    Float16Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type,
-    UInt16Type, UInt32Type, UInt64Type,
+    ArrowDictionaryKeyType, Float16Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type,
+    Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
 };
 use arrow_array::{Array, RecordBatch, RecordBatchReader};
+use arrow_buffer::ArrowNativeType;
 use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -81,8 +82,19 @@ impl Kind {
     }
 }
 
+/// A string type: plain, or dictionary-encoded with a signed key (pandas' categoricals, which
+/// pyarrow writes to Parquet as dictionaries).
 fn is_text(t: &DataType) -> bool {
-    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+    match t {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
+        DataType::Dictionary(k, v) => {
+            matches!(
+                **k,
+                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64
+            ) && is_text(v)
+        }
+        _ => false,
+    }
 }
 
 fn list_item(t: &DataType) -> Option<&DataType> {
@@ -506,8 +518,25 @@ fn text_at(a: &dyn Array, i: usize) -> Option<&str> {
         DataType::Utf8 => Some(a.as_string::<i32>().value(i)),
         DataType::LargeUtf8 => Some(a.as_string::<i64>().value(i)),
         DataType::Utf8View => Some(a.as_string_view().value(i)),
+        DataType::Dictionary(k, _) => match **k {
+            DataType::Int8 => dictionary_text::<Int8Type>(a, i),
+            DataType::Int16 => dictionary_text::<Int16Type>(a, i),
+            DataType::Int32 => dictionary_text::<Int32Type>(a, i),
+            DataType::Int64 => dictionary_text::<Int64Type>(a, i),
+            _ => None,
+        },
         _ => None,
     }
+}
+
+/// The string row `i` of a dictionary-encoded column points at.
+fn dictionary_text<K: ArrowDictionaryKeyType>(a: &dyn Array, i: usize) -> Option<&str> {
+    let d = a.as_dictionary::<K>();
+    let key = d.keys().value(i).as_usize();
+    let values = d.values();
+    (key < values.len())
+        .then(|| text_at(values.as_ref(), key))
+        .flatten()
 }
 
 fn integer_at(a: &dyn Array, i: usize) -> Option<i64> {

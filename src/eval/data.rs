@@ -3,12 +3,11 @@
 //! optional, score > 0 = relevant); or the same as tables (Parquet, Arrow: `id` or `_id` and `text`
 //! columns; `query-id`, `corpus-id` and `score` columns), as BEIR's sets are on the Hub.
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::data::load::each_text_line;
 use crate::data::table::{self, Id, Kind, Table};
 use crate::error::{Error, Result};
 
@@ -41,32 +40,24 @@ fn read_entries(path: &Path) -> Result<Vec<(String, String)>> {
     if table::is_table(path) {
         return read_table_entries(path);
     }
-    let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
     let mut out = Vec::new();
     let mut seen = HashMap::new();
-    for (i, line) in reader.lines().enumerate() {
+    each_text_line(path, |line_no, text| {
         let bad = |reason: String| Error::BadLine {
             path: path.to_path_buf(),
-            line: i + 1,
+            line: line_no,
             reason,
         };
-        let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
-        let line = match i {
-            0 => line.strip_prefix('\u{feff}').unwrap_or(&line),
-            _ => &line,
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let e: Entry = serde_json::from_str(line)
+        let e: Entry = serde_json::from_str(text.map_err(bad)?)
             .map_err(|e| bad(format!("expected {{\"id\", \"text\"}}: {e}")))?;
         let id = id_string(&e.id)
             .ok_or_else(|| bad("field \"id\" must be a string or a number".into()))?;
-        if let Some(first) = seen.insert(id.clone(), i + 1) {
+        if let Some(first) = seen.insert(id.clone(), line_no) {
             return Err(bad(format!("duplicate id {id:?} (first on line {first})")));
         }
         out.push((id, e.text));
-    }
+        Ok(())
+    })?;
     if out.is_empty() {
         return Err(Error::invalid(path, "no entries"));
     }
@@ -101,21 +92,17 @@ fn each_qrel(
             Ok(())
         });
     }
-    let reader = BufReader::new(File::open(path).map_err(Error::io("open", path))?);
-    for (i, line) in reader.lines().enumerate() {
+    let mut first = true;
+    each_text_line(path, |line_no, text| {
         let bad = |reason: String| Error::BadLine {
             path: path.to_path_buf(),
-            line: i + 1,
+            line: line_no,
             reason,
         };
-        let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
-        let line = match i {
-            0 => line.strip_prefix('\u{feff}').unwrap_or(&line),
-            _ => &line,
-        };
-        let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
-        if line.trim().is_empty() || (i == 0 && fields.first() == Some(&"query-id")) {
-            continue;
+        let fields: Vec<&str> = text.map_err(bad)?.split('\t').map(str::trim).collect();
+        let header = std::mem::take(&mut first) && fields.first() == Some(&"query-id");
+        if header {
+            return Ok(());
         }
         let [qid, cid, score] = fields[..] else {
             return Err(bad(format!(
@@ -126,9 +113,8 @@ fn each_qrel(
         let score: f64 = score
             .parse()
             .map_err(|_| bad(format!("score {score:?} is not a number")))?;
-        each(qid, cid, score).map_err(bad)?;
-    }
-    Ok(())
+        each(qid, cid, score).map_err(bad)
+    })
 }
 
 /// Entries of a table with an `id` (or `_id`) and a `text` column (BEIR's layout on the Hub).

@@ -359,6 +359,14 @@ pub fn tiny_config_sets(model: &Path, out: &Path) -> Vec<String> {
     ]
 }
 
+/// multipos's cache folder: `$MULTIPOS_CACHE`, else `~/.cache/multipos` (where deploy/ installs).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MULTIPOS_CACHE").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/multipos"),
+        PathBuf::from,
+    )
+}
+
 /// `multipos ARGS --config configs/tiny.toml --set SETS...` (warnings only, no inherited token),
 /// which must succeed; its output.
 pub fn run_tiny(args: &[&str], sets: &[String]) -> std::process::Output {

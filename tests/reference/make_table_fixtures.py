@@ -74,6 +74,14 @@ def main(src, out):
     for k in range(2):
         ds.shard(2, k, contiguous=True).to_parquet(os.path.join(shards, f"train-{k:05d}-of-00002.parquet"))
 
+    # The triplets with their repeated anchors and negatives dictionary-encoded, as pandas'
+    # categoricals reach Parquet.
+    pq.write_table(pa.table({
+        "anchor": pa.array([t["anchor"] for t in triplets]).dictionary_encode(),
+        "positive": [t["positive"] for t in triplets],
+        "negative": pa.array([t["negative"] for t in triplets]).dictionary_encode(),
+    }), os.path.join(out, "triplets_dictionary.parquet"))
+
     # Scored pairs (CoSENT, CosineSimilarityLoss) and labelled pairs (SoftmaxLoss).
     scored = read_jsonl(os.path.join(src, "scored_pairs.jsonl"))
     write_jsonl(os.path.join(out, "scored.jsonl"), scored)
