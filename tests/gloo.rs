@@ -164,3 +164,30 @@ fn a_collective_whose_generation_ended_is_given_up_at_once_though_gloo_may_still
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn many_groups_starting_collectives_at_once_do_not_crash_the_process() {
+    // c10d's flight recorder wrote a process-wide map unlocked on each group's first collective:
+    // groups starting at once on several threads crashed the process. multipos switches it off.
+    assert_eq!(
+        std::env::var("TORCH_FR_BUFFER_SIZE").as_deref(),
+        Ok("0"),
+        "the flight recorder is off before any group exists"
+    );
+    let store = StoreServer::serve("127.0.0.1:0").unwrap();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let store = &store;
+            s.spawn(move || {
+                for g in 0..25 {
+                    let at = rendezvous(store, &format!("many-{t}-{g}"));
+                    let group = GlooGroup::join(&at, 0, 1, Duration::from_secs(30)).unwrap();
+                    let mut coll = group.collective(never());
+                    let x = Tensor::from_slice(&[t as f32, g as f32]);
+                    let all = coll.all_gather(1, &x).unwrap();
+                    assert_eq!(Vec::<f32>::try_from(&all).unwrap(), [t as f32, g as f32]);
+                }
+            });
+        }
+    });
+}

@@ -9,6 +9,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -31,6 +32,13 @@ struct multipos_work {
 };
 
 namespace {
+// c10d's flight recorder (a debugging trace of collectives, on by default) records every Gloo
+// collective into a process-wide map that it writes before taking its lock: two groups starting
+// collectives on two threads at once corrupt it (seen as a SIGSEGV in
+// FlightRecorder::recordWithResetEnabled). It is switched off before the first group exists,
+// while the program is still starting on one thread; its settings are read once, when first used.
+const bool flight_recorder_off = [] { return setenv("TORCH_FR_BUFFER_SIZE", "0", 1) == 0; }();
+
 void say(const char* what, char* error, size_t error_len) {
   if (error_len > 0) {
     std::strncpy(error, what, error_len - 1);
