@@ -203,6 +203,13 @@ pub struct ModelConfig {
     pub precision: Precision,
 }
 
+impl ModelConfig {
+    /// The model directory: `path`, else the default model (`crate::model::default_dir`).
+    pub(crate) fn dir(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(crate::model::default_dir)
+    }
+}
+
 /// One path or several.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -575,6 +582,14 @@ impl ClusterConfig {
 }
 
 impl RunConfig {
+    /// The config as it may be shown (the resolved `config.toml`, a model card): the cluster
+    /// token left out.
+    pub(crate) fn without_token(&self) -> RunConfig {
+        let mut shown = self.clone();
+        shown.cluster.token = None;
+        shown
+    }
+
     /// Reads `file`, then environment overrides, then `sets` (`section.key=value`), and validates.
     pub fn load(file: &Path, sets: &[String]) -> Result<Self> {
         if !file.is_file() {

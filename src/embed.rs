@@ -120,9 +120,8 @@ pub(crate) fn embed_to_file(
     output: &Path,
     batch_size: usize,
 ) -> Result<()> {
-    let texts = crate::model::config::prompted(inputs.iter().map(|t| t.text.as_str()), prompt);
-    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let vectors = model.embed(&texts, batch_size)?;
+    let texts: Vec<&str> = inputs.iter().map(|t| t.text.as_str()).collect();
+    let vectors = model.embed_prompted(&texts, prompt, batch_size)?;
     let dim = model.dimension() as usize;
     let mut flat = vec![0f32; inputs.len() * dim];
     let numel = flat.len();

@@ -101,14 +101,27 @@ pub(crate) fn reject_or_skip(
     reason: String,
     opts: LoadOptions<'_>,
 ) -> Result<()> {
-    refuse_or_skip(
-        Error::BadLine {
-            path: path.to_path_buf(),
-            line,
-            reason,
-        },
-        opts,
-    )
+    refuse_or_skip(at_line(path, line)(reason), opts)
+}
+
+/// The error for line `line` of `path`, made from its reason.
+pub(crate) fn at_line(path: &Path, line: usize) -> impl Fn(String) -> Error + '_ {
+    move |reason| Error::BadLine {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    }
+}
+
+/// Refuses `data.columns` for a file that is not a table: JSONL and CSV name their fields.
+pub(crate) fn refuse_columns_for_text(path: &Path, opts: LoadOptions<'_>) -> Result<()> {
+    match opts.columns {
+        Some(_) => Err(Error::invalid(
+            path,
+            "data.columns maps the columns of Parquet and Arrow tables; this file names its fields itself",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// One bad record: the error, or with `skip_invalid` a logged warning.
@@ -140,11 +153,7 @@ impl Sink<'_> {
 
     /// Records one bad line.
     fn reject(&mut self, line: usize, reason: String) -> Result<()> {
-        self.refuse(Error::BadLine {
-            path: self.path.to_path_buf(),
-            line,
-            reason,
-        })
+        self.refuse(at_line(self.path, line)(reason))
     }
 
     /// Adds a record; one the builder refuses is an error made by `at` from the reason.
@@ -164,13 +173,11 @@ impl Sink<'_> {
         let p: Vec<&str> = record.positives.iter().map(String::as_str).collect();
         let n: Vec<&str> = record.negatives.iter().map(String::as_str).collect();
         let path = self.path;
-        self.add((&record.query, &p, &n), record.cluster.as_ref(), |reason| {
-            Error::BadLine {
-                path: path.to_path_buf(),
-                line,
-                reason,
-            }
-        })
+        self.add(
+            (&record.query, &p, &n),
+            record.cluster.as_ref(),
+            at_line(path, line),
+        )
     }
 }
 
@@ -184,12 +191,7 @@ fn load_file(path: &Path, opts: LoadOptions<'_>, builder: &mut DatasetBuilder) -
     if table::is_table(path) {
         return load_table(&Table::open(path)?, &mut sink);
     }
-    if opts.columns.is_some() {
-        return Err(Error::invalid(
-            path,
-            "data.columns maps the columns of Parquet and Arrow tables; this file names its fields itself",
-        ));
-    }
+    refuse_columns_for_text(path, opts)?;
     match ext {
         "jsonl" | "json" => load_jsonl(path, &mut sink),
         "csv" => load_delimited(path, b',', &mut sink),

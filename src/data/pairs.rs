@@ -19,8 +19,8 @@ use rand_chacha::ChaCha8Rng;
 use super::columns::{Columns, PairColumns, TargetColumn};
 use super::dataset::Dataset;
 use super::load::{
-    FORMATS, LoadOptions, each_text_line, nothing_usable, open_delimited, refuse_or_skip,
-    reject_or_skip,
+    FORMATS, LoadOptions, at_line, each_text_line, nothing_usable, open_delimited,
+    refuse_columns_for_text, refuse_or_skip, reject_or_skip,
 };
 use super::table::{self, Key, Table};
 use super::text::{hash_normalized, normalize};
@@ -326,12 +326,7 @@ pub(crate) fn load_pair_files(
             read_table(&Table::open(path)?, opts, &mut add)?;
             continue;
         }
-        if opts.columns.is_some() {
-            return Err(Error::invalid(
-                path,
-                "data.columns maps the columns of Parquet and Arrow tables; this file names its fields itself",
-            ));
-        }
+        refuse_columns_for_text(path, opts)?;
         match ext {
             "jsonl" | "json" => read_jsonl(path, opts, &mut add)?,
             "csv" => read_delimited(path, b',', opts, &mut add)?,
@@ -348,15 +343,6 @@ pub(crate) fn load_pair_files(
 
 /// Takes one pair; a refused one becomes the error `at` makes from the reason.
 type AddFn<'a> = dyn FnMut(&dyn Fn(String) -> Error, String, String, RawTarget) -> Result<()> + 'a;
-
-/// The error for line `line` of `path`.
-fn at_line(path: &Path, line: usize) -> impl Fn(String) -> Error + '_ {
-    move |reason| Error::BadLine {
-        path: path.to_path_buf(),
-        line,
-        reason,
-    }
-}
 
 /// Reads a table's pairs, a record batch at a time.
 fn read_table(table: &Table, opts: LoadOptions<'_>, add: &mut AddFn<'_>) -> Result<()> {

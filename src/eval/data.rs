@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::data::load::each_text_line;
+use crate::data::load::{at_line, each_text_line};
 use crate::data::table::{self, Id, Kind, Table};
 use crate::error::{Error, Result};
 
@@ -43,12 +43,8 @@ fn read_entries(path: &Path) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     let mut seen = HashMap::new();
     each_text_line(path, |line_no, text| {
-        let bad = |reason: String| Error::BadLine {
-            path: path.to_path_buf(),
-            line: line_no,
-            reason,
-        };
-        let e: Entry = serde_json::from_str(text.map_err(bad)?)
+        let bad = at_line(path, line_no);
+        let e: Entry = serde_json::from_str(text.map_err(&bad)?)
             .map_err(|e| bad(format!("expected {{\"id\", \"text\"}}: {e}")))?;
         let id = id_string(&e.id)
             .ok_or_else(|| bad("field \"id\" must be a string or a number".into()))?;
@@ -94,12 +90,8 @@ fn each_qrel(
     }
     let mut first = true;
     each_text_line(path, |line_no, text| {
-        let bad = |reason: String| Error::BadLine {
-            path: path.to_path_buf(),
-            line: line_no,
-            reason,
-        };
-        let fields: Vec<&str> = text.map_err(bad)?.split('\t').map(str::trim).collect();
+        let bad = at_line(path, line_no);
+        let fields: Vec<&str> = text.map_err(&bad)?.split('\t').map(str::trim).collect();
         let header = std::mem::take(&mut first) && fields.first() == Some(&"query-id");
         if header {
             return Ok(());
@@ -144,8 +136,12 @@ impl IrDataset {
     /// for a model whose prompts they are.
     pub(crate) fn prompted(mut self, query: Option<&str>, document: Option<&str>) -> Self {
         use crate::model::config::prompted;
-        self.queries = prompted(self.queries.iter().map(String::as_str), query);
-        self.corpus = prompted(self.corpus.iter().map(String::as_str), document);
+        if query.is_some() {
+            self.queries = prompted(self.queries.iter().map(String::as_str), query);
+        }
+        if document.is_some() {
+            self.corpus = prompted(self.corpus.iter().map(String::as_str), document);
+        }
         self
     }
 

@@ -370,7 +370,17 @@ impl SentenceModel {
     /// Embeds `texts` in `role`: with the model's prompt for it in front, as sentence-transformers'
     /// `encode_query`, `encode_document` and `encode` do.
     pub fn embed_as(&self, texts: &[&str], role: Role, batch_size: usize) -> Result<Tensor> {
-        match self.prompt(role) {
+        self.embed_prompted(texts, self.prompt(role), batch_size)
+    }
+
+    /// Embeds `texts`, each with `prompt` in front when there is one.
+    pub(crate) fn embed_prompted(
+        &self,
+        texts: &[&str],
+        prompt: Option<&str>,
+        batch_size: usize,
+    ) -> Result<Tensor> {
+        match prompt {
             None => self.embed(texts, batch_size),
             Some(p) => {
                 let owned = super::config::prompted(texts.iter().copied(), Some(p));

@@ -144,9 +144,7 @@ pub(crate) fn prepare_output(cfg: &RunConfig) -> Result<String> {
         fs::remove_dir_all(&stale).map_err(Error::io("remove the earlier run's", &stale))?;
     }
     fs::create_dir_all(out_dir).map_err(Error::io("create directory", out_dir))?;
-    let mut shown = cfg.clone();
-    shown.cluster.token = None;
-    let text = toml::to_string_pretty(&shown)
+    let text = toml::to_string_pretty(&cfg.without_token())
         .map_err(|e| Error::Usage(format!("cannot serialise the config: {e}")))?;
     atomic::write_file(&out_dir.join("config.toml"), text.as_bytes())?;
     Ok(text)

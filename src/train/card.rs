@@ -250,9 +250,8 @@ pub(crate) fn shown_command(args: &[String]) -> String {
 
 /// The resolved config as a card shows it: no token, paths cut to file names.
 fn shown_config(cfg: &RunConfig) -> String {
-    let mut shown = cfg.clone();
-    shown.cluster.token = None;
-    let mut value = toml::Value::try_from(&shown).unwrap_or(toml::Value::Table(Default::default()));
+    let mut value = toml::Value::try_from(cfg.without_token())
+        .unwrap_or(toml::Value::Table(Default::default()));
     fn cut(v: &mut toml::Value) {
         match v {
             toml::Value::String(s) => *s = file_name(s),
@@ -266,11 +265,7 @@ fn shown_config(cfg: &RunConfig) -> String {
 }
 
 fn base_model(cfg: &RunConfig) -> String {
-    let path = cfg
-        .model
-        .path
-        .clone()
-        .unwrap_or_else(crate::model::default_dir);
+    let path = cfg.model.dir();
     file_name(&path.display().to_string())
 }
 

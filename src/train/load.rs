@@ -8,11 +8,7 @@ use crate::model::SentenceModel;
 pub fn load_model(cfg: &RunConfig) -> Result<SentenceModel> {
     device::set_threads(cfg.model.threads)?;
     let dev = device::parse_device(cfg.model.device.as_deref().unwrap_or("auto"))?;
-    let dir = cfg
-        .model
-        .path
-        .clone()
-        .unwrap_or_else(crate::model::default_dir);
+    let dir = cfg.model.dir();
     let mut model = SentenceModel::load(&dir, dev)?;
     configure_model(cfg, &mut model)?;
     Ok(model)

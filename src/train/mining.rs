@@ -39,11 +39,7 @@ pub(crate) fn apply(cfg: &RunConfig, tasks: &mut [Task], log: &mut MetricsLog) -
     }
     let extra = extra_corpus(opts)?;
     let model = load_model(cfg)?;
-    let model_dir = cfg
-        .model
-        .path
-        .clone()
-        .unwrap_or_else(crate::model::default_dir);
+    let model_dir = cfg.model.dir();
     let key = cache::model_key(&model_dir, model.max_seq_length())?;
     for i in todo {
         let started = std::time::Instant::now();

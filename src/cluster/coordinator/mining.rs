@@ -65,11 +65,7 @@ impl MineJob {
             .clone()
             .ok_or_else(|| Error::Usage("train.mine is not set".into()))?;
         let extra = extra_corpus(&opts)?;
-        let model_dir = cfg
-            .model
-            .path
-            .clone()
-            .unwrap_or_else(crate::model::default_dir);
+        let model_dir = cfg.model.dir();
         let max_seq_length =
             crate::model::sentence::max_seq_length_of(&model_dir, cfg.model.max_seq_length)?;
         let cache = CacheAt {

@@ -230,11 +230,7 @@ impl Coordinator {
         let mut log = MetricsLog::for_run(&cfg)?;
         let (mut training, mine_job, mine_pending) = load_data(&cfg, &mut log)?;
         let latest = resume_from(&cfg, &training)?;
-        let model_dir = cfg
-            .model
-            .path
-            .clone()
-            .unwrap_or_else(crate::model::default_dir);
+        let model_dir = cfg.model.dir();
         // The workers embed the pages as they come: the prompts go in front here, once.
         let usage = crate::model::config::Usage::load(&model_dir)?;
         let eval_set = match &cfg.eval {
